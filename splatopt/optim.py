@@ -1,0 +1,143 @@
+"""The inner-loop optimizer: functional Adam over plain tensors, and closed-form embeddings.
+
+Functional (TorchOpt / ``torch.func`` style): ``adam_step`` returns new parameter and state
+tensors and never updates in place, so an unrolled inner loop stays differentiable (meta-training
+backpropagates through it with ``create_graph=True``). The square root takes its epsilon inside
+(``sqrt(v_hat + eps_root)``): its derivative at v = 0 is then finite, not NaN.
+
+Learning rates are per parameter group (position, width, weight, embedding) and in natural units:
+Adam moves a parameter by about its learning rate per step, so ``lr_mu = 0.1`` is a tenth of a
+token, and ``lr_v`` is relative to the target field's per-dimension RMS (one number works for every
+model). Prompts are independent: clipping and NaN guards act per prompt, never across the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+GROUPS = ("mu", "log_sigma", "weight_logit", "v")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """Adam hyper-parameters of the inner loop.
+
+    lr_mu: tokens per step. lr_log_sigma, lr_weight: per step in log-width / logit units.
+    lr_v: per step, relative to the target's per-dimension RMS. mu_decay: the position learning
+    rate decays log-linearly to ``lr_mu * mu_decay`` over the fit (3DGS). schedule: decay of the
+    other groups (cosine to ``final_lr_factor``, linear, or constant). clip: per-prompt,
+    per-group gradient-norm clip (None: off).
+    """
+
+    lr_mu: float = 0.1
+    lr_log_sigma: float = 0.05
+    lr_weight: float = 0.05
+    lr_v: float = 0.05
+    mu_decay: float = 0.05
+    schedule: str = "cosine"
+    final_lr_factor: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    eps_root: float = 1e-16
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        for name in ("lr_mu", "lr_log_sigma", "lr_weight", "lr_v"):
+            if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
+
+    def learning_rates(self, step: int, total: int, v_scale: Tensor) -> dict[str, Tensor | float]:
+        """Per-group learning rates at ``step`` of ``total`` (v's is a [B, 1, 1] tensor: lr_v times the target RMS)."""
+        frac = step / max(total, 1)
+        if self.schedule == "constant":
+            factor = 1.0
+        elif self.schedule == "linear":
+            factor = 1.0 - (1.0 - self.final_lr_factor) * frac
+        else:
+            factor = self.final_lr_factor + (1.0 - self.final_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return {
+            "mu": self.lr_mu * self.mu_decay**frac,
+            "log_sigma": self.lr_log_sigma * factor,
+            "weight_logit": self.lr_weight * factor,
+            "v": self.lr_v * factor * v_scale,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def adam_init(params: dict[str, Tensor]) -> dict[str, Tensor | dict]:
+    """Adam state: first and second moments (zeros like each parameter) and a step count."""
+    return {
+        "m": {k: torch.zeros_like(p) for k, p in params.items()},
+        "v": {k: torch.zeros_like(p) for k, p in params.items()},
+        "t": 0,
+    }
+
+
+def _per_prompt_norm(g: Tensor) -> Tensor:
+    """[B, 1, ...] gradient norm of each prompt, broadcastable to g."""
+    return g.flatten(1).norm(dim=1).view((-1,) + (1,) * (g.dim() - 1))
+
+
+def adam_step(
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    state: dict,
+    lrs: dict[str, Tensor | float],
+    cfg: InnerOptimizer,
+) -> tuple[dict[str, Tensor], dict, Tensor]:
+    """One functional Adam step. Returns (new params, new state, skipped [B] bool).
+
+    A prompt whose gradient holds NaN or inf is skipped: its parameters and moments stay as they
+    were (``skipped`` reports it), and no other prompt is affected. Nothing is updated in place.
+    """
+    t = state["t"] + 1
+    b1, b2 = cfg.beta1, cfg.beta2
+    ok = None
+    for k, g in grads.items():
+        finite = torch.isfinite(g).flatten(1).all(1)
+        ok = finite if ok is None else ok & finite
+    new_p, new_m, new_v = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k]
+        keep = ok.view((-1,) + (1,) * (g.dim() - 1))
+        g = torch.where(keep, g, torch.zeros_like(g))
+        if cfg.clip is not None:
+            g = g * (cfg.clip / (_per_prompt_norm(g) + 1e-12)).clamp(max=1.0)
+        m = b1 * state["m"][k] + (1 - b1) * g
+        v = b2 * state["v"][k] + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        update = lrs[k] * m_hat / (torch.sqrt(v_hat + cfg.eps_root) + cfg.eps)
+        new_p[k] = torch.where(keep, p - update, p)
+        new_m[k] = torch.where(keep, m, state["m"][k])
+        new_v[k] = torch.where(keep, v, state["v"][k])
+    return new_p, {"m": new_m, "v": new_v, "t": t}, ~ok
+
+
+def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Tensor, ridge: float = 1e-4) -> Tensor:
+    """Embeddings v [B, N, d] minimising |A v - T|^2 over the prompt's tokens (variable projection).
+
+    a: [B, L, N] splat coefficients (``render.splat_weights``). target: [B, L, d]. A small ridge,
+    relative to the mean diagonal of A^T A, keeps the solve well posed when splats coincide; slots
+    with mask False get v = 0. Differentiable in ``a`` (batched ``torch.linalg.solve``).
+    """
+    a = a * token_mask[..., None].to(a.dtype) * splat_mask[:, None, :].to(a.dtype)
+    gram = a.transpose(1, 2) @ a  # [B, N, N]
+    N = gram.shape[-1]
+    diag_mean = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(N, device=a.device, dtype=a.dtype)
+    # inactive slots get a unit diagonal so the system stays regular; their right-hand side is 0
+    inactive = (~splat_mask).to(a.dtype)
+    system = gram + eye * (ridge * diag_mean[:, None, None]) + torch.diag_embed(inactive)
+    rhs = a.transpose(1, 2) @ target.to(a.dtype)
+    return torch.linalg.solve(system, rhs) * splat_mask[..., None].to(a.dtype)

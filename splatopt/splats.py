@@ -1,0 +1,173 @@
+"""SplatSet: a batch of Gaussian text splats with an active mask, and its file format.
+
+Each prompt ``b`` holds up to ``N`` splats (its capacity); ``mask[b, i]`` says whether slot ``i`` is
+in use, so prompts with different splat counts share one batch. A splat has a centre ``mu`` in token
+units (token ``t`` sits at ``t``), a width stored as ``log_sigma``, a weight stored as an
+unconstrained logit (``weight = sigmoid(logit)``) and an embedding ``v`` in R^d.
+
+Files: safetensors holding the tensors, with JSON metadata (format version, model name and hash,
+layer, texts, token ids, rendering options), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field as dc_field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fixedpos.cache import read_safetensors, write_safetensors
+
+FORMAT_VERSION = 1
+SIGMA_MIN = 0.05  # tokens: below this a splat no longer overlaps even its own token centre smoothly
+SIGMA_MAX = 4096.0
+
+
+@dataclass
+class SplatSet:
+    """Batched splats.
+
+    mu: [B, N] centres in token units. log_sigma: [B, N] log widths (tokens).
+    weight_logit: [B, N], weight = sigmoid(weight_logit) in (0, 1). v: [B, N, d] embeddings.
+    mask: [B, N] bool, active slots. meta: free-form JSON-able metadata carried into files.
+    """
+
+    mu: Tensor
+    log_sigma: Tensor
+    weight_logit: Tensor
+    v: Tensor
+    mask: Tensor
+    meta: dict = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        B, N = self.mu.shape
+        for name in ("log_sigma", "weight_logit", "mask"):
+            if getattr(self, name).shape != (B, N):
+                raise ValueError(f"SplatSet.{name} has shape {tuple(getattr(self, name).shape)}, expected {(B, N)} like mu")
+        if self.v.dim() != 3 or self.v.shape[:2] != (B, N):
+            raise ValueError(f"SplatSet.v has shape {tuple(self.v.shape)}, expected ({B}, {N}, d)")
+        if self.mask.dtype != torch.bool:
+            raise TypeError(f"SplatSet.mask must be bool, not {self.mask.dtype}")
+
+    # ---------------------------------------------------------------- views
+    @property
+    def sigma(self) -> Tensor:
+        """[B, N] widths in tokens, clamped to [SIGMA_MIN, SIGMA_MAX]."""
+        return self.log_sigma.exp().clamp(SIGMA_MIN, SIGMA_MAX)
+
+    @property
+    def weight(self) -> Tensor:
+        """[B, N] weights in (0, 1)."""
+        return torch.sigmoid(self.weight_logit)
+
+    @property
+    def batch_size(self) -> int:
+        return self.mu.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.mu.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.v.shape[-1]
+
+    @property
+    def counts(self) -> Tensor:
+        """[B] long: active splats per prompt."""
+        return self.mask.sum(-1)
+
+    def params(self) -> dict[str, Tensor]:
+        """The four optimizable tensors, by name (the functional optimizer's state is keyed alike)."""
+        return {"mu": self.mu, "log_sigma": self.log_sigma, "weight_logit": self.weight_logit, "v": self.v}
+
+    def with_params(self, params: dict[str, Tensor]) -> "SplatSet":
+        return replace(self, **params)
+
+    def detach(self) -> "SplatSet":
+        return replace(self, **{k: t.detach() for k, t in self.params().items()})
+
+    def to(self, device=None, dtype=None) -> "SplatSet":
+        moved = {k: t.to(device=device, dtype=dtype) for k, t in self.params().items()}
+        return replace(self, mask=self.mask.to(device), **moved)
+
+    def select(self, index) -> "SplatSet":
+        """Prompts ``index`` (int, slice or index tensor), keeping the batch dimension."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return replace(self, mask=self.mask[index], **{k: t[index] for k, t in self.params().items()})
+
+    def trimmed(self) -> "SplatSet":
+        """Drop trailing slots that no prompt uses."""
+        used = self.mask.any(0).nonzero()
+        n = int(used.max()) + 1 if len(used) else 0
+        return replace(self, mask=self.mask[:, :n], **{k: t[:, :n] for k, t in self.params().items()})
+
+    @staticmethod
+    def cat(sets: list["SplatSet"]) -> "SplatSet":
+        """Concatenate along the batch, padding capacities with inactive slots."""
+        N = max(s.capacity for s in sets)
+
+        def pad(t: Tensor, fill=0.0) -> Tensor:
+            extra = N - t.shape[1]
+            if extra == 0:
+                return t
+            shape = (t.shape[0], extra) + tuple(t.shape[2:])
+            return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], 1)
+
+        out = {k: torch.cat([pad(s.params()[k]) for s in sets]) for k in sets[0].params()}
+        mask = torch.cat([pad(s.mask, False) for s in sets])
+        return SplatSet(mask=mask, meta=dict(sets[0].meta), **out)
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | Path, extra_tensors: dict[str, Tensor] | None = None) -> Path:
+        """Write ``path`` (safetensors + JSON metadata) atomically: a temporary file, then a rename."""
+        path = Path(path)
+        tensors = {k: t.float() for k, t in self.params().items()}
+        tensors["mask"] = self.mask
+        for k, t in (extra_tensors or {}).items():
+            tensors[f"extra.{k}"] = t
+        meta = {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION), "meta": json.dumps(self.meta, sort_keys=True)}
+        write_safetensors(path, tensors, meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device=None, expect_model_hash: str | None = None) -> tuple["SplatSet", dict[str, Tensor]]:
+        """Read a splat file; returns the set and its extra tensors (e.g. token ids).
+
+        Refuses, with a ValueError naming the file, a corrupt file, another format or version,
+        inconsistent shapes, non-finite values, or a file made with another model than
+        ``expect_model_hash``.
+        """
+        path = Path(path)
+        tensors, header = read_safetensors(path, "splat file")
+        if header.get("format") != "splatopt.splats":
+            raise ValueError(f"{path} is a safetensors file but not a splatopt splat file (format={header.get('format')!r})")
+        if header.get("format_version") != str(FORMAT_VERSION):
+            raise ValueError(f"{path} has splat format version {header.get('format_version')}, this splatopt reads {FORMAT_VERSION}")
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} has corrupt metadata ({err})") from err
+        missing = {"mu", "log_sigma", "weight_logit", "v", "mask"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path} lacks tensors {sorted(missing)}")
+        try:
+            splats = cls(tensors["mu"], tensors["log_sigma"], tensors["weight_logit"], tensors["v"], tensors["mask"].bool(), meta)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
+        for k, t in splats.params().items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: tensor {k} holds NaN or infinite values")
+        if expect_model_hash is not None and meta.get("model_hash") not in (None, expect_model_hash):
+            raise ValueError(
+                f"{path} was fitted with model {meta.get('model')} ({str(meta.get('model_hash'))[:12]}), "
+                f"not the model given ({expect_model_hash[:12]}); load it with the same model"
+            )
+        extras = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
+        if device is not None:
+            splats = splats.to(device)
+            extras = {k: t.to(device) for k, t in extras.items()}
+        return splats, extras
