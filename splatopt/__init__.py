@@ -1,0 +1,22 @@
+"""splatopt: text as mobile Gaussian splats of embeddings, fitted by gradient descent.
+
+    import splatopt
+    result = splatopt.fit(["Return the sum of a and b."], n_splats=0.5, steps=300)
+    print(result.texts[0], result.token_accuracy)
+"""
+
+from .fit import FitResult, Targets, fit
+from .init import GridInit, Initializer, TokenInit, resolve_initializer
+from .objectives import Objective, decode_cross_entropy, mean_cosine, objective_terms, relative_mse, token_accuracy
+from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
+from .render import KERNELS, MODES, kernel_values, render, splat_weights
+from .splats import SplatSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FitResult", "GridInit", "Initializer", "InnerOptimizer", "KERNELS", "MODES", "Objective", "SplatSet",
+    "Targets", "TokenInit", "adam_init", "adam_step", "closed_form_v", "decode_cross_entropy", "fit",
+    "kernel_values", "mean_cosine", "objective_terms", "relative_mse", "render", "resolve_initializer",
+    "splat_weights", "token_accuracy",
+]

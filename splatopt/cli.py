@@ -1,0 +1,190 @@
+"""``splatopt`` command line: fit, show, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DEMO_TEXT = (
+    "Return a new list containing all items from the iterable in ascending order. "
+    "A custom key function can be supplied to customize the sort order."
+)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def _n_splats(text: str) -> float | int:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--splats {text}: must be > 0 (a fraction of L such as 0.25, or a count)")
+    return value if value < 1 or "." in text else int(value)
+
+
+def _print_result(result, model) -> None:
+    s = result.summary()
+    for b in range(min(len(result.mask), 8)):
+        L, N = int(result.mask[b].sum()), int(result.splats.counts[b])
+        acc = f"{float(result.token_accuracy[b]):.2%}" if result.token_accuracy is not None else "n/a"
+        print(f"[{b}] {N} splats / {L} tokens  token accuracy {acc}  field error {float(result.field_error[b]):.3f}  "
+              f"cosine {float(result.cosine[b]):.3f}")
+        if result.texts:
+            print(f"    decoded: {result.texts[b]}")
+    acc = f"{s['token_accuracy']:.2%}" if "token_accuracy" in s else "n/a"
+    print(f"{s['prompts']} prompt(s), {s['tokens']} tokens, {s['splats']} splats: token accuracy {acc}, "
+          f"field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; fit {result.seconds:.2f} s "
+          f"(encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
+
+
+def cmd_fit(args) -> int:
+    import fixedpos
+    import splatopt
+    from splatopt.plot import save_figure, trajectory_figure
+
+    texts = list(args.text)
+    if args.file:
+        texts += fixedpos.load_text_file(args.file)
+    if not texts:
+        raise ValueError("give a text to fit, or --file with one text per line")
+    model = fixedpos.load(args.model, layer=args.layer)
+    optimizer = splatopt.InnerOptimizer(**json.loads(args.optimizer)) if args.optimizer else None
+    result = splatopt.fit(
+        texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective, init=args.init,
+        optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, seed=args.seed,
+        device=_device(args.device), record_every=args.record_every, progress=not args.quiet,
+    )
+    _print_result(result, model)
+    if args.out:
+        print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        paths = save_figure(trajectory_figure(result, 0, model), args.plot)
+        print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def cmd_show(args) -> int:
+    import fixedpos
+    from splatopt.fit import FitResult
+    from splatopt.plot import save_figure, trajectory_figure
+
+    result = FitResult.load(args.file)
+    cfg = result.config
+    print(f"{args.file}: model {cfg.get('model')} layer {cfg.get('layer')}, objective {cfg.get('objective')}, "
+          f"{cfg.get('steps')} steps, kernel {cfg.get('kernel')}, mode {cfg.get('mode')}")
+    _print_result(result, None)
+    s = result.splats
+    for b in range(min(len(result.mask), args.prompts)):
+        if result.input_texts:
+            print(f"[{b}] text: {result.input_texts[b]}")
+        print("     slot      mu   sigma  weight   |v|")
+        for i in torch.nonzero(s.mask[b]).flatten().tolist():
+            print(f"     {i:4d} {float(s.mu[b, i]):7.2f} {float(s.sigma[b, i]):7.2f} {float(s.weight[b, i]):7.3f} "
+                  f"{float(s.v[b, i].norm()):6.2f}")
+    if args.plot:
+        model = fixedpos.load(cfg["model"], layer=cfg["layer"]) if cfg.get("model") == fixedpos.DEFAULT_MODEL else None
+        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, 0, model), args.plot))))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from splatopt.bench import BenchConfig, run_bench, save_bench
+
+    cfg = BenchConfig(batch=args.batch, length=args.length, splats=args.splats, dim=args.dim, objective=args.objective,
+                      kernel=args.kernel, dtype=args.dtype, warmup=args.warmup, iters=args.iters)
+    result = run_bench(cfg, _device(args.device), tuple(args.paths))
+    print(f"device {result['device']}, torch {result['torch']}: B={cfg.batch} L={cfg.length} N={cfg.splats} d={cfg.dim} "
+          f"objective {cfg.objective} {cfg.dtype}")
+    for path, r in result["results"].items():
+        mem = f", peak {r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else ""
+        print(f"  {path:<8} {r['step_ms']:8.2f} ms/step  {r['prompt_steps_per_s']:12.0f} prompt-steps/s  "
+              f"x{r['speedup_vs_eager']:.2f} vs eager{mem}")
+    print(f"wrote {save_bench(result, args.out)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.text, args.file, args.model, args.layer = [DEMO_TEXT], None, "minilm-l6", None
+    args.splats, args.objective, args.init, args.optimizer = 0.25, "mse+ce", "grid", None
+    args.kernel, args.mode, args.varpro, args.seed, args.record_every = "gaussian", "additive", False, 0, 5
+    args.out = args.out or "splatopt-demo.safetensors"
+    args.plot = args.plot or "splatopt-demo.png"
+    print(f"fitting {args.splats} splats per token to: {DEMO_TEXT}")
+    return cmd_fit(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splatopt", description="Fit Gaussian text splats to prompts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit splats to texts and print the decoded text and metrics")
+    p.add_argument("text", nargs="*", help="texts to fit")
+    p.add_argument("--file", help="also fit the passages of a .txt / .jsonl file")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--splats", type=_n_splats, default=0.5, help="splats: a fraction of L (0.25) or a count (8)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--objective", default="mse+ce")
+    p.add_argument("--init", default="grid", choices=["grid", "tokens"])
+    p.add_argument("--optimizer", default=None, help='InnerOptimizer fields as JSON, e.g. \'{"lr_mu": 0.2}\'')
+    p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"])
+    p.add_argument("--mode", default="additive", choices=["additive", "normalized"])
+    p.add_argument("--varpro", action="store_true", help="closed-form embeddings, optimize geometry only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--record-every", type=int, default=5)
+    p.add_argument("--out", help="write the fit (safetensors + JSON metadata)")
+    p.add_argument("--plot", help="write the trajectory figure of the first prompt (.png, .pdf, .svg)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("show", help="describe a saved fit")
+    p.add_argument("file")
+    p.add_argument("--prompts", type=int, default=1, help="prompts whose splats to list")
+    p.add_argument("--plot", help="write the trajectory figure of the first prompt")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile, and save JSON")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--splats", type=int, default=16)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--objective", default="mse")
+    p.add_argument("--kernel", default="gaussian")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--paths", nargs="+", default=["eager", "compile"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="figures/data/bench")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="fit the built-in sample text with the embedded defaults and plot it")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"splatopt: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""``fit``: splats for a batch of prompts by gradient descent, batched and masked.
+
+    result = splatopt.fit(["some text", "another text"], n_splats=0.5, steps=300)
+    result.texts, result.token_accuracy, result.field_error, result.cosine   # [B] each
+
+Prompts are sorted by length and fitted in masked chunks (``batch_size`` prompts at once), never
+one by one. The inner loop is render -> objective -> gradient -> functional Adam, K times; metrics
+and the splats' geometry are copied to the host only every ``record_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .init import resolve_initializer
+from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
+from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
+from .render import KERNELS, MODES, render, splat_weights
+from .splats import SplatSet
+
+
+@dataclass
+class Targets:
+    """Fields to fit when there is no text: field [B, L, d], mask [B, L] bool, ids [B, L] (optional).
+
+    Without ids a cross-entropy objective reads its target tokens off the field with the decoder
+    (argmax of decode(field)).
+    """
+
+    field: Tensor
+    mask: Tensor | None = None
+    ids: Tensor | None = None
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns; per-prompt tensors are in the caller's prompt order.
+
+    splats: the fitted SplatSet (B prompts, capacity max N). ids, mask: [B, L] target tokens.
+    texts: decoded texts of the rendered fields. token_accuracy, field_error (relative MSE),
+    cosine: [B]. history: ``step`` [S] and per-prompt metrics [S, B] at recorded steps.
+    trajectory: ``step`` [S], ``mu``/``sigma``/``weight`` [S, B, N] at recorded steps.
+    seconds: wall time of the fit (inner loops and final metrics); encode_seconds: of the target.
+    """
+
+    splats: SplatSet
+    ids: Tensor | None
+    mask: Tensor
+    texts: list[str] | None
+    token_accuracy: Tensor | None
+    field_error: Tensor
+    cosine: Tensor
+    history: dict[str, Tensor]
+    trajectory: dict[str, Tensor]
+    seconds: float
+    encode_seconds: float
+    config: dict = dc_field(default_factory=dict)
+    input_texts: list[str] | None = None
+    offsets: Tensor | None = None
+
+    def summary(self) -> dict:
+        """Means over prompts, as plain floats."""
+        out = {
+            "prompts": int(self.mask.shape[0]),
+            "tokens": int(self.mask.sum()),
+            "splats": int(self.splats.counts.sum()),
+            "field_error": float(self.field_error.mean()),
+            "cosine": float(self.cosine.mean()),
+            "seconds": round(self.seconds, 3),
+        }
+        if self.token_accuracy is not None:
+            tok = self.mask.sum(-1).float()
+            out["token_accuracy"] = float(self.token_accuracy.mean())
+            out["token_accuracy_pooled"] = float((self.token_accuracy * tok).sum() / tok.sum())
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write splats, token ids, metrics, history, trajectory and configuration (safetensors + JSON, atomic)."""
+        extra = {"token_mask": self.mask, "field_error": self.field_error, "cosine": self.cosine}
+        for name in ("ids", "offsets", "token_accuracy"):
+            if getattr(self, name) is not None:
+                extra[name] = getattr(self, name)
+        extra.update({f"history.{k}": v for k, v in self.history.items()})
+        extra.update({f"trajectory.{k}": v for k, v in self.trajectory.items()})
+        meta = {**self.splats.meta, "config": self.config, "texts": self.input_texts, "decoded": self.texts,
+                "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds}
+        return SplatSet(**self.splats.params(), mask=self.splats.mask, meta=meta).save(path, extra)
+
+    @classmethod
+    def load(cls, path: str | Path, device=None, expect_model_hash: str | None = None) -> "FitResult":
+        """Read a file written by :meth:`save` (refuses corrupt or mismatched files, see ``SplatSet.load``)."""
+        splats, extra = SplatSet.load(path, device=device, expect_model_hash=expect_model_hash)
+        meta = splats.meta
+        if "token_mask" not in extra:
+            raise ValueError(f"{path} holds splats but no fit result (no token mask); load it with SplatSet.load")
+        series = lambda prefix: {k.removeprefix(prefix): v.cpu() for k, v in extra.items() if k.startswith(prefix)}  # noqa: E731
+        return cls(
+            splats=splats, ids=extra.get("ids"), mask=extra["token_mask"].bool(), texts=meta.get("decoded"),
+            token_accuracy=extra.get("token_accuracy"), field_error=extra["field_error"], cosine=extra["cosine"],
+            history=series("history."), trajectory=series("trajectory."), seconds=float(meta.get("seconds", 0.0)),
+            encode_seconds=float(meta.get("encode_seconds", 0.0)), config=meta.get("config", {}),
+            input_texts=meta.get("texts"), offsets=extra.get("offsets"),
+        )
+
+
+def _resolve_counts(n_splats, lengths: Tensor) -> Tensor:
+    """[B] splats per prompt from a fraction of L, an int, or a per-prompt list; each in 1..L_b."""
+    B = len(lengths)
+    if isinstance(n_splats, bool):
+        raise TypeError("n_splats must be a number or a list of ints, not bool")
+    if isinstance(n_splats, float):
+        if not 0 < n_splats <= 1:
+            raise ValueError(f"n_splats={n_splats}: a fraction of the prompt length must lie in (0, 1]; use an int for a count")
+        return (lengths.float() * n_splats).round().long().clamp(min=1)
+    if isinstance(n_splats, int):
+        counts = torch.full((B,), n_splats, dtype=torch.long)
+    else:
+        counts = torch.as_tensor(list(n_splats), dtype=torch.long)
+        if counts.shape != (B,):
+            raise ValueError(f"n_splats has {counts.numel()} entries for {B} prompts")
+    if (counts < 1).any():
+        raise ValueError(f"n_splats must be >= 1 for every prompt (got {counts.min().item()}): a prompt needs at least one splat")
+    too_many = (counts > lengths.cpu()).nonzero().flatten()
+    if len(too_many):
+        b = int(too_many[0])
+        raise ValueError(
+            f"n_splats={int(counts[b])} exceeds prompt {b}'s {int(lengths[b])} tokens: more splats than tokens is not "
+            "supported (a splat per token is the limit); use at most L splats or a fraction such as 0.5"
+        )
+    return counts
+
+
+def _prepare_targets(texts_or_fields, model, device, dtype):
+    """(field [B, L, d], mask, ids or None, input texts or None, offsets or None, encode seconds)."""
+    started = time.perf_counter()
+    if isinstance(texts_or_fields, str):
+        texts_or_fields = [texts_or_fields]
+    if isinstance(texts_or_fields, Tensor):
+        texts_or_fields = Targets(texts_or_fields)
+    if isinstance(texts_or_fields, Targets):
+        t = texts_or_fields
+        if t.field.dim() != 3:
+            raise ValueError(f"a target field must be [B, L, d]; got shape {tuple(t.field.shape)}")
+        if not t.field.is_floating_point():
+            raise TypeError(f"a target field must be floating point, not {t.field.dtype}")
+        field = t.field.to(device=device, dtype=dtype)
+        mask = torch.ones(field.shape[:2], dtype=torch.bool, device=device) if t.mask is None else t.mask.to(device).bool()
+        if mask.shape != field.shape[:2]:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the field is {tuple(field.shape[:2])} positions")
+        if not mask.any(-1).all():
+            b = int((~mask.any(-1)).nonzero()[0])
+            raise ValueError(f"prompt {b} of the given field has no valid position (mask all False)")
+        bad = ~torch.isfinite(field).all(-1) & mask
+        if bad.any():
+            b, pos = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"the given field holds NaN or inf at prompt {b}, position {pos}: clean the field first")
+        if model is not None and field.shape[-1] != model.dim:
+            raise ValueError(f"the given field has width {field.shape[-1]} but {model.name} has d={model.dim}")
+        ids = None if t.ids is None else t.ids.to(device)
+        return field * mask[..., None], mask, ids, None, None, time.perf_counter() - started
+    texts = list(texts_or_fields)
+    if model is None:
+        raise ValueError("fitting texts needs a model")
+    batch = model.tokenize(texts, device=device)
+    field = model.encode(batch, dtype=dtype)
+    return field, batch.mask, batch.ids, texts, batch.offsets, time.perf_counter() - started
+
+
+def fit(
+    texts_or_fields: str | Sequence[str] | Tensor | Targets,
+    model=None,
+    n_splats: float | int | Sequence[int] = 0.5,
+    steps: int = 300,
+    objective: str | Objective = "mse+ce",
+    init="grid",
+    optimizer: InnerOptimizer | None = None,
+    kernel: str = "gaussian",
+    mode: str = "additive",
+    varpro: bool = False,
+    truncate: float | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    record_every: int = 10,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit Gaussian text splats to prompts.
+
+    texts_or_fields: a text, a list of texts (tokenized and encoded with ``model``), a field
+    [B, L, d] or :class:`Targets`. model: a ``fixedpos.FieldModel``; None = the embedded default.
+    n_splats: a fraction of each prompt's length (0.5 = L/2), an int for every prompt, or one int
+    per prompt; 1 <= N <= L. steps: inner steps (0 = the initializer's splats). objective: e.g.
+    "mse+ce" (default), "mse", "0.5*mse+ce+cosine". init: "grid", "tokens" or an initializer.
+    optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping). kernel: "gaussian"
+    or "erf"; mode: "additive" or "normalized". varpro: embeddings in closed form (least squares
+    on the field) at every step, only the geometry is optimized. seed: seeds the initializer's
+    generator. device: default cuda if available. record_every: history/trajectory period
+    (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be an int >= 0")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    if record_every < 0:
+        raise ValueError(f"record_every={record_every} must be >= 0")
+    objective = Objective.parse(objective)
+    optimizer = optimizer or InnerOptimizer()
+    initializer = resolve_initializer(init)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
+    is_field = isinstance(texts_or_fields, (Tensor, Targets))
+    if model is None and (not is_field or objective.needs_decoder):
+        import fixedpos
+
+        model = fixedpos.load()
+    field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
+    decode = model.decode if model is not None else None
+    if objective.needs_decoder and ids is None:
+        with torch.no_grad():
+            ids = decode(field).argmax(-1)
+    lengths = mask.sum(-1)
+    counts = _resolve_counts(n_splats, lengths.cpu())
+    B = field.shape[0]
+    if batch_size is None:
+        batch_size = max(1, 16384 // field.shape[1])
+    order = torch.argsort(lengths.cpu(), stable=True)
+    config = {
+        "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
+        "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
+        "steps": steps, "objective": str(objective), "init": init if isinstance(init, str) else type(init).__name__,
+        "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
+        "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    }
+    started = time.perf_counter()
+    chunks = []
+    n_chunks = math.ceil(B / batch_size)
+    for c in range(n_chunks):
+        idx = order[c * batch_size : (c + 1) * batch_size].to(device)
+        L = int(lengths[idx].max())
+        generator = torch.Generator(device=device).manual_seed(seed + c)
+        chunks.append(
+            _fit_chunk(
+                field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
+                objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
+                record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
+            )
+        )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    inverse = torch.argsort(order)
+    for ch in chunks:
+        if "pred" in ch:
+            ch["pred"] = _pad_to(ch["pred"], field.shape[1])
+    splats = SplatSet.cat([ch["splats"] for ch in chunks]).select(inverse.to(device))
+    splats.meta = {"model": config["model"], "model_hash": config["model_hash"], "layer": config["layer"],
+                   "kernel": kernel, "mode": mode, "truncate": truncate}
+    per = lambda key: torch.cat([ch[key] for ch in chunks])[inverse]  # noqa: E731
+    pred = per("pred") if decode is not None else None
+    history = _merge_series([ch["history"] for ch in chunks], inverse)
+    trajectory = _merge_series([ch["trajectory"] for ch in chunks], inverse, pad_splats=True)
+    texts = model.detokenize(pred, mask) if pred is not None else None
+    return FitResult(
+        splats=splats, ids=ids, mask=mask, texts=texts,
+        token_accuracy=per("token_accuracy") if decode is not None else None,
+        field_error=per("field_error"), cosine=per("cosine"), history=history, trajectory=trajectory,
+        seconds=seconds, encode_seconds=encode_s, config=config, input_texts=input_texts, offsets=offsets,
+    )
+
+
+def _pad_to(t: Tensor, L: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, L - t.shape[1])) if t.shape[1] < L else t
+
+
+def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: bool = False) -> dict[str, Tensor]:
+    """Concatenate per-chunk series [S, b(, N)] along prompts and restore the caller's order."""
+    out = {"step": parts[0]["step"]}
+    for key in parts[0]:
+        if key == "step":
+            continue
+        tensors = parts_k = [p[key] for p in parts]
+        if pad_splats:
+            N = max(t.shape[2] for t in parts_k)
+            tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in parts_k]
+        out[key] = torch.cat(tensors, 1)[:, inverse.cpu()]
+    return out
+
+
+def _fit_chunk(
+    target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
+    generator, record_every, progress, desc,
+) -> dict:
+    from tqdm.auto import tqdm
+
+    L = target.shape[1]
+    tok = mask[..., None].to(target.dtype)
+    # per-prompt RMS of the target per dimension: the unit of the embedding learning rate
+    v_scale = ((target**2 * tok).sum((1, 2)) / (tok.sum((1, 2)) * target.shape[-1])).sqrt()[:, None, None]
+    with torch.no_grad():
+        splats = initializer(target, mask, counts, generator)
+    if splats.mask.shape[0] != target.shape[0]:
+        raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
+    keys = ["mu", "log_sigma", "weight_logit"] + ([] if varpro else ["v"])
+    params = {k: splats.params()[k].detach() for k in keys}
+    state = adam_init(params)
+    record_steps = set(range(0, steps + 1, record_every)) if record_every else set()
+    record_steps.add(steps)
+    hist: dict[str, list] = {"step": []}
+    traj: dict[str, list] = {"step": [], "mu": [], "sigma": [], "weight": []}
+
+    def current(p: dict[str, Tensor]) -> tuple[SplatSet, Tensor]:
+        s = splats.with_params(p)
+        if varpro:
+            a = splat_weights(s, L, kernel, mode, truncate)
+            v = closed_form_v(a, target, mask, s.mask)
+            return s.with_params({"v": v}), a @ v
+        return s, render(s, L, kernel, mode, truncate)
+
+    def record(step: int, p: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            s, fld = current(p)
+            loss, terms = objective_terms(objective, fld, target, mask, ids, decode)
+            row = {"loss": loss, "field_error": relative_mse(fld, target, mask), "cosine": mean_cosine(fld, target, mask)}
+            if "ce" in terms:
+                row["ce"] = terms["ce"]
+            if decode is not None and ids is not None:
+                row["token_accuracy"] = token_accuracy(decode(fld), ids, mask)
+        hist["step"].append(step)
+        for k, t in row.items():
+            hist.setdefault(k, []).append(t.float().cpu())
+        traj["step"].append(step)
+        masked = lambda t: torch.where(s.mask, t, torch.full_like(t, float("nan"))).float().cpu()  # noqa: E731
+        traj["mu"].append(masked(s.mu))
+        traj["sigma"].append(masked(s.sigma))
+        traj["weight"].append(masked(s.weight))
+
+    skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
+    for step in bar:
+        if step in record_steps:
+            record(step, params)
+        with torch.enable_grad():
+            live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+            _, fld = current(live)
+            loss, _ = objective_terms(objective, fld, target, mask, ids, decode)
+            grads = torch.autograd.grad(loss.sum(), list(live.values()))
+        lrs = optimizer.learning_rates(step, steps, v_scale)
+        params, state, skipped = adam_step(params, dict(zip(live, grads)), state, lrs, optimizer)
+        skipped_total += skipped
+    record(steps, params)
+
+    with torch.no_grad():
+        final, fld = current(params)
+        out = {
+            "splats": final.detach(),
+            "field_error": relative_mse(fld, target, mask).float(),
+            "cosine": mean_cosine(fld, target, mask).float(),
+            "skipped_steps": skipped_total,
+        }
+        if decode is not None:
+            logits = decode(fld)
+            out["pred"] = logits.argmax(-1)
+            if ids is not None:
+                out["token_accuracy"] = token_accuracy(logits, ids, mask)
+    out["history"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in hist.items()}
+    out["trajectory"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in traj.items()}
+    return out

@@ -1,0 +1,173 @@
+"""End-to-end fits on the embedded defaults, batching, reproducibility, files, CLI and bad input."""
+
+import json
+
+import pytest
+import torch
+
+import splatopt
+from splatopt import GridInit, Targets, fit
+from splatopt.fit import FitResult
+
+
+def test_fit_reads_text_back_at_half_density(model, short_prompts):
+    result = fit(short_prompts, model, n_splats=0.5, steps=120, device="cpu", progress=False)
+    assert result.token_accuracy.shape == (len(short_prompts),)
+    assert float(result.token_accuracy.min()) >= 0.95
+    assert result.splats.counts.tolist() == [max(1, round(int(n) * 0.5)) for n in result.mask.sum(-1)]
+    # decoded text is the prompt's text, up to the uncased model's normalisation
+    assert result.texts[0].replace(" ", "") == model.detokenize(result.ids[0], result.mask[0])[0].replace(" ", "")
+
+
+def test_fit_improves_on_its_initializer(model, short_prompts):
+    start = fit(short_prompts[:2], model, n_splats=0.25, steps=0, device="cpu", progress=False)
+    end = fit(short_prompts[:2], model, n_splats=0.25, steps=60, device="cpu", progress=False)
+    assert float(end.history["loss"][-1].mean()) < float(start.history["loss"][-1].mean())
+    assert float(end.token_accuracy.mean()) >= float(start.token_accuracy.mean())
+
+
+def test_batched_fit_equals_prompt_by_prompt_fits(model, short_prompts):
+    """Masks, not loops: a prompt's fit does not depend on the other prompts in its batch."""
+    a, b = short_prompts[0], short_prompts[1]
+    both = fit([a, b], model, n_splats=0.5, steps=15, objective="mse+ce", device="cpu", progress=False)
+    alone = [fit([t], model, n_splats=0.5, steps=15, objective="mse+ce", device="cpu", progress=False) for t in (a, b)]
+    for i, single in enumerate(alone):
+        n = int(single.splats.counts[0])
+        torch.testing.assert_close(both.splats.mu[i, :n], single.splats.mu[0, :n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both.splats.v[i, :n], single.splats.v[0, :n], atol=1e-3, rtol=1e-3)
+        assert torch.isclose(both.field_error[i], single.field_error[0], atol=1e-4)
+
+
+def test_chunked_fit_restores_prompt_order(model, short_prompts):
+    whole = fit(short_prompts, model, n_splats=0.5, steps=5, objective="mse", device="cpu", progress=False)
+    chunked = fit(short_prompts, model, n_splats=0.5, steps=5, objective="mse", device="cpu", progress=False, batch_size=1)
+    torch.testing.assert_close(whole.field_error, chunked.field_error, atol=1e-5, rtol=1e-4)
+    assert whole.texts == chunked.texts
+
+
+def test_same_seed_same_fit_and_seed_changes_a_random_init(model, short_prompts):
+    init = GridInit(jitter=0.8)
+    runs = [fit(short_prompts[:2], model, n_splats=0.5, steps=10, init=init, seed=s, device="cpu", progress=False) for s in (3, 3, 4)]
+    assert torch.equal(runs[0].splats.mu, runs[1].splats.mu)
+    assert not torch.equal(runs[0].splats.mu, runs[2].splats.mu)
+
+
+def test_fit_to_given_fields_without_text():
+    gen = torch.Generator().manual_seed(0)
+    field = torch.randn(3, 12, 16, generator=gen)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 8:] = False
+    result = fit(Targets(field, mask), n_splats=0.5, steps=100, objective="mse", device="cpu", progress=False)
+    assert result.token_accuracy is None and result.texts is None
+    assert result.splats.counts.tolist() == [6, 4, 6]
+    start = fit(Targets(field, mask), n_splats=0.5, steps=0, objective="mse", device="cpu", progress=False)
+    assert (result.field_error <= start.field_error + 1e-6).all()
+
+
+def test_varpro_fits_only_geometry_and_keeps_v_optimal(model, short_prompts):
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=20, objective="mse", varpro=True, device="cpu", progress=False)
+    init = fit(short_prompts[:2], model, n_splats=0.5, steps=0, objective="mse", device="cpu", progress=False)
+    assert (result.field_error <= init.field_error + 1e-5).all()
+
+
+def test_history_and_trajectory_are_recorded(model, short_prompts):
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=20, record_every=5, device="cpu", progress=False)
+    assert result.history["step"].tolist() == [0, 5, 10, 15, 20]
+    assert result.history["token_accuracy"].shape == (5, 2)
+    assert result.trajectory["mu"].shape == (5, 2, result.splats.capacity)
+    assert torch.isnan(result.trajectory["mu"][:, ~result.splats.mask]).all()
+
+
+def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=5, device="cpu", progress=False)
+    path = result.save(tmp_path / "run.safetensors")
+    back = FitResult.load(path, expect_model_hash=model.model_hash)
+    assert torch.equal(back.splats.mu, result.splats.mu.cpu()) and torch.equal(back.ids, result.ids.cpu())
+    assert back.texts == result.texts and back.input_texts == list(short_prompts[:2])
+    assert back.config["steps"] == 5
+    with pytest.raises(ValueError, match="fitted with model"):
+        FitResult.load(path, expect_model_hash="0" * 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"texts_or_fields": [""]}, "empty"),
+        ({"texts_or_fields": ["   "]}, "whitespace"),
+        ({"n_splats": 0}, ">= 1"),
+        ({"n_splats": 0.0}, r"\(0, 1\]"),
+        ({"n_splats": 1000}, "exceeds prompt 0"),
+        ({"n_splats": [2, 3]}, "entries for 1 prompts"),
+        ({"steps": -1}, "steps=-1"),
+        ({"kernel": "box"}, "kernel="),
+        ({"mode": "max"}, "mode="),
+        ({"objective": "mse+foo"}, "cannot read term"),
+        ({"init": "learned"}, "meta-trained"),
+    ],
+)
+def test_bad_fit_arguments_raise_clear_errors(model, kwargs, message):
+    args = {"texts_or_fields": ["Return the sum of two numbers."], "model": model, "steps": 1, "device": "cpu", "progress": False}
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit(**args)
+
+
+def test_bad_fields_raise_clear_errors(model):
+    field = torch.randn(2, 6, model.dim)
+    field[1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match="prompt 1, position 3"):
+        fit(Targets(field), model, steps=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="width 7"):
+        fit(Targets(torch.randn(1, 6, 7)), model, steps=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"\[B, L, d\]"):
+        fit(torch.randn(6, model.dim), model, steps=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="no valid position"):
+        fit(Targets(torch.randn(1, 4, model.dim), torch.zeros(1, 4, dtype=torch.bool)), model, steps=1, device="cpu", progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        fit(["Some text."], model, steps=1, device="cuda", progress=False)
+
+
+def test_cli_fit_and_show_on_cpu(tmp_path, capsys):
+    from splatopt.cli import main
+
+    out, plot = tmp_path / "run.safetensors", tmp_path / "traj.png"
+    code = main(["fit", "Return the sum of two numbers.", "--splats", "0.5", "--steps", "30", "--device", "cpu",
+                 "--out", str(out), "--plot", str(plot), "--quiet"])
+    assert code == 0 and out.is_file() and plot.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "token accuracy" in printed and "decoded:" in printed
+    assert main(["show", str(out)]) == 0
+    assert "slot" in capsys.readouterr().out
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file at all")
+    assert main(["show", str(tmp_path / "bad.safetensors")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_bench_writes_json(tmp_path):
+    from splatopt.bench import BenchConfig, run_bench, save_bench
+
+    result = run_bench(BenchConfig(batch=8, length=16, splats=4, dim=8, warmup=1, iters=2), "cpu", ("eager",))
+    path = save_bench(result, tmp_path)
+    data = json.loads(path.read_text())
+    assert data["results"]["eager"]["prompt_steps_per_s"] > 0 and data["results"]["eager"]["speedup_vs_eager"] == 1.0
+
+
+@pytest.mark.cuda
+def test_fit_on_cuda_matches_cpu(model, short_prompts):
+    gpu = fit(short_prompts, model, n_splats=0.5, steps=120, device="cuda", progress=False)
+    cpu = fit(short_prompts, model, n_splats=0.5, steps=120, device="cpu", progress=False)
+    assert gpu.splats.mu.device.type == "cuda"
+    assert float(gpu.token_accuracy.min()) >= 0.95
+    torch.testing.assert_close(gpu.field_error.cpu(), cpu.field_error, atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_bench_runs_both_paths():
+    from splatopt.bench import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(batch=256, length=64, splats=16, dim=384, warmup=2, iters=5), "cuda")
+    assert set(result["results"]) == {"eager", "compile"}
