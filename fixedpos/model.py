@@ -64,6 +64,7 @@ class FieldModel:
 
     dim: d, the field width. vocab_size: V. layer: 0 = embedding output, k = after block k.
     window: content tokens per encoder window (the model's maximum length less its two wrappers).
+    overlap: context kept on each side of a seam between windows (default: min(128, (window + 2) // 4)).
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class FieldModel:
         name: str,
         model_hash: str,
         window: int | None = None,
-        overlap: int = 128,
+        overlap: int | None = None,
     ) -> None:
         n_layers = int(encoder.config.num_hidden_layers if hasattr(encoder.config, "num_hidden_layers") else encoder.config.n_layers)
         if not isinstance(layer, int) or not 0 <= layer <= n_layers:
@@ -95,14 +96,21 @@ class FieldModel:
         self.dim = int(encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim)
         self.vocab_size = int(encoder.get_input_embeddings().weight.shape[0])
         max_len = int(getattr(encoder.config, "max_position_embeddings", 512))
+        pos_emb = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+        if isinstance(pos_emb, nn.Embedding) and pos_emb.padding_idx is not None:
+            # RoBERTa-style positions start at padding_idx + 1 (514 table entries for 512 tokens)
+            max_len -= pos_emb.padding_idx + 1
         tok_max = int(getattr(tokenizer, "model_max_length", max_len) or max_len)
         full = min(max_len, tok_max) - 2
         if window is None:
             window = full
         if not 8 <= window <= full:
             raise ValueError(f"window={window} must lie in 8..{full} for {name}")
-        if not 0 <= overlap <= window // 2:
-            raise ValueError(f"overlap={overlap} must lie in 0..window/2={window // 2}")
+        if overlap is None:
+            # a quarter of the encoder's input (128 for the usual 512), so small windows work too
+            overlap = min(128, (window + 2) // 4)
+        if not 0 <= 2 * overlap < window:  # windows must advance: stride = window - 2 * overlap > 0
+            raise ValueError(f"overlap={overlap} must lie in 0..{(window - 1) // 2} (less than half of window={window})")
         self.window = window
         self.overlap = overlap
         self._head: DecoderHead | None = None

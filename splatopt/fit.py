@@ -157,6 +157,9 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
         if not mask.any(-1).all():
             b = int((~mask.any(-1)).nonzero()[0])
             raise ValueError(f"prompt {b} of the given field has no valid position (mask all False)")
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            b = int((mask[:, 1:] & ~mask[:, :-1]).any(-1).nonzero()[0])
+            raise ValueError(f"mask row {b} is not a prefix (valid positions must come first, padding last): right-pad the field")
         bad = ~torch.isfinite(field).all(-1) & mask
         if bad.any():
             b, pos = (int(x) for x in bad.nonzero()[0])
@@ -164,7 +167,8 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
         if model is not None and field.shape[-1] != model.dim:
             raise ValueError(f"the given field has width {field.shape[-1]} but {model.name} has d={model.dim}")
         ids = None if t.ids is None else t.ids.to(device)
-        return field * mask[..., None], mask, ids, None, None, time.perf_counter() - started
+        # where, not multiply: NaN in padding must not leak into the fit
+        return torch.where(mask[..., None], field, torch.zeros_like(field)), mask, ids, None, None, time.perf_counter() - started
     texts = list(texts_or_fields)
     if model is None:
         raise ValueError("fitting texts needs a model")

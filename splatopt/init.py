@@ -38,7 +38,9 @@ def grid_geometry(mask: Tensor, n_splats: Tensor, sigma_scale: float, jitter: fl
         mu = mu + (noise.to(mu.device) - 0.5) * jitter * spacing
     log_sigma = torch.log(sigma_scale * spacing).expand(-1, N).clone()
     slot_mask = i < n[:, None]
-    mu = torch.where(slot_mask, mu.clamp(min=0), torch.zeros_like(mu))
+    # jitter may push the end splats off the prompt: keep every centre on [0, L_b - 1]
+    mu = torch.minimum(mu.clamp(min=0), (lengths[:, None] - 1).clamp(min=0))
+    mu = torch.where(slot_mask, mu, torch.zeros_like(mu))
     return mu, log_sigma, slot_mask
 
 

@@ -32,6 +32,9 @@ class Objective:
         if isinstance(spec, Objective):
             return spec
         if isinstance(spec, dict):
+            unknown = set(spec) - {"mse", "cosine", "ce"}
+            if unknown:
+                raise ValueError(f"objective {spec!r}: unknown terms {sorted(map(str, unknown))}; the terms are mse, cosine, ce")
             return cls(**{k: float(spec.get(k, 0.0)) for k in ("mse", "cosine", "ce")})
         weights = {"mse": 0.0, "cosine": 0.0, "ce": 0.0}
         for term in str(spec).replace(" ", "").split("+"):
@@ -51,24 +54,28 @@ class Objective:
 
 def relative_mse(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """[B] sum of squared errors over the prompt's tokens over the target's squared norm."""
-    m = mask[..., None].to(field.dtype)
-    err = ((field - target) ** 2 * m).sum((1, 2))
-    ref = (target**2 * m).sum((1, 2)).clamp_min(1e-12)
+    # torch.where, not a product with the mask: padding may hold NaN or inf, and 0 * NaN is NaN
+    m = mask[..., None]
+    err = (torch.where(m, field - target, 0.0) ** 2).sum((1, 2))
+    ref = (torch.where(m, target, 0.0) ** 2).sum((1, 2)).clamp_min(1e-12)
     return err / ref
 
 
 def mean_cosine(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """[B] mean over the prompt's tokens of cos(F_t, T_t)."""
-    cos = F.cosine_similarity(field, target, dim=-1, eps=1e-8)
-    m = mask.to(cos.dtype)
-    return (cos * m).sum(-1) / m.sum(-1).clamp_min(1)
+    m = mask[..., None]
+    cos = F.cosine_similarity(torch.where(m, field, 0.0), torch.where(m, target, 0.0), dim=-1, eps=1e-8)
+    return torch.where(mask, cos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1).to(cos.dtype)
 
 
 def decode_cross_entropy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """[B] mean over the prompt's tokens of the cross-entropy of ``logits [B, L, V]`` against ``ids [B, L]``."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view(ids.shape)
-    m = mask.to(ce.dtype)
-    return (ce * m).sum(-1) / m.sum(-1).clamp_min(1)
+    # at least float32 (bf16 / fp16 logits are upcast; float64 stays float64, no copy of float32 logits);
+    # masked positions may hold padding ids outside the vocabulary, and their losses are dropped by where
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ids = torch.where(mask, ids, 0)
+    ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+    return torch.where(mask, ce, 0.0).sum(-1) / mask.sum(-1).clamp_min(1).to(ce.dtype)
 
 
 def token_accuracy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ class InnerOptimizer:
     lr_mu: float = 0.1
     lr_log_sigma: float = 0.05
     lr_weight: float = 0.05
-    lr_v: float = 0.05
+    lr_v: float = 0.1
     mu_decay: float = 0.05
     schedule: str = "cosine"
     final_lr_factor: float = 0.05
@@ -53,6 +53,19 @@ class InnerOptimizer:
         for name in ("lr_mu", "lr_log_sigma", "lr_weight", "lr_v"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        # a negative mu_decay makes mu_decay**frac complex; a negative final factor or clip ascends
+        if not (self.mu_decay > 0 and math.isfinite(self.mu_decay)):
+            raise ValueError(f"mu_decay={self.mu_decay} must be a finite number > 0")
+        if not (self.final_lr_factor >= 0 and math.isfinite(self.final_lr_factor)):
+            raise ValueError(f"final_lr_factor={self.final_lr_factor} must be a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1)")
+        for name in ("eps", "eps_root"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip={self.clip} must be > 0 (or None: no clipping)")
 
     def learning_rates(self, step: int, total: int, v_scale: Tensor) -> dict[str, Tensor | float]:
         """Per-group learning rates at ``step`` of ``total`` (v's is a [B, 1, 1] tensor: lr_v times the target RMS)."""
@@ -131,7 +144,7 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
     relative to the mean diagonal of A^T A, keeps the solve well posed when splats coincide; slots
     with mask False get v = 0. Differentiable in ``a`` (batched ``torch.linalg.solve``).
     """
-    a = a * token_mask[..., None].to(a.dtype) * splat_mask[:, None, :].to(a.dtype)
+    a = torch.where(token_mask[..., None] & splat_mask[:, None, :], a, 0.0)
     gram = a.transpose(1, 2) @ a  # [B, N, N]
     N = gram.shape[-1]
     diag_mean = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
@@ -139,5 +152,6 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
     # inactive slots get a unit diagonal so the system stays regular; their right-hand side is 0
     inactive = (~splat_mask).to(a.dtype)
     system = gram + eye * (ridge * diag_mean[:, None, None]) + torch.diag_embed(inactive)
-    rhs = a.transpose(1, 2) @ target.to(a.dtype)
+    # masked positions may hold anything (NaN padding): 0 * NaN would still reach the solve
+    rhs = a.transpose(1, 2) @ torch.where(token_mask[..., None], target.to(a.dtype), 0.0)
     return torch.linalg.solve(system, rhs) * splat_mask[..., None].to(a.dtype)

@@ -61,12 +61,18 @@ def splat_weights(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     pos = _positions(length_or_positions, splats.batch_size, splats.mu)
-    sigma = splats.log_sigma.exp().clamp(SIGMA_MIN, SIGMA_MAX)
-    g = kernel_values(pos, splats.mu, sigma, kernel)
+    # inactive slots may hold anything (NaN, inf): read them as zeros so that they contribute
+    # exactly nothing, and their gradients are exactly zero, whatever they hold
+    on = splats.mask
+    mu = torch.where(on, splats.mu, 0.0)
+    # clamp in log space: clamping after exp() gives NaN gradients (0 * inf) once exp overflows
+    log_sigma = torch.where(on, splats.log_sigma, 0.0).clamp(math.log(SIGMA_MIN), math.log(SIGMA_MAX))
+    sigma = log_sigma.exp()
+    g = kernel_values(pos, mu, sigma, kernel)
     if truncate is not None:
-        far = (pos[:, :, None] - splats.mu[:, None, :]).abs() > truncate * sigma[:, None, :]
+        far = (pos[:, :, None] - mu[:, None, :]).abs() > truncate * sigma[:, None, :]
         g = g.masked_fill(far, 0.0)
-    a = g * (torch.sigmoid(splats.weight_logit) * splats.mask)[:, None, :]
+    a = g * (torch.sigmoid(torch.where(on, splats.weight_logit, 0.0)) * on)[:, None, :]
     if mode == "normalized":
         a = a / (a.sum(-1, keepdim=True) + NORMALIZED_EPS)
     return a
@@ -88,4 +94,4 @@ def render(
     Inactive slots (mask False) contribute nothing. Differentiable in every splat parameter.
     """
     a = splat_weights(splats, length_or_positions, kernel, mode, truncate)
-    return a @ splats.v.to(a.dtype)
+    return a @ torch.where(splats.mask[..., None], splats.v, 0.0).to(a.dtype)

@@ -12,6 +12,7 @@ layer, texts, token ids, rendering options), written atomically.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class SplatSet:
     meta: dict = dc_field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.mu.dim() != 2:
+            raise ValueError(f"SplatSet.mu has shape {tuple(self.mu.shape)}, expected (B, N)")
         B, N = self.mu.shape
         for name in ("log_sigma", "weight_logit", "mask"):
             if getattr(self, name).shape != (B, N):
@@ -55,7 +58,8 @@ class SplatSet:
     @property
     def sigma(self) -> Tensor:
         """[B, N] widths in tokens, clamped to [SIGMA_MIN, SIGMA_MAX]."""
-        return self.log_sigma.exp().clamp(SIGMA_MIN, SIGMA_MAX)
+        # clamped in log space: exp() first would overflow to inf and give NaN gradients
+        return self.log_sigma.clamp(math.log(SIGMA_MIN), math.log(SIGMA_MAX)).exp()
 
     @property
     def weight(self) -> Tensor:
@@ -96,7 +100,8 @@ class SplatSet:
     def select(self, index) -> "SplatSet":
         """Prompts ``index`` (int, slice or index tensor), keeping the batch dimension."""
         if isinstance(index, int):
-            index = slice(index, index + 1)
+            i = range(self.batch_size)[index]  # negative indices count from the end; IndexError if out of range
+            index = slice(i, i + 1)
         return replace(self, mask=self.mask[index], **{k: t[index] for k, t in self.params().items()})
 
     def trimmed(self) -> "SplatSet":
@@ -151,6 +156,8 @@ class SplatSet:
             meta = json.loads(header.get("meta", "{}"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} has corrupt metadata ({err})") from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path} has corrupt metadata (a JSON {type(meta).__name__}, not an object)")
         missing = {"mu", "log_sigma", "weight_logit", "v", "mask"} - set(tensors)
         if missing:
             raise ValueError(f"{path} lacks tensors {sorted(missing)}")

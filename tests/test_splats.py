@@ -1,0 +1,261 @@
+"""SplatSet: validation, views, batch operations, and its safetensors file format."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixedpos.cache import write_safetensors
+from splatopt import SplatSet, render
+from splatopt.splats import FORMAT_VERSION, SIGMA_MAX, SIGMA_MIN
+
+
+def random_splats(B=3, N=5, d=4, seed=0, dtype=torch.float32, meta=None) -> SplatSet:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, N, generator=g) < 0.6
+    mask[:, 0] = True
+    return SplatSet(
+        torch.rand(B, N, generator=g, dtype=dtype) * 10,
+        torch.randn(B, N, generator=g, dtype=dtype) * 0.5,
+        torch.randn(B, N, generator=g, dtype=dtype),
+        torch.randn(B, N, d, generator=g, dtype=dtype),
+        mask,
+        dict(meta or {}),
+    )
+
+
+def assert_same(a: SplatSet, b: SplatSet):
+    for k in ("mu", "log_sigma", "weight_logit", "v", "mask"):
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), k
+    assert a.meta == b.meta
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    "field,value,error",
+    [
+        ("log_sigma", torch.zeros(2, 4), ValueError),
+        ("weight_logit", torch.zeros(2), ValueError),
+        ("mask", torch.ones(3, 4, dtype=torch.bool), ValueError),
+        ("v", torch.zeros(2, 3), ValueError),
+        ("v", torch.zeros(2, 4, 5), ValueError),
+        ("v", torch.zeros(2, 3, 4, 5), ValueError),
+        ("mask", torch.ones(2, 3), TypeError),
+        ("mu", torch.zeros(6), ValueError),
+        ("mu", torch.zeros(2, 3, 1), ValueError),
+    ],
+)
+def test_splatset_refuses_inconsistent_shapes(field, value, error):
+    parts = {"mu": torch.zeros(2, 3), "log_sigma": torch.zeros(2, 3), "weight_logit": torch.zeros(2, 3),
+             "v": torch.zeros(2, 3, 4), "mask": torch.ones(2, 3, dtype=torch.bool)}
+    parts[field] = value
+    with pytest.raises(error, match=field if error is ValueError else "mask"):
+        SplatSet(**parts)
+
+
+def test_views_of_a_splatset():
+    s = random_splats(B=2, N=3, d=5)
+    assert (s.batch_size, s.capacity, s.dim) == (2, 3, 5)
+    assert s.counts.tolist() == s.mask.sum(-1).tolist()
+    torch.testing.assert_close(s.weight, torch.sigmoid(s.weight_logit))
+    assert set(s.params()) == {"mu", "log_sigma", "weight_logit", "v"}
+    moved = s.with_params({"mu": s.mu + 1})
+    assert torch.equal(moved.mu, s.mu + 1) and torch.equal(moved.v, s.v)
+    as64 = s.to(dtype=torch.float64)
+    assert as64.mu.dtype == torch.float64 and as64.mask.dtype == torch.bool
+    live = s.with_params({"mu": s.mu.clone().requires_grad_(True)})
+    assert live.mu.requires_grad and not live.detach().mu.requires_grad
+
+
+def test_sigma_is_clamped_to_its_bounds():
+    log_sigma = torch.tensor([[-1e4, math.log(SIGMA_MIN) - 1, 0.0, math.log(3.0), math.log(SIGMA_MAX) + 1, 1e4]], dtype=torch.float64)
+    s = SplatSet(torch.zeros(1, 6, dtype=torch.float64), log_sigma, torch.zeros(1, 6, dtype=torch.float64),
+                 torch.zeros(1, 6, 1, dtype=torch.float64), torch.ones(1, 6, dtype=torch.bool))
+    expected = torch.tensor([[SIGMA_MIN, SIGMA_MIN, 1.0, 3.0, SIGMA_MAX, SIGMA_MAX]], dtype=torch.float64)
+    torch.testing.assert_close(s.sigma, expected, rtol=1e-12, atol=0)
+    assert float(s.sigma.min()) >= SIGMA_MIN * (1 - 1e-12) and float(s.sigma.max()) <= SIGMA_MAX * (1 + 1e-12)
+    live = log_sigma.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(s.with_params({"log_sigma": live}).sigma.sum(), live)
+    assert torch.isfinite(grad).all() and grad[0, 0] == 0 and grad[0, -1] == 0
+
+
+# ------------------------------------------------------------------ batch operations
+
+
+def test_select_keeps_the_batch_dimension():
+    s = random_splats(B=4)
+    for index, rows in [(0, [0]), (2, [2]), (-1, [3]), (-4, [0]), (slice(1, 3), [1, 2]), (torch.tensor([3, 0]), [3, 0]),
+                        (torch.tensor([True, False, True, False]), [0, 2])]:
+        sub = s.select(index)
+        assert sub.batch_size == len(rows), index
+        assert torch.equal(sub.mu, s.mu[rows]) and torch.equal(sub.v, s.v[rows]) and torch.equal(sub.mask, s.mask[rows])
+
+
+@pytest.mark.parametrize("index", [4, -5])
+def test_select_out_of_range_raises(index):
+    with pytest.raises(IndexError):
+        random_splats(B=4).select(index)
+
+
+def test_cat_pads_smaller_capacities_with_inactive_slots():
+    a, b, c = random_splats(B=2, N=3, seed=1, meta={"kernel": "erf"}), random_splats(B=1, N=6, seed=2), random_splats(B=3, N=1, seed=3)
+    out = SplatSet.cat([a, b, c])
+    assert (out.batch_size, out.capacity) == (6, 6)
+    assert out.meta == {"kernel": "erf"}
+    assert out.counts.tolist() == a.counts.tolist() + b.counts.tolist() + c.counts.tolist()
+    for part, rows in ((a, slice(0, 2)), (b, slice(2, 3)), (c, slice(3, 6))):
+        n = part.capacity
+        for k in ("mu", "log_sigma", "weight_logit", "v", "mask"):
+            assert torch.equal(getattr(out, k)[rows, :n], getattr(part, k)), k
+        assert not out.mask[rows, n:].any()
+        assert torch.equal(out.v[rows, n:], torch.zeros_like(out.v[rows, n:]))
+        # padding does not change what the prompts render
+        torch.testing.assert_close(render(out.select(rows), 12), render(part, 12))
+
+
+def test_trimmed_drops_only_trailing_slots_that_no_prompt_uses():
+    s = random_splats(B=2, N=6)
+    s.mask[:] = torch.tensor([[True, False, True, False, False, False], [True, False, False, True, False, False]])
+    t = s.trimmed()
+    assert t.capacity == 4
+    assert torch.equal(t.mask, s.mask[:, :4]) and torch.equal(t.v, s.v[:, :4])
+    torch.testing.assert_close(render(t, 10), render(s, 10))
+    s.mask[:] = False
+    assert s.trimmed().capacity == 0
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_save_load_round_trip(tmp_path):
+    meta = {"model": "minilm", "model_hash": "ab" * 32, "layer": 2, "texts": ["héllo", "wörld", ""], "nested": {"a": [1, 2.5, None]}}
+    s = random_splats(meta=meta)
+    extra = {"ids": torch.randint(0, 30522, (3, 9)), "token_mask": torch.rand(3, 9) < 0.5, "scores": torch.randn(3, dtype=torch.float64)}
+    path = s.save(tmp_path / "fit.splats", extra)
+    assert path == tmp_path / "fit.splats" and path.is_file()
+    back, back_extra = SplatSet.load(path)
+    assert_same(back, s)
+    assert set(back_extra) == set(extra)
+    for k, t in extra.items():
+        assert back_extra[k].dtype == t.dtype and torch.equal(back_extra[k], t), k
+    again, _ = SplatSet.load(path, expect_model_hash="ab" * 32)
+    assert_same(again, s)
+
+
+def test_save_leaves_no_temporary_files_and_overwrites_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "s.safetensors"
+    first = random_splats(seed=1)
+    first.save(path)
+    random_splats(seed=2).save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+    assert_same(SplatSet.load(path)[0], random_splats(seed=2))
+
+    # a crash between writing and renaming leaves the old file intact and no temporary behind
+    def crash(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk on fire"):
+        random_splats(seed=3).save(path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+    assert_same(SplatSet.load(path)[0], random_splats(seed=2))
+
+
+def test_save_creates_missing_folders(tmp_path):
+    path = random_splats().save(tmp_path / "a" / "b" / "s.safetensors")
+    assert path.is_file()
+
+
+def _assert_refused(path, **kwargs):
+    with pytest.raises(ValueError) as info:
+        SplatSet.load(path, **kwargs)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("how", ["truncated", "header-only", "garbage", "empty", "flipped-header"])
+def test_load_refuses_a_corrupt_file_naming_it(tmp_path, how):
+    path = tmp_path / "s.safetensors"
+    random_splats().save(path)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    damaged = {
+        "truncated": raw[: len(raw) - 17],
+        "header-only": raw[: 8 + size],
+        "garbage": bytes(range(256)) * 4,
+        "empty": b"",
+        "flipped-header": raw[:8] + raw[8:20][::-1] + raw[20:],
+    }[how]
+    path.write_bytes(damaged)
+    _assert_refused(path)
+
+
+def test_load_refuses_a_safetensors_file_that_holds_no_splats(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.zeros(3, 3)}, str(path))
+    assert "not a splatopt splat file" in _assert_refused(path)
+
+
+def test_load_refuses_another_format_version(tmp_path):
+    s = random_splats()
+    path = tmp_path / "future.safetensors"
+    tensors = {**s.params(), "mask": s.mask}
+    write_safetensors(path, tensors, {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION + 1), "meta": "{}"})
+    assert "version" in _assert_refused(path)
+
+
+@pytest.mark.parametrize("problem", ["missing-v", "bad-shape", "bad-meta", "meta-not-an-object"])
+def test_load_refuses_inconsistent_contents(tmp_path, problem):
+    s = random_splats()
+    tensors = {**s.params(), "mask": s.mask}
+    meta = {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION), "meta": "{}"}
+    if problem == "missing-v":
+        del tensors["v"]
+    elif problem == "bad-shape":
+        tensors["log_sigma"] = tensors["log_sigma"][:, :2].contiguous()
+    elif problem == "bad-meta":
+        meta["meta"] = "{not json"
+    else:
+        meta["meta"] = "null"
+    path = tmp_path / "odd.safetensors"
+    write_safetensors(path, tensors, meta)
+    _assert_refused(path, expect_model_hash="c" * 64)
+
+
+@pytest.mark.parametrize("name", ["mu", "log_sigma", "weight_logit", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_load_refuses_non_finite_splats(tmp_path, name, value):
+    s = random_splats()
+    bad = getattr(s, name).clone()
+    bad.view(-1)[1] = value
+    path = s.with_params({name: bad}).save(tmp_path / "nan.safetensors")
+    assert name in _assert_refused(path)
+
+
+def test_load_refuses_splats_fitted_with_another_model(tmp_path):
+    path = random_splats(meta={"model": "minilm", "model_hash": "a" * 64}).save(tmp_path / "s.safetensors")
+    message = _assert_refused(path, expect_model_hash="b" * 64)
+    assert "aaaaaaaaaaaa" in message and "bbbbbbbbbbbb" in message
+    SplatSet.load(path, expect_model_hash="a" * 64)  # the right model loads
+    unlabelled = random_splats().save(tmp_path / "plain.safetensors")
+    SplatSet.load(unlabelled, expect_model_hash="b" * 64)  # a file that names no model is not refused
+
+
+def test_load_of_a_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        SplatSet.load(tmp_path / "nope.safetensors")
+
+
+def test_file_metadata_is_json(tmp_path):
+    path = random_splats(meta={"texts": ["a"]}).save(tmp_path / "s.safetensors")
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header["__metadata__"]["format"] == "splatopt.splats"
+    assert json.loads(header["__metadata__"]["meta"]) == {"texts": ["a"]}
