@@ -184,3 +184,14 @@ def test_nan_in_padding_is_ignored_and_non_prefix_masks_are_refused():
     bad[0, 4:] = True
     with pytest.raises(ValueError, match="not a prefix"):
         fit(Targets(torch.randn(1, 8, 16), bad), steps=1, objective="mse", device="cpu", progress=False)
+
+
+def test_field_and_curve_figures_render(tmp_path, model, short_prompts):
+    from splatopt.plot import curves_figure, field_figure, save_figure
+
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=10, record_every=5, device="cpu", progress=False)
+    target = model.encode(model.tokenize(short_prompts[:1]))[0]
+    rendered = splatopt.render(result.splats.select(0), target.shape[0])[0]
+    paths = save_figure(field_figure(target, rendered), tmp_path / "field.png", ["pdf"])
+    paths += save_figure(curves_figure({"grid": result.history}), tmp_path / "curves.svg")
+    assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"] and all(p.stat().st_size > 2000 for p in paths)
