@@ -80,12 +80,6 @@ class FieldModel:
         n_layers = int(encoder.config.num_hidden_layers if hasattr(encoder.config, "num_hidden_layers") else encoder.config.n_layers)
         if not isinstance(layer, int) or not 0 <= layer <= n_layers:
             raise ValueError(f"layer={layer!r} is out of range: {name} has layers 0..{n_layers} (0 = embeddings)")
-        stack = _find_layer_stack(encoder)
-        self._truncated = stack is not None
-        if stack is not None:
-            # Blocks above the chosen layer never influence it: drop them so encoding costs only what it needs.
-            owner, attr = stack
-            setattr(owner, attr, nn.ModuleList(list(getattr(owner, attr))[:layer]))
         encoder.eval().requires_grad_(False)
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -113,6 +107,13 @@ class FieldModel:
             raise ValueError(f"overlap={overlap} must lie in 0..{(window - 1) // 2} (less than half of window={window})")
         self.window = window
         self.overlap = overlap
+        # only after every check: a refused construction leaves the caller's encoder untouched
+        stack = _find_layer_stack(encoder)
+        self._truncated = stack is not None
+        if stack is not None:
+            # Blocks above the chosen layer never influence it: drop them so encoding costs only what it needs.
+            owner, attr = stack
+            setattr(owner, attr, nn.ModuleList(list(getattr(owner, attr))[:layer]))
         self._head: DecoderHead | None = None
         self._head_loader = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

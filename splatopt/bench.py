@@ -18,7 +18,6 @@ from .init import GridInit
 from .objectives import Objective, objective_terms
 from .optim import InnerOptimizer, adam_init, adam_step
 from .render import render
-from .splats import SplatSet
 
 
 @dataclass
