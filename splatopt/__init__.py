@@ -5,8 +5,9 @@
     print(result.texts[0], result.token_accuracy)
 """
 
+from .edit import edit
 from .fit import FitResult, Targets, fit
-from .init import GridInit, Initializer, TokenInit, resolve_initializer
+from .init import GridInit, Initializer, TokenInit, WarmStart, resolve_initializer
 from .objectives import Objective, decode_cross_entropy, mean_cosine, objective_terms, relative_mse, token_accuracy
 from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
 from .render import KERNELS, MODES, kernel_values, render, splat_weights
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FitResult", "GridInit", "Initializer", "InnerOptimizer", "KERNELS", "MODES", "Objective", "SplatSet",
-    "Targets", "TokenInit", "adam_init", "adam_step", "closed_form_v", "decode_cross_entropy", "fit",
+    "Targets", "TokenInit", "WarmStart", "adam_init", "edit", "adam_step", "closed_form_v", "decode_cross_entropy", "fit",
     "kernel_values", "mean_cosine", "objective_terms", "relative_mse", "render", "resolve_initializer",
     "splat_weights", "token_accuracy",
 ]

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .init import resolve_initializer
+from .init import WarmStart, resolve_initializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
 from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
 from .render import KERNELS, MODES, render, splat_weights
@@ -64,6 +64,7 @@ class FitResult:
     config: dict = dc_field(default_factory=dict)
     input_texts: list[str] | None = None
     offsets: Tensor | None = None
+    edit: dict | None = None
 
     def summary(self) -> dict:
         """Means over prompts, as plain floats."""
@@ -195,6 +196,8 @@ def fit(
     record_every: int = 10,
     batch_size: int | None = None,
     progress: bool = True,
+    frozen: Tensor | None = None,
+    frozen_steps: int = 0,
 ) -> FitResult:
     """Fit Gaussian text splats to prompts.
 
@@ -208,6 +211,8 @@ def fit(
     on the field) at every step, only the geometry is optimized. seed: seeds the initializer's
     generator. device: default cuda if available. record_every: history/trajectory period
     (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
+    frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
+    steps (warm-started editing keeps splats far from an edit fixed while the edit settles).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -253,11 +258,13 @@ def fit(
         idx = order[c * batch_size : (c + 1) * batch_size].to(device)
         L = int(lengths[idx].max())
         generator = torch.Generator(device=device).manual_seed(seed + c)
+        chunk_init = WarmStart(initializer.splats.select(idx.to(initializer.splats.mu.device))) if isinstance(initializer, WarmStart) else initializer
         chunks.append(
             _fit_chunk(
                 field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
-                objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
+                objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
+                None if frozen is None else frozen.to(device)[idx], frozen_steps,
             )
         )
     if device.type == "cuda":
@@ -303,7 +310,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
-    generator, record_every, progress, desc,
+    generator, record_every, progress, desc, frozen=None, frozen_steps=0,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -360,6 +367,9 @@ def _fit_chunk(
             loss, _ = objective_terms(objective, fld, target, mask, ids, decode)
             grads = torch.autograd.grad(loss.sum(), list(live.values()))
         lrs = optimizer.learning_rates(step, steps, v_scale)
+        if frozen is not None and step < frozen_steps:
+            free = (~frozen[:, : params["mu"].shape[1]]).to(target.dtype)
+            lrs = {k: lr * (free[..., None] if k == "v" else free) for k, lr in lrs.items()}
         params, state, skipped = adam_step(params, dict(zip(live, grads)), state, lrs, optimizer)
         skipped_total += skipped
     record(steps, params)

@@ -89,6 +89,20 @@ class TokenInit:
         return SplatSet(mu.to(target.dtype), log_sigma.to(target.dtype), logit.to(target.dtype), v, slot_mask)
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """Start from given splats (e.g. transported through an edit); ``n_splats`` is ignored."""
+
+    splats: SplatSet
+
+    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+        if self.splats.batch_size != target.shape[0]:
+            raise ValueError(f"WarmStart holds {self.splats.batch_size} prompts, the target has {target.shape[0]}")
+        if self.splats.dim != target.shape[-1]:
+            raise ValueError(f"WarmStart splats have d={self.splats.dim}, the target has d={target.shape[-1]}")
+        return self.splats.to(target.device, target.dtype)
+
+
 INITIALIZERS = {"grid": GridInit, "tokens": TokenInit}
 
 

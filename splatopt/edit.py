@@ -1,0 +1,209 @@
+"""Sequence editing: re-fit an edited text by moving the old splats, not by starting over.
+
+    new = splatopt.edit(result, "the edited text", steps=60)
+    new = splatopt.edit(result, edits=[(start, end, "replacement")])   # character offsets in the old text
+
+1. The old and new token sequences are aligned (an edit script of equal / insert / delete /
+   replace spans, ``difflib`` on token ids).
+2. Every splat is carried through the piecewise-linear position map of that script. Token ``t``
+   covers ``[t - 1/2, t + 1/2]``, and each span of old edges maps linearly onto its new span. Splats
+   after an insertion move right and splats after a deletion move left; a replaced span is stretched
+   or squeezed (its splats' widths too).
+3. Splats whose centre lies in a deleted span are pruned: their slots become inactive.
+4. Inserted and replaced spans get new splats, as many as the prompt's old density asks. They are
+   evenly spaced, and their embeddings are the least-squares fit of what the transported splats
+   leave unexplained there.
+5. The whole set is re-fitted on the new target, starting from there. Splats more than
+   ``freeze_sigma`` widths from every edit can be frozen for the first ``freeze_steps`` steps
+   (``local=True``: for all of them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .fit import FitResult, fit
+from .init import WarmStart, grid_geometry
+from .optim import closed_form_v
+from .render import render, splat_weights
+from .splats import SplatSet
+
+
+def apply_char_edits(text: str, edits: list[tuple[int, int, str]]) -> str:
+    """Apply ``(start, end, replacement)`` edits, given in offsets of ``text``; spans must not overlap."""
+    spans = sorted(edits, key=lambda e: e[0])
+    for (s0, e0, _), (s1, _, _) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"edits overlap: ({s0}, {e0}) and one starting at {s1}")
+    for start, end, new in reversed(spans):
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(text)):
+            raise ValueError(f"edit ({start}, {end}) lies outside the text's {len(text)} characters")
+        if not isinstance(new, str):
+            raise TypeError(f"edit ({start}, {end}) has a replacement of type {type(new).__name__}, not str")
+        text = text[:start] + new + text[end:]
+    return text
+
+
+def edit_script(old_ids: list[int], new_ids: list[int]) -> list[tuple[str, int, int, int, int]]:
+    """Opcodes ``(tag, i1, i2, j1, j2)``: old tokens [i1, i2) become new tokens [j1, j2)."""
+    return difflib.SequenceMatcher(None, old_ids, new_ids, autojunk=False).get_opcodes()
+
+
+def transport(mu: Tensor, sigma: Tensor, script) -> tuple[Tensor, Tensor, Tensor]:
+    """Map splat centres [N] and widths [N] through the script's piecewise-linear position map.
+
+    Returns (new mu [N], new sigma [N], deleted [N] bool: the centre lay in a deleted span).
+    """
+    new_mu, new_sigma = mu.clone(), sigma.clone()
+    deleted = torch.zeros_like(mu, dtype=torch.bool)
+    assigned = torch.zeros_like(deleted)
+    last = len(script) - 1
+    for k, (tag, i1, i2, j1, j2) in enumerate(script):
+        if i1 == i2:  # pure insertion: no old positions map through it
+            continue
+        lo, hi = i1 - 0.5, i2 - 0.5
+        # the first and last spans also take splats that drifted past the text's ends
+        inside = ((mu >= lo) | (k == 0)) & ((mu < hi) | (k == last)) & ~assigned
+        scale = (j2 - j1) / (i2 - i1)
+        new_mu = torch.where(inside, (j1 - 0.5) + (mu - lo) * scale, new_mu)
+        if tag == "delete":
+            deleted |= inside
+        elif tag == "replace":
+            new_sigma = torch.where(inside, sigma * scale, new_sigma)
+        assigned |= inside
+    return new_mu, new_sigma, deleted
+
+
+def edit(
+    result: FitResult | str | Path,
+    new_text: str | None = None,
+    edits: list[tuple[int, int, str]] | None = None,
+    model=None,
+    steps: int = 60,
+    freeze_steps: int = 0,
+    freeze_sigma: float = 3.0,
+    local: bool = False,
+    spawn_density: float | None = None,
+    device=None,
+    record_every: int = 5,
+    progress: bool = True,
+    **fit_options,
+) -> FitResult:
+    """Re-fit ``result`` (a one-prompt FitResult, or a path to a saved one) to an edited text.
+
+    Give the new text, or ``edits`` as ``(start, end, replacement)`` character spans of the old text.
+    steps: re-fit steps. freeze_steps: for this many first steps, splats more than ``freeze_sigma``
+    widths from every edited span neither move nor change; local=True freezes them throughout.
+    spawn_density: new splats per inserted token (default: the prompt's old splats per token).
+    fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
+    old fit's objective, kernel and mode. The returned result's ``edit`` records the script and which
+    old slots were transported, pruned, and which new slots were spawned.
+    """
+    if isinstance(result, (str, Path)):
+        result = FitResult.load(result)
+    if result.mask.shape[0] != 1:
+        raise ValueError(f"edit takes a one-prompt result; this one has {result.mask.shape[0]} prompts (select one first)")
+    if result.ids is None or not result.input_texts:
+        raise ValueError("edit needs the old fit's text and token ids (fit from text, not from a bare field)")
+    if (new_text is None) == (edits is None):
+        raise ValueError("give either new_text or edits, not both and not neither")
+    old_text = result.input_texts[0]
+    if edits is not None:
+        new_text = apply_char_edits(old_text, edits)
+    if model is None:
+        import fixedpos
+
+        cfg = result.config
+        model = fixedpos.load(cfg.get("model") or fixedpos.DEFAULT_MODEL, layer=cfg.get("layer"))
+    device = torch.device(device) if device is not None else result.splats.mu.device
+    if result.config.get("model_hash") not in (None, model.model_hash):
+        raise ValueError(f"the result was fitted with model {result.config.get('model')}, not {model.name}")
+    kernel = fit_options.pop("kernel", result.config.get("kernel", "gaussian"))
+    mode = fit_options.pop("mode", result.config.get("mode", "additive"))
+    fit_options.setdefault("objective", result.config.get("objective", "mse+ce"))
+
+    batch = model.tokenize([new_text], device=device)
+    target = model.encode(batch)
+    L_new = int(batch.mask.sum())
+    old_ids = result.ids[0][result.mask[0]].tolist()
+    new_ids = batch.ids[0, :L_new].tolist()
+    script = edit_script(old_ids, new_ids)
+
+    old = result.splats.to(device).select(0)
+    active = old.mask[0]
+    mu, sigma, deleted = transport(old.mu[0], old.sigma[0], script)
+    keep = active & ~deleted
+    mu = mu.clamp(-0.5, L_new - 0.5)
+    spans_added = any(tag in ("insert", "replace") for tag, *_ in script)
+    if not keep.any() and not spans_added:
+        # every splat sat in deleted text: revive the heaviest one at the centre of what is left
+        revive = int(torch.where(active, old.weight_logit[0], torch.full_like(mu, -math.inf)).argmax())
+        keep = keep.clone()
+        keep[revive] = True
+        deleted = deleted.clone()
+        deleted[revive] = False
+        mu = mu.clone()
+        mu[revive] = (L_new - 1) / 2
+
+    # new splats for inserted / replaced spans, at the prompt's old density
+    density = spawn_density if spawn_density is not None else float(active.sum()) / max(len(old_ids), 1)
+    spans = [(j1, j2) for tag, _, _, j1, j2 in script if tag in ("insert", "replace") and j2 > j1]
+    counts = [max(1, round(density * (j2 - j1))) for j1, j2 in spans]
+    spawned_mu, spawned_ls = [], []
+    for (j1, j2), n in zip(spans, counts):
+        span_mask = torch.zeros(1, j2 - j1, dtype=torch.bool, device=device)
+        span_mask[:] = True
+        g_mu, g_ls, _ = grid_geometry(span_mask, torch.tensor([n], device=device), 0.6, 0.0, None)
+        spawned_mu.append(g_mu[0] + j1)
+        spawned_ls.append(g_ls[0])
+    n_new = sum(counts)
+    d = old.dim
+    dtype = target.dtype
+    cat = lambda a, b: torch.cat([a, b]) if n_new else a  # noqa: E731
+    all_mu = cat(mu.to(dtype), torch.cat(spawned_mu).to(dtype) if n_new else None)
+    all_ls = cat(sigma.log().to(dtype), torch.cat(spawned_ls).to(dtype) if n_new else None)
+    all_logit = cat(old.weight_logit[0].to(dtype), torch.zeros(n_new, device=device, dtype=dtype))
+    all_v = cat(old.v[0].to(dtype), torch.zeros(n_new, d, device=device, dtype=dtype))
+    all_mask = cat(keep, torch.ones(n_new, dtype=torch.bool, device=device))
+    warm = SplatSet(all_mu[None], all_ls[None], all_logit[None], all_v[None], all_mask[None], dict(old.meta))
+    if n_new:
+        # spawned embeddings: least squares on what the transported splats leave unexplained
+        kept_only = SplatSet(warm.mu, warm.log_sigma, warm.weight_logit, warm.v,
+                             torch.cat([keep, torch.zeros(n_new, dtype=torch.bool, device=device)])[None])
+        residual = target[:, :L_new] - render(kept_only, L_new, kernel, mode)
+        new_slots = torch.cat([torch.zeros_like(keep), torch.ones(n_new, dtype=torch.bool, device=device)])[None]
+        a = splat_weights(warm, L_new, kernel, "additive")
+        v_new = closed_form_v(a, residual, batch.mask[:, :L_new], new_slots)
+        warm = warm.with_params({"v": torch.where(new_slots[..., None], v_new, warm.v)})
+
+    # splats far from every edited span may stay frozen while the edit settles
+    edit_zones = [(j1 - 0.5, j2 - 0.5) for tag, _, _, j1, j2 in script if tag != "equal"]
+    dist = torch.full_like(all_mu, math.inf)
+    for lo, hi in edit_zones:
+        gap = torch.clamp(torch.maximum(lo - all_mu, all_mu - hi), min=0.0)
+        dist = torch.minimum(dist, gap)
+    far = (dist > freeze_sigma * warm.sigma[0]) & all_mask
+    frozen_steps = steps if local else freeze_steps
+    n_active = int(all_mask.sum())
+    new = fit(
+        [new_text], model, n_splats=min(n_active, L_new), steps=steps, init=WarmStart(warm), kernel=kernel, mode=mode,
+        device=device, record_every=record_every, progress=progress, frozen=far[None] if frozen_steps else None,
+        frozen_steps=frozen_steps, **fit_options,
+    )
+    new.edit = {
+        "old_text": old_text,
+        "script": [list(op) for op in script],
+        "transported": torch.nonzero(keep).flatten().tolist(),
+        "pruned": torch.nonzero(active & deleted).flatten().tolist(),
+        "spawned": list(range(len(keep), len(keep) + n_new)),
+        "far_from_edit": torch.nonzero(far).flatten().tolist(),
+        "frozen_steps": frozen_steps,
+        "warm_start": warm.detach().to("cpu"),
+    }
+    new.config["edit"] = {k: v for k, v in new.edit.items() if k != "warm_start"}
+    return new

@@ -1,0 +1,120 @@
+"""Warm-started re-fitting after edits: transport, pruning, spawning, freezing, bad input."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import splatopt
+from splatopt.edit import apply_char_edits, edit_script, transport
+from splatopt.render import render
+
+TEXT = "Return a new list containing all items from the iterable in ascending order."
+
+
+@pytest.fixture(scope="module")
+def fitted(model):
+    return splatopt.fit([TEXT], model, n_splats=0.5, steps=80, device="cpu", progress=False)
+
+
+def test_insert_at_start_shifts_every_splat_by_the_inserted_length(model, fitted):
+    new_text = "Please kindly " + TEXT
+    result = splatopt.edit(fitted, new_text, steps=0, progress=False)
+    inserted = len(model.tokenize(["Please kindly"]).ids[0])
+    warm, old = result.edit["warm_start"], fitted.splats
+    n_old = int(old.counts[0])
+    torch.testing.assert_close(warm.mu[0, :n_old], old.mu[0, :n_old] + inserted)
+    torch.testing.assert_close(warm.v[0, :n_old], old.v[0, :n_old])
+    assert result.edit["pruned"] == [] and len(result.edit["spawned"]) >= 1
+    # away from the edit the warm start renders exactly the old field, shifted, and it decodes the new tokens
+    target_len = int(result.mask.sum())
+    rendered = render(warm, target_len)[0]
+    old_rendered = render(old, int(fitted.mask.sum()))[0]
+    far = slice(inserted + 4, target_len)
+    torch.testing.assert_close(rendered[far], old_rendered[far.start - inserted :], atol=1e-4, rtol=1e-4)
+    new_ids = model.tokenize([new_text]).ids[0]
+    assert torch.equal(model.decode(rendered[far]).argmax(-1), new_ids[far])
+
+
+def test_deleting_all_but_one_word_leaves_a_valid_splat_set(fitted):
+    result = splatopt.edit(fitted, "order", steps=5, progress=False)
+    s = result.splats
+    assert s.mask.any() and torch.isfinite(s.mu[s.mask]).all() and torch.isfinite(s.v[s.mask]).all()
+    L = int(result.mask.sum())
+    assert (s.mu[s.mask] >= -0.5).all() and (s.mu[s.mask] <= L - 0.5).all()
+    assert len(result.edit["pruned"]) >= 1
+
+
+def test_char_edits_equal_the_edited_text(fitted):
+    start = TEXT.index("new")
+    by_edits = splatopt.edit(fitted, edits=[(start, start + 3, "fresh")], steps=0, progress=False)
+    by_text = splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=0, progress=False)
+    assert by_edits.input_texts == by_text.input_texts
+    torch.testing.assert_close(by_edits.splats.mu, by_text.splats.mu)
+
+
+def test_local_refit_keeps_far_splats_fixed(fitted):
+    result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=10, local=True, progress=False)
+    far = result.edit["far_from_edit"]
+    assert far, "an edit near the end leaves splats far from it"
+    warm = result.edit["warm_start"]
+    torch.testing.assert_close(result.splats.v[0, far].cpu(), warm.v[0, far])
+    torch.testing.assert_close(result.splats.mu[0, far].cpu(), warm.mu[0, far])
+
+
+def test_edit_round_trips_through_a_saved_file(tmp_path, fitted):
+    path = fitted.save(tmp_path / "run.safetensors")
+    result = splatopt.edit(path, TEXT.replace("list", "tuple"), steps=3, progress=False)
+    assert result.edit["script"][1][0] == "replace"
+
+
+def test_bad_edit_requests_raise_clear_errors(model, fitted):
+    two = splatopt.fit([TEXT, "Another text here."], model, n_splats=0.5, steps=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="one-prompt"):
+        splatopt.edit(two, "x y z", progress=False)
+    with pytest.raises(ValueError, match="either new_text or edits"):
+        splatopt.edit(fitted, progress=False)
+    with pytest.raises(ValueError, match="overlap"):
+        apply_char_edits(TEXT, [(0, 5, "a"), (3, 8, "b")])
+    with pytest.raises(ValueError, match="outside"):
+        apply_char_edits(TEXT, [(0, 500, "a")])
+    with pytest.raises(ValueError, match="empty"):
+        splatopt.edit(fitted, "   ", progress=False)
+
+
+ids = st.lists(st.integers(0, 6), min_size=1, max_size=24)
+
+
+@settings(max_examples=60, deadline=None)
+@given(old=ids, new=ids, data=st.data())
+def test_transport_keeps_splats_inside_the_new_text(old, new, data):
+    n = data.draw(st.integers(1, len(old)))
+    mu = torch.tensor(data.draw(st.lists(st.floats(-0.5, len(old) - 0.5), min_size=n, max_size=n)))
+    sigma = torch.tensor(data.draw(st.lists(st.floats(0.1, 5.0), min_size=n, max_size=n)))
+    new_mu, new_sigma, deleted = transport(mu, sigma, edit_script(old, new))
+    assert torch.isfinite(new_mu).all() and torch.isfinite(new_sigma).all()
+    kept = ~deleted
+    assert (new_mu[kept] >= -0.5 - 1e-5).all() and (new_mu[kept] <= len(new) - 0.5 + 1e-5).all()
+    assert (new_sigma > 0).all()
+
+
+words = TEXT.split()
+
+
+@settings(max_examples=12, deadline=None)
+@given(op=st.sampled_from(["insert", "delete", "replace"]), pos=st.integers(0, len(words) - 1), k=st.integers(1, 4),
+       filler=st.lists(st.sampled_from(["value", "the", "sorted", "key", "##", "result", "42"]), min_size=1, max_size=4))
+def test_random_word_edits_never_give_nan_or_empty_sets(fitted, op, pos, k, filler):
+    w = list(words)
+    if op == "insert":
+        w[pos:pos] = filler
+    elif op == "delete":
+        del w[pos : pos + k]
+    else:
+        w[pos : pos + k] = filler
+    if not w:
+        return
+    result = splatopt.edit(fitted, " ".join(w), steps=0, progress=False)
+    s = result.splats
+    assert s.mask.any()
+    assert torch.isfinite(s.mu[s.mask]).all() and torch.isfinite(s.v[s.mask]).all()
+    assert torch.isfinite(result.field_error).all()
