@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default='{"free": {}, "local": {"local": true}}',
+                        help='JSON: name -> edit() options; "optimizer" takes InnerOptimizer fields')
     parser.add_argument("--out", default="figures/data/edit_acceptance.json")
     args = parser.parse_args()
 
@@ -66,7 +68,11 @@ def main() -> None:
     cold = splatopt.fit(list(edited), model, steps=args.steps, record_every=5, **common)
     cold_final = cold.token_accuracy.cpu()
     rows = []
-    for variant, opts in {"free": {}, "local": {"local": True}}.items():
+    variants = json.loads(args.variants)
+    for variant, opts in variants.items():
+        opts = dict(opts)
+        if "optimizer" in opts:
+            opts["optimizer"] = splatopt.InnerOptimizer(**opts["optimizer"])
         for b in range(len(prompts)):
             one = splatopt.FitResult(
                 splats=old.splats.select(b), ids=old.ids[b : b + 1], mask=old.mask[b : b + 1], texts=None,
@@ -91,7 +97,7 @@ def main() -> None:
         print(f"{variant}: done {len(prompts)} edits, {time.perf_counter() - t0:.1f} s", flush=True)
 
     summary = {}
-    for variant in ("free", "local"):
+    for variant in variants:
         rs = [r for r in rows if r["variant"] == variant]
         steps = rs[0]["steps"]
         mean_curve = [sum(r["warm_curve"][i] for r in rs) / len(rs) for i in range(len(steps))]
