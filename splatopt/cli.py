@@ -94,6 +94,28 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    import splatopt
+    from splatopt.plot import save_figure, trajectory_figure
+
+    result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=args.local,
+                           device=_device(args.device) if args.device != "auto" else None, record_every=args.record_every,
+                           progress=not args.quiet)
+    e = result.edit
+    print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
+    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])}, "
+          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps)")
+    _print_result(result, None)
+    if args.out:
+        print(f"wrote {result.save(args.out)}")
+    if args.plot:
+        import fixedpos
+
+        model = fixedpos.load(result.config["model"], layer=result.config["layer"])
+        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, 0, model, title="re-fit after edit"), args.plot))))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from splatopt.bench import BenchConfig, run_bench, save_bench
 
@@ -150,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=1, help="prompts whose splats to list")
     p.add_argument("--plot", help="write the trajectory figure of the first prompt")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("edit", help="re-fit a saved fit to an edited text, warm-started from its splats")
+    p.add_argument("file", help="a saved one-prompt fit (splatopt fit --out)")
+    p.add_argument("text", help="the edited text")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--freeze-steps", type=int, default=0, help="keep splats far from the edit fixed for these first steps")
+    p.add_argument("--local", action="store_true", help="keep splats far from the edit fixed throughout")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--record-every", type=int, default=2)
+    p.add_argument("--out", help="write the edited fit")
+    p.add_argument("--plot", help="write the re-fit's trajectory figure")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile, and save JSON")
     p.add_argument("--batch", type=int, default=4096)

@@ -118,3 +118,14 @@ def test_random_word_edits_never_give_nan_or_empty_sets(fitted, op, pos, k, fill
     assert s.mask.any()
     assert torch.isfinite(s.mu[s.mask]).all() and torch.isfinite(s.v[s.mask]).all()
     assert torch.isfinite(result.field_error).all()
+
+
+def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
+    from splatopt.cli import main
+
+    path = fitted.save(tmp_path / "run.safetensors")
+    plot = tmp_path / "edit.png"
+    code = main(["edit", str(path), TEXT.replace("new", "sorted"), "--steps", "5", "--device", "cpu",
+                 "--out", str(tmp_path / "edited.safetensors"), "--plot", str(plot), "--quiet"])
+    assert code == 0 and plot.is_file() and (tmp_path / "edited.safetensors").is_file()
+    assert "transported" in capsys.readouterr().out
