@@ -48,6 +48,7 @@ class FitResult:
     cosine: [B]. history: ``step`` [S] and per-prompt metrics [S, B] at recorded steps.
     trajectory: ``step`` [S], ``mu``/``sigma``/``weight`` [S, B, N] at recorded steps.
     seconds: wall time of the fit (inner loops and final metrics); encode_seconds: of the target.
+    skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
     """
 
     splats: SplatSet
@@ -65,6 +66,7 @@ class FitResult:
     input_texts: list[str] | None = None
     offsets: Tensor | None = None
     edit: dict | None = None
+    skipped_steps: Tensor | None = None
 
     def summary(self) -> dict:
         """Means over prompts, as plain floats."""
@@ -287,6 +289,7 @@ def fit(
         token_accuracy=per("token_accuracy") if decode is not None else None,
         field_error=per("field_error"), cosine=per("cosine"), history=history, trajectory=trajectory,
         seconds=seconds, encode_seconds=encode_s, config=config, input_texts=input_texts, offsets=offsets,
+        skipped_steps=per("skipped_steps").cpu(),
     )
 
 
@@ -300,10 +303,10 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
     for key in parts[0]:
         if key == "step":
             continue
-        tensors = parts_k = [p[key] for p in parts]
+        tensors = [p[key] for p in parts]
         if pad_splats:
-            N = max(t.shape[2] for t in parts_k)
-            tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in parts_k]
+            N = max(t.shape[2] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in tensors]
         out[key] = torch.cat(tensors, 1)[:, inverse.cpu()]
     return out
 

@@ -73,6 +73,7 @@ def test_varpro_fits_only_geometry_and_keeps_v_optimal(model, short_prompts):
 def test_history_and_trajectory_are_recorded(model, short_prompts):
     result = fit(short_prompts[:2], model, n_splats=0.5, steps=20, record_every=5, device="cpu", progress=False)
     assert result.history["step"].tolist() == [0, 5, 10, 15, 20]
+    assert result.skipped_steps.tolist() == [0, 0]
     assert result.history["token_accuracy"].shape == (5, 2)
     assert result.trajectory["mu"].shape == (5, 2, result.splats.capacity)
     assert torch.isnan(result.trajectory["mu"][:, ~result.splats.mask]).all()
