@@ -31,7 +31,8 @@ class InnerOptimizer:
     lr_v: per step, relative to the target's per-dimension RMS. mu_decay: the position learning
     rate decays log-linearly to ``lr_mu * mu_decay`` over the fit (3DGS). schedule: decay of the
     other groups (cosine to ``final_lr_factor``, linear, or constant). clip: per-prompt,
-    per-group gradient-norm clip (None: off).
+    per-group gradient-norm clip (None: off). warmup: steps of linear learning-rate warm-up (Adam's
+    first steps are full-size whatever the gradient: a warm start wants them small).
     """
 
     lr_mu: float = 0.1
@@ -46,6 +47,7 @@ class InnerOptimizer:
     eps: float = 1e-8
     eps_root: float = 1e-16
     clip: float | None = None
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -64,6 +66,8 @@ class InnerOptimizer:
         for name in ("eps", "eps_root"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+            raise ValueError(f"warmup={self.warmup!r} must be an int >= 0 (steps)")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be > 0 (or None: no clipping)")
 
@@ -76,8 +80,10 @@ class InnerOptimizer:
             factor = 1.0 - (1.0 - self.final_lr_factor) * frac
         else:
             factor = self.final_lr_factor + (1.0 - self.final_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        ramp = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        factor *= ramp
         return {
-            "mu": self.lr_mu * self.mu_decay**frac,
+            "mu": self.lr_mu * self.mu_decay**frac * ramp,
             "log_sigma": self.lr_log_sigma * factor,
             "weight_logit": self.lr_weight * factor,
             "v": self.lr_v * factor * v_scale,

@@ -347,3 +347,16 @@ def test_closed_form_v_on_rendered_coefficients_minimises_the_field_error():
     for k in range(5):
         nudged = v + 1e-2 * torch.randn(v.shape, generator=g, dtype=F64)
         assert (relative_mse(render(splats.with_params({"v": nudged}), L), target, tok) > best).all()
+
+
+def test_warmup_ramps_every_learning_rate_linearly():
+    from splatopt.optim import InnerOptimizer
+
+    opt = InnerOptimizer(warmup=4, schedule="constant", mu_decay=1.0)
+    scale = torch.ones(1, 1, 1)
+    first, later = opt.learning_rates(0, 100, scale), opt.learning_rates(10, 100, scale)
+    for k in ("mu", "log_sigma", "weight_logit"):
+        assert abs(first[k] - 0.25 * later[k]) < 1e-12
+    assert torch.allclose(first["v"], 0.25 * later["v"])
+    with pytest.raises(ValueError, match="warmup"):
+        InnerOptimizer(warmup=-1)
