@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .cache import MINILM_SAFETENSORS_SHA256, ModelFileError, cache_dir, minilm_dir, sha256_file
-from .corpus import load_corpus, load_text_file, sample_prompts, split_of
+from .corpus import load_corpus, load_corpus_spec, load_text_file, sample_prompts, split_of
 from .head import DecoderHead, HeadRecipe, RECIPES, find_or_train_head, token_accuracy, train_head
 from .model import FieldModel, TokenBatch, load_hf_encoder
 
@@ -23,7 +23,7 @@ DEFAULT_LAYER = 2
 
 __all__ = [
     "DEFAULT_LAYER", "DEFAULT_MODEL", "DecoderHead", "FieldModel", "HeadRecipe", "ModelFileError", "RECIPES",
-    "TokenBatch", "cache_dir", "find_or_train_head", "load", "load_corpus", "load_text_file", "sample_prompts",
+    "TokenBatch", "cache_dir", "find_or_train_head", "load", "load_corpus", "load_corpus_spec", "load_text_file", "sample_prompts",
     "split_of", "token_accuracy", "train_head",
 ]
 

@@ -30,8 +30,7 @@ def roundtrip_report(model, n: int, device, corpora: list[str], seed: int = 0) -
 
     rows = []
     for spec in corpora:
-        name, _, split = spec.partition(":")
-        texts = fixedpos.load_corpus(name, split or "validation")
+        texts = fixedpos.load_corpus_spec(spec)
         prompts = fixedpos.sample_prompts(model, texts, n, seed=seed)
         acc = fixedpos.token_accuracy(model, prompts, device=device)
         rows.append({"model": model.name, "layer": model.layer, "corpus": spec, **acc})

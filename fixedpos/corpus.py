@@ -140,6 +140,15 @@ def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
     raise ValueError(f"unknown corpus {name!r}: use 'stdlib', 'licenses', or a path to a .txt / .jsonl file")
 
 
+def load_corpus_spec(spec: str, default_split: str = "validation") -> list[str]:
+    """Passages of a corpus named as the command lines name it: ``stdlib:SPLIT`` (``stdlib`` alone means
+    ``default_split``), ``licenses``, or a ``.txt`` / ``.jsonl`` path."""
+    if Path(spec).is_file():
+        return load_text_file(spec)
+    name, _, split = spec.partition(":")
+    return load_corpus(name, split or default_split)
+
+
 def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, min_tokens: int = 8, seed: int = 0) -> list[str]:
     """Up to ``n`` prompts of ``min_tokens..max_tokens`` tokens cut from ``texts`` at word boundaries.
 

@@ -152,3 +152,11 @@ def test_sample_prompts_respects_small_token_budgets(minilm, stdlib_splits):
 def test_sample_prompts_returns_fewer_when_texts_run_out(minilm):
     texts = ["too short", "this passage is long enough to be a prompt of eight tokens or more"]
     assert fixedpos.sample_prompts(minilm, texts, 5) == [texts[1]]
+
+
+def test_load_corpus_spec_reads_the_command_line_names(tmp_path):
+    assert fixedpos.load_corpus_spec("stdlib:test") == fixedpos.load_corpus("stdlib", "test")
+    assert fixedpos.load_corpus_spec("stdlib") == fixedpos.load_corpus("stdlib", "validation")
+    path = tmp_path / "notes.txt"
+    path.write_text("one line\nanother line\n")
+    assert fixedpos.load_corpus_spec(str(path)) == ["one line", "another line"]
