@@ -5,6 +5,7 @@
     print(result.texts[0], result.token_accuracy)
 """
 
+from . import ablate
 from .edit import edit
 from .fit import FitResult, Targets, fit
 from .init import GridInit, Initializer, TokenInit, WarmStart, resolve_initializer
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FitResult", "GridInit", "Initializer", "InnerOptimizer", "KERNELS", "MODES", "Objective", "SplatSet",
-    "Targets", "TokenInit", "WarmStart", "adam_init", "edit", "adam_step", "closed_form_v", "decode_cross_entropy", "fit",
+    "Targets", "TokenInit", "WarmStart", "ablate", "adam_init", "edit", "adam_step", "closed_form_v", "decode_cross_entropy", "fit",
     "kernel_values", "mean_cosine", "objective_terms", "relative_mse", "render", "resolve_initializer",
     "splat_weights", "token_accuracy",
 ]

@@ -1,10 +1,11 @@
-"""``splatopt`` command line: fit, show, bench, demo."""
+"""``splatopt`` command line: fit, show, edit, bench, ablate, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -132,6 +133,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from splatopt import ablate
+
+    study = ablate.Study.load(args.study)
+    if args.dry_run:
+        print(study.describe())
+        if args.out:
+            done = {row["cell"] for row in ablate.read_rows(args.out)}
+            print(f"{args.out}: {sum(c.key in done for c in study.cells())} of these cells are done")
+        return 0
+    if not args.out:
+        raise ValueError("ablate: give --out DIR (results.jsonl, summary.md and summary.csv go there), or --dry-run")
+    ablate.run(study, args.out, progress=not args.quiet, device=_device(args.device), force=args.force)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'results.jsonl'}, summary.md, summary.csv")
+    return 0
+
+
 def cmd_demo(args) -> int:
     args.text, args.file, args.model, args.layer = [DEMO_TEXT], None, "minilm-l6", None
     args.splats, args.objective, args.init, args.optimizer = 0.25, "mse+ce", "grid", None
@@ -200,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="figures/data/bench")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablate", help="run a study (TOML): a grid of fit configurations x seeds, resumable")
+    p.add_argument("study", help="study file, e.g. figures/studies/kernel_mode.toml")
+    p.add_argument("--out", help="results folder: results.jsonl (a row per cell), summary.md, summary.csv; run again to resume")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and the number of cells, fit nothing")
+    p.add_argument("--force", action="store_true", help="run into a folder that holds another study's results")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="fit the built-in sample text with the embedded defaults and plot it")
     p.add_argument("--steps", type=int, default=300)

@@ -1,0 +1,491 @@
+"""Scripted ablation studies: a grid of fit configurations x seeds x prompt sets, resumable.
+
+A study is a TOML file:
+
+    corpus = "stdlib:test"   # fixedpos.load_corpus_spec: stdlib:SPLIT, licenses, or a .txt / .jsonl path
+    prompts = 512            # prompts per prompt set, min_tokens..max_tokens tokens each (default 8..64)
+    seeds = [0, 1, 2]        # the fit's seed; prompts are drawn with seed 0 for every seed,
+                             # or with the fit's seed if resample_prompts = true
+    prompt_sets = 1          # disjoint prompt sets; each (configuration, seed, set) is one row
+
+    [base]                   # any keyword of splatopt.fit, plus layer, model (fixedpos.load)
+    n_splats = 0.25          # and optimizer.* (InnerOptimizer fields)
+    optimizer.lr_mu = 0.2
+
+    [factors]                # the grid is the Cartesian product of the factors' levels
+    kernel = ["gaussian", "erf"]
+    optimizer.lr_v = [0.05, 0.1]
+
+    [factors.mobility]       # named levels: each level sets several settings at once
+    fixed = { optimizer.lr_mu = 0.0, optimizer.lr_log_sigma = 0.0 }
+    mobile = {}
+
+``run(study, out_dir)`` fits each cell (all prompts of a set in one batched ``splatopt.fit``) and
+appends its row to ``out_dir/results.jsonl``, flushed and fsynced, so a killed run loses at most
+the cell it was fitting; running it again resumes. ``summarize(rows)`` gives each configuration's
+mean and 95 % Student-t interval over its replicates (seeds x prompt sets).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import time
+import tomllib
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fit import fit
+from .optim import InnerOptimizer
+
+# fit's arguments that the runner itself sets (seed from `seeds`, device from the caller, optimizer
+# from the optimizer.* settings) or that a TOML file cannot hold (frozen is a tensor, for editing)
+RUNNER_ARGS = ("texts_or_fields", "seed", "device", "progress", "optimizer", "frozen", "frozen_steps")
+STUDY_KEYS = ("description", "corpus", "prompts", "max_tokens", "min_tokens", "prompt_sets", "seeds",
+              "resample_prompts", "base", "factors")
+DEFAULT_METRICS = ("token_accuracy", "field_error", "cosine", "seconds", "floats_per_token")
+
+
+def setting_names() -> list[str]:
+    """Names a study may set: splatopt.fit's keywords (but RUNNER_ARGS), layer, optimizer.<field>."""
+    fit_args = [name for name in inspect.signature(fit).parameters if name not in RUNNER_ARGS]
+    return fit_args + ["layer"] + [f"optimizer.{f.name}" for f in fields(InnerOptimizer)]
+
+
+def _flatten(table: dict, where: str) -> dict:
+    """Settings table -> flat dict ({"optimizer": {"lr_mu": 0.2}} -> {"optimizer.lr_mu": 0.2}), names checked."""
+    flat = {}
+    for key, value in table.items():
+        if key == "optimizer" and isinstance(value, dict):
+            flat.update({f"optimizer.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    for key in flat:
+        _check_name(key, where)
+    return flat
+
+
+def _check_name(key: str, where: str) -> None:
+    valid = setting_names()
+    if key not in valid:
+        raise ValueError(f"{where}: unknown setting {key!r}; valid settings are: {', '.join(valid)}")
+
+
+def _optimizer(settings: dict) -> InnerOptimizer:
+    return InnerOptimizer(**{k.removeprefix("optimizer."): v for k, v in settings.items() if k.startswith("optimizer.")})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fit of the grid. levels: factor -> level (value, or level name for named levels);
+    settings: the base overridden by the levels, flat; key: hash of everything that defines the fit."""
+
+    levels: dict
+    settings: dict
+    seed: int
+    prompt_set: int
+    prompt_seed: int
+    key: str
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file. base: flat settings; factors: name -> [(level, settings it sets)].
+
+    spec is the parsed TOML (what a resume compares); text is the source, copied to the output folder.
+    """
+
+    base: dict
+    factors: dict[str, list[tuple[Any, dict]]]
+    seeds: list[int]
+    corpus: str
+    prompts: int
+    max_tokens: int
+    min_tokens: int
+    prompt_sets: int
+    resample_prompts: bool
+    spec: dict
+    text: str
+    source: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> Study:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"study file {path} does not exist")
+        return cls.parse(path.read_text(encoding="utf-8"), source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<study>") -> Study:
+        """Read and check a study's TOML text; errors name ``source``, the key and the fix."""
+        try:
+            spec = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{source}: malformed TOML ({err}); see the example studies in figures/studies/") from None
+        unknown = sorted(set(spec) - set(STUDY_KEYS))
+        if unknown:
+            raise ValueError(f"{source}: unknown top-level key(s) {unknown}; a study has {', '.join(STUDY_KEYS)}")
+        for key in ("corpus", "prompts"):
+            if key not in spec:
+                raise ValueError(f'{source}: missing {key!r}; e.g. corpus = "stdlib:test" and prompts = 512')
+
+        def count(key: str, default: int, least: int) -> int:
+            value = spec.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{source}: {key} = {value!r} must be an integer >= {least}")
+            return value
+
+        seeds = spec.get("seeds", [0])
+        if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+            raise ValueError(f"{source}: seeds = {seeds!r} must be a non-empty list of integers, e.g. seeds = [0, 1, 2]")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{source}: seeds = {seeds} repeats a seed; each seed must appear once")
+        if not isinstance(spec["corpus"], str):
+            raise TypeError(f"{source}: corpus = {spec['corpus']!r} must be a string such as \"stdlib:test\"")
+        if not isinstance(spec.get("resample_prompts", False), bool):
+            raise TypeError(f"{source}: resample_prompts must be true or false")
+        base = _flatten(_table(spec, "base", source), f"{source} [base]")
+        factors = {}
+        for name, levels in _factor_tables(_table(spec, "factors", source)):
+            factors[name] = _levels(name, levels, f"{source} [factors]")
+        claimed: dict[str, str] = {}
+        for name, levels in factors.items():
+            for key in {k for _, settings in levels for k in settings}:
+                if key in claimed:
+                    raise ValueError(f"{source} [factors]: {name!r} and {claimed[key]!r} both set {key!r}; merge them into one factor")
+                claimed[key] = name
+        study = cls(
+            base=base, factors=factors, seeds=seeds, corpus=spec["corpus"], prompts=count("prompts", 0, 1),
+            max_tokens=count("max_tokens", 64, 2), min_tokens=count("min_tokens", 8, 1), prompt_sets=count("prompt_sets", 1, 1),
+            resample_prompts=spec.get("resample_prompts", False), spec=spec, text=text, source=source,
+        )
+        if study.min_tokens > study.max_tokens:
+            raise ValueError(f"{source}: min_tokens = {study.min_tokens} exceeds max_tokens = {study.max_tokens}")
+        for settings in study.configurations().values():
+            try:
+                _optimizer(settings)  # optimizer values are checked now, not after hours of fitting
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{source}: optimizer settings {settings}: {err}") from None
+        return study
+
+    def configurations(self) -> dict[str, dict]:
+        """Every configuration of the grid: JSON of its levels -> flat settings, in grid order."""
+        out = {}
+        for combo in itertools.product(*self.factors.values()):
+            levels = dict(zip(self.factors, (label for label, _ in combo)))
+            settings = dict(self.base)
+            for _, level_settings in combo:
+                settings.update(level_settings)
+            out[json.dumps(levels)] = settings
+        return out
+
+    def cells(self) -> list[Cell]:
+        """Every (configuration, seed, prompt set), in grid order."""
+        out = []
+        for levels_json, settings in self.configurations().items():
+            for seed, prompt_set in itertools.product(self.seeds, range(self.prompt_sets)):
+                prompt_seed = seed if self.resample_prompts else 0
+                identity = {"levels": json.loads(levels_json), "settings": settings, "seed": seed, "prompt_set": prompt_set,
+                            "prompt_seed": prompt_seed, "corpus": self.corpus, "prompts": self.prompts,
+                            "max_tokens": self.max_tokens, "min_tokens": self.min_tokens}
+                key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+                out.append(Cell(json.loads(levels_json), settings, seed, prompt_set, prompt_seed, key))
+        return out
+
+    def describe(self) -> str:
+        """The grid in words: factors, configurations and the number of cells (what --dry-run prints)."""
+        configs = self.configurations()
+        lines = [f"study {self.source}: corpus {self.corpus}, {self.prompts} prompts of "
+                 f"{self.min_tokens}..{self.max_tokens} tokens x {self.prompt_sets} prompt set(s), seeds {self.seeds}"
+                 + (" (prompts resampled per seed)" if self.resample_prompts else "")]
+        if self.spec.get("description"):
+            lines.append(str(self.spec["description"]))
+        lines.append("base: " + (", ".join(f"{k}={v!r}" for k, v in self.base.items()) or "fit's defaults"))
+        for name, levels in self.factors.items():
+            lines.append(f"factor {name}: " + ", ".join(str(label) for label, _ in levels))
+        for i, levels_json in enumerate(configs):
+            lines.append(f"  [{i}] " + (", ".join(f"{k}={v}" for k, v in json.loads(levels_json).items()) or "base"))
+        n_cells = len(configs) * len(self.seeds) * self.prompt_sets
+        lines.append(f"{n_cells} cells = {len(configs)} configurations x {len(self.seeds)} seeds x {self.prompt_sets} prompt set(s)")
+        return "\n".join(lines)
+
+
+def _table(spec: dict, key: str, source: str) -> dict:
+    value = spec.get(key, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"{source}: {key} must be a table ([{key}]), not {type(value).__name__}")
+    return value
+
+
+def _factor_tables(factors: dict):
+    """(name, levels) pairs; `optimizer.lr_mu = [...]` (parsed as a nested table) becomes 'optimizer.lr_mu'."""
+    for name, levels in factors.items():
+        if name == "optimizer" and isinstance(levels, dict):
+            yield from ((f"optimizer.{k}", v) for k, v in levels.items())
+        else:
+            yield name, levels
+
+
+def _levels(name: str, levels, where: str) -> list[tuple[Any, dict]]:
+    """[(level, settings)]: a list of values of setting ``name``, or a table of named levels."""
+    if isinstance(levels, list):
+        _check_name(name, where)
+        out = [(value, {name: value}) for value in levels]
+    elif isinstance(levels, dict):
+        out = []
+        for label, settings in levels.items():
+            if not isinstance(settings, dict):
+                raise TypeError(f"{where}: level {label!r} of {name!r} must be a table of settings, e.g. {label} = {{ kernel = \"erf\" }}")
+            out.append((label, _flatten(settings, f"{where} {name}.{label}")))
+    else:
+        raise TypeError(f"{where}: {name} = {levels!r} must be a list of levels or a table of named levels")
+    if not out:
+        raise ValueError(f"{where}: factor {name!r} has no levels; give at least one, e.g. {name} = [...]")
+    labels = [json.dumps(label) for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{where}: factor {name!r} repeats a level ({[label for label, _ in out]}); each level must appear once")
+    return out
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a results.jsonl (or of the results.jsonl in a folder); a truncated last line is dropped with a warning."""
+    path = Path(path)
+    return _read_results(path / "results.jsonl" if path.is_dir() else path)[0]
+
+
+def _read_results(path: Path) -> tuple[list[dict], int]:
+    """(rows, bytes of the file that hold whole rows). Only the last line may be cut short (a killed write)."""
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    body, newline, tail = data.rpartition(b"\n")  # tail: what follows the last newline
+    rows = []
+    for n, line in enumerate(body.split(b"\n") if newline else [], 1):
+        if line.strip():
+            rows.append(_parse_row(line, f"{path}:{n}"))
+    if not tail.strip():
+        return rows, len(data)
+    try:
+        rows.append(_parse_row(tail, f"{path}: last line"))
+        return rows, len(data)  # a whole row whose newline was not written: kept, run() adds the newline
+    except ValueError:
+        warnings.warn(f"{path}: dropping a truncated last line ({len(tail)} bytes); its cell runs again")
+        return rows, len(body) + len(newline)
+
+
+def _parse_row(line: bytes, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict) or "cell" not in row:
+        raise ValueError(f"{where} is not a result row; the file is damaged: move it away or delete that line")
+    return row
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _claim(out: Path, study: Study, force: bool) -> None:
+    """Copy the study to out/study.toml; refuse a folder holding another study's results unless ``force``."""
+    from fixedpos.cache import atomic_write_bytes
+
+    path = out / "study.toml"
+    if path.exists():
+        try:
+            previous = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError:
+            previous = None
+        if previous == study.spec:
+            return
+        if not force:
+            changed = sorted(k for k in set(study.spec) | set(previous or {}) if (previous or {}).get(k) != study.spec.get(k))
+            raise ValueError(
+                f"{out} holds results of a different study ({path} differs in {changed or 'its text'}); use another --out, "
+                "or pass --force (force=True) to run this study there: cells whose settings did not change are kept"
+            )
+    elif (out / "results.jsonl").exists() and not force:
+        raise ValueError(f"{out} holds results.jsonl but no study.toml: use another --out, or pass --force to add to it")
+    atomic_write_bytes(path, study.text.encode("utf-8"))
+
+
+def _prompt_sets(study: Study, model, prompt_seed: int) -> list[list[str]]:
+    """study.prompt_sets disjoint lists of study.prompts prompts, drawn with ``prompt_seed``."""
+    import fixedpos
+
+    wanted = study.prompts * study.prompt_sets
+    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(study.corpus), wanted, study.max_tokens,
+                                      study.min_tokens, seed=prompt_seed)
+    if len(prompts) < wanted:
+        raise ValueError(f"{study.source}: corpus {study.corpus} gives only {len(prompts)} prompts of {study.min_tokens}.."
+                         f"{study.max_tokens} tokens but prompts x prompt_sets = {wanted}; lower prompts or prompt_sets")
+    return [prompts[i * study.prompts : (i + 1) * study.prompts] for i in range(study.prompt_sets)]
+
+
+def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> dict:
+    """Fit one cell; its row: FitResult.summary() metrics, floats_per_token, and what defines the run."""
+    from . import __version__
+
+    kwargs = {k: v for k, v in cell.settings.items() if k not in ("layer", "model") and not k.startswith("optimizer.")}
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    try:
+        result = fit(prompts, model, optimizer=_optimizer(cell.settings), seed=cell.seed, device=device, progress=False, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"configuration {cell.levels} (settings {cell.settings}): {err}") from err
+    metrics = result.summary()
+    floats = getattr(result, "floats_per_token", None)
+    if floats is not None:
+        metrics.setdefault("floats_per_token", float(torch.as_tensor(floats, dtype=torch.float64).mean()))
+    run_device = torch.device(result.config.get("device", "cpu"))
+    return {
+        "cell": cell.key, "levels": cell.levels, "seed": cell.seed, "prompt_set": cell.prompt_set,
+        **metrics, "encode_seconds": round(result.encode_seconds, 3),
+        "settings": cell.settings, "config": result.config, "corpus": study.corpus, "prompt_seed": cell.prompt_seed,
+        "max_tokens": study.max_tokens, "min_tokens": study.min_tokens,
+        "splatopt": __version__, "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else platform.processor() or "cpu",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, device=None, force: bool = False) -> list[dict]:
+    """Run every cell of ``study`` not yet in ``out_dir/results.jsonl``; the rows of all its cells, in grid order.
+
+    Writes out_dir/study.toml, results.jsonl (a row per cell, appended and fsynced as each finishes),
+    summary.md and summary.csv. device: passed to fit (None: cuda if available). force: run into a
+    folder that holds another study; rows of cells that are unchanged are kept, others ignored.
+    """
+    from tqdm.auto import tqdm
+
+    import fixedpos
+
+    study = study if isinstance(study, Study) else Study.load(study)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another ablation run is writing to {out}; wait for it or use another --out") from None
+        _claim(out, study, force)
+        results = out / "results.jsonl"
+        rows, whole = _read_results(results)
+        if results.exists():
+            with results.open("r+b") as handle:
+                handle.truncate(whole)
+                if whole and handle.seek(whole - 1) is not None and handle.read(1) != b"\n":
+                    handle.write(b"\n")
+        done = {}
+        for row in rows:
+            done.setdefault(row["cell"], row)
+        cells = study.cells()
+        stale = len(set(done) - {c.key for c in cells})
+        if stale:
+            warnings.warn(f"{results}: {stale} row(s) belong to no cell of this study (an earlier study, --force); they are left out")
+        todo = [c for c in cells if c.key not in done]
+        prompt_cache: dict[tuple, list[list[str]]] = {}
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="ablate", unit="cell", disable=not progress)
+        for cell in todo:
+            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in cell.levels.items()) + f", seed {cell.seed}")
+            model = fixedpos.load(cell.settings.get("model", fixedpos.DEFAULT_MODEL), layer=cell.settings.get("layer"))
+            key = (model.name, cell.prompt_seed)
+            if key not in prompt_cache:
+                prompt_cache[key] = _prompt_sets(study, model, cell.prompt_seed)
+            row = _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device)
+            _append_row(results, row)
+            done[cell.key] = row
+            bar.update()
+        bar.close()
+        ordered = [done[c.key] for c in cells]
+        write_summary(ordered, out)
+    return ordered
+
+
+def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[dict]:
+    """A dict per configuration (rows with equal levels), first-seen order: its levels, ``n`` (rows:
+    seeds x prompt sets), and per metric ``<m>_mean`` and ``<m>_ci95``, the half-width of the 95 %
+    Student-t interval (None for one row). Rows without a metric (or with None) are left out of its
+    mean; metrics no row has are not reported."""
+    from scipy import stats
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(json.dumps(row["levels"], sort_keys=True), []).append(row)
+    present = [m for m in metrics if any(row.get(m) is not None for row in rows)]
+    out = []
+    for group in groups.values():
+        entry = {**group[0]["levels"], "n": len(group)}
+        for m in present:
+            values = [float(row[m]) for row in group if row.get(m) is not None]
+            n = len(values)
+            mean = sum(values) / n if n else None
+            if n > 1:
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+                ci = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+            else:
+                ci = None
+            entry[f"{m}_mean"], entry[f"{m}_ci95"] = mean, ci
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """The summary as a Markdown table: the levels, n, and "mean ± ci" per metric (n/a: one replicate)."""
+    if not summary:
+        return "(no rows)\n"
+    keys = list(summary[0])
+    factors = keys[: keys.index("n")]
+    metrics = [k.removesuffix("_mean") for k in keys if k.endswith("_mean")]
+
+    def cell(entry: dict, m: str) -> str:
+        mean, ci = entry[f"{m}_mean"], entry[f"{m}_ci95"]
+        if mean is None:
+            return "n/a"
+        return f"{mean:.4g} ± " + ("n/a" if ci is None else f"{ci:.2g}")
+
+    lines = ["| " + " | ".join(factors + ["n"] + metrics) + " |", "|" + "---|" * len(factors) + "---:|" * (1 + len(metrics))]
+    for entry in summary:
+        lines.append("| " + " | ".join([str(entry[f]) for f in factors] + [str(entry["n"])] + [cell(entry, m) for m in metrics]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
+    """Write out_dir/summary.md and summary.csv (empty CI: one replicate); return the Markdown table."""
+    from fixedpos.cache import atomic_write_bytes
+
+    summary = summarize(rows, metrics)
+    table = markdown_table(summary)
+    buffer = io.StringIO()
+    if summary:
+        writer = csv.DictWriter(buffer, fieldnames=list(summary[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(summary)
+    atomic_write_bytes(Path(out_dir) / "summary.md", table.encode("utf-8"))
+    atomic_write_bytes(Path(out_dir) / "summary.csv", buffer.getvalue().encode("utf-8"))
+    return table
+
+
+def to_dataframe(rows: list[dict]):
+    """The rows as a pandas DataFrame, levels as columns (pandas is optional: ImportError without it)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_dataframe needs pandas, which splatopt does not depend on: pip install pandas") from None
+    return pd.DataFrame([{**row["levels"], **{k: v for k, v in row.items() if k != "levels"}} for row in rows])
