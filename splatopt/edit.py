@@ -62,13 +62,15 @@ def transport(mu: Tensor, sigma: Tensor, script) -> tuple[Tensor, Tensor, Tensor
     new_mu, new_sigma = mu.clone(), sigma.clone()
     deleted = torch.zeros_like(mu, dtype=torch.bool)
     assigned = torch.zeros_like(deleted)
-    last = len(script) - 1
+    # pure insertions map no old positions; the first and last spans that do also take the splats
+    # that drifted past the text's ends (an insertion at either end must not leave them behind)
+    mapping = [k for k, (_, i1, i2, _, _) in enumerate(script) if i1 != i2]
+    first, last = (mapping[0], mapping[-1]) if mapping else (-1, -1)
     for k, (tag, i1, i2, j1, j2) in enumerate(script):
-        if i1 == i2:  # pure insertion: no old positions map through it
+        if i1 == i2:
             continue
         lo, hi = i1 - 0.5, i2 - 0.5
-        # the first and last spans also take splats that drifted past the text's ends
-        inside = ((mu >= lo) | (k == 0)) & ((mu < hi) | (k == last)) & ~assigned
+        inside = ((mu >= lo) | (k == first)) & ((mu < hi) | (k == last)) & ~assigned
         scale = (j2 - j1) / (i2 - i1)
         new_mu = torch.where(inside, (j1 - 0.5) + (mu - lo) * scale, new_mu)
         if tag == "delete":

@@ -129,3 +129,14 @@ def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
                  "--out", str(tmp_path / "edited.safetensors"), "--plot", str(plot), "--quiet"])
     assert code == 0 and plot.is_file() and (tmp_path / "edited.safetensors").is_file()
     assert "transported" in capsys.readouterr().out
+
+
+
+def test_transport_takes_splats_at_the_old_end_when_the_script_ends_with_an_insertion():
+    # delete [1, 2], keep [3, 4], append [5]: a splat on the old text's right edge (3.5) follows
+    # token 4 to the new right edge of the kept span (1.5), it is not left beyond the new text
+    script = edit_script([1, 2, 3, 4], [3, 4, 5])
+    assert script[-1][0] == "insert"
+    new_mu, _, deleted = transport(torch.tensor([3.5, -0.7]), torch.tensor([1.0, 1.0]), script)
+    assert new_mu[0].item() == pytest.approx(1.5) and not deleted[0]
+    assert deleted[1]  # drifted left of the text, into the deleted span
