@@ -97,7 +97,7 @@ def cmd_show(args) -> int:
 
 def cmd_edit(args) -> int:
     import splatopt
-    from splatopt.plot import save_figure, trajectory_figure
+    from splatopt.plot import edit_trajectory_figure, edit_trajectory_series, save_figure
 
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=args.local,
                            device=_device(args.device) if args.device != "auto" else None, record_every=args.record_every,
@@ -112,8 +112,11 @@ def cmd_edit(args) -> int:
     if args.plot:
         import fixedpos
 
+        from splatopt.fit import FitResult
+
         model = fixedpos.load(result.config["model"], layer=result.config["layer"])
-        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, 0, model, title="re-fit after edit"), args.plot))))
+        series = edit_trajectory_series(FitResult.load(args.file), result, model)
+        print("wrote " + ", ".join(map(str, save_figure(edit_trajectory_figure(series), args.plot))))
     return 0
 
 
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--record-every", type=int, default=2)
     p.add_argument("--out", help="write the edited fit")
-    p.add_argument("--plot", help="write the re-fit's trajectory figure")
+    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
 

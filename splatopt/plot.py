@@ -1,60 +1,58 @@
-"""Figures for papers: splat trajectories, target vs rendered fields, metric curves.
+"""Figures for papers: splat trajectories, edits, target vs rendered fields, metric curves.
 
-Sizes are for a two-column paper: ``COLUMN`` (3.4 in) for one column, ``PAGE`` (7.0 in) for both;
-fonts are 7-8 pt. ``save_figure`` writes every suffix asked for (PDF/SVG are vector, PNG at 300 dpi).
+Sizes are for a two-column paper: ``COLUMN`` (3.4 in) for one column, ``PAGE`` (7.0 in) for both.
+The house style (fonts 6.5-8 pt, thin lines, embedded TrueType) is the matplotlib style file
+``splatopt.mplstyle`` next to this module (``STYLE_FILE``); figures/ uses the same file.
+``save_figure`` writes every suffix asked for (PDF/SVG are vector, PNG at 300 dpi).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are files
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Polygon
 
 COLUMN = 3.4
 PAGE = 7.0
-STYLE = {
-    "font.size": 7.5,
-    "axes.titlesize": 8,
-    "axes.labelsize": 7.5,
-    "xtick.labelsize": 6.5,
-    "ytick.labelsize": 6.5,
-    "legend.fontsize": 6.5,
-    "axes.linewidth": 0.6,
-    "lines.linewidth": 0.9,
-    "xtick.major.width": 0.5,
-    "ytick.major.width": 0.5,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "pdf.fonttype": 42,  # embed TrueType: editable text in vector output
-    "svg.fonttype": "none",
-    "savefig.bbox": "tight",
-    "savefig.pad_inches": 0.02,
-}
+STYLE_FILE = Path(__file__).with_name("splatopt.mplstyle")
+# edit-script spans: what the old tokens lose (red) and the new text gains (orange)
+SPAN_COLORS = {"equal": "0.85", "delete": "tab:red", "insert": "tab:orange", "replace": "tab:purple"}
+SPAWNED_COLOR = "tab:orange"
+PRUNED_COLOR = "0.45"
 
 
 @contextmanager
 def house_style():
-    with plt.rc_context(STYLE):
+    """Apply ``splatopt.mplstyle`` to the figures made (and saved) inside the block."""
+    with plt.style.context(STYLE_FILE):
         yield
 
 
 def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> list[Path]:
-    """Save ``fig`` to ``path`` and, if given, to the same stem with each of ``formats`` (e.g. ["pdf", "png"])."""
+    """Save ``fig`` to ``path`` and, if given, to the same stem with each of ``formats`` (e.g. ["pdf", "png"]).
+
+    Saved inside the house style: font embedding, dpi (300) and tight bounding box are read at save time.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffixes = [path.suffix.lstrip(".") or "png"] + [f for f in (formats or []) if f != path.suffix.lstrip(".")]
     out = []
-    for suffix in suffixes:
-        target = path.with_suffix("." + suffix)
-        fig.savefig(target, dpi=300 if suffix == "png" else None, bbox_inches="tight", pad_inches=0.02)
-        out.append(target)
+    with house_style():
+        for suffix in suffixes:
+            target = path.with_suffix("." + suffix)
+            fig.savefig(target)
+            out.append(target)
     plt.close(fig)
     return out
 
@@ -89,24 +87,44 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
         fig, ax = plt.subplots(figsize=(width, height))
         colors = plt.cm.viridis(np.linspace(0.05, 0.9, max(int(active.sum()), 1)))
         for c, i in enumerate(np.flatnonzero(active)):
-            w = np.nan_to_num(weight[:, i])
-            alpha_line = 0.25 + 0.75 * float(w[-1])
-            lo, hi = mu[:, i] - sigma[:, i], mu[:, i] + sigma[:, i]
-            ax.fill_between(steps, lo, hi, color=colors[c], alpha=0.06 + 0.10 * float(w[-1]), lw=0)
-            for edge in (lo, hi):
-                ax.plot(steps, edge, color=colors[c], alpha=0.5 * alpha_line, lw=0.4, ls=(0, (2, 1.5)))
-            ax.plot(steps, mu[:, i], color=colors[c], alpha=alpha_line, lw=1.2)
+            _draw_splat(ax, steps, mu[:, i], sigma[:, i], weight[:, i], colors[c], i)
         ax.set_xlim(steps[0], steps[-1])
-        ax.set_ylim(L - 0.5, -0.5)  # first token on top, as text reads
-        ax.set_yticks(range(L))
-        ax.set_yticklabels(tokens, fontsize=max(4.0, min(6.5, 220 / max(L, 1))))
+        _token_axis(ax, tokens, L)
         ax.set_xlabel("inner step")
         ax.set_ylabel("position (token)")
         n = int(active.sum())
         acc = f", acc {float(result.token_accuracy[prompt]):.0%}" if result.token_accuracy is not None else ""
         ax.set_title(title or f"{n} splats, {L} tokens{acc}")
-        ax.grid(axis="y", lw=0.3, alpha=0.3)
     return fig
+
+
+def _draw_splat(ax, steps, mu, sigma, weight, color, slot: int, edges: bool = True, band: float = 1.0) -> None:
+    """One splat over steps [S]: its centre mu [S] as a line, a +-sigma band; opacity follows its last weight.
+
+    edges: dashed lines at mu +- sigma; band: scales the band's opacity (many wide splats wash out at 1).
+    The centre line's gid is ``"splat <slot>"`` (tests and SVG readers find splats by it).
+    """
+    w = float(np.nan_to_num(weight[np.isfinite(weight)][-1])) if np.isfinite(weight).any() else 0.0
+    alpha_line = 0.25 + 0.75 * w
+    lo, hi = mu - sigma, mu + sigma
+    ax.fill_between(steps, lo, hi, color=color, alpha=band * (0.06 + 0.10 * w), lw=0)
+    if edges:
+        for edge in (lo, hi):
+            ax.plot(steps, edge, color=color, alpha=0.5 * alpha_line, lw=0.4, ls=(0, (2, 1.5)))
+    ax.plot(steps, mu, color=color, alpha=alpha_line, lw=1.2, gid=f"splat {slot}")
+
+
+def _token_axis(ax, tokens: Sequence[str], L: int, right: bool = False) -> None:
+    """Positions 0..L-1 top to bottom (as text reads), labelled with ``tokens``; on the right side if asked."""
+    ax.set_ylim(L - 0.5, -0.5)
+    ax.set_yticks(range(len(tokens)))
+    ax.set_yticklabels(tokens, fontsize=max(4.0, min(6.5, 220 / max(L, 1))))
+    ax.tick_params(axis="y", length=1.5, pad=1.5)
+    if right:
+        ax.yaxis.tick_right()
+        ax.spines["right"].set_visible(True)
+        ax.spines["left"].set_visible(False)
+    ax.grid(axis="y", lw=0.3, alpha=0.3)
 
 
 def field_figure(target: torch.Tensor, rendered: torch.Tensor, tokens: Sequence[str] | None = None, dims: int = 64, width: float = PAGE):
@@ -128,6 +146,14 @@ def field_figure(target: torch.Tensor, rendered: torch.Tensor, tokens: Sequence[
     return fig
 
 
+def mean_ci95(values) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over prompts of values [S, B] and the half-width of its 95 % confidence interval, each [S]."""
+    values = np.asarray(values, dtype=float)
+    mean = values.mean(1)
+    half = 1.96 * values.std(1, ddof=1) / np.sqrt(values.shape[1]) if values.shape[1] > 1 else 0 * mean
+    return mean, half
+
+
 def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_accuracy", "field_error"), width: float = COLUMN):
     """Metric vs inner step, mean over prompts with a 95 % confidence band, one line per named run."""
     with house_style():
@@ -136,9 +162,7 @@ def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_a
             for label, hist in histories.items():
                 if metric not in hist:
                     continue
-                values = hist[metric].float().numpy()  # [S, B]
-                mean = values.mean(1)
-                half = 1.96 * values.std(1, ddof=1) / np.sqrt(values.shape[1]) if values.shape[1] > 1 else 0 * mean
+                mean, half = mean_ci95(hist[metric].float().numpy())
                 steps = hist["step"].numpy()
                 ax.plot(steps, mean, label=label)
                 ax.fill_between(steps, mean - half, mean + half, alpha=0.2, lw=0)
@@ -146,4 +170,189 @@ def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_a
             ax.grid(lw=0.3, alpha=0.4)
         axes[-1, 0].set_xlabel("inner step")
         axes[0, 0].legend(frameon=False)
+    return fig
+
+
+def _nan_to_none(values):
+    """Nested lists of floats with NaN as None, so that ``json.dumps`` writes valid JSON."""
+    if isinstance(values, list):
+        return [_nan_to_none(v) for v in values]
+    return None if isinstance(values, float) and math.isnan(values) else values
+
+
+def _splat_series(trajectory: dict[str, torch.Tensor], splats, step: int) -> dict:
+    """``step`` [S] and ``mu``/``sigma``/``weight`` [S][N] of prompt 0, from a recorded trajectory.
+
+    Without a recorded trajectory, the final splats alone, as one step at ``step``.
+    """
+    if trajectory.get("mu") is not None and len(trajectory["step"]):
+        columns = {k: trajectory[k][:, 0].float() for k in ("mu", "sigma", "weight")}
+        steps = trajectory["step"].tolist()
+    else:
+        s = splats.to("cpu")
+        hide = lambda t: torch.where(s.mask[0], t[0], torch.full_like(t[0], float("nan")))[None].float()
+        columns = {"mu": hide(s.mu), "sigma": hide(s.sigma), "weight": hide(s.weight)}
+        steps = [step]
+    return {"step": steps, **{k: _nan_to_none(v.tolist()) for k, v in columns.items()}}
+
+
+def edit_trajectory_series(before, after, model=None) -> dict:
+    """What :func:`edit_trajectory_figure` draws, as plain JSON-ready lists (NaN written as None).
+
+    before: the one-prompt FitResult that was edited (its recorded trajectory, else its final splats);
+    after: the FitResult ``splatopt.edit`` returned (its ``edit`` record and re-fit trajectory).
+    model: the field model, for token strings (else token ids).
+    Keys: old_text, new_text; old_tokens [L_old], new_tokens [L_new]; script: [tag, i1, i2, j1, j2]
+    (old tokens [i1, i2) became new tokens [j1, j2)); fit and refit: step [S] and mu, sigma, weight
+    [S][N] (positions and widths in tokens, weights in (0, 1)); warm: mu, sigma [N_new], the splats
+    right after the edit (transported and spawned, None where pruned); transported, pruned, spawned:
+    slot lists (an old slot keeps its index in the re-fit); accuracy_before, accuracy_after.
+    """
+    if getattr(after, "edit", None) is None:
+        raise ValueError("`after` has no edit record: pass the FitResult that splatopt.edit returned")
+    if before.mask.shape[0] != 1:
+        raise ValueError(f"`before` must be the one-prompt fit that was edited, not {before.mask.shape[0]} prompts")
+    warm = after.edit["warm_start"].to("cpu")
+    hide = lambda t: torch.where(warm.mask[0], t[0], torch.full_like(t[0], float("nan"))).float().tolist()
+    accuracy = lambda r: float(r.token_accuracy[0]) if r.token_accuracy is not None else None
+    return {
+        "old_text": after.edit["old_text"],
+        "new_text": after.input_texts[0] if after.input_texts else None,
+        "old_tokens": _tokens(before, 0, model),
+        "new_tokens": _tokens(after, 0, model),
+        "script": [list(op) for op in after.edit["script"]],
+        "fit": _splat_series(before.trajectory, before.splats, int(before.config.get("steps", 0))),
+        "warm": {"mu": _nan_to_none(hide(warm.mu)), "sigma": _nan_to_none(hide(warm.sigma))},
+        "refit": _splat_series(after.trajectory, after.splats, int(after.config.get("steps", 0))),
+        "transported": list(after.edit["transported"]),
+        "pruned": list(after.edit["pruned"]),
+        "spawned": list(after.edit["spawned"]),
+        "accuracy_before": accuracy(before),
+        "accuracy_after": accuracy(after),
+    }
+
+
+def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | None = None):
+    """A fit, the edit's transport jump, and the re-fit, as three panels sharing the position axis.
+
+    series: from :func:`edit_trajectory_series` (or its JSON). Left: splat centres (lines, +-sigma
+    bands) over the fit, positions labelled by the old tokens, deleted spans shaded red. Middle: the
+    edit script's position map (grey for kept spans, red deleted, orange inserted, purple replaced)
+    and each old splat's jump from its last fitted position to its transported one; pruned splats
+    end in a cross, spawned splats start with a star. Right: the re-fit, labelled by the new tokens,
+    inserted spans shaded orange. A transported splat keeps its colour across the three panels.
+    """
+    arr = lambda x: np.asarray(x, dtype=float)
+    fit, refit = series["fit"], series["refit"]
+    f_steps, f_mu, f_sigma, f_w = (arr(fit[k]) for k in ("step", "mu", "sigma", "weight"))
+    r_steps, r_mu, r_sigma, r_w = (arr(refit[k]) for k in ("step", "mu", "sigma", "weight"))
+    warm_mu = arr(series["warm"]["mu"])
+    old_tokens, new_tokens = series["old_tokens"], series["new_tokens"]
+    L = max(len(old_tokens), len(new_tokens))
+    transported, pruned, spawned = series["transported"], series["pruned"], series["spawned"]
+    height = height or max(2.4, min(0.1 * L + 1.1, 9.0))
+    with house_style():
+        fig, (ax_fit, ax_edit, ax_refit) = plt.subplots(
+            1, 3, figsize=(width, height), gridspec_kw={"width_ratios": [4, 1.2, 4], "wspace": 0.08})
+        for tag, i1, i2, j1, j2 in series["script"]:
+            corners = [(0, i1 - 0.5), (0, i2 - 0.5), (1, j2 - 0.5), (1, j1 - 0.5)]
+            ax_edit.add_patch(Polygon(corners, closed=True, color=SPAN_COLORS[tag], alpha=0.25 if tag != "equal" else 0.35, lw=0))
+            if tag in ("delete", "replace"):
+                ax_fit.axhspan(i1 - 0.5, i2 - 0.5, color=SPAN_COLORS[tag], alpha=0.12, lw=0)
+            if tag in ("insert", "replace"):
+                ax_refit.axhspan(j1 - 0.5, j2 - 0.5, color=SPAN_COLORS[tag], alpha=0.12, lw=0)
+        colors = dict(zip(transported, plt.cm.viridis(np.linspace(0.05, 0.9, max(len(transported), 1)))))
+        for slot in transported:
+            _draw_splat(ax_fit, f_steps, f_mu[:, slot], f_sigma[:, slot], f_w[:, slot], colors[slot], slot, edges=False, band=0.5)
+            ax_edit.plot([0, 1], [f_mu[-1, slot], warm_mu[slot]], color=colors[slot], lw=1.2, gid=f"transport {slot}")
+            _draw_splat(ax_refit, r_steps, r_mu[:, slot], r_sigma[:, slot], r_w[:, slot], colors[slot], slot, edges=False, band=0.5)
+        for slot in pruned:
+            _draw_splat(ax_fit, f_steps, f_mu[:, slot], f_sigma[:, slot], f_w[:, slot], PRUNED_COLOR, slot, edges=False, band=0.5)
+            ax_fit.plot([f_steps[-1]], [f_mu[-1, slot]], marker="x", ms=5, mew=1.2, color=PRUNED_COLOR, clip_on=False,
+                        gid=f"pruned {slot}")
+        for slot in spawned:
+            ax_refit.plot([r_steps[0]], [warm_mu[slot]], marker="*", ms=7, color=SPAWNED_COLOR, clip_on=False, zorder=5,
+                          gid=f"spawned {slot}")
+            _draw_splat(ax_refit, r_steps, r_mu[:, slot], r_sigma[:, slot], r_w[:, slot], SPAWNED_COLOR, slot, edges=False, band=0.5)
+
+        ax_fit.set_xlim(f_steps[0], f_steps[-1])
+        ax_refit.set_xlim(r_steps[0], r_steps[-1])
+        _token_axis(ax_fit, old_tokens, L)
+        _token_axis(ax_refit, new_tokens, L, right=True)
+        ax_edit.set_xlim(0, 1)
+        ax_edit.set_ylim(L - 0.5, -0.5)
+        ax_edit.set_xticks([])
+        ax_edit.set_yticks([])
+        ax_edit.spines["left"].set_visible(False)
+        ax_fit.set_xlabel("fit step")
+        ax_edit.set_xlabel("transport")
+        ax_refit.set_xlabel("re-fit step")
+        ax_fit.set_ylabel("position (old tokens)")
+        ax_refit.set_ylabel("position (new tokens)", rotation=270, labelpad=9)
+        ax_refit.yaxis.set_label_position("right")
+        fig.align_xlabels([ax_fit, ax_edit, ax_refit])
+        acc = lambda key: f", acc {series[key]:.0%}" if series.get(key) is not None else ""
+        ax_fit.set_title(f"fit: {len(transported) + len(pruned)} splats, {len(old_tokens)} tokens{acc('accuracy_before')}")
+        ax_edit.set_title("edit")
+        ax_refit.set_title(f"re-fit: {len(transported) + len(spawned)} splats, {len(new_tokens)} tokens{acc('accuracy_after')}")
+        handles = [
+            Line2D([], [], color=plt.cm.viridis(0.5), lw=1.2, label=f"transported ({len(transported)})"),
+            Line2D([], [], color=PRUNED_COLOR, lw=1.2, marker="x", label=f"pruned ({len(pruned)})"),
+            Line2D([], [], color=SPAWNED_COLOR, lw=1.2, marker="*", ms=6, label=f"spawned ({len(spawned)})"),
+            Patch(color=SPAN_COLORS["delete"], alpha=0.25, label="deleted span"),
+            Patch(color=SPAN_COLORS["insert"], alpha=0.25, label="inserted span"),
+        ]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles))
+    return fig
+
+
+def recovery_figure(
+    edit_tokens: Sequence[int],
+    steps_to_recover: Sequence[int | None],
+    max_steps: int,
+    ops: Sequence[str] | None = None,
+    bins: Sequence[int] = (1, 2, 3, 4, 5, 7, 10),
+    width: float = COLUMN,
+    height: float = 2.1,
+):
+    """Re-fit steps each edited prompt needed to reach its cold fit's accuracy, against the edit's size.
+
+    edit_tokens: [P] tokens touched by each edit; steps_to_recover: [P] steps, None where the re-fit
+    did not get there within ``max_steps``; those sit in a separate top row ("not recovered"). ops: [P] edit kinds
+    ("insert", "delete", "replace") colour the points. bins: left edges of the edit-size groups on
+    the x axis; the share of prompts recovered in each group, and its size n, are written above it.
+    """
+    sizes = np.asarray(edit_tokens, dtype=int)
+    steps = np.array([np.nan if s is None else s for s in steps_to_recover], dtype=float)
+    if sizes.shape != steps.shape:
+        raise ValueError(f"{len(sizes)} edit sizes but {len(steps)} recovery steps")
+    if (sizes < bins[0]).any():
+        raise ValueError(f"edit sizes below the first bin ({bins[0]}): {sorted(set(sizes[sizes < bins[0]].tolist()))}")
+    group = np.searchsorted(np.asarray(bins), sizes, side="right") - 1
+    labels = [str(lo) if hi - lo == 1 else f"{lo}–{hi - 1}" for lo, hi in itertools.pairwise(bins)] + [f"≥{bins[-1]}"]
+    failed_row = max_steps * 1.18
+    y = np.where(np.isnan(steps), failed_row, steps)
+    x = group + np.random.default_rng(0).uniform(-0.3, 0.3, len(sizes))
+    kinds = np.asarray(ops) if ops is not None else np.full(len(sizes), "edit")
+    op_colors = {"insert": "tab:orange", "delete": "tab:red", "replace": "tab:purple", "edit": "tab:blue"}
+    with house_style():
+        fig, ax = plt.subplots(figsize=(width, height))
+        for kind in dict.fromkeys(kinds.tolist()):
+            pick = kinds == kind
+            ax.scatter(x[pick], y[pick], s=5, lw=0, alpha=0.6, color=op_colors.get(kind), label=kind, gid=f"edits {kind}")
+        for g in range(len(labels)):
+            members = group == g
+            if members.any():
+                ax.text(g, failed_row + max_steps * 0.09, f"{np.isfinite(steps[members]).mean():.0%}\nn={members.sum()}",
+                        ha="center", va="bottom", fontsize=5.5, color="0.3", linespacing=1.0)
+        ax.axhline((max_steps + failed_row) / 2, color="0.6", lw=0.5, ls=":")
+        ticks = [t for t in ax.get_yticks() if 0 <= t <= max_steps]
+        ax.set_yticks(ticks + [failed_row], [f"{t:g}" for t in ticks] + ["not\nrecovered"])
+        ax.set_ylim(-max_steps * 0.04, failed_row + max_steps * 0.3)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        ax.set_xlabel("edit size (tokens)")
+        ax.set_ylabel("re-fit steps to recover")
+        if ops is not None:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handletextpad=0.1, markerscale=2)
     return fig

@@ -1,0 +1,104 @@
+"""Smoke tests of the paper figures: small synthetic input, the right number of lines and points."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from splatopt.plot import (
+    STYLE_FILE,
+    curves_figure,
+    edit_trajectory_figure,
+    house_style,
+    mean_ci95,
+    recovery_figure,
+    save_figure,
+)
+
+
+def _lines(ax, prefix: str) -> list:
+    return [line for line in ax.lines if (line.get_gid() or "").startswith(prefix)]
+
+
+def _edit_series(steps: int = 4) -> dict:
+    """An old text of 6 tokens with 3 splats; tokens 2-3 deleted (slot 1 pruned), 2 tokens inserted at 5 (slot 3 spawned)."""
+    nan = None
+    fit_mu = [[0.5 + 0.1 * s, 2.5, 4.5 - 0.1 * s] for s in range(steps)]
+    refit_mu = [[0.6, nan, 2.6, 4.0 + 0.1 * s] for s in range(steps)]
+    ones = lambda rows: [[None if m is None else 1.0 for m in row] for row in rows]
+    return {
+        "old_tokens": list("abcdef"), "new_tokens": list("abefXY"),
+        "script": [["equal", 0, 2, 0, 2], ["delete", 2, 4, 2, 2], ["equal", 4, 6, 2, 4], ["insert", 6, 6, 4, 6]],
+        "fit": {"step": list(range(0, 10 * steps, 10)), "mu": fit_mu, "sigma": ones(fit_mu), "weight": ones(fit_mu)},
+        "warm": {"mu": [0.8, nan, 2.2, 4.5], "sigma": [1.0, nan, 1.0, 1.0]},
+        "refit": {"step": list(range(steps)), "mu": refit_mu, "sigma": ones(refit_mu), "weight": ones(refit_mu)},
+        "transported": [0, 2], "pruned": [1], "spawned": [3], "accuracy_before": 1.0, "accuracy_after": 0.5,
+    }
+
+
+def test_style_file_is_the_house_style():
+    assert STYLE_FILE.is_file()
+    import matplotlib.pyplot as plt
+
+    with house_style():
+        assert plt.rcParams["pdf.fonttype"] == 42 and plt.rcParams["savefig.dpi"] == 300
+    assert STYLE_FILE.read_text() == (STYLE_FILE.parents[1] / "figures" / "splatopt.mplstyle").read_text()
+
+
+def test_edit_trajectory_figure_draws_each_splat_and_each_jump(tmp_path):
+    series = json.loads(json.dumps(_edit_series()))  # what the figure script reads: NaN written as null
+    fig = edit_trajectory_figure(series)
+    ax_fit, ax_edit, ax_refit = fig.axes
+    assert sorted(line.get_gid() for line in _lines(ax_fit, "splat")) == ["splat 0", "splat 1", "splat 2"]
+    assert sorted(line.get_gid() for line in _lines(ax_refit, "splat")) == ["splat 0", "splat 2", "splat 3"]
+    jumps = _lines(ax_edit, "transport")
+    assert len(jumps) == 2
+    # each jump runs from the splat's last fitted centre to its transported centre
+    assert {tuple(line.get_ydata()) for line in jumps} == {(0.5 + 0.1 * 3, 0.8), (4.5 - 0.1 * 3, 2.2)}
+    assert len(_lines(ax_fit, "pruned")) == 1 and len(_lines(ax_refit, "spawned")) == 1
+    assert len(ax_edit.patches) == 4  # one polygon per edit-script span
+    paths = save_figure(fig, tmp_path / "edit.png", ["pdf"])
+    assert all(p.stat().st_size > 2000 for p in paths)
+
+
+def test_edit_trajectory_series_from_a_real_edit_round_trips_through_json(model):
+    import splatopt
+    from splatopt.plot import edit_trajectory_series
+
+    text = "Return the sum of a and b, rounded down."
+    before = splatopt.fit(text, model, n_splats=0.5, steps=4, record_every=2, device="cpu", progress=False)
+    after = splatopt.edit(before, text.replace("the sum", "the exact integer sum"), model=model, steps=3, record_every=1,
+                          progress=False)
+    series = json.loads(json.dumps(edit_trajectory_series(before, after, model)))
+    assert series["fit"]["step"] == [0, 2, 4] and series["refit"]["step"] == [0, 1, 2, 3]
+    assert len(series["old_tokens"]) == int(before.mask.sum()) and len(series["new_tokens"]) == int(after.mask.sum())
+    assert series["spawned"] and len(series["warm"]["mu"]) == len(series["refit"]["mu"][0])
+    fig = edit_trajectory_figure(series)
+    assert len(_lines(fig.axes[1], "transport")) == len(series["transported"])
+    with pytest.raises(ValueError, match="edit record"):
+        edit_trajectory_series(before, before)
+
+
+def test_recovery_figure_has_one_point_per_prompt():
+    sizes = [1, 1, 2, 3, 4, 5, 8, 12, 27]
+    steps = [0, 20, None, 35, 60, None, 15, 40, None]
+    ops = ["insert", "delete", "replace"] * 3
+    fig = recovery_figure(sizes, steps, 60, ops=ops)
+    ax = fig.axes[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(points) == len(sizes)
+    assert (points[:, 1] > 60).sum() == 3  # the unrecovered row
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3", "4", "5–6", "7–9", "≥10"]
+    with pytest.raises(ValueError, match="edit sizes"):
+        recovery_figure([1, 2], [3], 60)
+
+
+def test_mean_ci95_and_curves_figure():
+    values = np.array([[0.0, 1.0], [1.0, 1.0]])
+    mean, half = mean_ci95(values)
+    np.testing.assert_allclose(mean, [0.5, 1.0])
+    np.testing.assert_allclose(half, [1.96 * np.sqrt(0.5) / np.sqrt(2), 0.0])
+    hist = {"step": torch.tensor([0, 5]), "token_accuracy": torch.tensor(values)}
+    fig = curves_figure({"a": hist, "b": hist}, metrics=("token_accuracy",))
+    assert len(fig.axes[0].lines) == 2
