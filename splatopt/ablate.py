@@ -59,7 +59,10 @@ DEFAULT_METRICS = ("token_accuracy", "field_error", "cosine", "seconds", "floats
 
 
 def setting_names() -> list[str]:
-    """Names a study may set: splatopt.fit's keywords (but RUNNER_ARGS), layer, optimizer.<field>."""
+    """Names a study may set: splatopt.fit's keywords (but RUNNER_ARGS), layer, optimizer.<field>.
+
+    ``model`` and ``layer`` name the field model, ``fixedpos.load(model, layer=layer)``.
+    """
     fit_args = [name for name in inspect.signature(fit).parameters if name not in RUNNER_ARGS]
     return fit_args + ["layer"] + [f"optimizer.{f.name}" for f in fields(InnerOptimizer)]
 
@@ -295,11 +298,14 @@ def _parse_row(line: bytes, where: str) -> dict:
     return row
 
 
-def _append_row(path: Path, row: dict) -> None:
+def _append_row(path: Path, row: dict) -> dict:
+    """Append ``row`` as one line, flushed and fsynced; return it as a resume would read it back."""
+    line = json.dumps(row, default=str)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, default=str) + "\n")
+        handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    return json.loads(line)
 
 
 def _claim(out: Path, study: Study, force: bool) -> None:
@@ -339,12 +345,14 @@ def _prompt_sets(study: Study, model, prompt_seed: int) -> list[list[str]]:
 
 
 def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> dict:
-    """Fit one cell; its row: FitResult.summary() metrics, floats_per_token, and what defines the run."""
+    """Fit one cell: its row (see ``run``)."""
     from . import __version__
 
     kwargs = {k: v for k, v in cell.settings.items() if k not in ("layer", "model") and not k.startswith("optimizer.")}
-    if isinstance(kwargs.get("dtype"), str):
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    if "dtype" in kwargs:  # TOML names a dtype: "bfloat16"
+        kwargs["dtype"] = getattr(torch, str(kwargs["dtype"]), None)
+        if not isinstance(kwargs["dtype"], torch.dtype):
+            raise ValueError(f"dtype = {cell.settings['dtype']!r} is not a torch dtype; write e.g. \"float32\" or \"bfloat16\"")
     try:
         result = fit(prompts, model, optimizer=_optimizer(cell.settings), seed=cell.seed, device=device, progress=False, **kwargs)
     except (TypeError, ValueError) as err:
@@ -371,6 +379,13 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     Writes out_dir/study.toml, results.jsonl (a row per cell, appended and fsynced as each finishes),
     summary.md and summary.csv. device: passed to fit (None: cuda if available). force: run into a
     folder that holds another study; rows of cells that are unchanged are kept, others ignored.
+
+    A row: ``cell`` (key), ``levels`` (factor -> level), ``seed``, ``prompt_set``; every entry of
+    ``FitResult.summary()`` (means over the set's prompts: token_accuracy and field_error as
+    fractions, cosine, seconds of fitting, encode_seconds, prompts, tokens, splats...) and
+    floats_per_token where the result has it; ``settings`` (the study's), ``config`` (fit's
+    resolved configuration), corpus, prompt_seed, max_tokens, min_tokens, splatopt and torch
+    versions, device_name, and the ``finished`` time.
     """
     from tqdm.auto import tqdm
 
@@ -390,7 +405,8 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
         if results.exists():
             with results.open("r+b") as handle:
                 handle.truncate(whole)
-                if whole and handle.seek(whole - 1) is not None and handle.read(1) != b"\n":
+                handle.seek(max(whole - 1, 0))
+                if whole and handle.read(1) != b"\n":
                     handle.write(b"\n")
         done = {}
         for row in rows:
@@ -408,9 +424,7 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
             key = (model.name, cell.prompt_seed)
             if key not in prompt_cache:
                 prompt_cache[key] = _prompt_sets(study, model, cell.prompt_seed)
-            row = _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device)
-            _append_row(results, row)
-            done[cell.key] = row
+            done[cell.key] = _append_row(results, _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device))
             bar.update()
         bar.close()
         ordered = [done[c.key] for c in cells]

@@ -1,0 +1,256 @@
+"""Ablation runner: study files and their errors, the grid, kill-and-resume, and the summary's numbers."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fixedpos
+from splatopt import ablate
+from splatopt.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the issue's acceptance study: 2 factors x 2 levels x 2 seeds on 16 prompts, small enough for a CPU
+STUDY = """
+corpus = "{corpus}"
+prompts = 16
+max_tokens = 16
+seeds = [0, 1]
+resample_prompts = true
+
+[base]
+n_splats = 0.25
+steps = 5
+objective = "mse"
+record_every = 0
+
+[factors]
+kernel = ["gaussian", "erf"]
+mode = ["additive", "normalized"]
+"""
+
+T_975_1 = 12.706204736174707  # Student t, 97.5 % quantile, 1 degree of freedom (two replicates)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(model, tmp_path_factory):
+    """40 short test-split prompts as a .txt corpus (a subprocess then need not parse the stdlib)."""
+    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus("stdlib", "test"), 40, max_tokens=16, seed=3)
+    path = tmp_path_factory.mktemp("corpus") / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def write_study(folder: Path, text: str) -> Path:
+    path = folder / "study.toml"
+    path.write_text(text)
+    return path
+
+
+def test_killed_study_resumes_without_lost_or_duplicated_rows(tmp_path, corpus_file):
+    study_path = write_study(tmp_path, STUDY.format(corpus=corpus_file))
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "splatopt.cli", "ablate", str(study_path), "--out", str(out),
+                             "--device", "cpu", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 180
+    while not (results.exists() and b"\n" in results.read_bytes()):
+        assert proc.poll() is None, f"ablate exited early: {(tmp_path / 'stderr.txt').read_text()}"
+        assert time.monotonic() < deadline, "no row within 180 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = results.read_bytes()
+    whole = before[: before.rfind(b"\n") + 1]
+    assert 1 <= whole.count(b"\n") < 8, "the kill should land mid-way"
+    with results.open("ab") as handle:  # what a kill during a write leaves
+        handle.write(b'{"cell": "0123", "levels": {"ker')
+
+    with pytest.warns(UserWarning, match="truncated last line"):
+        rows = ablate.run(study_path, out, progress=False, device="cpu")
+    after = results.read_bytes()
+    assert after.startswith(whole), "rows finished before the kill changed"
+    study = ablate.Study.load(study_path)
+    grid = [cell.key for cell in study.cells()]
+    in_file = [json.loads(line)["cell"] for line in after.splitlines()]
+    assert len(grid) == 8 and sorted(in_file) == sorted(grid), "every cell exactly once"
+    assert [row["cell"] for row in rows] == grid
+    assert {(row["seed"], json.dumps(row["levels"])) for row in rows} == {
+        (seed, json.dumps({"kernel": k, "mode": m})) for seed in (0, 1) for k in ("gaussian", "erf")
+        for m in ("additive", "normalized")}
+    assert all(row["prompts"] == 16 and row["corpus"] == str(corpus_file) and row["torch"] and row["splatopt"]
+               and row["config"]["steps"] == 5 for row in rows)
+
+    rerun = ablate.run(study_path, out, progress=False, device="cpu")  # finished: nothing to fit
+    assert [row["cell"] for row in rerun] == grid and results.read_bytes() == after
+
+    # the summary, against a hand computation from the rows
+    summary = ablate.summarize(rows)
+    metrics = [m for m in ablate.DEFAULT_METRICS if m in rows[0]]
+    assert {"token_accuracy", "field_error", "cosine", "seconds"} <= set(metrics)
+    assert [(e["kernel"], e["mode"]) for e in summary] == [("gaussian", "additive"), ("gaussian", "normalized"),
+                                                          ("erf", "additive"), ("erf", "normalized")]
+    for entry in summary:
+        a, b = (row for row in rows if row["levels"] == {"kernel": entry["kernel"], "mode": entry["mode"]})
+        assert entry["n"] == 2
+        for m in metrics:
+            assert entry[f"{m}_mean"] == pytest.approx((a[m] + b[m]) / 2)
+            # sd of two values is |a - b| / sqrt(2); the interval is t * sd / sqrt(2)
+            assert entry[f"{m}_ci95"] == pytest.approx(T_975_1 * abs(a[m] - b[m]) / 2)
+    assert any(e["token_accuracy_ci95"] > 0 for e in summary), "seeds resample the prompts: replicates differ"
+    markdown = (out / "summary.md").read_text()
+    assert markdown == ablate.markdown_table(summary)
+    first = summary[0]
+    assert (f"| gaussian | additive | 2 | {first['token_accuracy_mean']:.4g} ± {first['token_accuracy_ci95']:.2g} |"
+            in markdown)
+    with (out / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["kernel"], r["mode"], int(r["n"])) for r in table] == [(e["kernel"], e["mode"], 2) for e in summary]
+    assert [float(r["cosine_ci95"]) for r in table] == pytest.approx([e["cosine_ci95"] for e in summary])
+    assert (out / "study.toml").read_text() == study_path.read_text()
+
+
+def test_study_files_name_settings_by_fit_keywords_layer_and_optimizer_fields():
+    text = """
+corpus = "stdlib:test"
+prompts = 4
+seeds = [0, 1]
+[base]
+steps = 3
+optimizer.lr_mu = 0.2
+[factors]
+"optimizer.lr_v" = [0.05, 0.1]
+[factors.mobility]
+fixed = { optimizer.lr_mu = 0.0, optimizer.lr_log_sigma = 0.0 }
+mobile = {}
+"""
+    study = ablate.Study.parse(text)
+    assert study.base == {"steps": 3, "optimizer.lr_mu": 0.2}
+    nested = ablate.Study.parse(text.replace('"optimizer.lr_v"', "optimizer.lr_v"))
+    assert [c.key for c in nested.cells()] == [c.key for c in study.cells()]
+    cells = study.cells()
+    assert len(cells) == 2 * 2 * 2 and len({c.key for c in cells}) == 8
+    fixed = next(c for c in cells if c.levels == {"optimizer.lr_v": 0.1, "mobility": "fixed"})
+    assert fixed.settings == {"steps": 3, "optimizer.lr_mu": 0.0, "optimizer.lr_v": 0.1, "optimizer.lr_log_sigma": 0.0}
+    mobile = next(c for c in cells if c.levels == {"optimizer.lr_v": 0.1, "mobility": "mobile"})
+    assert mobile.settings["optimizer.lr_mu"] == 0.2
+    assert {c.prompt_seed for c in cells} == {0}, "without resample_prompts every seed fits the same prompts"
+    changed = ablate.Study.parse(text.replace("steps = 3", "steps = 4"))
+    assert not {c.key for c in changed.cells()} & {c.key for c in cells}, "a changed base is a new cell"
+    assert "layer" in ablate.setting_names() and "optimizer.warmup" in ablate.setting_names()
+    assert "seed" not in ablate.setting_names(), "seeds come from the study's seeds list"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]', r"unknown setting 'kernal'.*valid settings are: .*kernel"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.lr_muu = [0.1]', r"unknown setting 'optimizer.lr_muu'.*optimizer.lr_mu"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = []', r"factor 'kernel' has no levels"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = ["erf", "erf"]', r"repeats a level"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors\nkernel = ["erf"]', r"malformed TOML"),
+    ('prompts = 4', r"missing 'corpus'"),
+    ('corpus = "stdlib:test"\nprompts = 0', r"prompts = 0 must be an integer >= 1"),
+    ('corpus = "stdlib:test"\nprompts = 4\nseeds = []', r"seeds = \[\] must be a non-empty list"),
+    ('corpus = "stdlib:test"\nprompts = 4\nsteps = 3', r"unknown top-level key\(s\) \['steps'\]"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[base]\noptimizer.lr_mu = -1.0', r"lr_mu=-1.0 must be a finite number >= 0"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nsteps = [1, 2]\n[factors.budget]\nsmall = { steps = 1 }',
+     r"'budget' and 'steps' both set 'steps'|'steps' and 'budget' both set 'steps'"),
+])
+def test_bad_studies_are_refused_with_the_key_and_the_fix(text, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ablate.Study.parse(text, source="bad.toml")
+
+
+def test_the_cli_reports_a_bad_study_without_a_traceback(tmp_path, capsys):
+    path = write_study(tmp_path, 'corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]\n')
+    assert main(["ablate", str(path), "--dry-run"]) == 2
+    assert "unknown setting 'kernal'" in capsys.readouterr().err
+    assert main(["ablate", str(tmp_path / "missing.toml"), "--dry-run"]) == 2
+
+
+def test_resuming_into_another_studys_folder_is_refused_unless_forced(tmp_path, corpus_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.toml").write_text(STUDY.format(corpus=corpus_file))
+    (out / "results.jsonl").write_text(json.dumps({"cell": "feedfacefeedface", "levels": {}}) + "\n")
+    other = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\n[base]\nsteps = 0\nrecord_every = 0\n')
+    with pytest.raises(ValueError, match=r"different study .*differs in \['base', 'factors', 'max_tokens', 'prompts', .*--force"):
+        ablate.run(other, out, progress=False, device="cpu")
+    assert main(["ablate", str(other), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    with pytest.warns(UserWarning, match="1 row\\(s\\) belong to no cell"):
+        rows = ablate.run(other, out, progress=False, device="cpu", force=True)
+    assert len(rows) == 1 and rows[0]["prompts"] == 2
+    assert (out / "study.toml").read_text() == other.read_text()
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2, "the old row is kept in the file"
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "results.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no study.toml"):
+        ablate.run(other, fresh, progress=False, device="cpu")
+
+
+def test_a_damaged_row_before_the_last_is_an_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"cell": "a"}\nnot json\n{"cell": "b"}\n')
+    with pytest.raises(ValueError, match=r"results.jsonl:2 is not a result row"):
+        ablate.read_rows(path)
+    path.write_text('{"cell": "a"}\n{"cell": "b"}')  # whole last row without its newline: kept
+    assert [r["cell"] for r in ablate.read_rows(tmp_path)] == ["a", "b"]
+
+
+def test_prompt_sets_are_disjoint_and_a_short_corpus_is_refused(model, corpus_file):
+    study = ablate.Study.parse(f'corpus = "{corpus_file}"\nprompts = 5\nprompt_sets = 3\nmax_tokens = 16\n')
+    sets = ablate._prompt_sets(study, model, 0)
+    assert [len(s) for s in sets] == [5, 5, 5] and len({p for s in sets for p in s}) == 15
+    assert {(c.seed, c.prompt_set) for c in study.cells()} == {(0, 0), (0, 1), (0, 2)}
+    too_many = ablate.Study.parse(f'corpus = "{corpus_file}"\nprompts = 30\nprompt_sets = 2\nmax_tokens = 16\n')
+    with pytest.raises(ValueError, match=r"gives only 40 prompts .* prompts x prompt_sets = 60"):
+        ablate._prompt_sets(too_many, model, 0)
+
+
+def test_summary_of_one_replicate_has_no_interval():
+    rows = [{"levels": {"kernel": "erf"}, "token_accuracy": 0.5, "cosine": 0.9},
+            {"levels": {"kernel": "gaussian"}, "token_accuracy": 0.25, "cosine": 0.8}]
+    summary = ablate.summarize(rows)
+    assert summary[0] == {"kernel": "erf", "n": 1, "token_accuracy_mean": 0.5, "token_accuracy_ci95": None,
+                          "cosine_mean": 0.9, "cosine_ci95": None}
+    assert "| erf | 1 | 0.5 ± n/a | 0.9 ± n/a |" in ablate.markdown_table(summary)
+
+
+def test_to_dataframe_needs_pandas_only_when_called():
+    rows = [{"cell": "a", "levels": {"kernel": "erf"}, "token_accuracy": 0.5}]
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install pandas"):
+            ablate.to_dataframe(rows)
+    else:
+        frame = ablate.to_dataframe(rows)
+        assert list(frame["kernel"]) == ["erf"] and list(frame["token_accuracy"]) == [0.5]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "figures" / "studies").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_studies_parse_and_dry_run(path, capsys):
+    study = ablate.Study.load(path)
+    assert study.corpus == "stdlib:test" and study.prompts == 512 and 2 <= len(study.seeds) <= 3
+    assert study.base.get("n_splats") == 0.25 and study.factors
+    assert main(["ablate", str(path), "--dry-run"]) == 0
+    assert f"{len(study.cells())} cells = " in capsys.readouterr().out
+
+
+def test_the_issue_asks_for_these_studies():
+    names = {p.stem for p in (ROOT / "figures" / "studies").glob("*.toml")}
+    assert {"kernel_mode", "objective_weights", "layer", "mobility", "init_steps"} <= names
+
+
+def test_the_readme_example_study_parses():
+    section = (ROOT / "README.md").read_text().split("## Ablation studies", 1)[1]
+    study = ablate.Study.parse(section.split("```toml\n", 1)[1].split("```", 1)[0], source="README.md")
+    assert len(study.cells()) == 2 * 2 * 2 * 3
