@@ -97,7 +97,11 @@ def cmd_show(args) -> int:
 
 def cmd_edit(args) -> int:
     import splatopt
-    from splatopt.plot import edit_trajectory_figure, edit_trajectory_series, save_figure
+    from splatopt.plot import (
+        edit_trajectory_figure,
+        edit_trajectory_series,
+        save_figure,
+    )
 
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=args.local,
                            device=_device(args.device) if args.device != "auto" else None, record_every=args.record_every,
@@ -112,10 +116,8 @@ def cmd_edit(args) -> int:
     if args.plot:
         import fixedpos
 
-        from splatopt.fit import FitResult
-
         model = fixedpos.load(result.config["model"], layer=result.config["layer"])
-        series = edit_trajectory_series(FitResult.load(args.file), result, model)
+        series = edit_trajectory_series(splatopt.FitResult.load(args.file), result, model)
         print("wrote " + ", ".join(map(str, save_figure(edit_trajectory_figure(series), args.plot))))
     return 0
 

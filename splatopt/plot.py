@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Polygon
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import offset_copy
 
 COLUMN = 3.4
 PAGE = 7.0
@@ -43,6 +45,7 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> 
     """Save ``fig`` to ``path`` and, if given, to the same stem with each of ``formats`` (e.g. ["pdf", "png"]).
 
     Saved inside the house style: font embedding, dpi (300) and tight bounding box are read at save time.
+    Vector files carry no creation date, so rebuilding a figure from the same data gives the same bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +54,7 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> 
     with house_style():
         for suffix in suffixes:
             target = path.with_suffix("." + suffix)
-            fig.savefig(target)
+            fig.savefig(target, metadata={"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(suffix))
             out.append(target)
     plt.close(fig)
     return out
@@ -277,11 +280,15 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
 
         ax_fit.set_xlim(f_steps[0], f_steps[-1])
         ax_refit.set_xlim(r_steps[0], r_steps[-1])
+        for ax in (ax_fit, ax_refit):
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 5, 10]))
         _token_axis(ax_fit, old_tokens, L)
         _token_axis(ax_refit, new_tokens, L, right=True)
         ax_edit.set_xlim(0, 1)
         ax_edit.set_ylim(L - 0.5, -0.5)
-        ax_edit.set_xticks([])
+        ax_edit.set_xticks([0.5], [" "])  # a blank tick label keeps "transport" level with the other x labels
+        ax_edit.tick_params(axis="x", length=0)
+        fig.align_xlabels([ax_fit, ax_edit, ax_refit])
         ax_edit.set_yticks([])
         ax_edit.spines["left"].set_visible(False)
         ax_fit.set_xlabel("fit step")
@@ -290,7 +297,6 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         ax_fit.set_ylabel("position (old tokens)")
         ax_refit.set_ylabel("position (new tokens)", rotation=270, labelpad=9)
         ax_refit.yaxis.set_label_position("right")
-        fig.align_xlabels([ax_fit, ax_edit, ax_refit])
         acc = lambda key: f", acc {series[key]:.0%}" if series.get(key) is not None else ""
         ax_fit.set_title(f"fit: {len(transported) + len(pruned)} splats, {len(old_tokens)} tokens{acc('accuracy_before')}")
         ax_edit.set_title("edit")
@@ -302,7 +308,9 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
             Patch(color=SPAN_COLORS["delete"], alpha=0.25, label="deleted span"),
             Patch(color=SPAN_COLORS["insert"], alpha=0.25, label="inserted span"),
         ]
-        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles))
+        # below the x labels whatever the figure's height: a fixed offset in points under the middle panel
+        below = offset_copy(ax_edit.transAxes, fig=fig, y=-32, units="points")
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=len(handles))
     return fig
 
 
