@@ -1,0 +1,74 @@
+"""Editing: token accuracy over the warm re-fit for each re-fit variant, against a cold fit of the edited text.
+
+Data: figures/data/edit_acceptance.json, edit_variants.json, edit_warmup.json (scripts/eval_edit.py,
+same 200 edited prompts, N = L/4). Left: the whole 60-step re-fit for the default re-fit, the
+learning-rate warm-up and the cold fit from scratch, with the restart dip at step 5. Right: the
+last 30 steps of every variant, mean with 95 % CI over prompts. The dashed line is the cold fit's
+final accuracy (its full steps), the goal the warm re-fit should reach in 20 % of them.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from figure_io import COLUMN, house_style, load_json, save
+
+from splatopt.plot import mean_ci95
+
+DATA_FILES = ["edit_acceptance.json", "edit_variants.json", "edit_warmup.json"]
+VARIANT_NAMES = {
+    "free": "free (default)", "local": "local (far frozen)", "frozen20-constant": "far frozen 20, constant lr",
+    "lr-half": "half learning rates", "warmup10": "lr warm-up 10", "warmup10-const": "warm-up 10, constant lr",
+    "warmup10-frozen20-const": "warm-up 10, frozen 20, const. lr",
+}
+WHOLE_RUN = ["free", "warmup10"]  # drawn over all steps on the left
+
+
+def main():
+    runs = [load_json(name) for name in DATA_FILES]
+    curves = {}
+    for run in runs:
+        for variant in run["summary"]:
+            rows = [r for r in run["rows"] if r["variant"] == variant]
+            steps = rows[0]["steps"]
+            curves[variant] = (steps, *mean_ci95([[r["warm_curve"][i] for r in rows] for i in range(len(steps))]))
+    cold = runs[0]["cold_curve"]
+    cold_final = runs[0]["summary"]["free"]["cold_final_mean"]
+    cold_steps = runs[0]["summary"]["free"]["cold_steps"]
+    warm_steps = max(curves["free"][0])
+    colors = {v: f"C{i}" for i, v in enumerate(curves)}
+    with house_style():
+        fig, (ax_all, ax_end) = plt.subplots(1, 2, figsize=(COLUMN, 2.3), gridspec_kw={"wspace": 0.3, "width_ratios": [1, 1.15]})
+        for ax in (ax_all, ax_end):
+            ax.axhline(100 * cold_final, color="k", ls="--", lw=0.7)
+            ax.grid(lw=0.3, alpha=0.4)
+            ax.set_xlabel("re-fit step")
+        ax_all.text(1, 100 * cold_final + 0.8, f"cold, {cold_steps} steps", fontsize=5.5, va="bottom")
+        shown = [(s, a) for s, a in zip(cold["step"], cold["token_accuracy"]) if s <= warm_steps]
+        ax_all.plot([s for s, _ in shown], [100 * a for _, a in shown], color="0.5", ls=":", lw=1.0, label="cold from scratch")
+        for variant in WHOLE_RUN:
+            steps, mean, half = curves[variant]
+            ax_all.plot(steps, 100 * mean, color=colors[variant], label=VARIANT_NAMES.get(variant, variant))
+            ax_all.fill_between(steps, 100 * (mean - half), 100 * (mean + half), color=colors[variant], alpha=0.2, lw=0)
+        ax_all.set_ylabel("token accuracy (%)")
+        ax_all.set_xlim(0, warm_steps)
+        start = warm_steps // 2
+        dodge = (warm_steps - start) / 40  # final values with their CI, side by side right of the curves
+        for k, (variant, (steps, mean, half)) in enumerate(curves.items()):
+            keep = [i for i, s in enumerate(steps) if s >= start]
+            xs = [steps[i] for i in keep]
+            ax_end.plot(xs, 100 * mean[keep], color=colors[variant], marker="o", ms=2,
+                        label=VARIANT_NAMES.get(variant, variant))
+            ax_end.errorbar([warm_steps + (k + 2) * dodge], 100 * mean[keep][-1:], yerr=100 * half[keep][-1:],
+                            color=colors[variant], marker="o", ms=2, capsize=1.2, lw=0.7)
+        ax_end.set_xlim(start - 1, warm_steps + (len(curves) + 3) * dodge)
+        ax_end.set_xticks(range(start, warm_steps + 1, 10))
+        ax_end.set_title(f"from step {start}; step {warm_steps} ± 95 % CI", fontsize=7)
+        ax_all.set_title(f"{runs[0]['n']} edited prompts", fontsize=7)
+        handles, labels = ax_all.get_legend_handles_labels()
+        handles, labels = handles[:1] + ax_end.get_legend_handles_labels()[0], labels[:1] + ax_end.get_legend_handles_labels()[1]
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.03), ncol=2)
+    return save(fig, "edit_warm_curves")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Shared by every figure script: where recorded results live, reading them, saving a figure.
+
+A figure script reads only committed results under figures/data/ (``load_json``) and writes
+figures/<name>.pdf and figures/<name>.png at 300 dpi (``save``), in the house style of
+splatopt.plot (``splatopt/splatopt.mplstyle``, linked as figures/splatopt.mplstyle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from splatopt.plot import COLUMN, PAGE, house_style, save_figure
+
+__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "house_style", "load_json", "save"]
+
+FIGURES = Path(__file__).resolve().parent
+DATA = FIGURES / "data"
+
+
+def data_paths(pattern: str) -> list[Path]:
+    """Recorded result files matching ``pattern`` under figures/data/ (a name or a glob), sorted.
+
+    Raises FileNotFoundError when none match: a figure is never drawn from missing data.
+    """
+    paths = sorted(DATA.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no recorded results match figures/data/{pattern}: run the experiment that writes "
+                                "them (its command is in README.md) and commit its JSON")
+    return paths
+
+
+def load_json(pattern: str) -> dict:
+    """The JSON of the one recorded result file named ``pattern`` under figures/data/."""
+    (path,) = data_paths(pattern)
+    return json.loads(path.read_text())
+
+
+def save(fig, name: str) -> list[Path]:
+    """Write figures/<name>.pdf and figures/<name>.png (300 dpi); the paths written."""
+    return save_figure(fig, FIGURES / f"{name}.pdf", ["png"])

@@ -1,0 +1,388 @@
+"""Build the technical report: papers/report.md from papers/report.template.md and the recorded results.
+
+    python papers/build.py            # or `make report`, which rebuilds the figures first
+
+Every ``{{name}}`` in the template is filled from ``report_values()``: numbers computed from the
+recorded results (figures/data/*.json, the shipped decoder heads' metadata) and settings read from
+the code's defaults, never typed by hand. ``{{section:KEY}}`` places one of ``PENDING_SECTIONS``:
+work whose results are not recorded yet. Such a section renders "not yet measured" until its data
+file exists, and then the section's renderer fills it from that file. The build fails if a
+placeholder has no value, if a pending section is missing from the template, or if the text
+references a figure that does not exist.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPERS = ROOT / "papers"
+TEMPLATE = PAPERS / "report.template.md"
+REPORT = PAPERS / "report.md"
+sys.path.insert(0, str(ROOT / "figures"))
+
+import figure_io  # figures/ is not a package: the path above makes it importable
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_:.-]+)\s*\}\}")
+FIGURE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+NOT_MEASURED = "*Not yet measured.*"
+
+
+def pct(x: float, digits: int = 1) -> str:
+    """A fraction as a percentage: 0.9859 -> '98.6 %'."""
+    return f"{100 * x:.{digits}f} %"
+
+
+def pct_range(values, digits: int = 1) -> str:
+    """The range of fractions as percentages, 'a–b' (one value when both ends print alike)."""
+    lo, hi = pct(min(values), digits), pct(max(values), digits)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """A Markdown table; align: one 'l' or 'r' per column (default: first left, the rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = [header, rule, *[[str(c) for c in row] for row in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def frac_label(frac: float) -> str:
+    return f"L/{round(1 / frac)}"
+
+
+def corpus_label(corpus: str) -> str:
+    return {"stdlib:test": "stdlib test", "stdlib:validation": "stdlib validation", "licenses": "licences (out of domain)"}.get(corpus, corpus)
+
+
+def relative(path: Path) -> str:
+    """The path relative to the repository root (as is, if it lies outside)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# ---- values from the recorded results ---------------------------------------------------------------
+
+def roundtrip_values() -> dict[str, str]:
+    """decode(encode(x)) accuracy per layer and corpus, from the metadata of the shipped heads (fixedpos/heads)."""
+    import fixedpos
+    from fixedpos.cache import read_safetensors
+
+    heads = sorted((ROOT / "fixedpos" / "heads").glob("head-*-standard-*.safetensors"))
+    if not heads:
+        raise FileNotFoundError("no shipped decoder heads under fixedpos/heads/")
+    metas = sorted((json.loads(read_safetensors(p, "decoder head")[1]["meta"]) for p in heads), key=lambda m: m["layer"])
+    corpora = list(dict.fromkeys(r["corpus"] for m in metas for r in m["roundtrip"]))
+    rows = []
+    for m in metas:
+        acc = {r["corpus"]: r["accuracy"] for r in m["roundtrip"]}
+        name = f"**{m['layer']} (default)**" if m["layer"] == fixedpos.DEFAULT_LAYER else str(m["layer"])
+        rows.append([name] + [pct(acc[c], 2) if c in acc else "–" for c in corpora])
+    default = next(m for m in metas if m["layer"] == fixedpos.DEFAULT_LAYER)
+    acc = {r["corpus"]: r for r in default["roundtrip"]}
+    last = metas[-1]
+    return {
+        "roundtrip_table": table(["layer"] + [corpus_label(c) for c in corpora], rows),
+        "roundtrip_prompts": str(acc["stdlib:test"]["texts"]),
+        "roundtrip_device": default["device"],
+        "roundtrip_default_layer": str(fixedpos.DEFAULT_LAYER),
+        "roundtrip_default_test": pct(acc["stdlib:test"]["accuracy"], 2),
+        "roundtrip_default_licenses": pct(acc["licenses"]["accuracy"], 2),
+        "roundtrip_last_layer": str(last["layer"]),
+        "roundtrip_last_licenses": pct({r["corpus"]: r["accuracy"] for r in last["roundtrip"]}["licenses"], 2),
+        "head_random_sequences": str(default["recipe"]["random_sequences"]),
+        "head_steps": str(default["recipe"]["steps"]),
+        "head_batch_tokens": str(default["recipe"]["batch_tokens"]),
+        "prompt_max_tokens": str(inspect.signature(fixedpos.sample_prompts).parameters["max_tokens"].default),
+    }
+
+
+def fit_values() -> dict[str, str]:
+    """Fit acceptance (core_acceptance.json) and the validation selection of the defaults (core_selection.json)."""
+    core = figure_io.load_json("core_acceptance.json")
+    rows = [r for r in core["rows"] if r["variant"] == "default"]
+    fracs = sorted({r["n_splats"] for r in rows}, reverse=True)
+    corpora = list(dict.fromkeys(r["corpus"] for r in rows))
+    cell = {(r["corpus"], r["n_splats"]): r for r in rows}
+
+    def fmt(r: dict) -> str:
+        return pct(r["token_accuracy"], 2) + (f" ± {100 * r['token_accuracy_ci95']:.2f}" if r["token_accuracy_ci95"] else "")
+
+    out = {
+        "fit_table": table(["corpus"] + [f"N = {frac_label(f)}" for f in fracs],
+                           [[corpus_label(c)] + [fmt(cell[c, f]) for f in fracs] for c in corpora]),
+        "fit_device": core["device"], "fit_prompts": str(core["n"]), "fit_steps": str(rows[0]["steps"]),
+        "fit_seconds_quarter": f"{cell['stdlib:test', 0.25]['seconds']:.1f}",
+    }
+    for (corpus, frac), r in cell.items():
+        key = f"fit_{corpus.replace(':', '_')}_L{round(1 / frac)}"
+        out[key] = pct(r["token_accuracy"], 2 if r["token_accuracy"] > 0.9 else 1)
+        out[key + "_ci"] = f"{100 * r['token_accuracy_ci95']:.1f}"
+        out[key + "_perfect"] = pct(r["prompts_perfect"], 0)
+
+    sel = figure_io.load_json("core_selection.json")
+    val = sorted((r for r in sel["rows"] if r["corpus"] == "stdlib:validation"), key=lambda r: -r["token_accuracy"])
+    best = val[0]
+    by_variant = {r["variant"]: r for r in val}
+    prev_test = next(r for r in sel["rows"] if r["corpus"] == "stdlib:test" and r["variant"] == "default" and r["n_splats"] == 0.25)
+    out.update({
+        "select_prompts": str(best["prompts"]), "select_variants": str(len(val)), "select_best": best["variant"],
+        "select_best_acc": pct(best["token_accuracy"], 2), "select_prev_acc": pct(by_variant["default"]["token_accuracy"], 2),
+        "select_tokens_init_acc": pct(by_variant["tokens-init"]["token_accuracy"], 1),
+        "select_others_range": pct_range([by_variant[v]["token_accuracy"] for v in ("erf", "ce-only", "lr_mu-0.3")]),
+        "select_prev_test_quarter": pct(prev_test["token_accuracy"], 2),
+        "select_table": table(["variant (N = L/4, validation)", "token accuracy", "95 % CI", "prompts perfect"],
+                              [[f"`{r['variant']}`", pct(r["token_accuracy"], 2), f"± {100 * r['token_accuracy_ci95']:.2f}",
+                                pct(r["prompts_perfect"], 0)] for r in val]),
+    })
+    return out
+
+
+def throughput_values() -> dict[str, str]:
+    """Inner-step timings of every recorded benchmark (figures/data/bench/*.json)."""
+    runs = [json.loads(p.read_text()) for p in figure_io.data_paths("bench/*.json")]
+    runs.sort(key=lambda r: (r["config"]["objective"], -r["config"]["batch"]))
+    rows, out = [], {}
+    for run in runs:
+        c = run["config"]
+        for path, r in run["results"].items():
+            mem = f"{r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else "–"
+            rows.append([f"{c['objective']}, B = {c['batch']}", path, f"{r['step_ms']:.2f}", f"{r['prompt_steps_per_s']:,.0f}",
+                         f"×{r['speedup_vs_eager']:.2f}", mem])
+            out[f"bench_{c['objective'].replace('+', '_')}_{path}_ms"] = f"{r['step_ms']:.1f}"
+            out[f"bench_{c['objective'].replace('+', '_')}_{path}_speedup"] = f"{r['speedup_vs_eager']:.2f}"
+    c0 = runs[0]["config"]
+    out.update({
+        "bench_table": table(["step (objective, batch)", "path", "ms / step", "prompt-steps / s", "vs eager", "peak memory"], rows,
+                             "llrrrr"),
+        "bench_device": ", ".join(sorted({r["device"] for r in runs})),
+        "bench_shape": f"L = {c0['length']}, N = {c0['splats']}, d = {c0['dim']}, {c0['dtype']}",
+        "bench_target_mb": f"{runs[0]['target_bytes'] / 1e6:.0f}",
+    })
+    return out
+
+
+EDIT_FILES = ("edit_acceptance.json", "edit_variants.json", "edit_warmup.json")
+
+
+def edit_values() -> dict[str, str]:
+    """Editing acceptance and re-fit variants (edit_*.json) and the recorded edit of the trajectory figure."""
+    runs = [figure_io.load_json(name) for name in EDIT_FILES]
+    base = runs[0]
+    free = base["summary"]["free"]
+    summaries = {v: s for run in runs for v, s in run["summary"].items()}
+    warm_steps = max(int(s) for s in free["warm_mean_curve"])
+    at = lambda s, step: s["warm_mean_curve"][str(step)]
+    rows = []
+    for variant, s in summaries.items():
+        rows.append([f"`{variant}`", pct(at(s, warm_steps // 3)), pct(at(s, 2 * warm_steps // 3)), pct(at(s, warm_steps)),
+                     pct(s["fraction_recovered_within_warm_steps"]), pct(s["far_v_rel_change_median"])])
+    best = max(summaries, key=lambda v: at(summaries[v], warm_steps))
+    cold = dict(zip(base["cold_curve"]["step"], base["cold_curve"]["token_accuracy"]))
+    traj = figure_io.load_json("edit_trajectory.json")
+    steps = sorted({int(s) for s in free["warm_mean_curve"]})
+    return {
+        "edit_prompts": str(base["n"]), "edit_device": base["device"], "edit_n_splats": frac_label(base["n_splats"]),
+        "edit_cold_steps": str(free["cold_steps"]), "edit_cold_final": pct(free["cold_final_mean"]),
+        "edit_cold_at_warm_steps": pct(cold[warm_steps]),
+        "edit_warm_steps": str(warm_steps), "edit_warm_share": f"{100 * warm_steps / free['cold_steps']:.0f} %",
+        "edit_warm_start": pct(at(free, 0)), "edit_first_record": str(steps[1]),
+        "edit_dip_free": pct(at(free, steps[1])), "edit_dip_warmup": pct(at(summaries["warmup10"], steps[1])),
+        "edit_free_final": pct(at(free, warm_steps)), "edit_best": best, "edit_best_final": pct(at(summaries[best], warm_steps)),
+        "edit_final_range": pct_range([at(s, warm_steps) for s in summaries.values()]),
+        "edit_free_recovered": pct(free["fraction_recovered_within_warm_steps"]),
+        "edit_free_far_v": pct(free["far_v_rel_change_median"]), "edit_local_far_v": pct(summaries["local"]["far_v_rel_change_median"]),
+        "edit_table": table(["warm re-fit variant", f"@ {warm_steps // 3} steps", f"@ {2 * warm_steps // 3}", f"@ {warm_steps}",
+                             f"recovered ≤ {warm_steps} steps", "far splats' v change (median)"], rows),
+        "traj_old_tokens": str(len(traj["old_tokens"])), "traj_new_tokens": str(len(traj["new_tokens"])),
+        "traj_transported": str(len(traj["transported"])), "traj_pruned": str(len(traj["pruned"])),
+        "traj_spawned": str(len(traj["spawned"])), "traj_steps": str(traj["steps"]), "traj_refit_steps": str(traj["refit_steps"]),
+        "traj_acc_before": pct(traj["accuracy_before"], 0), "traj_acc_after": pct(traj["accuracy_after"], 0),
+        "traj_inserted": traj["edits"][0][2].strip(), "traj_command": traj["command"],
+        "traj_deleted": traj["old_text"][traj["edits"][1][0] : traj["edits"][1][1]].strip(),
+    }
+
+
+def method_values() -> dict[str, str]:
+    """Settings the method section names, read from the code's defaults (not results, and not typed twice)."""
+    import splatopt
+    from splatopt.init import GridInit
+
+    opt = splatopt.InnerOptimizer()
+    edit_defaults = {k: p.default for k, p in inspect.signature(splatopt.edit).parameters.items()}
+    return {
+        "opt_lr_mu": f"{opt.lr_mu:g}", "opt_lr_log_sigma": f"{opt.lr_log_sigma:g}", "opt_lr_weight": f"{opt.lr_weight:g}",
+        "opt_lr_v": f"{opt.lr_v:g}", "opt_mu_decay": f"{opt.mu_decay:g}", "opt_schedule": opt.schedule,
+        "opt_beta1": f"{opt.beta1:g}", "opt_beta2": f"{opt.beta2:g}",
+        "grid_sigma_scale": f"{GridInit().sigma_scale:g}", "grid_weight": f"{GridInit().weight:g}",
+        "edit_freeze_sigma": f"{edit_defaults['freeze_sigma']:g}", "edit_default_steps": str(edit_defaults["steps"]),
+    }
+
+
+def reproduce_command(recorded: str, path: Path) -> str:
+    """A recorded command made runnable: ``--out`` set to the committed file, a JSON argument quoted again.
+
+    The scripts record ``" ".join(sys.argv)``, which loses the shell quotes around a JSON argument;
+    the GPU runs wrote to a scratch folder whose files were then committed under figures/data/.
+    """
+    words = shlex.split(re.sub(r" (\{.*\})$", lambda m: " " + shlex.quote(m.group(1)), recorded))
+    if "--out" in words:
+        words[words.index("--out") + 1] = relative(path)
+    return shlex.join(words)
+
+
+def reproduce_values() -> dict[str, str]:
+    """One row per recorded results file: the command that writes it and the device it ran on."""
+    rows = []
+    for path in sorted(figure_io.DATA.glob("*.json")) + sorted(figure_io.DATA.glob("bench/*.json")):
+        data = json.loads(path.read_text())
+        if "command" in data:
+            command = reproduce_command(data["command"], path)
+        else:  # splatopt bench records its configuration, not its command line
+            c = data["config"]
+            command = (f"splatopt bench --batch {c['batch']} --length {c['length']} --splats {c['splats']} --dim {c['dim']} "
+                       f"--objective {c['objective']} --dtype {c['dtype']} --out {relative(path.parent)}")
+        rows.append([f"`{relative(path)}`", f"`{command}`", data.get("device", "–")])
+    return {"reproduce_table": table(["results file", "command", "device"], rows, "lll")}
+
+
+# ---- sections whose results are not recorded yet ----------------------------------------------------
+
+def rows_section(paths: list[Path]) -> str:
+    """A results file's ``rows`` (or the file itself, if a list) as a table of its scalar fields, and its command."""
+    parts = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        rows = data["rows"] if isinstance(data, dict) else data
+        scalar = lambda v: isinstance(v, (str, int, float, bool)) or v is None
+        columns = [k for k in rows[0] if all(scalar(r.get(k)) for r in rows)]
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v))
+        command = f", recorded with `{data['command']}`" if isinstance(data, dict) and data.get("command") else ""
+        parts.append(f"From `{relative(path)}`{command}:\n\n" + table(columns, [[fmt(r.get(k)) for k in columns] for r in rows]))
+    return "\n\n".join(parts)
+
+
+def fused_kernel_section(paths: list[Path]) -> str:
+    """The benchmark rows of execution paths other than plain PyTorch (eager, compile)."""
+    rows = []
+    for path in paths:
+        run = json.loads(path.read_text())
+        for name, r in run["results"].items():
+            if name not in ("eager", "compile"):
+                rows.append([f"{run['config']['objective']}, B = {run['config']['batch']}", name, f"{r['step_ms']:.2f}",
+                             f"×{r['speedup_vs_eager']:.2f}", run["device"]])
+    return table(["step", "path", "ms / step", "vs eager", "device"], rows, "llrrl")
+
+
+def fused_kernel_paths() -> list[Path]:
+    return [p for p in figure_io.DATA.glob("bench/*.json") if set(json.loads(p.read_text())["results"]) - {"eager", "compile"}]
+
+
+def ablation_paths() -> list[Path]:
+    return sorted(figure_io.DATA.glob("ablations/*/results.jsonl"))
+
+
+def ablation_section(paths: list[Path]) -> str:
+    """Each recorded study's summary table (mean and 95 % t-interval over replicates), by splatopt.ablate."""
+    from splatopt import ablate
+
+    parts = []
+    for path in paths:
+        study = path.parent.name
+        parts.append(f"**{study}** (`{relative(path)}`; `splatopt ablate figures/studies/{study}.toml "
+                     f"--out {relative(path.parent)}`)\n\n" + ablate.markdown_table(ablate.summarize(ablate.read_rows(path))))
+    return "\n\n".join(parts)
+
+
+@dataclass(frozen=True)
+class PendingSection:
+    """A report section filled once its results exist: ``find`` lists its data files, ``render`` turns them into Markdown."""
+
+    key: str
+    title: str
+    planned: str  # what will be measured, said in the "not yet measured" text
+    expected: str  # where its data file(s) will be, relative to the repository
+    find: Callable[[], list[Path]]
+    render: Callable[[list[Path]], str] = rows_section
+    figures: tuple[str, ...] = field(default=())  # figures/<name>.png included when present
+
+
+def _glob(pattern: str) -> Callable[[], list[Path]]:
+    return lambda: sorted(figure_io.DATA.glob(pattern))
+
+
+PENDING_SECTIONS = [
+    PendingSection("density", "Density control and baselines",
+                   "token accuracy against the number of floats kept (the rate–distortion frontier) for splats with "
+                   "split/clone/prune, fixed-grid splats, DCT truncation and segment mean-pooling, all with the same objective",
+                   "figures/data/rate_distortion.json", _glob("rate_distortion.json"), figures=("rate_distortion",)),
+    PendingSection("meta_init", "Meta-learned initialization",
+                   "token accuracy against inner steps for the learned initializer vs the grid initializer",
+                   "figures/data/meta_init.json", _glob("meta_init.json"), figures=("meta_init",)),
+    PendingSection("fused_kernels", "Fused kernels",
+                   "inner-step time of fused render and projection + cross-entropy kernels against the eager and compiled paths",
+                   "a path other than eager / compile in figures/data/bench/*.json", fused_kernel_paths, fused_kernel_section),
+    PendingSection("ablations", "Ablations",
+                   "the studies in figures/studies/ (kernel and mode, objective weights, layer, mobility, init steps)",
+                   "figures/data/ablations/<study>/results.jsonl", ablation_paths, ablation_section, figures=("ablations",)),
+]
+
+
+def pending_section(section: PendingSection) -> str:
+    """The section's Markdown: its results when they exist, else a plain "not yet measured" with what and where."""
+    paths = section.find()
+    head = f"### {section.title}\n\n<!-- section '{section.key}': generated by papers/build.py from {section.expected} -->\n\n"
+    if not paths:
+        return head + f"{NOT_MEASURED} Planned: {section.planned}. The build fills this section from `{section.expected}`."
+    body = section.render(paths)
+    pictures = [f"![{section.title}](../figures/{name}.png)" for name in section.figures
+                if (figure_io.FIGURES / f"{name}.png").exists()]
+    return head + body + "".join(f"\n\n{p}" for p in pictures)
+
+
+# ---- the build --------------------------------------------------------------------------------------
+
+def report_values() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for part in (roundtrip_values, fit_values, throughput_values, edit_values, method_values, reproduce_values):
+        values.update(part())
+    values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})
+    return values
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """Fill ``template``; ValueError on a placeholder without a value, a pending section left out, or a missing figure."""
+    used = set(PLACEHOLDER.findall(template))
+    missing = sorted(used - set(values))
+    if missing:
+        raise ValueError(f"placeholders without a value: {missing}")
+    absent = sorted(f"section:{s.key}" for s in PENDING_SECTIONS if f"section:{s.key}" not in used)
+    if absent:
+        raise ValueError(f"pending sections missing from the template: {absent}")
+    text = PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    broken = [link for link in FIGURE_LINK.findall(text) if not (PAPERS / link).resolve().is_file()]
+    if broken:
+        raise ValueError(f"figures referenced but missing (run `make figures`): {broken}")
+    return text
+
+
+def build(template_path: Path = TEMPLATE) -> str:
+    """The report's Markdown from the template and the recorded results."""
+    header = "<!-- Generated by papers/build.py from papers/report.template.md: edit the template, then `make report`. -->\n\n"
+    return header + render(template_path.read_text(), report_values())
+
+
+def main() -> int:
+    REPORT.write_text(build())
+    print(f"wrote {relative(REPORT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

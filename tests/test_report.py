@@ -1,0 +1,105 @@
+"""The technical report's build: every placeholder filled from recorded results, every figure present, pending sections honest."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+report_build = _load("papers_build", ROOT / "papers" / "build.py")  # puts figures/ on sys.path
+import figure_io
+
+
+@pytest.fixture(scope="module")
+def report() -> str:
+    return report_build.build()
+
+
+def test_build_fills_every_placeholder(report):
+    assert "{{" not in report and not report_build.PLACEHOLDER.search(report)
+    template = report_build.TEMPLATE.read_text()
+    assert report_build.PLACEHOLDER.findall(template), "the template has placeholders"
+    for section in report_build.PENDING_SECTIONS:
+        assert f"### {section.title}" in report
+
+
+def test_every_referenced_figure_exists(report):
+    links = report_build.FIGURE_LINK.findall(report)
+    assert len(links) >= 6
+    for link in links:
+        assert (report_build.PAPERS / link).resolve().is_file(), link
+
+
+def test_committed_report_is_what_the_build_writes(report):
+    assert report_build.REPORT.read_text() == report, "papers/report.md is stale: run `make report` and commit it"
+
+
+def test_numbers_come_from_the_results(report):
+    core = json.loads((figure_io.DATA / "core_acceptance.json").read_text())
+    quarter = next(r for r in core["rows"] if r["corpus"] == "stdlib:test" and r["n_splats"] == 0.25)
+    assert f"{100 * quarter['token_accuracy']:.2f} %" in report
+    edit = json.loads((figure_io.DATA / "edit_acceptance.json").read_text())
+    assert f"{100 * edit['summary']['free']['cold_final_mean']:.1f} %" in report
+
+
+def test_render_refuses_a_placeholder_without_value_and_a_missing_figure():
+    sections = {f"{{{{section:{s.key}}}}}" for s in report_build.PENDING_SECTIONS}
+    with pytest.raises(ValueError, match="without a value"):
+        report_build.render("{{no_such_value}}", {})
+    with pytest.raises(ValueError, match="pending sections missing"):
+        report_build.render("text", {})
+    filled = {f"section:{s.key}": "" for s in report_build.PENDING_SECTIONS}
+    with pytest.raises(ValueError, match="figures referenced but missing"):
+        report_build.render(" ".join(sections) + " ![x](../figures/no_such_figure.png)", filled)
+
+
+def test_pending_section_is_not_measured_until_its_data_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(figure_io, "DATA", tmp_path)
+    density = next(s for s in report_build.PENDING_SECTIONS if s.key == "density")
+    assert report_build.NOT_MEASURED in report_build.pending_section(density)
+    rows = [{"method": "splats", "floats": 1536, "token_accuracy": 0.9956}, {"method": "dct", "floats": 1536, "token_accuracy": 0.43}]
+    (tmp_path / "rate_distortion.json").write_text(json.dumps({"command": "python scripts/x.py", "rows": rows}))
+    text = report_build.pending_section(density)
+    assert report_build.NOT_MEASURED not in text
+    assert "| splats | 1536 | 0.9956 |" in text and "`python scripts/x.py`" in text
+
+
+def test_reproduce_command_quotes_json_and_points_at_the_committed_file():
+    recorded = 'python scripts/eval_edit.py --out /root/out/x.json --variants {"a": {"local": true}}'
+    command = report_build.reproduce_command(recorded, figure_io.DATA / "edit_variants.json")
+    assert command == "python scripts/eval_edit.py --out figures/data/edit_variants.json --variants '{\"a\": {\"local\": true}}'"
+
+
+def test_make_all_fails_loudly_when_a_data_file_is_missing(tmp_path, monkeypatch, capsys):
+    make_all = _load("figures_make_all", ROOT / "figures" / "make_all.py")
+    monkeypatch.setattr(make_all, "DATA", tmp_path)
+    assert make_all.main([]) == 1
+    err = capsys.readouterr().err
+    assert "core_acceptance: figures/data/core_acceptance.json" in err and "bench/*.json" in err
+    for name in make_all.FIGURE_SCRIPTS:
+        module = sys.modules.get(name) or __import__(name)
+        assert module.DATA_FILES and callable(module.main)
+    assert re.search("unknown figures", _usage_error(make_all, ["no_such_figure"]))
+
+
+def _usage_error(make_all, argv) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer), pytest.raises(SystemExit):
+        make_all.main(argv)
+    return buffer.getvalue()
