@@ -96,9 +96,9 @@ def roundtrip_values() -> dict[str, str]:
         "roundtrip_default_licenses": pct(acc["licenses"]["accuracy"], 2),
         "roundtrip_last_layer": str(last["layer"]),
         "roundtrip_last_licenses": pct({r["corpus"]: r["accuracy"] for r in last["roundtrip"]}["licenses"], 2),
-        "head_random_sequences": str(default["recipe"]["random_sequences"]),
-        "head_steps": str(default["recipe"]["steps"]),
-        "head_batch_tokens": str(default["recipe"]["batch_tokens"]),
+        "head_random_sequences": f"{default['recipe']['random_sequences']:,}",
+        "head_steps": f"{default['recipe']['steps']:,}",
+        "head_batch_tokens": f"{default['recipe']['batch_tokens']:,}",
         "prompt_max_tokens": str(inspect.signature(fixedpos.sample_prompts).parameters["max_tokens"].default),
     }
 
