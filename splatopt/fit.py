@@ -10,20 +10,28 @@ and the splats' geometry are copied to the host only every ``record_every`` step
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .init import WarmStart, resolve_initializer
+from fixedpos.cache import read_safetensors, write_safetensors
+
+from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
+from .density import DensityContext, NoDensify, resolve_density
+from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
 from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
 from .render import KERNELS, MODES, render, splat_weights
 from .splats import SplatSet
+
+
+BASIS_FORMAT = "splatopt.basis-fit"
 
 
 @dataclass
@@ -43,12 +51,16 @@ class Targets:
 class FitResult:
     """What ``fit`` returns; per-prompt tensors are in the caller's prompt order.
 
-    splats: the fitted SplatSet (B prompts, capacity max N). ids, mask: [B, L] target tokens.
+    splats: the fitted SplatSet (B prompts, capacity max N); None for the "dct" and "segments"
+    bases, whose coefficients [B, K, d] are in ``coefficients``. ids, mask: [B, L] target tokens.
     texts: decoded texts of the rendered fields. token_accuracy, field_error (relative MSE),
     cosine: [B]. history: ``step`` [S] and per-prompt metrics [S, B] at recorded steps.
     trajectory: ``step`` [S], ``mu``/``sigma``/``weight`` [S, B, N] at recorded steps.
     seconds: wall time of the fit (inner loops and final metrics); encode_seconds: of the target.
     skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
+    basis: "splats" or a fixed basis. floats_per_token: [B] floats the representation stores per
+    token (d + 3 per active splat, d per fixed-basis term). density: [B] counts of the density
+    strategy's events ("cloned", "split", "pruned", "relocated"). n_terms: [B] active splats or basis terms.
     """
 
     splats: SplatSet
@@ -67,17 +79,28 @@ class FitResult:
     offsets: Tensor | None = None
     edit: dict | None = None
     skipped_steps: Tensor | None = None
+    basis: str = "splats"
+    coefficients: Tensor | None = None
+    floats_per_token: Tensor | None = None
+    density: dict[str, Tensor] | None = None
+    n_terms: Tensor | None = None
 
     def summary(self) -> dict:
         """Means over prompts, as plain floats."""
         out = {
             "prompts": int(self.mask.shape[0]),
             "tokens": int(self.mask.sum()),
-            "splats": int(self.splats.counts.sum()),
+            "basis": self.basis,
+            "terms": int(self.n_terms.sum()) if self.n_terms is not None else int(self.splats.counts.sum()),
+            "splats": int(self.splats.counts.sum()) if self.splats is not None else 0,
             "field_error": float(self.field_error.mean()),
             "cosine": float(self.cosine.mean()),
             "seconds": round(self.seconds, 3),
         }
+        if self.floats_per_token is not None:
+            out["floats_per_token"] = float(self.floats_per_token.mean())
+        for k, t in (self.density or {}).items():
+            out[k] = int(t.sum())
         if self.token_accuracy is not None:
             tok = self.mask.sum(-1).float()
             out["token_accuracy"] = float(self.token_accuracy.mean())
@@ -92,15 +115,29 @@ class FitResult:
                 extra[name] = getattr(self, name)
         extra.update({f"history.{k}": v for k, v in self.history.items()})
         extra.update({f"trajectory.{k}": v for k, v in self.trajectory.items()})
-        meta = {**self.splats.meta, "config": self.config, "texts": self.input_texts, "decoded": self.texts,
+        for name in ("floats_per_token", "n_terms"):
+            if getattr(self, name) is not None:
+                extra[name] = getattr(self, name)
+        extra.update({f"density.{k}": v for k, v in (self.density or {}).items()})
+        meta = {"config": self.config, "texts": self.input_texts, "decoded": self.texts, "basis": self.basis,
                 "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds}
-        return SplatSet(**self.splats.params(), mask=self.splats.mask, meta=meta).save(path, extra)
+        if self.splats is None:  # a fixed basis: coefficients, no splats
+            tensors = {"coefficients": self.coefficients.float(), **{f"extra.{k}": v for k, v in extra.items()}}
+            write_safetensors(Path(path), tensors, {"format": BASIS_FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+            return Path(path)
+        return SplatSet(**self.splats.params(), mask=self.splats.mask, meta={**self.splats.meta, **meta}).save(path, extra)
 
     @classmethod
     def load(cls, path: str | Path, device=None, expect_model_hash: str | None = None) -> "FitResult":
         """Read a file written by :meth:`save` (refuses corrupt or mismatched files, see ``SplatSet.load``)."""
-        splats, extra = SplatSet.load(path, device=device, expect_model_hash=expect_model_hash)
-        meta = splats.meta
+        tensors, header = read_safetensors(Path(path), "fit result file")
+        if header.get("format") == BASIS_FORMAT:
+            splats, meta = None, json.loads(header.get("meta", "{}"))
+            extra = {k.removeprefix("extra."): t.to(device) if device else t for k, t in tensors.items() if k.startswith("extra.")}
+            coefficients = tensors["coefficients"].to(device) if device else tensors["coefficients"]
+        else:
+            splats, extra = SplatSet.load(path, device=device, expect_model_hash=expect_model_hash)
+            meta, coefficients = splats.meta, None
         if "token_mask" not in extra:
             raise ValueError(f"{path} holds splats but no fit result (no token mask); load it with SplatSet.load")
         series = lambda prefix: {k.removeprefix(prefix): v.cpu() for k, v in extra.items() if k.startswith(prefix)}  # noqa: E731
@@ -109,7 +146,9 @@ class FitResult:
             token_accuracy=extra.get("token_accuracy"), field_error=extra["field_error"], cosine=extra["cosine"],
             history=series("history."), trajectory=series("trajectory."), seconds=float(meta.get("seconds", 0.0)),
             encode_seconds=float(meta.get("encode_seconds", 0.0)), config=meta.get("config", {}),
-            input_texts=meta.get("texts"), offsets=extra.get("offsets"),
+            input_texts=meta.get("texts"), offsets=extra.get("offsets"), basis=meta.get("basis", "splats"),
+            coefficients=coefficients, floats_per_token=extra.get("floats_per_token"), n_terms=extra.get("n_terms"),
+            density=series("density.") or None,
         )
 
 
@@ -200,6 +239,8 @@ def fit(
     progress: bool = True,
     frozen: Tensor | None = None,
     frozen_steps: int = 0,
+    basis: str = "splats",
+    density="none",
 ) -> FitResult:
     """Fit Gaussian text splats to prompts.
 
@@ -215,6 +256,10 @@ def fit(
     (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles).
+    basis: "splats" (mobile) or a fixed baseline at an equal float budget: "fixed-grid", "dct",
+    "segments" (see :mod:`splatopt.basis`; ``n_splats`` then sets the budget). density: "none",
+    "adaptive", "budget" or a strategy object (:mod:`splatopt.density`); ``n_splats`` is each
+    prompt's cap on active splats.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -224,9 +269,20 @@ def fit(
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     if record_every < 0:
         raise ValueError(f"record_every={record_every} must be >= 0")
+    if basis not in BASES:
+        raise ValueError(f"basis={basis!r}: choose one of {BASES}")
+    strategy = resolve_density(density)
+    if basis != "splats" and not isinstance(strategy, NoDensify):
+        raise ValueError(f"density={density!r} needs basis='splats': a fixed basis has nothing to clone, split or move")
+    if basis != "splats" and (varpro or truncate is not None):
+        raise ValueError(f"basis={basis!r} takes no varpro or truncate: its coefficients start at the least-squares optimum")
     objective = Objective.parse(objective)
     optimizer = optimizer or InnerOptimizer()
     initializer = resolve_initializer(init)
+    if basis == "fixed-grid" and not isinstance(initializer, GridInit):
+        raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
+    if basis in ("dct", "segments") and init != "grid":
+        raise ValueError(f"basis={basis!r} takes no init: its coefficients start at the least-squares optimum")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
@@ -241,7 +297,7 @@ def fit(
         with torch.no_grad():
             ids = decode(field).argmax(-1)
     lengths = mask.sum(-1)
-    counts = _resolve_counts(n_splats, lengths.cpu())
+    counts = terms_for_budget(basis, _resolve_counts(n_splats, lengths.cpu()), lengths.cpu(), field.shape[-1])
     B = field.shape[0]
     if batch_size is None:
         batch_size = max(1, 16384 // field.shape[1])
@@ -249,9 +305,10 @@ def fit(
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
-        "steps": steps, "objective": str(objective), "init": init if isinstance(init, str) else type(init).__name__,
+        "steps": steps, "objective": str(objective), "init": init if isinstance(init, (str, dict)) else type(init).__name__,
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
-        "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
+        "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **vars(strategy)},
     }
     started = time.perf_counter()
     chunks = []
@@ -266,7 +323,7 @@ def fit(
                 field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
-                None if frozen is None else frozen.to(device)[idx], frozen_steps,
+                None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy,
             )
         )
     if device.type == "cuda":
@@ -276,10 +333,17 @@ def fit(
     for ch in chunks:
         if "pred" in ch:
             ch["pred"] = _pad_to(ch["pred"], field.shape[1])
-    splats = SplatSet.cat([ch["splats"] for ch in chunks]).select(inverse.to(device))
-    splats.meta = {"model": config["model"], "model_hash": config["model_hash"], "layer": config["layer"],
-                   "kernel": kernel, "mode": mode, "truncate": truncate}
     per = lambda key: torch.cat([ch[key] for ch in chunks])[inverse]  # noqa: E731
+    splats = coefficients = None
+    if "splats" in chunks[0]:
+        splats = SplatSet.cat([ch["splats"] for ch in chunks]).select(inverse.to(device))
+        splats.meta = {"model": config["model"], "model_hash": config["model_hash"], "layer": config["layer"],
+                       "kernel": kernel, "mode": mode, "truncate": truncate}
+    else:
+        K = max(ch["coefficients"].shape[1] for ch in chunks)
+        coefficients = torch.cat([torch.nn.functional.pad(ch["coefficients"], (0, 0, 0, K - ch["coefficients"].shape[1]))
+                                  for ch in chunks])[inverse.to(device)]
+    n_terms = per("n_terms").cpu()
     pred = per("pred") if decode is not None else None
     history = _merge_series([ch["history"] for ch in chunks], inverse)
     trajectory = _merge_series([ch["trajectory"] for ch in chunks], inverse, pad_splats=True)
@@ -289,7 +353,10 @@ def fit(
         token_accuracy=per("token_accuracy") if decode is not None else None,
         field_error=per("field_error"), cosine=per("cosine"), history=history, trajectory=trajectory,
         seconds=seconds, encode_seconds=encode_s, config=config, input_texts=input_texts, offsets=offsets,
-        skipped_steps=per("skipped_steps").cpu(),
+        skipped_steps=per("skipped_steps").cpu(), basis=basis, coefficients=coefficients, n_terms=n_terms,
+        floats_per_token=(n_terms * floats_per_term(basis, field.shape[-1])).float() / lengths.cpu().float(),
+        density={k: torch.cat([ch["density"][k] for ch in chunks])[inverse].cpu() for k in chunks[0]["density"]}
+        if "density" in chunks[0] else None,
     )
 
 
@@ -299,6 +366,8 @@ def _pad_to(t: Tensor, L: int) -> Tensor:
 
 def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: bool = False) -> dict[str, Tensor]:
     """Concatenate per-chunk series [S, b(, N)] along prompts and restore the caller's order."""
+    if "step" not in parts[0]:  # a fixed basis records no splat geometry
+        return {}
     out = {"step": parts[0]["step"]}
     for key in parts[0]:
         if key == "step":
@@ -313,33 +382,64 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
-    generator, record_every, progress, desc, frozen=None, frozen_steps=0,
+    generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None,
 ) -> dict:
     from tqdm.auto import tqdm
 
     L = target.shape[1]
     tok = mask[..., None].to(target.dtype)
+    lengths = mask.sum(-1)
     # per-prompt RMS of the target per dimension: the unit of the embedding learning rate
     v_scale = ((target**2 * tok).sum((1, 2)) / (tok.sum((1, 2)) * target.shape[-1])).sqrt()[:, None, None]
-    with torch.no_grad():
-        splats = initializer(target, mask, counts, generator)
-    if splats.mask.shape[0] != target.shape[0]:
-        raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
-    keys = ["mu", "log_sigma", "weight_logit"] + ([] if varpro else ["v"])
-    params = {k: splats.params()[k].detach() for k in keys}
+    if basis == "splats":
+        strategy = strategy or NoDensify()
+        with torch.no_grad():
+            splats = initializer(target, mask, torch.minimum(strategy.initial_counts(counts), counts), generator)
+        if splats.mask.shape[0] != target.shape[0]:
+            raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
+        splats = _with_capacity(splats, int(counts.max()))
+        slot_mask = splats.mask
+        keys = ["mu", "log_sigma", "weight_logit"] + ([] if varpro else ["v"])
+        params = {k: splats.params()[k].detach() for k in keys}
+    else:  # a fixed basis: only the coefficients move, from their least-squares optimum
+        strategy = None
+        sigma_scale = getattr(initializer, "sigma_scale", GridInit.sigma_scale)
+        design, slot_mask = design_matrix(basis, mask, counts, kernel, mode, sigma_scale)
+        design = design.to(target.dtype)
+        params = {"v": closed_form_v(design, target, mask, slot_mask)}
     state = adam_init(params)
+    density_state = strategy.init_state(params, slot_mask) if strategy is not None else None
     record_steps = set(range(0, steps + 1, record_every)) if record_every else set()
     record_steps.add(steps)
     hist: dict[str, list] = {"step": []}
     traj: dict[str, list] = {"step": [], "mu": [], "sigma": [], "weight": []}
 
-    def current(p: dict[str, Tensor]) -> tuple[SplatSet, Tensor]:
-        s = splats.with_params(p)
+    def current(p: dict[str, Tensor], active: Tensor | None = None) -> tuple[SplatSet | None, Tensor]:
+        """(splats or None, rendered field [B, L, d]) of parameters p with active slots (default: the fit's)."""
+        active = slot_mask if active is None else active
+        if basis != "splats":
+            return None, design @ (p["v"] * active[..., None])
+        s = replace(splats, mask=active, **p)
         if varpro:
             a = splat_weights(s, L, kernel, mode, truncate)
             v = closed_form_v(a, target, mask, s.mask)
             return s.with_params({"v": v}), a @ v
         return s, render(s, L, kernel, mode, truncate)
+
+    def position_error(p: dict[str, Tensor], active: Tensor) -> Tensor:
+        """[B, L] per-token cross-entropy (or squared field error without a decoder); -inf at padding."""
+        with torch.no_grad():
+            _, fld = current(p, active)
+            if decode is not None and ids is not None:
+                err = torch.nn.functional.cross_entropy(decode(fld).transpose(1, 2), ids, reduction="none")
+            else:
+                err = ((fld - target) ** 2).sum(-1)
+            return torch.where(mask, err.float(), -math.inf)
+
+    def residual(p: dict[str, Tensor], active: Tensor) -> Tensor:
+        """[B, L, d] target minus the field of the ``active`` splats."""
+        with torch.no_grad():
+            return (target - current(p, active)[1]) * tok
 
     def record(step: int, p: dict[str, Tensor]) -> None:
         with torch.no_grad():
@@ -350,15 +450,20 @@ def _fit_chunk(
                 row["ce"] = terms["ce"]
             if decode is not None and ids is not None:
                 row["token_accuracy"] = token_accuracy(decode(fld), ids, mask)
+            row["n_terms"] = slot_mask.sum(-1)
         hist["step"].append(step)
         for k, t in row.items():
             hist.setdefault(k, []).append(t.float().cpu())
-        traj["step"].append(step)
-        masked = lambda t: torch.where(s.mask, t, torch.full_like(t, float("nan"))).float().cpu()  # noqa: E731
-        traj["mu"].append(masked(s.mu))
-        traj["sigma"].append(masked(s.sigma))
-        traj["weight"].append(masked(s.weight))
+        if s is not None:
+            traj["step"].append(step)
+            masked = lambda t: torch.where(s.mask, t, torch.full_like(t, float("nan"))).float().cpu()  # noqa: E731
+            traj["mu"].append(masked(s.mu))
+            traj["sigma"].append(masked(s.sigma))
+            traj["weight"].append(masked(s.weight))
 
+    ctx = DensityContext(counts, lengths, kernel, mode, position_error, residual)
+    if frozen is not None:
+        frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
     skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
     for step in bar:
@@ -368,28 +473,52 @@ def _fit_chunk(
             live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
             _, fld = current(live)
             loss, _ = objective_terms(objective, fld, target, mask, ids, decode)
-            grads = torch.autograd.grad(loss.sum(), list(live.values()))
+            grads = dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
         lrs = optimizer.learning_rates(step, steps, v_scale)
         if frozen is not None and step < frozen_steps:
-            free = (~frozen[:, : params["mu"].shape[1]]).to(target.dtype)
+            free = (~frozen).to(target.dtype)
             lrs = {k: lr * (free[..., None] if k == "v" else free) for k, lr in lrs.items()}
-        params, state, skipped = adam_step(params, dict(zip(live, grads)), state, lrs, optimizer)
+        if strategy is not None:
+            density_state = strategy.observe(step, grads, slot_mask, density_state)
+        params, state, skipped = adam_step(params, grads, state, lrs, optimizer)
         skipped_total += skipped
+        if strategy is not None:
+            params, state, slot_mask, density_state = strategy.refine(step, steps, params, state, slot_mask, density_state, ctx)
     record(steps, params)
 
     with torch.no_grad():
         final, fld = current(params)
         out = {
-            "splats": final.detach(),
             "field_error": relative_mse(fld, target, mask).float(),
             "cosine": mean_cosine(fld, target, mask).float(),
             "skipped_steps": skipped_total,
+            "n_terms": slot_mask.sum(-1),
         }
+        if final is not None:
+            out["splats"] = final.detach()
+        elif basis == "fixed-grid":  # fixed Gaussians are splats of weight 1 that never moved
+            mu, log_sigma, _ = grid_geometry(mask, counts, sigma_scale, 0.0, None)
+            certain = torch.full_like(mu, 40.0)  # sigmoid(40) == 1 in float32
+            out["splats"] = SplatSet(mu.to(target.dtype), log_sigma.to(target.dtype), certain.to(target.dtype),
+                                     params["v"] * slot_mask[..., None], slot_mask)
+        else:
+            out["coefficients"] = params["v"] * slot_mask[..., None]
+        if strategy is not None:
+            out["density"] = {k: density_state[k] for k in ("cloned", "split", "pruned", "relocated") if k in density_state}
         if decode is not None:
             logits = decode(fld)
             out["pred"] = logits.argmax(-1)
             if ids is not None:
                 out["token_accuracy"] = token_accuracy(logits, ids, mask)
     out["history"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in hist.items()}
-    out["trajectory"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in traj.items()}
+    out["trajectory"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in traj.items() if v}
     return out
+
+
+def _with_capacity(splats: SplatSet, capacity: int) -> SplatSet:
+    """The same splats with at least ``capacity`` slots; new slots are inactive (growth fills them)."""
+    extra = capacity - splats.capacity
+    if extra <= 0:
+        return splats
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))  # noqa: E731
+    return replace(splats, mask=pad(splats.mask), **{k: pad(t) for k, t in splats.params().items()})

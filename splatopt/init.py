@@ -107,7 +107,17 @@ INITIALIZERS = {"grid": GridInit, "tokens": TokenInit}
 
 
 def resolve_initializer(init) -> Initializer:
-    """An initializer from a name ("grid", "tokens", "learned") or an object implementing the protocol."""
+    """An initializer from a name ("grid", "tokens", "learned"), a dict such as ``{"name": "grid",
+    "sigma_scale": 1.0}`` (a study file's spelling), or an object implementing the protocol."""
+    if isinstance(init, dict):
+        options = dict(init)
+        name = options.pop("name", None)
+        if name not in INITIALIZERS:
+            raise ValueError(f"init={init!r}: a dict needs name = one of {sorted(INITIALIZERS)}, plus its fields")
+        try:
+            return INITIALIZERS[name](**options)
+        except TypeError as err:
+            raise ValueError(f"init={init!r}: {err}") from err
     if isinstance(init, str):
         if init == "learned":
             raise ValueError("init='learned' needs a meta-trained initializer, which this version does not ship yet")
