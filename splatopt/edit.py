@@ -2,6 +2,7 @@
 
     new = splatopt.edit(result, "the edited text", steps=60)
     new = splatopt.edit(result, edits=[(start, end, "replacement")])   # character offsets in the old text
+    new = splatopt.edit(batch_result, ["edited text 1", "edited text 2"])  # many prompts, one batched re-fit
 
 1. The old and new token sequences are aligned (an edit script of equal / insert / delete /
    replace spans, ``difflib`` on token ids).
@@ -83,8 +84,8 @@ def transport(mu: Tensor, sigma: Tensor, script) -> tuple[Tensor, Tensor, Tensor
 
 def edit(
     result: FitResult | str | Path,
-    new_text: str | None = None,
-    edits: list[tuple[int, int, str]] | None = None,
+    new_text: str | list[str] | None = None,
+    edits: list | None = None,
     model=None,
     steps: int = 60,
     freeze_steps: int = 0,
@@ -96,27 +97,42 @@ def edit(
     progress: bool = True,
     **fit_options,
 ) -> FitResult:
-    """Re-fit ``result`` (a one-prompt FitResult, or a path to a saved one) to an edited text.
+    """Re-fit ``result`` (a FitResult, or a path to a saved one) to edited texts, warm-started.
 
-    Give the new text, or ``edits`` as ``(start, end, replacement)`` character spans of the old text.
+    One prompt: give the new text (a str), or ``edits`` as ``(start, end, replacement)`` character
+    spans of the old text. Many prompts at once (one batched re-fit): give a list of new texts, or
+    a list of edit lists, one per prompt of ``result``.
     steps: re-fit steps. freeze_steps: for this many first steps, splats more than ``freeze_sigma``
     widths from every edited span neither move nor change; local=True freezes them throughout.
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
     old fit's objective, kernel and mode. The returned result's ``edit`` records the script and which
-    old slots were transported, pruned, and which new slots were spawned.
+    old slots were transported, pruned, and which new slots were spawned: a dict for one prompt
+    given as a str, a list of such dicts (one per prompt) for a batch.
     """
     if isinstance(result, (str, Path)):
         result = FitResult.load(result)
-    if result.mask.shape[0] != 1:
-        raise ValueError(f"edit takes a one-prompt result; this one has {result.mask.shape[0]} prompts (select one first)")
+    if result.splats is None:
+        raise ValueError(f"edit needs splats to transport; this result is a fixed {result.basis!r} basis fit")
     if result.ids is None or not result.input_texts:
         raise ValueError("edit needs the old fit's text and token ids (fit from text, not from a bare field)")
     if (new_text is None) == (edits is None):
         raise ValueError("give either new_text or edits, not both and not neither")
-    old_text = result.input_texts[0]
+    batched = isinstance(new_text, (list, tuple)) or (edits is not None and len(edits) > 0 and isinstance(edits[0], list))
+    B = result.mask.shape[0]
+    if not batched and B != 1:
+        raise ValueError(f"edit of one text takes a one-prompt result; this one has {B} prompts "
+                         "(select one first, or give one new text per prompt as a list)")
+    old_texts = list(result.input_texts)
     if edits is not None:
-        new_text = apply_char_edits(old_text, edits)
+        per_prompt = edits if batched else [edits]
+        if len(per_prompt) != B:
+            raise ValueError(f"edits has {len(per_prompt)} edit lists for {B} prompts: give one list per prompt")
+        new_texts = [apply_char_edits(t, e) for t, e in zip(old_texts, per_prompt)]
+    else:
+        new_texts = list(new_text) if batched else [new_text]
+        if len(new_texts) != B:
+            raise ValueError(f"new_text has {len(new_texts)} texts for {B} prompts: give one new text per prompt")
     if model is None:
         import fixedpos
 
@@ -129,14 +145,41 @@ def edit(
     mode = fit_options.pop("mode", result.config.get("mode", "additive"))
     fit_options.setdefault("objective", result.config.get("objective", "mse+ce"))
 
-    batch = model.tokenize([new_text], device=device)
+    batch = model.tokenize(new_texts, device=device)
     target = model.encode(batch)
-    L_new = int(batch.mask.sum())
-    old_ids = result.ids[0][result.mask[0]].tolist()
-    new_ids = batch.ids[0, :L_new].tolist()
-    script = edit_script(old_ids, new_ids)
+    splats = result.splats.to(device)
+    warms, fars, records = [], [], []
+    for b in range(B):
+        warm, far, record = _warm_start(
+            splats.select(b), result.ids[b][result.mask[b]].tolist(), batch.ids[b, : int(batch.mask[b].sum())].tolist(),
+            target[b : b + 1, : int(batch.mask[b].sum())], kernel, mode, freeze_sigma, spawn_density,
+        )
+        warms.append(warm)
+        fars.append(far)
+        records.append({"old_text": old_texts[b], **record})
+    warm = SplatSet.cat(warms)
+    far = torch.nn.functional.pad(torch.nn.utils.rnn.pad_sequence(fars, batch_first=True), (0, warm.capacity - max(len(f) for f in fars)))
+    lengths = batch.mask.sum(-1).cpu()
+    frozen_steps = steps if local else freeze_steps
+    new = fit(
+        new_texts, model, n_splats=[min(int(n), int(L)) for n, L in zip(warm.counts.cpu(), lengths)], steps=steps,
+        init=WarmStart(warm), kernel=kernel, mode=mode, device=device, record_every=record_every, progress=progress,
+        frozen=far if frozen_steps else None, frozen_steps=frozen_steps, **fit_options,
+    )
+    for b, record in enumerate(records):
+        record["frozen_steps"] = frozen_steps
+        record["warm_start"] = warms[b].detach().to("cpu")
+    plain = [{k: v for k, v in r.items() if k != "warm_start"} for r in records]
+    new.edit = records if batched else records[0]
+    new.config["edit"] = plain if batched else plain[0]
+    return new
 
-    old = result.splats.to(device).select(0)
+
+def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: Tensor, kernel: str, mode: str,
+                freeze_sigma: float, spawn_density: float | None) -> tuple[SplatSet, Tensor, dict]:
+    """One prompt's warm start: (splats [1, N'] transported + spawned, far-from-edit [N'] bool, record)."""
+    device, dtype, L_new = target.device, target.dtype, len(new_ids)
+    script = edit_script(old_ids, new_ids)
     active = old.mask[0]
     mu, sigma, deleted = transport(old.mu[0], old.sigma[0], script)
     keep = active & ~deleted
@@ -158,15 +201,16 @@ def edit(
     counts = [max(1, round(density * (j2 - j1))) for j1, j2 in spans]
     spawned_mu, spawned_ls = [], []
     for (j1, j2), n in zip(spans, counts):
-        span_mask = torch.zeros(1, j2 - j1, dtype=torch.bool, device=device)
-        span_mask[:] = True
+        span_mask = torch.ones(1, j2 - j1, dtype=torch.bool, device=device)
         g_mu, g_ls, _ = grid_geometry(span_mask, torch.tensor([n], device=device), 0.6, 0.0, None)
         spawned_mu.append(g_mu[0] + j1)
         spawned_ls.append(g_ls[0])
     n_new = sum(counts)
     d = old.dim
-    dtype = target.dtype
-    cat = lambda a, b: torch.cat([a, b]) if n_new else a  # noqa: E731
+
+    def cat(a: Tensor, b: Tensor) -> Tensor:
+        return torch.cat([a, b]) if n_new else a
+
     all_mu = cat(mu.to(dtype), torch.cat(spawned_mu).to(dtype) if n_new else None)
     all_ls = cat(sigma.log().to(dtype), torch.cat(spawned_ls).to(dtype) if n_new else None)
     all_logit = cat(old.weight_logit[0].to(dtype), torch.zeros(n_new, device=device, dtype=dtype))
@@ -177,10 +221,10 @@ def edit(
         # spawned embeddings: least squares on what the transported splats leave unexplained
         kept_only = SplatSet(warm.mu, warm.log_sigma, warm.weight_logit, warm.v,
                              torch.cat([keep, torch.zeros(n_new, dtype=torch.bool, device=device)])[None])
-        residual = target[:, :L_new] - render(kept_only, L_new, kernel, mode)
+        residual = target - render(kept_only, L_new, kernel, mode)
         new_slots = torch.cat([torch.zeros_like(keep), torch.ones(n_new, dtype=torch.bool, device=device)])[None]
         a = splat_weights(warm, L_new, kernel, "additive")
-        v_new = closed_form_v(a, residual, batch.mask[:, :L_new], new_slots)
+        v_new = closed_form_v(a, residual, torch.ones(1, L_new, dtype=torch.bool, device=device), new_slots)
         warm = warm.with_params({"v": torch.where(new_slots[..., None], v_new, warm.v)})
 
     # splats far from every edited span may stay frozen while the edit settles
@@ -190,22 +234,11 @@ def edit(
         gap = torch.clamp(torch.maximum(lo - all_mu, all_mu - hi), min=0.0)
         dist = torch.minimum(dist, gap)
     far = (dist > freeze_sigma * warm.sigma[0]) & all_mask
-    frozen_steps = steps if local else freeze_steps
-    n_active = int(all_mask.sum())
-    new = fit(
-        [new_text], model, n_splats=min(n_active, L_new), steps=steps, init=WarmStart(warm), kernel=kernel, mode=mode,
-        device=device, record_every=record_every, progress=progress, frozen=far[None] if frozen_steps else None,
-        frozen_steps=frozen_steps, **fit_options,
-    )
-    new.edit = {
-        "old_text": old_text,
+    record = {
         "script": [list(op) for op in script],
         "transported": torch.nonzero(keep).flatten().tolist(),
         "pruned": torch.nonzero(active & deleted).flatten().tolist(),
         "spawned": list(range(len(keep), len(keep) + n_new)),
         "far_from_edit": torch.nonzero(far).flatten().tolist(),
-        "frozen_steps": frozen_steps,
-        "warm_start": warm.detach().to("cpu"),
     }
-    new.config["edit"] = {k: v for k, v in new.edit.items() if k != "warm_start"}
-    return new
+    return warm, far, record

@@ -140,3 +140,22 @@ def test_transport_takes_splats_at_the_old_end_when_the_script_ends_with_an_inse
     new_mu, _, deleted = transport(torch.tensor([3.5, -0.7]), torch.tensor([1.0, 1.0]), script)
     assert new_mu[0].item() == pytest.approx(1.5) and not deleted[0]
     assert deleted[1]  # drifted left of the text, into the deleted span
+
+
+def test_batched_edit_equals_editing_each_prompt_alone(model):
+    texts = [TEXT, "Compute the mean of the given numbers and return it."]
+    both = splatopt.fit(texts, model, n_splats=0.5, steps=20, device="cpu", progress=False)
+    new_texts = [TEXT.replace("ascending", "descending"), "Please compute the mean of the given numbers."]
+    batched = splatopt.edit(both, new_texts, steps=4, progress=False)
+    assert isinstance(batched.edit, list) and len(batched.edit) == 2 and batched.input_texts == new_texts
+    for b in range(2):
+        alone_fit = splatopt.fit([texts[b]], model, n_splats=0.5, steps=20, device="cpu", progress=False)
+        alone = splatopt.edit(alone_fit, new_texts[b], steps=4, progress=False)
+        assert batched.edit[b]["script"] == alone.edit["script"] and len(batched.edit[b]["spawned"]) == len(alone.edit["spawned"])
+        torch.testing.assert_close(batched.field_error[b], alone.field_error[0], rtol=1e-3, atol=1e-5)
+    by_edits = splatopt.edit(both, edits=[[(0, 6, "Give")], []], steps=0, progress=False)
+    assert by_edits.input_texts == ["Give" + TEXT[6:], texts[1]]
+    with pytest.raises(ValueError, match="one new text per prompt"):
+        splatopt.edit(both, new_texts[:1], progress=False)
+    with pytest.raises(ValueError, match="select one first"):
+        splatopt.edit(both, new_texts[0], progress=False)
