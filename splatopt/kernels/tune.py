@@ -1,0 +1,149 @@
+"""Time the fused field loss's launch configurations at one shape (GPU only) and print the best.
+
+    python -m splatopt.kernels.tune --batch 4096 --length 64 --splats 16 --dim 384 --objective mse
+
+Each configuration runs forward + backward on random splats and a random target; its loss must
+equal the default configuration's. Prints one JSON line per configuration as it goes, the ten
+fastest, and the ``SPLATOPT_FUSED_CONFIG`` value that selects the fastest; a new default goes into
+``fused.launch_config``.
+
+    python -m splatopt.kernels.tune --compile-only --arch 90      # no GPU needed
+
+compiles the default configuration's kernels for an architecture with Triton's bundled ptxas and
+prints registers and spills (``stack`` bytes) per variant: the check that chose the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from .fused import _pow2, fused_field_loss, launch_config
+
+
+def candidates(L: int, N: int, D: int) -> list[dict]:
+    """Launch configurations worth timing: tiles, warps and pipeline stages."""
+    block_n = _pow2(N)
+    out = []
+    for bl, bd, warps, stages in itertools.product((16, 32, 64), (16, 32, 64, 128), (4, 8, 16), (1, 2)):
+        if bl > _pow2(L) or bd > _pow2(D) or bl * block_n > 8192 or bd * block_n > 8192 or bl * bd > 8192:
+            continue
+        out.append({"BLOCK_L": bl, "BLOCK_N": block_n, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def compile_report(L: int, N: int, D: int, has_cos: bool, need_grad: bool = True, precision: str = "ieee",
+                   target_dtype: str = "fp32", arch: int = 90, config: dict | None = None) -> dict:
+    """Compile the kernel ahead of time for CUDA ``arch`` (no GPU needed; not under TRITON_INTERPRET).
+
+    Returns the launch configuration with ``shared`` memory bytes and, where Triton ships cuobjdump,
+    ``registers`` and ``stack`` (spill) bytes per thread.
+    """
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_field import field_loss_kernel
+
+    cfg = config or launch_config(L, N, D, precision)
+    consts = {"HAS_COS": has_cos, "NEED_GRAD": need_grad, "PRECISION": precision,
+              **{k: cfg[k] for k in ("BLOCK_L", "BLOCK_N", "BLOCK_D")}}
+    pointers = {"on_ptr": "*u8", "m_ptr": "*u8", "t_ptr": f"*{target_dtype}"}
+    floats = {"log_sigma_min", "log_sigma_max", "w_mse", "w_cos", "cos_eps"}
+    names = field_loss_kernel.arg_names
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32") if n.endswith("_ptr")
+                 else "fp32" if n in floats else "i32" for n in names}
+    src = ASTSource(fn=field_loss_kernel, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    out = {**cfg, "has_cos": has_cos, "need_grad": need_grad, "precision": precision, "target": target_dtype,
+           "arch": arch, "shared": kernel.metadata.shared}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(tool):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        for key, name in (("REG", "registers"), ("STACK", "stack")):
+            found = re.search(rf"\b{key}:(\d+)", usage)
+            if found:
+                out[name] = int(found.group(1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m splatopt.kernels.tune", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--splats", type=int, default=16)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--objective", default="mse")
+    p.add_argument("--dtype", default="float32", help="the target's dtype")
+    p.add_argument("--precision", default="ieee", choices=["ieee", "tf32x3", "tf32"])
+    p.add_argument("--limit", type=int, default=0, help="time only the first LIMIT candidates (0: all)")
+    p.add_argument("--compile-only", action="store_true", help="compile the defaults for --arch, print registers and spills")
+    p.add_argument("--arch", type=int, default=90, help="with --compile-only: CUDA compute capability, e.g. 80, 90")
+    args = p.parse_args(argv)
+    if args.compile_only:
+        tdt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+        for has_cos in (False, True):
+            for need_grad in (True, False):
+                print(json.dumps(compile_report(args.length, args.splats, args.dim, has_cos, need_grad, args.precision,
+                                                tdt, args.arch)), flush=True)
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("tune: needs a CUDA device")
+    from triton.testing import do_bench
+
+    B, L, N, D = args.batch, args.length, args.splats, args.dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.rand(B, N, device="cuda", generator=g) * (L - 1), torch.full((B, N), 0.5, device="cuda"),
+              torch.zeros(B, N, device="cuda"), torch.randn(B, N, D, device="cuda", generator=g)]
+    params = [t.requires_grad_(True) for t in params]
+    slot_mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
+    target = torch.randn(B, L, D, device="cuda", generator=g).to(getattr(torch, args.dtype))
+    token_mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
+
+    def run(config):
+        loss = fused_field_loss(*params, slot_mask, target, token_mask, args.objective, precision=args.precision, config=config)
+        torch.autograd.grad(loss.sum(), params)
+        return loss
+
+    with torch.no_grad():
+        reference = fused_field_loss(*params, slot_mask, target, token_mask, args.objective, precision=args.precision)
+    default = launch_config(L, N, D, args.precision)
+    rows = []
+    todo = [default] + [c for c in candidates(L, N, D) if c != default]
+    for config in todo[: args.limit or None]:
+        try:
+            loss = run(config)
+            ok = bool(torch.allclose(loss, reference, rtol=1e-3, atol=1e-6))
+            ms = do_bench(lambda: run(config), warmup=10, rep=50)
+        except Exception as err:  # an out-of-resources configuration is a result, not a failure
+            rows.append({"config": config, "error": f"{type(err).__name__}: {err}"[:200]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        rows.append({"config": config, "ms": ms, "matches_default": ok, "default": config == default})
+        print(json.dumps(rows[-1]), flush=True)  # as it goes: a run cut short still reports
+    timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    print("fastest first:")
+    for r in timed[:10]:
+        print(json.dumps(r))
+    if timed:
+        base = [r["ms"] for r in rows if r.get("default")]
+        print(f"fastest: {timed[0]['ms']:.3f} ms" + (f"; default: {base[0]:.3f} ms" if base else ""))
+        print("SPLATOPT_FUSED_CONFIG='" + json.dumps({k: v for k, v in timed[0]["config"].items() if k != "BLOCK_N"}) + "'")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""Fused Triton field loss against the PyTorch reference (render + objective_terms, autograd).
+
+Without CUDA the kernels run in Triton's CPU interpreter; with CUDA the same small cases run
+compiled, and the `cuda` tests add the benchmark shape. Skipped when triton is not installed.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton decorates its own library (tl.sigmoid, ...) when first imported: the interpreter must be
+    # on before that, and stays on for the session (no other CPU test runs Triton kernels)
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
+pytest.importorskip("triton")
+
+from splatopt import SplatSet, render  # noqa: E402
+from splatopt.kernels import available, field_loss, fused_field_loss, fused_field_terms  # noqa: E402
+from splatopt.kernels.fused import launch_config  # noqa: E402
+from splatopt.objectives import objective_terms, Objective  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OBJECTIVES = ["mse", "cosine", "0.5*mse+cosine"]
+
+
+def make_case(B=3, N=5, L=12, d=32, seed=0, target_dtype=torch.float32, device=DEVICE, nan=True):
+    """Random splats (some slots inactive, holding NaN), a target with per-prompt lengths (NaN padding)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.rand(B, N, generator=g) * (L - 1)
+    log_sigma = torch.rand(B, N, generator=g) * 1.5 - 0.3
+    weight_logit = torch.randn(B, N, generator=g)
+    v = torch.randn(B, N, d, generator=g)
+    slot_mask = torch.rand(B, N, generator=g) < 0.7
+    slot_mask[:, 0] = True
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    lengths[0] = L
+    token_mask = torch.arange(L)[None] < lengths[:, None]
+    target = torch.randn(B, L, d, generator=g)
+    if nan:
+        nan_t = torch.tensor(float("nan"))
+        mu, log_sigma, weight_logit = (torch.where(slot_mask, t, nan_t) for t in (mu, log_sigma, weight_logit))
+        v = torch.where(slot_mask[..., None], v, nan_t)
+        target = torch.where(token_mask[..., None], target, nan_t)
+    splats = SplatSet(mu, log_sigma, weight_logit, v, slot_mask).to(device)
+    return splats, target.to(device, target_dtype), token_mask.to(device)
+
+
+def loss_and_grads(splats, target, token_mask, objective, fused, weights=None, **kw):
+    """Loss [B] and the gradients of sum_b weights_b loss_b wrt the four parameters."""
+    live = {k: t.detach().clone().requires_grad_(True) for k, t in splats.params().items()}
+    if fused:
+        loss = fused_field_loss(*live.values(), splats.mask, target, token_mask, objective, **kw)
+    else:
+        field = render(splats.with_params(live), target.shape[1], "gaussian", "additive")
+        loss = objective_terms(Objective.parse(objective), field, target, token_mask)[0]
+    w = torch.ones_like(loss) if weights is None else weights
+    grads = torch.autograd.grad((loss * w).sum(), list(live.values()))
+    return loss.detach(), dict(zip(live, grads))
+
+
+def assert_matches(fused, ref, rtol):
+    """Loss and each gradient within rtol of the reference's largest magnitude (gradients span decades)."""
+    (lf, gf), (lr, gr) = fused, ref
+    torch.testing.assert_close(lf.float(), lr.float(), rtol=rtol, atol=rtol * lr.abs().max().item())
+    for k in gr:
+        assert torch.isfinite(gf[k]).all(), k
+        scale = gr[k].abs().max().item()
+        torch.testing.assert_close(gf[k].float(), gr[k].float(), rtol=rtol, atol=rtol * scale, msg=lambda m: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------ against the reference
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_reference(objective, target_dtype):
+    splats, target, token_mask = make_case(target_dtype=target_dtype, seed=1)
+    weights = torch.tensor([1.0, -0.5, 2.0], device=DEVICE)  # a per-prompt incoming gradient
+    fused = loss_and_grads(splats, target, token_mask, objective, True, weights)
+    # the kernel accumulates in float32: the exact reference is the target read as float32 ...
+    assert_matches(fused, loss_and_grads(splats, target.float(), token_mask, objective, False, weights), 1e-4)
+    if target_dtype == torch.bfloat16:
+        # ... while the bf16 reference rounds |T|^2 and the norms to bf16 on its way (about 1e-3 off)
+        assert_matches(fused, loss_and_grads(splats, target, token_mask, objective, False, weights), 3e-2)
+        assert fused[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("objective", ["mse", "cosine"])
+def test_fused_tiles_tokens_dims_and_slots(objective):
+    # L = 150: three token tiles; d = 80: a partial d-tile; N = 20: BLOCK_N = 32 with padding slots
+    splats, target, token_mask = make_case(B=2, N=20, L=150, d=80, seed=2)
+    assert launch_config(150, 20, 80)["BLOCK_L"] < 150
+    ref = loss_and_grads(splats, target, token_mask, objective, False)
+    assert_matches(loss_and_grads(splats, target, token_mask, objective, True), ref, 1e-4)
+    if objective == "mse":  # the width split across programs (grid (B, S)) sums to the same
+        assert_matches(loss_and_grads(splats, target, token_mask, objective, True, d_split=2), ref, 1e-4)
+
+
+def test_launch_config_override_and_tuner_candidates(monkeypatch):
+    from splatopt.kernels.tune import candidates
+
+    splats, target, token_mask = make_case(B=2, N=5, L=40, d=48, seed=12)
+    ref = loss_and_grads(splats, target, token_mask, "cosine", False)
+    monkeypatch.setenv("SPLATOPT_FUSED_CONFIG", '{"BLOCK_L": 16, "BLOCK_D": 16, "num_warps": 4}')
+    assert launch_config(40, 5, 48)["BLOCK_L"] == 16
+    assert_matches(loss_and_grads(splats, target, token_mask, "cosine", True), ref, 1e-4)
+    monkeypatch.setenv("SPLATOPT_FUSED_CONFIG", '{"BLOCK_X": 16}')
+    with pytest.raises(ValueError, match="BLOCK_X"):
+        launch_config(40, 5, 48)
+    configs = candidates(64, 16, 384)
+    assert configs and all(c["BLOCK_N"] == 16 and c["BLOCK_L"] <= 64 for c in configs)
+
+
+def test_inactive_slots_get_exactly_zero_gradient_and_clamped_widths_none():
+    splats, target, token_mask = make_case(B=2, N=6, L=20, d=16, seed=3)
+    ls = splats.log_sigma.clone()
+    ls[0, 0], ls[1, 0] = -9.0, 12.0  # beyond log SIGMA_MIN and log SIGMA_MAX: clamped, zero gradient
+    splats = splats.with_params({"log_sigma": ls})
+    loss, grads = loss_and_grads(splats, target, token_mask, "mse", True)
+    assert torch.isfinite(loss).all()
+    off = ~splats.mask
+    for k, g in grads.items():
+        assert (g[off] == 0).all(), k
+    assert grads["log_sigma"][0, 0] == 0 and grads["log_sigma"][1, 0] == 0
+    assert_matches((loss, grads), loss_and_grads(splats, target, token_mask, "mse", False), 1e-4)
+
+
+def test_fused_terms_and_no_grad_forward():
+    splats, target, token_mask = make_case(seed=4)
+    with torch.no_grad():
+        loss, mse, cos = fused_field_terms(*splats.params().values(), splats.mask, target, token_mask, "mse+0.25*cosine")
+    field = render(splats, target.shape[1])
+    _, terms = objective_terms(Objective.parse("mse+0.25*cosine"), field, target, token_mask)
+    torch.testing.assert_close(mse, terms["mse"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos, terms["cosine"], rtol=1e-5, atol=1e-6)
+    assert not loss.requires_grad
+
+
+def test_only_some_parameters_require_grad_and_strided_target():
+    splats, target, token_mask = make_case(B=2, L=16, d=24, seed=5, nan=False)
+    wide = torch.randn(2, 16, 40, device=DEVICE)
+    wide[..., :24] = target
+    target = wide[..., :24]  # a view whose rows are not contiguous
+    v = splats.v.detach().clone().requires_grad_(True)
+    loss = fused_field_loss(splats.mu, splats.log_sigma, splats.weight_logit, v, splats.mask, target, token_mask)
+    (gv,) = torch.autograd.grad(loss.sum(), [v])
+    _, ref = loss_and_grads(splats, target.contiguous(), token_mask, "mse", False)
+    torch.testing.assert_close(gv, ref["v"], rtol=1e-4, atol=1e-4 * ref["v"].abs().max().item())
+
+
+def test_second_order_through_the_fused_loss_raises():
+    splats, target, token_mask = make_case(seed=13, nan=False)
+    live = {k: t.detach().clone().requires_grad_(True) for k, t in splats.params().items()}
+    loss = fused_field_loss(*live.values(), splats.mask, target, token_mask)
+    with pytest.raises(RuntimeError, match="first-order"):  # loud: a cut meta-gradient would be silent
+        torch.autograd.grad(loss.sum(), [live["v"]], create_graph=True)
+
+
+# ------------------------------------------------------------------ dispatch
+
+
+def test_field_loss_dispatch():
+    splats, target, token_mask = make_case(seed=6)
+    loss_ref, terms_ref = field_loss(splats, target, token_mask, "mse+cosine", fused=False)
+    loss, terms = field_loss(splats, target, token_mask, "mse+cosine", fused=True)
+    assert set(terms) == set(terms_ref) == {"mse", "cosine"}
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert available("cpu") is False  # the interpreter is never picked on its own
+    if DEVICE == "cpu":
+        auto, _ = field_loss(splats, target, token_mask, "mse")  # fused=None on the CPU: PyTorch
+        assert auto.grad_fn is None or "FusedFieldLoss" not in type(auto.grad_fn).__name__
+    else:
+        assert available("cuda") and not available("cuda", kernel="erf") and not available("cuda", truncate=3.0)
+    with pytest.raises(ValueError, match="gaussian"):
+        field_loss(splats, target, token_mask, "mse", fused=True, kernel="erf")
+    with pytest.raises(ValueError, match="cross-entropy"):
+        field_loss(splats, target, token_mask, "mse+ce", fused=True)
+
+
+def test_fused_refuses_bad_input():
+    splats, target, token_mask = make_case(seed=7)
+    p = list(splats.params().values())
+    with pytest.raises(ValueError, match="token_mask"):
+        fused_field_loss(*p, splats.mask, target, token_mask[:, :-1])
+    with pytest.raises(ValueError, match="precision"):
+        fused_field_loss(*p, splats.mask, target, token_mask, precision="fp8")
+    with pytest.raises(ValueError, match="cross-entropy"):
+        fused_field_loss(*p, splats.mask, target, token_mask, "ce")
+
+
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """The interpreter runs what the compiler may refuse: compile both variants with Triton's ptxas."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    code = ("import json; from splatopt.kernels.tune import compile_report as c; "
+            "print(json.dumps([c(64, 16, 384, False), c(64, 16, 384, True)]))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for report in json.loads(done.stdout.splitlines()[-1]):
+        # spills (report["stack"]) depend on the Triton version: `python -m splatopt.kernels.tune --compile-only`
+        assert report["shared"] > 0 and report["num_warps"] == 8, report
+
+
+# ------------------------------------------------------------------ bench
+
+
+def test_bench_times_the_fused_path_and_the_roofline(tmp_path, capsys):
+    import json
+
+    from splatopt.bench import BenchConfig, device_peak_gbs, run_bench
+    from splatopt.cli import main
+
+    cfg = BenchConfig(batch=4, length=8, splats=2, dim=16, warmup=0, iters=1)
+    out = run_bench(cfg, DEVICE, ("eager", "fused"), peak_gbs=100.0)
+    fused = out["results"]["fused"]
+    assert fused["step_ms"] > 0 and fused["loss_backward_ms"] > 0 and fused["speedup_vs_eager"] > 0
+    assert out["roofline_bytes"] == 4 * 8 * 16 * 4 + 6 * (3 * 4 * 2 + 4 * 2 * 16) * 4
+    expected = out["roofline_bytes"] / (fused["step_ms"] / 1e3) / 100e9
+    assert fused["hbm_roofline_fraction"] == pytest.approx(expected)
+    assert fused["prompt_steps_per_s"] == pytest.approx(4 / (fused["step_ms"] / 1e3))
+    assert device_peak_gbs("NVIDIA H100 80GB HBM3") == 3350.0 and device_peak_gbs("NVIDIA H100 PCIe") == 2000.0
+    assert device_peak_gbs("Some Future GPU") is None
+    argv = ["bench", "--batch", "2", "--length", "8", "--splats", "2", "--dim", "16", "--warmup", "0", "--iters", "1",
+            "--paths", "eager", "--fused", "--peak-gbs", "50", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "fused" in capsys.readouterr().out
+    (written,) = tmp_path.glob("*.json")
+    assert set(json.loads(written.read_text())["results"]) == {"eager", "fused"}
+
+
+# ------------------------------------------------------------------ GPU, benchmark shapes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective", ["mse", "cosine"])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_benchmark_shape(objective, target_dtype):
+    splats, target, token_mask = make_case(B=4096, N=16, L=64, d=384, seed=8, target_dtype=target_dtype, device="cuda")
+    weights = torch.rand(4096, device="cuda")
+    fused = loss_and_grads(splats, target, token_mask, objective, True, weights)
+    assert_matches(fused, loss_and_grads(splats, target.float(), token_mask, objective, False, weights), 1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_long_prompts_and_many_slots():
+    splats, target, token_mask = make_case(B=64, N=64, L=512, d=384, seed=9, device="cuda")
+    for objective in ("mse", "cosine"):
+        ref = loss_and_grads(splats, target, token_mask, objective, False)
+        assert_matches(loss_and_grads(splats, target, token_mask, objective, True), ref, 1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_never_materializes_the_field():
+    splats, target, token_mask = make_case(B=4096, N=16, L=64, d=384, seed=10, device="cuda", nan=False)
+    live = {k: t.detach().clone().requires_grad_(True) for k, t in splats.params().items()}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fused_field_loss(*live.values(), splats.mask, target, token_mask)
+    torch.autograd.grad(loss.sum(), list(live.values()))
+    extra = torch.cuda.max_memory_allocated() - base
+    # gradients of v (kept + scaled) are 2 x 100 MB; a field [B, L, d] would be 400 MB more
+    assert extra < 0.6 * target.numel() * target.element_size(), extra / 1e6
+
+
+@pytest.mark.cuda
+def test_cuda_tuner_runs(capsys):
+    from splatopt.kernels.tune import main
+
+    assert main(["--batch", "256", "--limit", "2"]) == 0
+    assert "SPLATOPT_FUSED_CONFIG=" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_cuda_fast_precisions_stay_close():
+    splats, target, token_mask = make_case(B=1024, N=16, L=64, d=384, seed=11, device="cuda", nan=False)
+    ref = loss_and_grads(splats, target, token_mask, "mse", False)
+    assert_matches(loss_and_grads(splats, target, token_mask, "mse", True, precision="tf32x3"), ref, 1e-3)
+    assert_matches(loss_and_grads(splats, target, token_mask, "mse", True, precision="tf32"), ref, 2e-2)
