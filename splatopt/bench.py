@@ -1,7 +1,13 @@
 """Benchmark of one inner step (render + objective + backward + Adam) on synthetic targets.
 
-Reports prompt-steps per second for the eager path and the ``torch.compile`` path measured in the
-same run, so their ratio is meaningful; results are saved as JSON with the device named.
+Reports prompt-steps per second for the eager path, the ``torch.compile`` path and the fused Triton
+field loss (``"fused"``, :mod:`splatopt.kernels`) measured in the same run, so their ratios are
+meaningful; results are saved as JSON with the device named. Each path's Adam step is the same
+eager ``adam_step``; ``loss_backward_ms`` times the render + loss + backward part alone.
+
+The roofline: a step must at least read the target once and read and write the splat parameters
+and Adam's two moments, ``target + 6 x params`` bytes; ``hbm_roofline_fraction`` is that over the
+step time, over the device's peak memory bandwidth (``PEAK_GBS`` by device name, or ``peak_gbs``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,23 @@ from .optim import InnerOptimizer, adam_init, adam_step
 from .render import render
 
 
+# peak HBM bandwidth, GB/s, by a substring of torch.cuda.get_device_name (first match wins)
+PEAK_GBS = (
+    ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("GH200", 4000.0), ("H200", 4800.0),
+    ("A100-PCIE-40GB", 1555.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-40GB", 1555.0), ("A100", 2039.0),
+    ("L40S", 864.0), ("L4", 300.0), ("A10G", 600.0), ("RTX 4090", 1008.0),
+)
+
+
+def device_peak_gbs(device_name: str) -> float | None:
+    """Peak memory bandwidth (GB/s) of a device named like ``torch.cuda.get_device_name``; None if unknown."""
+    for key, gbs in PEAK_GBS:
+        if key.lower() in device_name.lower():
+            return gbs
+    return None
+
+
 @dataclass
 class BenchConfig:
     batch: int = 4096
@@ -31,6 +54,7 @@ class BenchConfig:
     dtype: str = "float32"
     warmup: int = 5
     iters: int = 20
+    fused_precision: str = "ieee"  # tl.dot precision of the fused path ("ieee", "tf32x3", "tf32")
 
 
 def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
@@ -53,9 +77,16 @@ def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths: tuple[str, ...] = ("eager", "compile"), model=None) -> dict:
-    """Time one inner step for ``cfg`` on ``device`` for each path; returns a JSON-able dict."""
+def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths: tuple[str, ...] = ("eager", "compile"), model=None,
+              peak_gbs: float | None = None) -> dict:
+    """Time one inner step for ``cfg`` on ``device`` for each path ("eager", "compile", "fused"); a JSON-able dict.
+
+    peak_gbs: the device's peak memory bandwidth for the roofline fraction (default: ``PEAK_GBS``).
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = set(paths) - {"eager", "compile", "fused"}
+    if unknown:
+        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused")
     dtype = getattr(torch, cfg.dtype)
     objective = Objective.parse(cfg.objective)
     decode = None
@@ -80,9 +111,20 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         field = render(splats.with_params(params), cfg.length, cfg.kernel)
         return objective_terms(objective, field, target, mask, ids, decode)[0].sum()
 
+    if "fused" in paths:
+        from .kernels import field_loss, unavailable_reason
+
+        reason = unavailable_reason(device, cfg.kernel, "additive", None, objective)
+        if reason is not None:
+            raise ValueError(f"bench path 'fused': {reason}")
+
+        def fused_loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return field_loss(splats.with_params(params), target, mask, objective, fused=True,
+                              kernel=cfg.kernel, precision=cfg.fused_precision)[0].sum()
+
     results = {}
     for path in paths:
-        fn = torch.compile(loss_fn) if path == "compile" else loss_fn
+        fn = torch.compile(loss_fn) if path == "compile" else fused_loss_fn if path == "fused" else loss_fn
         params = {k: t.detach().clone() for k, t in splats.params().items()}
         state = adam_init(params)
         holder = {"params": params, "state": state}
@@ -92,6 +134,10 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
             grads = torch.autograd.grad(fn(live), list(live.values()))
             holder["params"], holder["state"], _ = adam_step(holder["params"], dict(zip(live, grads)), holder["state"], opt.learning_rates(1, 2, v_scale), opt)
 
+        def loss_backward():
+            live = {k: t.detach().requires_grad_(True) for k, t in holder["params"].items()}
+            torch.autograd.grad(fn(live), list(live.values()))
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = _timed(step, cfg.warmup, cfg.iters, device)
@@ -99,17 +145,28 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
             "step_ms": seconds * 1e3,
             "prompt_steps_per_s": cfg.batch / seconds,
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+            "loss_backward_ms": _timed(loss_backward, cfg.warmup, cfg.iters, device) * 1e3,
         }
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    target_bytes = target.numel() * target.element_size()
+    param_bytes = sum(t.numel() * t.element_size() for t in splats.params().values())
+    roofline_bytes = target_bytes + 6 * param_bytes  # target read; params and both moments read + written
+    peak = peak_gbs if peak_gbs is not None else (device_peak_gbs(device_name) if device.type == "cuda" else None)
     out = {
         "config": asdict(cfg),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name,
         "device_type": device.type,
         "torch": torch.__version__,
         "results": results,
-        "target_bytes": target.numel() * target.element_size(),
+        "target_bytes": target_bytes,
+        "param_bytes": param_bytes,
+        "roofline_bytes": roofline_bytes,
+        "peak_gbs": peak,
+        "roofline_ms": roofline_bytes / (peak * 1e9) * 1e3 if peak else None,
     }
-    if "eager" in results:
-        for path, r in results.items():
+    for path, r in results.items():
+        r["hbm_roofline_fraction"] = roofline_bytes / (r["step_ms"] / 1e3) / (peak * 1e9) if peak else None
+        if "eager" in results:
             r["speedup_vs_eager"] = results["eager"]["step_ms"] / r["step_ms"]
     return out
 
