@@ -32,15 +32,17 @@ def _n_splats(text: str) -> float | int:
 
 def _print_result(result, model) -> None:
     s = result.summary()
+    unit = "splats" if s["basis"] == "splats" else f"{s['basis']} terms"
+    counts = result.n_terms if result.n_terms is not None else result.splats.counts
     for b in range(min(len(result.mask), 8)):
-        L, N = int(result.mask[b].sum()), int(result.splats.counts[b])
+        L, N = int(result.mask[b].sum()), int(counts[b])
         acc = f"{float(result.token_accuracy[b]):.2%}" if result.token_accuracy is not None else "n/a"
-        print(f"[{b}] {N} splats / {L} tokens  token accuracy {acc}  field error {float(result.field_error[b]):.3f}  "
+        print(f"[{b}] {N} {unit} / {L} tokens  token accuracy {acc}  field error {float(result.field_error[b]):.3f}  "
               f"cosine {float(result.cosine[b]):.3f}")
         if result.texts:
             print(f"    decoded: {result.texts[b]}")
     acc = f"{s['token_accuracy']:.2%}" if "token_accuracy" in s else "n/a"
-    print(f"{s['prompts']} prompt(s), {s['tokens']} tokens, {s['splats']} splats: token accuracy {acc}, "
+    print(f"{s['prompts']} prompt(s), {s['tokens']} tokens, {s['terms']} {unit}: token accuracy {acc}, "
           f"field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; fit {result.seconds:.2f} s "
           f"(encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
 
@@ -61,11 +63,14 @@ def cmd_fit(args) -> int:
         texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective, init=args.init,
         optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, seed=args.seed,
         device=_device(args.device), record_every=args.record_every, progress=not args.quiet,
+        basis=args.basis, density=json.loads(args.density) if args.density.startswith("{") else args.density,
     )
     _print_result(result, model)
     if args.out:
         print(f"wrote {result.save(args.out)}")
-    if args.plot:
+    if args.plot and result.splats is None:
+        print(f"no trajectory plot: a {result.basis} fit has no splats")
+    elif args.plot:
         paths = save_figure(trajectory_figure(result, 0, model), args.plot)
         print("wrote " + ", ".join(map(str, paths)))
     return 0
@@ -82,6 +87,10 @@ def cmd_show(args) -> int:
           f"{cfg.get('steps')} steps, kernel {cfg.get('kernel')}, mode {cfg.get('mode')}")
     _print_result(result, None)
     s = result.splats
+    if s is None:  # a fixed basis: coefficients only
+        print(f"{result.basis} basis: coefficients {tuple(result.coefficients.shape)}, "
+              f"{float(result.floats_per_token.mean()):.1f} floats per token")
+        return 0
     for b in range(min(len(result.mask), args.prompts)):
         if result.input_texts:
             print(f"[{b}] text: {result.input_texts[b]}")
@@ -187,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"])
     p.add_argument("--mode", default="additive", choices=["additive", "normalized"])
     p.add_argument("--varpro", action="store_true", help="closed-form embeddings, optimize geometry only")
+    p.add_argument("--basis", default="splats", choices=["splats", "fixed-grid", "dct", "segments"],
+                   help="mobile splats, or a fixed baseline at the same float budget")
+    p.add_argument("--density", default="none",
+                   help='density control: none, adaptive, budget, or JSON such as \'{"name": "budget", "relocate_fraction": 0.1}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--record-every", type=int, default=5)

@@ -96,3 +96,14 @@ def test_bad_basis_settings_are_refused_with_the_fix():
         splatopt.fit(f, basis="dct", varpro=True, objective="mse", device="cpu", progress=False)
     with pytest.raises(ValueError, match="grid initializer"):
         splatopt.fit(f, basis="fixed-grid", init="tokens", objective="mse", device="cpu", progress=False)
+
+
+def test_cli_fits_a_fixed_basis_and_shows_it(tmp_path, capsys):
+    from splatopt.cli import main
+
+    out = tmp_path / "dct.safetensors"
+    assert main(["fit", "Return the sum of a and b.", "--splats", "2", "--steps", "3", "--basis", "dct", "--device", "cpu",
+                 "--quiet", "--out", str(out)]) == 0
+    assert main(["show", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 dct terms" in printed and "dct basis: coefficients (1, 2, 384)" in printed
