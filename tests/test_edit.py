@@ -159,3 +159,16 @@ def test_batched_edit_equals_editing_each_prompt_alone(model):
         splatopt.edit(both, new_texts[:1], progress=False)
     with pytest.raises(ValueError, match="select one first"):
         splatopt.edit(both, new_texts[0], progress=False)
+
+
+@pytest.mark.cuda
+def test_batched_edit_on_cuda_matches_cpu(model):
+    texts = [TEXT, "Compute the mean of the given numbers and return it."]
+    new_texts = [TEXT.replace("ascending", "descending"), "Please compute the mean of the given numbers."]
+    results = {}
+    for device in ("cpu", "cuda"):
+        fitted = splatopt.fit(texts, model, n_splats=0.5, steps=40, device=device, progress=False)
+        results[device] = splatopt.edit(fitted, new_texts, steps=20, freeze_steps=5, progress=False)
+    assert results["cuda"].splats.mu.device.type == "cuda"
+    torch.testing.assert_close(results["cuda"].field_error.cpu(), results["cpu"].field_error, rtol=2e-3, atol=1e-4)
+    assert [r["script"] for r in results["cuda"].edit] == [r["script"] for r in results["cpu"].edit]
