@@ -86,6 +86,35 @@ def _check_name(key: str, where: str) -> None:
         raise ValueError(f"{where}: unknown setting {key!r}; valid settings are: {', '.join(valid)}")
 
 
+def _check_values(settings: dict) -> None:
+    """Check the values fit resolves by name before it fits: ``init`` and ``density`` (a name, or a
+    table such as ``{ name = "budget", relocate_fraction = 0.05 }`` whose fields must be the
+    strategy's), and ``basis``. Raises what fit would raise, at parse time."""
+    from .basis import BASES
+    from .density import resolve_density
+    from .init import resolve_initializer
+
+    if "init" in settings and isinstance(settings["init"], (str, dict)):
+        resolve_initializer(settings["init"])
+    if "density" in settings and isinstance(settings["density"], (str, dict)):
+        resolve_density(settings["density"])
+    if "basis" in settings and settings["basis"] not in BASES:
+        raise ValueError(f"basis={settings['basis']!r}: choose one of {BASES}")
+
+
+def _check_corpus(corpus: str, source: str) -> None:
+    """``stdlib:SPLIT`` with a known split (stdlib:validation for selection studies, stdlib:test for
+    reported results), ``licenses``, or a .txt / .jsonl path (read when the study runs)."""
+    from fixedpos.corpus import SPLITS
+
+    if corpus.endswith((".txt", ".jsonl")) or Path(corpus).is_file():
+        return
+    name, _, split = corpus.partition(":")
+    if name not in ("stdlib", "licenses") or (split and split not in SPLITS) or (name == "licenses" and split):
+        raise ValueError(f"{source}: corpus = {corpus!r}: use " + ", ".join(f'"stdlib:{s}"' for s in SPLITS)
+                         + ', "licenses", or a path to a .txt / .jsonl file')
+
+
 def _optimizer(settings: dict) -> InnerOptimizer:
     return InnerOptimizer(**{k.removeprefix("optimizer."): v for k, v in settings.items() if k.startswith("optimizer.")})
 
@@ -176,11 +205,16 @@ class Study:
         )
         if study.min_tokens > study.max_tokens:
             raise ValueError(f"{source}: min_tokens = {study.min_tokens} exceeds max_tokens = {study.max_tokens}")
-        for settings in study.configurations().values():
+        _check_corpus(study.corpus, source)
+        for levels, settings in study.configurations().items():
             try:
                 _optimizer(settings)  # optimizer values are checked now, not after hours of fitting
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{source}: optimizer settings {settings}: {err}") from None
+            try:
+                _check_values(settings)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{source}: configuration {levels}: {err}") from None
         return study
 
     def configurations(self) -> dict[str, dict]:
