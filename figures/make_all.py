@@ -24,6 +24,7 @@ FIGURE_SCRIPTS = [
     "edit_recovery",
     "edit_warm_curves",
     "edit_trajectory",
+    "rate_distortion",
 ]
 
 
