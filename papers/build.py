@@ -14,7 +14,9 @@ references a figure that does not exist.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
+import math
 import re
 import shlex
 import sys
@@ -209,6 +211,212 @@ def edit_values() -> dict[str, str]:
     }
 
 
+RD_STUDIES = ("rate_distortion", "rate_distortion_ood")  # figures/data/ablations/<study>/: the rate-distortion runs
+SELECTION_STUDIES = ("density_selection", "width_mobility_selection")  # ... and the validation selections behind them
+
+
+def study_rows(study: str) -> list[dict]:
+    """The rows of figures/data/ablations/<study>/results.jsonl (FileNotFoundError when it is not recorded)."""
+    from splatopt import ablate
+
+    (path,) = figure_io.data_paths(f"ablations/{study}/results.jsonl")
+    return ablate.read_rows(path)
+
+
+def words(items) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def budget_label(frac: float) -> str:
+    return "L" if frac == 1 else frac_label(frac)
+
+
+def budget_key(frac: float) -> str:
+    return f"L{round(1 / frac)}"
+
+
+def acc_ci(entry: dict, metric: str = "token_accuracy") -> str:
+    """'mean ± ci' in percent: two decimals between 99 % and 100 %, else one; '100' when exact."""
+    mean, ci = entry[f"{metric}_mean"], entry[f"{metric}_ci95"]
+    digits = 2 if 0.99 <= mean < 1 else 1
+    text = "100" if mean == 1 else f"{100 * mean:.{digits}f}"
+    return text + ("" if ci is None else " ± 0" if ci == 0 else f" ± {100 * ci:.{digits}f}")
+
+
+def setting_text(settings: dict, base: dict) -> str:
+    """A level's settings as a study file writes them, less those of ``base`` (the settings every level shares)."""
+    shown = {k: v for k, v in settings.items() if k != "n_splats" and base.get(k, object()) != v}
+    value = lambda v: ("{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }") if isinstance(v, dict) else json.dumps(v)
+    return ", ".join(f"{k} = {value(v)}" for k, v in shown.items()) or "the defaults"
+
+
+def family(settings: dict) -> tuple[str, str]:
+    """(basis, density strategy) of a level's settings: the group its alternatives are drawn from."""
+    density = settings.get("density", "none")
+    return settings.get("basis", "splats"), density["name"] if isinstance(density, dict) else density
+
+
+def claim(holds: bool, text: str) -> None:
+    """The report's prose states ``text``; refuse to build when the recorded data no longer supports it."""
+    if not holds:
+        raise ValueError(f"the report claims that {text}, and the recorded results say otherwise: edit the template")
+
+
+def density_values() -> dict[str, str]:
+    """Rate-distortion runs (ablations/rate_distortion*/) and the validation selections that set their methods."""
+    import rate_distortion  # figures/rate_distortion.py: the figure's method order, names and summaries
+
+    from splatopt import ablate
+    from splatopt.density import AdaptiveDensity
+
+    rows = {study: study_rows(study) for study in RD_STUDIES}
+    summary = rate_distortion.summaries()
+    corpus_of = {study: rows[study][0]["corpus"] for study in RD_STUDIES}
+    ckey = lambda study: corpus_of[study].split(":")[-1]  # stdlib:test -> test, licenses -> licenses
+    cell = {(ckey(st), e["n_splats"], e["method"]): e for st in RD_STUDIES for e in summary[st]}
+    fracs = sorted({e["n_splats"] for st in RD_STUDIES for e in summary[st]})
+    out: dict[str, str] = {}
+    for (c, frac, method), e in cell.items():
+        key = f"rd_{c}_{budget_key(frac)}_{method.replace('-', '_')}"
+        out[key] = pct(e["token_accuracy_mean"], 2 if 0.99 <= e["token_accuracy_mean"] < 1 else 1)
+        out[key + "_cos"] = f"{e['cosine_mean']:.3f}"
+        out[key + "_floats"] = f"{e['floats_per_token_mean']:.1f}"
+        half = e["token_accuracy_ci95"] or 0.0
+        out[key + "_lo"], out[key + "_hi"] = pct(e["token_accuracy_mean"] - half), pct(e["token_accuracy_mean"] + half)
+
+    table_rows = []
+    for st in RD_STUDIES:
+        for method in rate_distortion.methods_of(summary[st]):
+            name = rate_distortion.METHODS.get(method, (method,))[0]
+            table_rows.append([corpus_label(corpus_of[st]), name]
+                              + [acc_ci(cell[ckey(st), f, method]) if (ckey(st), f, method) in cell else "–" for f in fracs])
+    out["rd_table"] = table(["corpus", "method"] + [f"N = {budget_label(f)}" for f in fracs], table_rows, "ll" + "r" * len(fracs))
+    test_fracs = [f for f in fracs if ("test", f, "splats") in cell]
+    out["rd_floats"] = (words(f"{cell['test', f, 'splats']['floats_per_token_mean']:.0f}" for f in test_fracs)
+                        + " floats per token at N = " + words(budget_label(f) for f in test_fracs))
+
+    # the claims of the text, checked against the data (means compared as printed, to 0.1 %)
+    r = lambda x: round(100 * x, 1)
+    acc = lambda c, f, m: cell[c, f, m]["token_accuracy_mean"]
+    cos = lambda c, f, m: round(cell[c, f, m]["cosine_mean"], 3)  # as printed
+    budgets = {ckey(st): sorted(e["n_splats"] for e in summary[st] if e["method"] == "splats") for st in RD_STUDIES}
+    claim(all(max(r(acc(c, f, "fixed-grid")), r(acc(c, f, "dct"))) >= r(acc(c, f, "splats")) for c in budgets for f in budgets[c]),
+          "the fixed grid or the DCT matches or beats mobile splats at every budget on both corpora")
+    gap = lambda c, f: acc(c, f, "dct") - acc(c, f, "splats")
+    claim(all(max(budgets[c], key=lambda f: gap(c, f)) == 0.125 for c in budgets), "the DCT's lead over the splats is largest at N = L/8")
+    claim(all(min(r(acc(c, 0.25, m)) for m in ("splats", "fixed-grid", "dct")) >= 99 for c in budgets),
+          "from N = L/4 on, splats, fixed grid and DCT decode almost every token")
+    claim(all(r(acc(c, f, "dct")) > r(acc(c, f, "splats")) and r(acc(c, f, "fixed-grid")) > r(acc(c, f, "splats"))
+              for c in budgets for f in budgets[c] if f <= 0.125), "both fixed bases beat mobile splats at N <= L/8")
+    below = [f for f in budgets["test"] if f < 1]
+    for m in ("splats-adaptive", "splats-budget"):
+        claim(all(acc("test", f, m) < acc("test", f, "splats") for f in below), f"{m} loses accuracy at every N < L")
+    cos_lead = [f for f in budgets["test"] if all(cos(c, f, "splats") > max(cos(c, f, "fixed-grid"), cos(c, f, "dct"))
+                                                  for c in budgets if f in budgets[c])]
+    claim(bool(cos_lead) and cos_lead == [f for f in budgets["test"] if f <= max(cos_lead)],
+          "mobile splats render the closer field (cosine) at the smallest budgets, up to some N")
+    lag = min(f for f in budgets["test"] if f > max(cos_lead))
+    claim(all(cos(c, lag, "dct") >= cos(c, lag, "splats") for c in budgets if lag in budgets[c]),
+          "the DCT's field cosine catches up with the splats' at the next budget")
+    claim(cos("test", 0.125, "segments") == max(cos("test", 0.125, m) for m in rate_distortion.methods_of(summary[RD_STUDIES[0]])),
+          "segments have the highest field cosine of all methods at N = L/8 (test)")
+    # adaptive density ends below the cap; at its own floats it is still below the splats' curve (log-linear in floats)
+    splat_curve = sorted((cell["test", f, "splats"]["floats_per_token_mean"], acc("test", f, "splats")) for f in budgets["test"])
+    for f in (0.125, 0.25):
+        x = cell["test", f, "splats-adaptive"]["floats_per_token_mean"]
+        (x0, y0), (x1, y1) = next((a, b) for a, b in itertools.pairwise(splat_curve) if a[0] <= x <= b[0])
+        claim(acc("test", f, "splats-adaptive") < y0 + (y1 - y0) * math.log(x / x0) / math.log(x1 / x0),
+              f"adaptive density lies below the splats' curve at its own floats (N = {budget_label(f)})")
+    claim(all(abs(acc(c, f, "segments") / f - 1) < 0.25 for c in budgets for f in budgets[c] if 0.25 <= f < 1),
+          "segments decode about one token per segment (N/L of the tokens, within a quarter) at N = L/4 and L/2")
+
+    first = rows[RD_STUDIES[0]][0]
+    relocate = next(row["config"]["density"] for row in rows[RD_STUDIES[0]] if row["levels"]["method"] == "splats-budget")
+    out.update({
+        "rd_device": ", ".join(sorted({row["device_name"] for st in RD_STUDIES for row in rows[st]})),
+        "rd_prompts": str(first["prompts"]), "rd_sets": str(len({row["prompt_set"] for row in rows[RD_STUDIES[0]]})),
+        "rd_steps": str(first["config"]["steps"]), "rd_max_tokens": str(first["max_tokens"]),
+        "rd_objective": first["config"]["objective"].replace("1*", "").replace("+", " + ").upper().replace("CE", "decode CE"),
+        "rd_cos_lead": "N ≤ " + budget_label(max(cos_lead)), "rd_cos_lag": budget_label(lag),
+        # at N = L every prompt stores one term per token: floats per token is the cost of one term
+        "rd_splat_floats": f"{cell['test', 1.0, 'splats']['floats_per_token_mean']:.0f}",
+        "rd_term_floats": f"{cell['test', 1.0, 'dct']['floats_per_token_mean']:.0f}",
+        "rd_adaptive_initial": pct(AdaptiveDensity().initial_fraction, 0),
+        "rd_relocate_fraction": pct(relocate["relocate_fraction"], 0), "rd_relocate_interval": str(relocate["interval"]),
+        "rd_relocate_start": str(relocate["start"]), "rd_relocate_stop": pct(relocate["stop_fraction"], 0),
+    })
+
+    # the selection on the validation split: which level of which selection study each method runs
+    sel_rows = {study: study_rows(study) for study in SELECTION_STUDIES}
+    sel = {study: ablate.summarize(sel_rows[study], metrics=("token_accuracy",)) for study in SELECTION_STUDIES}
+    settings_of = {(study, row["levels"]["method"]): {k: v for k, v in row["settings"].items() if k != "n_splats"}
+                   for study in SELECTION_STUDIES for row in sel_rows[study]}
+    common = sorted(set.intersection(*({e["n_splats"] for e in sel[st]} for st in SELECTION_STUDIES)))
+    at = max(common)  # the budget every selection study measured
+    val = {(st, e["method"]): e["token_accuracy_mean"] for st in SELECTION_STUDIES for e in sel[st] if e["n_splats"] == at}
+    rd_settings = {row["levels"]["method"]: {k: v for k, v in row["settings"].items() if k != "n_splats"}
+                   for row in rows[RD_STUDIES[0]]}
+    # the settings every row shares (the study's [base]), left out when a level's settings are shown
+    shared = {k: v for k, v in rows[RD_STUDIES[0]][0]["settings"].items()
+              if all(row["settings"].get(k, object()) == v for st in (*RD_STUDIES, *SELECTION_STUDIES)
+                     for row in (rows[st] if st in rows else sel_rows[st]))}
+    sel_table, chosen_acc = [], {}
+    for method, settings in rd_settings.items():
+        chosen = [(st, name) for (st, name), s in settings_of.items() if s == settings and (st, name) in val]
+        chosen_names = list(dict.fromkeys(name for _, name in chosen))
+        others = [(st, name) for (st, name), s in settings_of.items()
+                  if family(s) == family(settings) and (st, name) not in chosen and (st, name) in val]
+        best = max(others, key=lambda k: val[k], default=None)
+        chosen_acc[method] = val[chosen[0]] if chosen else None
+        shown = setting_text(settings, shared)
+        sel_table.append([rate_distortion.METHODS.get(method, (method,))[0], f"`{shown}`" if shown != "the defaults" else shown,
+                          ", ".join(f"`{name}`" for name in chosen_names) or "–", pct(chosen_acc[method]) if chosen else "–",
+                          f"`{best[1]}` ({pct(val[best])})" if best else "–"])
+    none = val[SELECTION_STUDIES[0], "splats"]
+    density_levels = [(st, name) for (st, name), s in settings_of.items() if family(s)[1] != "none" and (st, name) in val]
+    claim(all(val[k] <= none for k in density_levels), f"no density setting beat no density control on validation at N = {budget_label(at)}")
+    segments = {e["n_splats"]: set() for st in SELECTION_STUDIES for e in sel[st]}
+    for st in SELECTION_STUDIES:
+        for e in sel[st]:
+            if family(settings_of[st, e["method"]]) == ("segments", "none"):
+                segments[e["n_splats"]].add(round(e["token_accuracy_mean"], 4))
+    claim(all(len(v) <= 1 for v in segments.values()), "the segments' validation accuracy does not depend on the learning rate")
+    for method in ("fixed-grid", "dct"):
+        claim(all(chosen_acc[method] >= val[k] for k, s in settings_of.items() if family(s) == family(rd_settings[method]) and k in val),
+              f"{method} runs with its best setting on validation")
+    best_adaptive = max((k for k in density_levels if family(settings_of[k])[1] == "adaptive"), key=lambda k: val[k])
+    idle_budget = [name for (st, name), s in settings_of.items() if s.get("density") == "budget"]
+    relocated = sum(row["relocated"] for st in SELECTION_STUDIES for row in sel_rows[st] if row["levels"]["method"] in idle_budget)
+    relocating = [k for k in density_levels if family(settings_of[k])[1] == "budget" and k[1] not in idle_budget]
+    best_relocating = max(relocating, key=lambda k: val[k])
+    # mobile splats' best other level at the common budget, against the defaults at every selection budget
+    splat_levels = [k for k, s in settings_of.items() if family(s) == ("splats", "none") and s != rd_settings["splats"] and k in val]
+    rival = max(splat_levels, key=lambda k: val[k])
+    rival_acc = {e["n_splats"]: e["token_accuracy_mean"] for e in sel[rival[0]] if e["method"] == rival[1]}
+    default_acc = {e["n_splats"]: e["token_accuracy_mean"] for e in sel[rival[0]] if e["method"] == "splats"}
+    claim(rival_acc[at] - default_acc[at] < 0.01 and any(rival_acc[f] < default_acc[f] for f in rival_acc),
+          "no other setting of mobile splats beat the defaults by a point, and the best of them loses at another budget")
+    sel_first = sel_rows[SELECTION_STUDIES[0]][0]
+    out.update({
+        "sel_table": table(["method", "settings in the rate–distortion runs", "validation level", f"validation, N = {budget_label(at)}",
+                            "best other level of its kind"], sel_table, "lllrl"),
+        "sel_budget": budget_label(at), "sel_prompts": str(sel_first["prompts"]), "sel_corpus": corpus_label(sel_first["corpus"]),
+        "sel_levels": str(len({json.dumps(s, sort_keys=True) for s in settings_of.values()})),  # distinct settings
+        "sel_budgets": words(f"L/{k}" for k in sorted({round(1 / row["levels"]["n_splats"]) for st in SELECTION_STUDIES
+                                                      for row in sel_rows[st]}, reverse=True)),
+        "sel_none": pct(none), "sel_best_adaptive": best_adaptive[1], "sel_best_adaptive_acc": pct(val[best_adaptive]),
+        "sel_best_adaptive_initial": pct(settings_of[best_adaptive]["density"].get("initial_fraction", AdaptiveDensity().initial_fraction), 0),
+        "sel_idle_budget": ", ".join(f"`{n}`" for n in idle_budget), "sel_idle_relocated": f"{relocated:,}",
+        "sel_best_relocating": best_relocating[1], "sel_best_relocating_acc": pct(val[best_relocating]),
+        "sel_splats_rival": rival[1], "sel_splats_rival_settings": setting_text(settings_of[rival], shared),
+        "sel_splats_rival_vs_default": words(f"{pct(rival_acc[f])} against {pct(default_acc[f])} at N = {budget_label(f)}"
+                                             for f in sorted(rival_acc, reverse=True)),
+    })
+    return out
+
+
 def method_values() -> dict[str, str]:
     """Settings the method section names, read from the code's defaults (not results, and not typed twice)."""
     import splatopt
@@ -249,6 +457,11 @@ def reproduce_values() -> dict[str, str]:
             command = (f"splatopt bench --batch {c['batch']} --length {c['length']} --splats {c['splats']} --dim {c['dim']} "
                        f"--objective {c['objective']} --dtype {c['dtype']} --out {relative(path.parent)}")
         rows.append([f"`{relative(path)}`", f"`{command}`", data.get("device", "–")])
+    from splatopt import ablate
+
+    for path in ablation_paths():
+        devices = ", ".join(sorted({row["device_name"] for row in ablate.read_rows(path)}))
+        rows.append([f"`{relative(path.parent)}/`", f"`{ablation_command(path)}`", devices])
     return {"reproduce_table": table(["results file", "command", "device"], rows, "lll")}
 
 
@@ -288,15 +501,36 @@ def ablation_paths() -> list[Path]:
     return sorted(figure_io.DATA.glob("ablations/*/results.jsonl"))
 
 
+def ablation_command(results: Path) -> str:
+    """The command that writes a study's folder: its file in figures/studies/ (else the recorded copy), --device as recorded."""
+    from splatopt import ablate
+
+    study = results.parent.name
+    source = figure_io.FIGURES / "studies" / f"{study}.toml"
+    source = source if source.is_file() else results.parent / "study.toml"
+    devices = sorted({row["config"].get("device", "cpu") for row in ablate.read_rows(results)})
+    device = f" --device {devices[0]}" if len(devices) == 1 and devices[0] != "cpu" else ""
+    return f"splatopt ablate {relative(source)} --out {relative(results.parent)}{device}"
+
+
 def ablation_section(paths: list[Path]) -> str:
-    """Each recorded study's summary table (mean and 95 % t-interval over replicates), by splatopt.ablate."""
+    """Each recorded study: its description and design (its study.toml), device and command, and its summary table
+    (mean and 95 % t-interval over replicates, by splatopt.ablate)."""
     from splatopt import ablate
 
     parts = []
     for path in paths:
-        study = path.parent.name
-        parts.append(f"**{study}** (`{relative(path)}`; `splatopt ablate figures/studies/{study}.toml "
-                     f"--out {relative(path.parent)}`)\n\n" + ablate.markdown_table(ablate.summarize(ablate.read_rows(path))))
+        rows = ablate.read_rows(path)
+        copy = path.parent / "study.toml"
+        text = f"{len(rows)} fits on {', '.join(sorted({r['device_name'] for r in rows}))}."
+        if copy.is_file():
+            study = ablate.Study.parse(copy.read_text(), source=relative(copy))
+            seeds = f"seed{'s' if len(study.seeds) > 1 else ''} {', '.join(map(str, study.seeds))}"
+            sets = f"{study.prompt_sets} prompt set{'s' if study.prompt_sets > 1 else ''}"
+            text = (f"{study.spec.get('description', '').strip()} Corpus: {corpus_label(study.corpus)}, {study.prompts} prompts of "
+                    f"{study.min_tokens}–{study.max_tokens} tokens × {sets}, {seeds}; " + text).lstrip()
+        parts.append(f"**{path.parent.name}**. {text} `{ablation_command(path)}`\n\n"
+                     + ablate.markdown_table(ablate.summarize(rows)).rstrip("\n"))
     return "\n\n".join(parts)
 
 
@@ -318,10 +552,6 @@ def _glob(pattern: str) -> Callable[[], list[Path]]:
 
 
 PENDING_SECTIONS = [
-    PendingSection("density", "Density control and baselines",
-                   "token accuracy against the number of floats kept (the rate–distortion frontier) for splats with "
-                   "split/clone/prune, fixed-grid splats, DCT truncation and segment mean-pooling, all with the same objective",
-                   "figures/data/rate_distortion.json", _glob("rate_distortion.json"), figures=("rate_distortion",)),
     PendingSection("meta_init", "Meta-learned initialization",
                    "token accuracy against inner steps for the learned initializer vs the grid initializer",
                    "figures/data/meta_init.json", _glob("meta_init.json"), figures=("meta_init",)),
@@ -329,7 +559,8 @@ PENDING_SECTIONS = [
                    "inner-step time of fused render and projection + cross-entropy kernels against the eager and compiled paths",
                    "a path other than eager / compile in figures/data/bench/*.json", fused_kernel_paths, fused_kernel_section),
     PendingSection("ablations", "Ablations",
-                   "the studies in figures/studies/ (kernel and mode, objective weights, layer, mobility, init steps)",
+                   "the studies in figures/studies/ (kernel and mode, objective weights, layer, mobility, init steps, "
+                   "and the density and baseline studies of section 3.5)",
                    "figures/data/ablations/<study>/results.jsonl", ablation_paths, ablation_section, figures=("ablations",)),
 ]
 
@@ -350,7 +581,8 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, throughput_values, edit_values, method_values, reproduce_values):
+    for part in (roundtrip_values, fit_values, throughput_values, edit_values, density_values, method_values,
+                 reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})
     return values

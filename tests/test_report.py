@@ -68,13 +68,32 @@ def test_render_refuses_a_placeholder_without_value_and_a_missing_figure():
 
 def test_pending_section_is_not_measured_until_its_data_exists(tmp_path, monkeypatch):
     monkeypatch.setattr(figure_io, "DATA", tmp_path)
-    density = next(s for s in report_build.PENDING_SECTIONS if s.key == "density")
-    assert report_build.NOT_MEASURED in report_build.pending_section(density)
-    rows = [{"method": "splats", "floats": 1536, "token_accuracy": 0.9956}, {"method": "dct", "floats": 1536, "token_accuracy": 0.43}]
-    (tmp_path / "rate_distortion.json").write_text(json.dumps({"command": "python scripts/x.py", "rows": rows}))
-    text = report_build.pending_section(density)
+    meta = next(s for s in report_build.PENDING_SECTIONS if s.key == "meta_init")
+    assert report_build.NOT_MEASURED in report_build.pending_section(meta)
+    rows = [{"init": "learned", "steps": 50, "token_accuracy": 0.9956}, {"init": "grid", "steps": 50, "token_accuracy": 0.43}]
+    (tmp_path / "meta_init.json").write_text(json.dumps({"command": "python scripts/x.py", "rows": rows}))
+    text = report_build.pending_section(meta)
     assert report_build.NOT_MEASURED not in text
-    assert "| splats | 1536 | 0.9956 |" in text and "`python scripts/x.py`" in text
+    assert "| learned | 50 | 0.9956 |" in text and "`python scripts/x.py`" in text
+
+
+def test_rate_distortion_numbers_are_the_rows_means(report):
+    """The density section's table, recomputed here from results.jsonl without splatopt.ablate."""
+    for study, corpus in (("rate_distortion", "stdlib test"), ("rate_distortion_ood", "licences (out of domain)")):
+        rows = [json.loads(line) for line in (figure_io.DATA / "ablations" / study / "results.jsonl").read_text().splitlines()]
+        for method, name in (("splats", "mobile splats"), ("dct", "DCT")):
+            mine = [r["token_accuracy"] for r in rows if r["levels"] == {"n_splats": 0.125, "method": method}]
+            assert len(mine) == 2
+            line = next(l for l in report.splitlines() if l.startswith(f"| {corpus} | {name} |"))
+            assert f"| {100 * sum(mine) / 2:.1f} ± " in line, line
+        assert f"`splatopt ablate figures/studies/{study}.toml --out figures/data/ablations/{study} --device cuda`" in report
+    assert "![Rate–distortion](../figures/rate_distortion.png)" in report
+
+
+def test_a_claim_the_data_no_longer_supports_stops_the_build():
+    report_build.claim(True, "anything")
+    with pytest.raises(ValueError, match="the report claims that splats win"):
+        report_build.claim(False, "splats win")
 
 
 def test_reproduce_command_quotes_json_and_points_at_the_committed_file():
