@@ -94,8 +94,8 @@ def _check_values(settings: dict) -> None:
     from .density import resolve_density
     from .init import resolve_initializer
 
-    if "init" in settings and isinstance(settings["init"], (str, dict)):
-        resolve_initializer(settings["init"])
+    if "init" in settings and isinstance(settings["init"], (str, dict)) and settings["init"] != "learned":
+        resolve_initializer(settings["init"])  # "learned" is chosen by the study's model, in fit
     if "density" in settings and isinstance(settings["density"], (str, dict)):
         resolve_density(settings["density"])
     if "basis" in settings and settings["basis"] not in BASES:

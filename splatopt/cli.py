@@ -1,4 +1,4 @@
-"""``splatopt`` command line: fit, show, edit, bench, ablate, demo."""
+"""``splatopt`` command line: fit, show, edit, bench, ablate, meta-train, demo."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def cmd_fit(args) -> int:
     model = fixedpos.load(args.model, layer=args.layer)
     optimizer = splatopt.InnerOptimizer(**json.loads(args.optimizer)) if args.optimizer else None
     result = splatopt.fit(
-        texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective, init=args.init,
+        texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective,
+        init={"name": "learned", "path": args.init} if args.init.endswith(".safetensors") else args.init,
         optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, seed=args.seed,
         device=_device(args.device), record_every=args.record_every, progress=not args.quiet,
         basis=args.basis, density=json.loads(args.density) if args.density.startswith("{") else args.density,
@@ -169,6 +170,24 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_meta_train(args) -> int:
+    from splatopt import meta
+
+    cfg = meta.MetaConfig.from_toml(args.config)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    if overrides:
+        import tomllib
+
+        cfg = meta.MetaConfig.from_dict({**cfg.to_dict(), **tomllib.loads("\n".join(f"{k} = {v}" for k, v in overrides.items()))},
+                                        f"{args.config} with --set")
+    net = meta.train(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {args.device}; "
+              f"inner learning-rate scales {[round(x, 3) for x in net.log_lr_scale.detach().exp().tolist()]}")
+        print(f"wrote {Path(args.out) / 'initializer.safetensors'}, metrics.jsonl, checkpoint.safetensors")
+    return 0
+
+
 def cmd_demo(args) -> int:
     args.text, args.file, args.model, args.layer = [DEMO_TEXT], None, "minilm-l6", None
     args.splats, args.objective, args.init, args.optimizer = 0.25, "mse+ce", "grid", None
@@ -191,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splats", type=_n_splats, default=0.5, help="splats: a fraction of L (0.25) or a count (8)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--objective", default="mse+ce")
-    p.add_argument("--init", default="grid", choices=["grid", "tokens"])
+    p.add_argument("--init", default="grid", help="grid, tokens, learned (the shipped meta-trained initializer) or a .safetensors file of one")
     p.add_argument("--optimizer", default=None, help='InnerOptimizer fields as JSON, e.g. \'{"lr_mu": 0.2}\'')
     p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"])
     p.add_argument("--mode", default="additive", choices=["additive", "normalized"])
@@ -253,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run into a folder that holds another study's results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("meta-train", help="meta-train the splat initializer (bilevel; runs under torchrun too)")
+    p.add_argument("--config", required=True, help="TOML of splatopt.meta.MetaConfig keys, e.g. splatopt/initializers/minilm-l6-layer2.toml")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.safetensors, metrics.jsonl, initializer.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint left it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("demo", help="fit the built-in sample text with the embedded defaults and plot it")
     p.add_argument("--steps", type=int, default=300)

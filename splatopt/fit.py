@@ -25,8 +25,9 @@ from fixedpos.cache import read_safetensors, write_safetensors
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
 from .density import DensityContext, NoDensify, resolve_density
 from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
+from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
-from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
+from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, target_rms
 from .render import KERNELS, MODES, render, splat_weights
 from .splats import SplatSet
 
@@ -248,7 +249,9 @@ def fit(
     [B, L, d] or :class:`Targets`. model: a ``fixedpos.FieldModel``; None = the embedded default.
     n_splats: a fraction of each prompt's length (0.5 = L/2), an int for every prompt, or one int
     per prompt; 1 <= N <= L. steps: inner steps (0 = the initializer's splats). objective: e.g.
-    "mse+ce" (default), "mse", "0.5*mse+ce+cosine". init: "grid", "tokens" or an initializer.
+    "mse+ce" (default), "mse", "0.5*mse+ce+cosine". init: "grid", "tokens", "learned" (the
+    meta-trained initializer shipped for ``model``; with ``optimizer=None`` the fit then uses the
+    inner Adam it was meta-trained with), a dict, or an initializer.
     optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping). kernel: "gaussian"
     or "erf"; mode: "additive" or "normalized". varpro: embeddings in closed form (least squares
     on the field) at every step, only the geometry is optimized. seed: seeds the initializer's
@@ -277,20 +280,23 @@ def fit(
     if basis != "splats" and (varpro or truncate is not None):
         raise ValueError(f"basis={basis!r} takes no varpro or truncate: its coefficients start at the least-squares optimum")
     objective = Objective.parse(objective)
-    optimizer = optimizer or InnerOptimizer()
-    initializer = resolve_initializer(init)
-    if basis == "fixed-grid" and not isinstance(initializer, GridInit):
-        raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if basis in ("dct", "segments") and init != "grid":
         raise ValueError(f"basis={basis!r} takes no init: its coefficients start at the least-squares optimum")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
     is_field = isinstance(texts_or_fields, (Tensor, Targets))
-    if model is None and (not is_field or objective.needs_decoder):
+    if model is None and (not is_field or objective.needs_decoder or init == "learned"):
         import fixedpos
 
         model = fixedpos.load()
+    initializer = resolve_initializer(init, model)
+    if basis == "fixed-grid" and not isinstance(initializer, GridInit):
+        raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
+    if isinstance(initializer, LearnedInitializer):
+        initializer.to(device)  # a network initializer runs where the fit runs
+        optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
+    optimizer = optimizer or InnerOptimizer()
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
     decode = model.decode if model is not None else None
     if objective.needs_decoder and ids is None:
@@ -306,6 +312,7 @@ def fit(
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
         "steps": steps, "objective": str(objective), "init": init if isinstance(init, (str, dict)) else type(init).__name__,
+        "initializer_meta": getattr(initializer, "meta", None),
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
         "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
         "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **vars(strategy)},
@@ -389,8 +396,7 @@ def _fit_chunk(
     L = target.shape[1]
     tok = mask[..., None].to(target.dtype)
     lengths = mask.sum(-1)
-    # per-prompt RMS of the target per dimension: the unit of the embedding learning rate
-    v_scale = ((target**2 * tok).sum((1, 2)) / (tok.sum((1, 2)) * target.shape[-1])).sqrt()[:, None, None]
+    v_scale = target_rms(target, mask)
     if basis == "splats":
         strategy = strategy or NoDensify()
         with torch.no_grad():

@@ -106,21 +106,33 @@ class WarmStart:
 INITIALIZERS = {"grid": GridInit, "tokens": TokenInit}
 
 
-def resolve_initializer(init) -> Initializer:
+def resolve_initializer(init, model=None) -> Initializer:
     """An initializer from a name ("grid", "tokens", "learned"), a dict such as ``{"name": "grid",
-    "sigma_scale": 1.0}`` (a study file's spelling), or an object implementing the protocol."""
+    "sigma_scale": 1.0}`` or ``{"name": "learned", "path": "init.safetensors"}`` (a study file's
+    spelling), or an object implementing the protocol. "learned" is the meta-trained initializer
+    shipped for ``model`` (:func:`splatopt.learned.load_learned`)."""
     if isinstance(init, dict):
         options = dict(init)
         name = options.pop("name", None)
+        if name == "learned":
+            from .learned import LearnedInitializer
+
+            if set(options) != {"path"}:
+                raise ValueError(f"init={init!r}: a learned initializer takes only path = a file written by splatopt meta-train")
+            return LearnedInitializer.load(options["path"]).eval().requires_grad_(False)
         if name not in INITIALIZERS:
-            raise ValueError(f"init={init!r}: a dict needs name = one of {sorted(INITIALIZERS)}, plus its fields")
+            raise ValueError(f"init={init!r}: a dict needs name = one of {sorted(INITIALIZERS) + ['learned']}, plus its fields")
         try:
             return INITIALIZERS[name](**options)
         except TypeError as err:
             raise ValueError(f"init={init!r}: {err}") from err
     if isinstance(init, str):
         if init == "learned":
-            raise ValueError("init='learned' needs a meta-trained initializer, which this version does not ship yet")
+            from .learned import load_learned
+
+            if model is None:
+                raise ValueError("init='learned' needs the model (the shipped initializer is chosen by model and layer)")
+            return load_learned(model)
         if init not in INITIALIZERS:
             raise ValueError(f"init={init!r}: choose one of {sorted(INITIALIZERS)} or pass an initializer object")
         return INITIALIZERS[init]()

@@ -93,6 +93,12 @@ class InnerOptimizer:
         return asdict(self)
 
 
+def target_rms(target: Tensor, mask: Tensor) -> Tensor:
+    """[B, 1, 1] per-prompt RMS of the target per dimension over its tokens: the unit of ``lr_v``."""
+    tok = mask[..., None].to(target.dtype)
+    return ((torch.where(mask[..., None], target, 0.0) ** 2).sum((1, 2)) / (tok.sum((1, 2)) * target.shape[-1])).sqrt()[:, None, None]
+
+
 def adam_init(params: dict[str, Tensor]) -> dict[str, Tensor | dict]:
     """Adam state: first and second moments (zeros like each parameter) and a step count."""
     return {

@@ -1,0 +1,474 @@
+"""Bilevel meta-training of the splat initializer.
+
+    cfg = MetaConfig(outer_steps=2000, inner_steps=10, mode="full")
+    initializer = splatopt.meta.train(cfg, out="runs/meta")        # or: splatopt meta-train --config cfg.toml
+
+Outer loop: sample a batch of prompts (fields encoded once, kept on the device), let the
+:class:`~splatopt.learned.LearnedInitializer` propose splats, run K inner steps of the fit
+(:func:`unroll`: render -> objective -> gradient -> functional Adam, nothing in place), and take an
+outer Adam step on the fit objective after K steps (or its mean over steps 0..K). Prompts are
+independent, so a plain batch dimension with a summed loss gives exact per-prompt gradients.
+
+Modes of the inner differentiation (``MetaConfig.mode``):
+
+- ``"full"``: every inner step is differentiated exactly (second order, ``create_graph=True``).
+- ``"first-order"``: inner gradients are constants (first-order MAML): each step's update is
+  detached, so d params_K / d params_0 = I, and the initializer gets the gradient of the loss at
+  the fitted splats; learning-rate scales still get their (first-order) gradient.
+- ``"truncated"``: the last ``truncate_k`` steps exactly, the earlier ones first-order. Cutting
+  the early steps off entirely, as truncated backprop does for an optimizer's own parameters,
+  would leave an initializer with no gradient at all; the first-order bridge keeps one.
+
+Known traps, handled: Adam's root takes its epsilon inside (``optim.adam_step``), so its
+derivative at v = 0 is finite; the inner optimizer never updates in place; second-order unrolls run
+uncompiled; memory of a full unroll grows linearly with K (``checkpoint_inner`` recomputes each
+step's forward in the backward); ``curriculum`` lengthens the horizon from 1 to K over the first
+outer steps. Checkpoints (safetensors + JSON: network, outer Adam, data RNG, step) are written
+atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly. Under ``torchrun``
+the network is wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA); every rank draws
+the same global batch indices from one generator and takes its own slice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field as dc_field, fields, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fixedpos.cache import atomic_write_bytes, read_safetensors, write_safetensors
+
+from .learned import Architecture, LearnedInitializer
+from .objectives import Objective, objective_terms
+from .optim import InnerOptimizer, adam_init, adam_step, target_rms
+from .render import render
+from .splats import SplatSet
+
+MODES = ("full", "truncated", "first-order")
+CHECKPOINT_FORMAT = "splatopt.meta-checkpoint"
+LR_GROUPS = ("mu", "log_sigma", "weight_logit", "v")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Everything that decides a meta-training run (a TOML file's keys, flat; see ``from_toml``).
+
+    Data: ``corpus`` (``stdlib:train``, ``licenses`` or a .txt/.jsonl path), ``prompts`` sampled
+    from it with ``min_tokens..max_tokens`` tokens, ``fractions``: N/L drawn per outer step.
+    Inner: ``inner_steps`` K, ``mode``, ``truncate_k``, ``objective``, ``loss_over`` ("final": the
+    loss after K steps; "mean": mean over steps 0..K), ``learn_lr`` (meta-learn a scale per group
+    of the inner learning rates), ``curriculum`` (outer steps over which the horizon grows from 1
+    to K; 0 = off), ``checkpoint_inner`` (recompute each inner step's forward in the backward).
+    Outer: ``outer_steps``, ``batch`` (prompts per step and rank), Adam ``lr`` with ``warmup`` and
+    cosine decay (``lr_scale_lr`` for the four learning-rate scales, which need larger moves), ``clip`` (global gradient norm), ``amp`` (bf16 autocast of the network on CUDA;
+    the unrolled fit stays fp32). ``time_limit_s``: stop early (with a checkpoint) after this wall
+    time. Logging: ``log_every`` (JSONL; TensorBoard with ``tensorboard = true``),
+    ``checkpoint_every``, ``eval_every`` on ``eval_prompts`` validation prompts.
+    """
+
+    corpus: str = "stdlib:train"
+    prompts: int = 16384
+    min_tokens: int = 8
+    max_tokens: int = 64
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
+    model: str = "minilm-l6"
+    layer: int | None = None
+    width: int = 192
+    heads: int = 4
+    layers: int = 2
+    inner_steps: int = 10
+    mode: str = "full"
+    truncate_k: int = 3
+    objective: str = "mse+ce"
+    loss_over: str = "final"
+    learn_lr: bool = True
+    curriculum: int = 0
+    checkpoint_inner: bool = False
+    inner_optimizer: dict = dc_field(default_factory=dict)
+    outer_steps: int = 1000
+    batch: int = 64
+    lr: float = 3e-4
+    lr_scale_lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    amp: bool = False
+    seed: int = 0
+    time_limit_s: float | None = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    eval_prompts: int = 128
+    eval_corpus: str = "stdlib:validation"
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
+        if self.loss_over not in ("final", "mean"):
+            raise ValueError(f"loss_over={self.loss_over!r}: choose 'final' or 'mean'")
+        for name in ("inner_steps", "outer_steps", "batch", "prompts", "log_every", "checkpoint_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an int >= 1")
+        if self.mode == "truncated" and not 1 <= self.truncate_k <= self.inner_steps:
+            raise ValueError(f"truncate_k={self.truncate_k} must lie in 1..inner_steps={self.inner_steps}")
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"fractions={self.fractions!r}: each N/L must lie in (0, 1]")
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
+        InnerOptimizer(**self.inner_optimizer)  # fails early on a misspelt field
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "MetaConfig":
+        """Read a TOML file of ``MetaConfig`` keys; unknown keys are an error naming them."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"meta-training config {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from err
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> "MetaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; the keys are {sorted(known)}")
+        raw = dict(raw)
+        if "fractions" in raw:
+            raw["fractions"] = tuple(float(f) for f in raw["fractions"])
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["fractions"] = list(self.fractions)
+        return out
+
+
+# ---------------------------------------------------------------------------- the unrolled fit
+def unroll(
+    splats: SplatSet,
+    target: Tensor,
+    mask: Tensor,
+    ids: Tensor | None,
+    decode,
+    objective: Objective | str,
+    optimizer: InnerOptimizer,
+    steps: int,
+    mode: str = "full",
+    truncate_k: int = 1,
+    log_lr_scale: Tensor | None = None,
+    checkpoint_inner: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run ``steps`` inner Adam steps from ``splats``, differentiably. Returns (losses [steps + 1, B], final params).
+
+    splats: SplatSet [B, N(, d)] whose parameters may carry a graph (the initializer's output).
+    target [B, L, d], mask [B, L], ids [B, L] (for a "ce" term). The learning-rate schedule runs
+    over ``steps`` (as ``fit`` would for a ``steps``-step fit). log_lr_scale: [4] log scales of the
+    groups' learning rates (mu, log_sigma, weight_logit, v). losses[k] is the loss at step k
+    (k = 0: the initializer's splats), each still attached to the graph.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    objective = Objective.parse(objective)
+    L = target.shape[1]
+    params = splats.params()
+    state = adam_init(params)
+    v_scale = target_rms(target, mask)
+
+    def loss_of(*values: Tensor) -> Tensor:
+        field = render(replace(splats, **dict(zip(params, values))), L)
+        return objective_terms(objective, field, target, mask, ids, decode)[0]
+
+    losses = []
+    for k in range(steps + 1):
+        values = tuple(params.values())
+        if checkpoint_inner:
+            loss = torch.utils.checkpoint.checkpoint(loss_of, *values, use_reentrant=False)
+        else:
+            loss = loss_of(*values)
+        losses.append(loss)
+        if k == steps:
+            break
+        exact = mode == "full" or (mode == "truncated" and k >= steps - truncate_k)
+        grads = torch.autograd.grad(loss.sum(), values, create_graph=exact, retain_graph=True)
+        lrs = optimizer.learning_rates(k, steps, v_scale)
+        if log_lr_scale is not None:
+            scale = log_lr_scale.exp()
+            lrs = {g: lrs[g] * scale[i] for i, g in enumerate(LR_GROUPS)}
+        params, state, _ = adam_step(params, dict(zip(params, grads)), state, lrs, optimizer)
+    return torch.stack(losses), params
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class FieldBank:
+    """Encoded prompts kept on the device: field [P, L, d], mask [P, L], ids [P, L], texts."""
+
+    field: Tensor
+    mask: Tensor
+    ids: Tensor
+    texts: list[str]
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(field, mask, ids) of prompts ``idx``, trimmed to their longest prompt."""
+        mask = self.mask[idx]
+        L = int(mask.sum(-1).max())
+        return self.field[idx, :L].float(), mask[:, :L], self.ids[idx, :L]
+
+
+def encode_bank(model, texts: list[str], device, dtype=torch.float32, chunk: int = 256, progress: bool = False) -> FieldBank:
+    """Tokenize and encode ``texts`` once (frozen model) into a :class:`FieldBank` on ``device``."""
+    from tqdm.auto import tqdm
+
+    batches = [model.tokenize(texts[i : i + chunk], device=device) for i in range(0, len(texts), chunk)]
+    L = max(b.mask.shape[1] for b in batches)
+    fields_, masks, ids = [], [], []
+    for b in tqdm(batches, desc="encode", disable=not progress, leave=False):
+        f = model.encode(b).to(dtype)
+        pad = L - f.shape[1]
+        fields_.append(torch.nn.functional.pad(f, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(b.mask, (0, pad)))
+        ids.append(torch.nn.functional.pad(b.ids, (0, pad)))
+    return FieldBank(torch.cat(fields_), torch.cat(masks), torch.cat(ids), list(texts))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimizer, generator: torch.Generator,
+                    step: int, cfg: MetaConfig, elapsed_s: float) -> None:
+    """Network, outer Adam state, the data generator and the step, as one safetensors file (atomic)."""
+    tensors = {f"net.{k}": t for k, t in net.state_dict().items()}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                tensors[f"opt.{names[id(p)]}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+    tensors["rng.data"] = generator.get_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed_s": repr(elapsed_s),
+            "config": json.dumps(cfg.to_dict(), sort_keys=True), "param_groups": json.dumps(groups),
+            "net_meta": json.dumps(net.meta, sort_keys=True)}
+    write_safetensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimizer, generator: torch.Generator,
+                    cfg: MetaConfig) -> tuple[int, float]:
+    """Restore a :func:`save_checkpoint` file in place; returns (step, elapsed seconds). Refuses another run's file."""
+    tensors, header = read_safetensors(path, "meta-training checkpoint")
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a meta-training checkpoint (format {header.get('format')!r})")
+    saved = json.loads(header["config"])
+    changed = sorted(k for k, v in cfg.to_dict().items()
+                     if saved.get(k) != v and k not in ("outer_steps", "time_limit_s", "log_every", "checkpoint_every"))
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings ({changed}); resume with the same config or use another --out")
+    device = next(net.parameters()).device
+    net.load_state_dict({k.removeprefix("net."): t.to(device) for k, t in tensors.items() if k.startswith("net.")})
+    params = dict(net.named_parameters())
+    for k, t in tensors.items():
+        if k.startswith("opt."):
+            name, key = k.removeprefix("opt.").rsplit(".", 1)
+            opt.state[params[name]][key] = t if key == "step" else t.to(device)
+    for group, saved_group in zip(opt.param_groups, json.loads(header["param_groups"])):
+        group.update(saved_group)
+    generator.set_state(tensors["rng.data"])
+    return int(header["step"]), float(header.get("elapsed_s", "0"))
+
+
+# ---------------------------------------------------------------------------- the outer loop
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initializes the process group under torchrun (WORLD_SIZE set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def outer_lr(cfg: MetaConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth, of the outer learning rate."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.outer_steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def horizon(cfg: MetaConfig, step: int) -> int:
+    """Inner steps at outer step ``step``: K, or 1 -> K linearly over the first ``curriculum`` steps."""
+    if not cfg.curriculum:
+        return cfg.inner_steps
+    return max(1, min(cfg.inner_steps, 1 + (cfg.inner_steps * step) // cfg.curriculum))
+
+
+def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, model=None, bank: FieldBank | None = None,
+          progress: bool = True) -> LearnedInitializer:
+    """Meta-train a LearnedInitializer; writes ``out/checkpoint.safetensors``, ``out/metrics.jsonl``,
+    ``out/config.json`` and, at the end, ``out/initializer.safetensors``. Returns the trained initializer.
+
+    resume: continue from ``out/checkpoint.safetensors`` (same config; outer_steps may grow).
+    model: a FieldModel (default: ``fixedpos.load(cfg.model, layer=cfg.layer)``). bank: encoded
+    training prompts (default: ``cfg.prompts`` sampled from ``cfg.corpus``).
+    """
+    import fixedpos
+    from tqdm.auto import tqdm
+
+    rank, world = _distributed()
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    out = Path(out)
+    ckpt_path, log_path = out / "checkpoint.safetensors", out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and ckpt_path.exists():
+            raise ValueError(f"{out} already holds a meta-training run; pass --resume to continue it or use another --out")
+        if resume and not ckpt_path.exists():
+            raise ValueError(f"--resume: {ckpt_path} does not exist")
+    model = model or fixedpos.load(cfg.model, layer=cfg.layer)
+    if bank is None:
+        texts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus, "train"), cfg.prompts,
+                                        cfg.max_tokens, cfg.min_tokens, seed=cfg.seed)
+        bank = encode_bank(model, texts, device, progress=progress and rank == 0)
+    torch.manual_seed(cfg.seed)  # the network's own initialization: identical on every rank
+    net = LearnedInitializer(
+        Architecture(model.dim, cfg.width, cfg.heads, cfg.layers),
+        InnerOptimizer(**cfg.inner_optimizer),
+        meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict()},
+    ).to(device)
+    net.log_lr_scale.requires_grad_(cfg.learn_lr)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    network = [p for p in trainable if p is not net.log_lr_scale]
+    groups = [{"params": network, "base_lr": cfg.lr}]
+    if cfg.learn_lr:
+        groups.append({"params": [net.log_lr_scale], "base_lr": cfg.lr_scale_lr, "weight_decay": 0.0})
+    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start, elapsed = 0, 0.0
+    if resume:
+        start, elapsed = load_checkpoint(ckpt_path, net, opt, generator, cfg)
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+        _truncate_log(log_path, start)
+    module = net
+    if world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = None
+    if cfg.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError("tensorboard = true needs the tensorboard package (pip install tensorboard)") from err
+        writer = SummaryWriter(str(out / "tensorboard"))
+    evaluator = _Evaluator(cfg, model, device) if cfg.eval_every and rank == 0 else None
+    objective = Objective.parse(cfg.objective)
+    decode = model.decode if objective.needs_decoder else None
+    began = time.perf_counter() - elapsed
+    bar = tqdm(range(start, cfg.outer_steps), desc="meta-train", disable=not progress or rank != 0, unit="step",
+               initial=start, total=cfg.outer_steps)
+    step = start
+    for step in bar:
+        idx = torch.randint(len(bank.texts), (cfg.batch * world,), generator=generator)[rank * cfg.batch : (rank + 1) * cfg.batch]
+        frac = cfg.fractions[int(torch.randint(len(cfg.fractions), (1,), generator=generator))]
+        target, mask, ids = bank.batch(idx.to(bank.field.device))
+        n = (mask.sum(-1).float() * frac).round().long().clamp(min=1)
+        K = horizon(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = outer_lr(cfg, step) * group["base_lr"] / cfg.lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            splats = module(target, mask, n)
+        losses, _ = unroll(splats, target, mask, ids, decode, objective, net.optimizer, K, cfg.mode, min(cfg.truncate_k, K),
+                           net.log_lr_scale if cfg.learn_lr else None, cfg.checkpoint_inner)
+        per_prompt = losses[-1] if cfg.loss_over == "final" else losses.mean(0)
+        outer = per_prompt.mean()
+        opt.zero_grad(set_to_none=True)
+        outer.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+        opt.step()
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps):
+            row = {"step": done, "loss": float(outer.detach()), "loss_init": float(losses[0].mean()), "loss_final": float(losses[-1].mean()),
+                   "horizon": K, "fraction": frac, "grad_norm": float(grad_norm), "lr": outer_lr(cfg, step),
+                   "lr_scales": net.log_lr_scale.detach().exp().tolist(), "elapsed_s": round(time.perf_counter() - began, 3)}
+            if evaluator is not None and done % cfg.eval_every == 0:
+                row.update(evaluator(net))
+            _append_jsonl(log_path, row)
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(k, v, done)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - began > cfg.time_limit_s
+        if world > 1:  # every rank must stop at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            torch.distributed.all_reduce(flag)
+            out_of_time = bool(flag.item())
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.outer_steps or out_of_time):
+            save_checkpoint(ckpt_path, net, opt, generator, done, cfg, time.perf_counter() - began)
+        if out_of_time:
+            break
+    net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
+    net.meta["wall_s"] = round(time.perf_counter() - began, 1)
+    net.meta["world_size"] = world
+    if rank == 0:
+        net.save(out / "initializer.safetensors")
+    if writer is not None:
+        writer.close()
+    return net.eval()
+
+
+class _Evaluator:
+    """Token accuracy after K inner steps (and at 0) on validation prompts, through ``fit``."""
+
+    def __init__(self, cfg: MetaConfig, model, device) -> None:
+        import fixedpos
+
+        texts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.eval_corpus), cfg.eval_prompts,
+                                        cfg.max_tokens, cfg.min_tokens, seed=cfg.seed + 1)
+        self.bank, self.model, self.cfg, self.device = encode_bank(model, texts, device), model, cfg, device
+
+    def __call__(self, net: LearnedInitializer) -> dict:
+        from .fit import Targets, fit
+
+        was_training = net.training
+        net.eval()
+        b = self.bank
+        out = {}
+        for steps in (0, self.cfg.inner_steps):
+            r = fit(Targets(b.field.float(), b.mask, b.ids), self.model, n_splats=0.25, steps=steps, init=net,
+                    objective=self.cfg.objective, device=self.device, record_every=0, progress=False)
+            out[f"val_token_accuracy_{steps}"] = float(r.token_accuracy.mean())
+        net.train(was_training)
+        return out
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only log rows up to ``step`` (a resumed run re-logs the steps after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from a killed run
+    atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())
