@@ -1,7 +1,9 @@
 """Chunked projection + cross-entropy (splatopt.kernels.linear_cross_entropy) against the materialized
-reference ``decode_cross_entropy(q @ W.T + b, ids, mask)``, and its wiring into objective_terms / fit. The Triton softmax kernel runs in Triton's CPU interpreter without CUDA.
+reference ``decode_cross_entropy(q @ W.T + b, ids, mask)``, its wiring into objective_terms / fit,
+and the decode-aware bench. The Triton softmax kernel runs in Triton's CPU interpreter without CUDA.
 """
 
+import json
 import os
 import sys
 
@@ -195,7 +197,7 @@ def test_chunk_loop_through_the_triton_rows(monkeypatch):
     assert_matches(chunked(q, weight, bias, ids, mask, chunk_rows=4), reference(q, weight, bias, ids, mask), 1e-5)
 
 
-# ------------------------------------------------------------------ objective_terms, fit
+# ------------------------------------------------------------------ objective_terms, fit, bench
 
 
 def test_decode_parts_reassemble_the_decoder(model):
@@ -269,6 +271,29 @@ def test_fit_with_fused_ce_equals_the_materialized_fit(model):
     for key in ("loss", "ce", "token_accuracy"):
         torch.testing.assert_close(got.history[key], ref.history[key], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.splats.mu, ref.splats.mu, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_times_the_decode_aware_paths(tmp_path, capsys, model):
+    from splatopt.bench import BenchConfig, device_peak_flops, run_bench
+    from splatopt.cli import main
+
+    cfg = BenchConfig(batch=2, length=8, splats=2, dim=model.dim, objective="mse+ce", warmup=0, iters=1)
+    out = run_bench(cfg, "cpu", ("eager", "fused_ce"), model=model, peak_tflops=2.0)
+    assert out["projection_flops"] == 4 * 2 * 8 * model.dim * model.vocab_size
+    for path in ("eager", "fused_ce"):
+        r = out["results"][path]
+        assert r["step_ms"] > 0 and r["speedup_vs_eager"] > 0
+        assert r["tensor_core_fraction"] == pytest.approx(out["projection_flops"] / (r["step_ms"] / 1e3) / 2e12)
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and device_peak_flops("NVIDIA H100 PCIe") == 756.5e12
+    assert device_peak_flops("Some Future GPU") is None
+    with pytest.raises(ValueError, match="fused_ce"):
+        run_bench(BenchConfig(batch=2, length=8, splats=2, dim=16), "cpu", ("fused_ce",))
+    argv = ["bench", "--batch", "2", "--length", "8", "--splats", "2", "--objective", "mse+ce", "--warmup", "0",
+            "--iters", "1", "--paths", "eager", "fused_ce", "--peak-tflops", "1", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "of bf16 tensor-core peak" in capsys.readouterr().out
+    (written,) = tmp_path.glob("*.json")
+    assert set(json.loads(written.read_text())["results"]) == {"eager", "fused_ce"}
 
 
 # ------------------------------------------------------------------ GPU
