@@ -4,6 +4,7 @@
     batch = model.tokenize(["some text"])        # ids/mask [B, L], offsets [B, L, 2]
     field = model.encode(batch)                  # [B, L, d], frozen
     logits = model.decode(field)                 # [B, L, V], differentiable in field
+    features, E, b = model.decode_parts("cpu")   # decode(f) == features(f) @ E.T + b (fused kernels)
 """
 
 from __future__ import annotations

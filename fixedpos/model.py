@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -265,8 +265,8 @@ class FieldModel:
             raise ValueError(f"head is for d={head.dim}, V={head.vocab_size}; {self.name} has d={self.dim}, V={self.vocab_size}")
         self._head = head
 
-    def decode(self, field: Tensor) -> Tensor:
-        """Logits [..., L, V] from a field [..., L, d]; differentiable in ``field``, head frozen."""
+    def _head_for(self, field: Tensor) -> "DecoderHead":
+        """The head, on ``field``'s device, after checking that it can decode ``field``."""
         if not isinstance(field, Tensor):
             raise TypeError(f"field must be a torch.Tensor, not {type(field).__name__}")
         if field.shape[-1] != self.dim:
@@ -274,7 +274,30 @@ class FieldModel:
         head = self.head
         if head.bias.device != field.device:
             head.to(field.device)
+        return head
+
+    def decode(self, field: Tensor) -> Tensor:
+        """Logits [..., L, V] from a field [..., L, d]; differentiable in ``field``, head frozen."""
+        head = self._head_for(field)
         return head(field.to(head.bias.dtype))
+
+    def decode_features(self, field: Tensor) -> Tensor:
+        """Query vectors [..., L, d] of a field [..., L, d], differentiable in ``field``:
+        ``decode(field) == decode_features(field) @ embeddings.T + bias`` (see :meth:`decode_parts`)."""
+        head = self._head_for(field)
+        return head.features(field.to(head.bias.dtype))
+
+    def decode_parts(self, device: torch.device | str) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+        """The decoder split at its vocabulary projection: ``(decode_features, embeddings [V, d], bias [V])``
+        on ``device``, such that ``decode(f) == decode_features(f) @ embeddings.T + bias``.
+
+        For callers that fuse the projection [.., V] with what follows it (a cross-entropy that never
+        stores the logits). embeddings and bias are frozen (no gradient), like the head in ``decode``.
+        """
+        head = self.head
+        if head.bias.device != torch.device(device):
+            head.to(device)
+        return self.decode_features, head.embeddings, head.bias.detach()
 
     def __repr__(self) -> str:
         return f"FieldModel({self.name!r}, layer={self.layer}, d={self.dim}, V={self.vocab_size}, window={self.window})"

@@ -1,13 +1,24 @@
 """Benchmark of one inner step (render + objective + backward + Adam) on synthetic targets.
 
-Reports prompt-steps per second for the eager path, the ``torch.compile`` path and the fused Triton
-field loss (``"fused"``, :mod:`splatopt.kernels`) measured in the same run, so their ratios are
-meaningful; results are saved as JSON with the device named. Each path's Adam step is the same
-eager ``adam_step``; ``loss_backward_ms`` times the render + loss + backward part alone.
+Reports prompt-steps per second for the eager path, the ``torch.compile`` path, the fused Triton
+field loss (``"fused"``, :mod:`splatopt.kernels`) and, for an objective with a cross-entropy term,
+the chunked projection + cross-entropy (``"fused_ce"``: :func:`splatopt.kernels.linear_cross_entropy`,
+bf16 products on CUDA) measured in the same run, so their ratios are meaningful; results are saved
+as JSON with the device named. "eager" and "compile" materialize the float32 logits [B·L, V]. Each
+path's Adam step is the same eager ``adam_step``; ``loss_backward_ms`` times the render + loss +
+backward part alone.
 
 The roofline: a step must at least read the target once and read and write the splat parameters
 and Adam's two moments, ``target + 6 x params`` bytes; ``hbm_roofline_fraction`` is that over the
 step time, over the device's peak memory bandwidth (``PEAK_GBS`` by device name, or ``peak_gbs``).
+
+With a cross-entropy term the step is compute-bound instead, dominated by the vocabulary
+projection. ``projection_flops = 4 B L d V``: the logits ``[B·L, d] x [d, V]`` (2 B L d V, multiply
+and add) plus the gradient wrt the decoder's features ``[B·L, V] x [V, d]`` (2 B L d V); no
+gradient wrt the frozen embeddings is needed, and the head's small d x d layers, the softmax and
+the render are not counted. ``tensor_core_fraction`` is ``projection_flops`` over the step time,
+over the device's peak dense bf16 tensor-core rate (``PEAK_BF16_FLOPS`` by device name, or
+``peak_tflops``): the share of the step the hardware would need for the projection alone.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +45,22 @@ PEAK_GBS = (
     ("A100-PCIE-40GB", 1555.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-40GB", 1555.0), ("A100", 2039.0),
     ("L40S", 864.0), ("L4", 300.0), ("A10G", 600.0), ("RTX 4090", 1008.0),
 )
+
+
+# peak dense (no sparsity) bf16 tensor-core FLOP/s with float32 accumulation, same matching
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12),  # SXM
+    ("GH200", 989.4e12), ("H200", 989.4e12),
+    ("A100", 312e12), ("L40S", 362.05e12), ("L4", 121e12),
+)
+
+
+def device_peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 tensor-core FLOP/s of a device named like ``torch.cuda.get_device_name``; None if unknown."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
 
 
 def device_peak_gbs(device_name: str) -> float | None:
@@ -78,17 +106,21 @@ def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
 
 
 def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths: tuple[str, ...] = ("eager", "compile"), model=None,
-              peak_gbs: float | None = None) -> dict:
-    """Time one inner step for ``cfg`` on ``device`` for each path ("eager", "compile", "fused"); a JSON-able dict.
+              peak_gbs: float | None = None, peak_tflops: float | None = None) -> dict:
+    """Time one inner step for ``cfg`` on ``device`` for each path ("eager", "compile", "fused", "fused_ce"); a JSON-able dict.
 
+    model: the field model whose decoder a cross-entropy objective uses (default: the embedded one).
     peak_gbs: the device's peak memory bandwidth for the roofline fraction (default: ``PEAK_GBS``).
+    peak_tflops: its peak dense bf16 TFLOP/s for ``tensor_core_fraction`` (default: ``PEAK_BF16_FLOPS``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    unknown = set(paths) - {"eager", "compile", "fused"}
+    unknown = set(paths) - {"eager", "compile", "fused", "fused_ce"}
     if unknown:
-        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused")
+        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, fused_ce")
     dtype = getattr(torch, cfg.dtype)
     objective = Objective.parse(cfg.objective)
+    if "fused_ce" in paths and not objective.ce:
+        raise ValueError(f"bench path 'fused_ce' times the cross-entropy term; objective {cfg.objective!r} has none (try mse+ce)")
     decode = None
     if objective.needs_decoder:
         if model is None:
@@ -107,9 +139,9 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     opt = InnerOptimizer()
     v_scale = torch.ones(cfg.batch, 1, 1, device=device, dtype=dtype)
 
-    def loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(params: dict[str, torch.Tensor], fused_ce: bool = False) -> torch.Tensor:
         field = render(splats.with_params(params), cfg.length, cfg.kernel)
-        return objective_terms(objective, field, target, mask, ids, decode)[0].sum()
+        return objective_terms(objective, field, target, mask, ids, decode, fused_ce)[0].sum()
 
     if "fused" in paths:
         from .kernels import field_loss, unavailable_reason
@@ -124,7 +156,12 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
 
     results = {}
     for path in paths:
-        fn = torch.compile(loss_fn) if path == "compile" else fused_loss_fn if path == "fused" else loss_fn
+        if path == "compile":
+            fn = torch.compile(loss_fn)
+        elif path == "fused":
+            fn = fused_loss_fn
+        else:
+            fn = partial(loss_fn, fused_ce=path == "fused_ce")
         params = {k: t.detach().clone() for k, t in splats.params().items()}
         state = adam_init(params)
         holder = {"params": params, "state": state}
@@ -152,6 +189,8 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     param_bytes = sum(t.numel() * t.element_size() for t in splats.params().values())
     roofline_bytes = target_bytes + 6 * param_bytes  # target read; params and both moments read + written
     peak = peak_gbs if peak_gbs is not None else (device_peak_gbs(device_name) if device.type == "cuda" else None)
+    peak_flops = peak_tflops * 1e12 if peak_tflops is not None else (device_peak_flops(device_name) if device.type == "cuda" else None)
+    projection_flops = 4 * cfg.batch * cfg.length * cfg.dim * model.vocab_size if decode is not None else None
     out = {
         "config": asdict(cfg),
         "device": device_name,
@@ -163,9 +202,13 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         "roofline_bytes": roofline_bytes,
         "peak_gbs": peak,
         "roofline_ms": roofline_bytes / (peak * 1e9) * 1e3 if peak else None,
+        "projection_flops": projection_flops,
+        "peak_bf16_flops": peak_flops,
     }
     for path, r in results.items():
         r["hbm_roofline_fraction"] = roofline_bytes / (r["step_ms"] / 1e3) / (peak * 1e9) if peak else None
+        if projection_flops is not None:
+            r["tensor_core_fraction"] = projection_flops / (r["step_ms"] / 1e3) / peak_flops if peak_flops else None
         if "eager" in results:
             r["speedup_vs_eager"] = results["eager"]["step_ms"] / r["step_ms"]
     return out

@@ -139,15 +139,16 @@ def cmd_bench(args) -> int:
                       kernel=args.kernel, dtype=args.dtype, warmup=args.warmup, iters=args.iters,
                       fused_precision=args.fused_precision)
     paths = tuple(args.paths) + (("fused",) if args.fused and "fused" not in args.paths else ())
-    result = run_bench(cfg, _device(args.device), paths, peak_gbs=args.peak_gbs)
+    result = run_bench(cfg, _device(args.device), paths, peak_gbs=args.peak_gbs, peak_tflops=args.peak_tflops)
     print(f"device {result['device']}, torch {result['torch']}: B={cfg.batch} L={cfg.length} N={cfg.splats} d={cfg.dim} "
           f"objective {cfg.objective} {cfg.dtype}")
     for path, r in result["results"].items():
         mem = f", peak {r['peak_memory_gb']:.2f} GB" if r["peak_memory_gb"] is not None else ""
         speedup = f"  x{r['speedup_vs_eager']:.2f} vs eager" if "speedup_vs_eager" in r else ""
         roof = f", {r['hbm_roofline_fraction']:.1%} of HBM roofline" if r["hbm_roofline_fraction"] is not None else ""
+        tensor = f", {r['tensor_core_fraction']:.1%} of bf16 tensor-core peak" if r.get("tensor_core_fraction") is not None else ""
         print(f"  {path:<8} {r['step_ms']:8.2f} ms/step ({r['loss_backward_ms']:.2f} ms loss+backward)  "
-              f"{r['prompt_steps_per_s']:12.0f} prompt-steps/s{speedup}{roof}{mem}")
+              f"{r['prompt_steps_per_s']:12.0f} prompt-steps/s{speedup}{roof}{tensor}{mem}")
     print(f"wrote {save_bench(result, args.out)}")
     return 0
 
@@ -246,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused), and save JSON")
+    p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused; "
+                                      "--objective mse+ce --paths eager fused_ce for the decode-aware term), and save JSON")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--splats", type=int, default=16)
@@ -256,10 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--paths", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "fused"])
+    p.add_argument("--paths", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "fused", "fused_ce"],
+                   help="fused: the Triton field loss (mse/cosine); fused_ce: the chunked projection + cross-entropy")
     p.add_argument("--fused", action="store_true", help="also time the fused Triton field loss (splatopt.kernels)")
     p.add_argument("--fused-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"], help="tl.dot precision of --fused")
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s for the tensor-core fraction of a cross-entropy objective")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="figures/data/bench")
     p.set_defaults(func=cmd_bench)

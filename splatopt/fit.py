@@ -242,6 +242,7 @@ def fit(
     frozen_steps: int = 0,
     basis: str = "splats",
     density="none",
+    fused_ce: bool | None = None,
 ) -> FitResult:
     """Fit Gaussian text splats to prompts.
 
@@ -262,7 +263,9 @@ def fit(
     basis: "splats" (mobile) or a fixed baseline at an equal float budget: "fixed-grid", "dct",
     "segments" (see :mod:`splatopt.basis`; ``n_splats`` then sets the budget). density: "none",
     "adaptive", "budget" or a strategy object (:mod:`splatopt.density`); ``n_splats`` is each
-    prompt's cap on active splats.
+    prompt's cap on active splats. fused_ce: the cross-entropy term without materialized logits
+    (see :func:`splatopt.objective_terms`): None = on CUDA (bf16 vocabulary products), True =
+    insist, False = the materialized float32 logits (needed to differentiate through the fit).
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -330,7 +333,7 @@ def fit(
                 field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
-                None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy,
+                None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce,
             )
         )
     if device.type == "cuda":
@@ -389,7 +392,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
-    generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None,
+    generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -450,7 +453,7 @@ def _fit_chunk(
     def record(step: int, p: dict[str, Tensor]) -> None:
         with torch.no_grad():
             s, fld = current(p)
-            loss, terms = objective_terms(objective, fld, target, mask, ids, decode)
+            loss, terms = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
             row = {"loss": loss, "field_error": relative_mse(fld, target, mask), "cosine": mean_cosine(fld, target, mask)}
             if "ce" in terms:
                 row["ce"] = terms["ce"]
@@ -478,7 +481,7 @@ def _fit_chunk(
         with torch.enable_grad():
             live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
             _, fld = current(live)
-            loss, _ = objective_terms(objective, fld, target, mask, ids, decode)
+            loss, _ = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
             grads = dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
         lrs = optimizer.learning_rates(step, steps, v_scale)
         if frozen is not None and step < frozen_steps:

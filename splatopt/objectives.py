@@ -84,6 +84,36 @@ def token_accuracy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     return hit.sum(-1).float() / mask.sum(-1).clamp_min(1).float()
 
 
+def decoder_parts(decode) -> Callable | None:
+    """``decode_parts(device)`` of a decoder that exposes its vocabulary projection, else None.
+
+    A decoder exposes it when it has a ``decode_parts`` method or is a bound method of an object
+    that has one (``fixedpos.FieldModel.decode``); it returns ``(features, embeddings [V, d],
+    bias [V])`` with ``decode(f) == features(f) @ embeddings.T + bias``.
+    """
+    parts = getattr(decode, "decode_parts", None)
+    return parts if parts is not None else getattr(getattr(decode, "__self__", None), "decode_parts", None)
+
+
+def _cross_entropy_term(field: Tensor, ids: Tensor, mask: Tensor, decode, fused_ce: bool | None) -> Tensor:
+    """[B] decode-aware cross-entropy, materialized (``decode`` then ``decode_cross_entropy``) or fused."""
+    parts = decoder_parts(decode) if fused_ce is not False else None
+    if fused_ce is None:
+        # the fused path pays off where the logits are the bottleneck (GPU memory and bandwidth);
+        # on the CPU the reference path keeps every number as it was
+        fused_ce = field.device.type == "cuda" and parts is not None
+    if not fused_ce:
+        return decode_cross_entropy(decode(field), ids, mask)
+    if parts is None:
+        raise ValueError(f"fused_ce=True needs a decoder that exposes decode_parts() (fixedpos.FieldModel.decode does), "
+                         f"not {decode!r}; pass fused_ce=None or False")
+    from .kernels.linear_ce import linear_cross_entropy  # here: splatopt.kernels imports this module
+
+    features, embeddings, bias = parts(field.device)
+    compute = torch.bfloat16 if field.device.type == "cuda" else None
+    return linear_cross_entropy(features(field), embeddings, bias, ids, mask, compute_dtype=compute)
+
+
 def objective_terms(
     objective: Objective,
     field: Tensor,
@@ -91,10 +121,19 @@ def objective_terms(
     mask: Tensor,
     ids: Tensor | None = None,
     decode: Callable[[Tensor], Tensor] | None = None,
+    fused_ce: bool | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss [B] (weighted sum) and each weighted term's unweighted value [B], by name.
 
     Terms with weight 0 are not computed, so a field-only objective never touches the decoder.
+    fused_ce: how the cross-entropy term is computed. False: ``decode(field)`` materializes the
+    logits [B, L, V] (the reference; differentiable twice). True: the chunked projection +
+    cross-entropy of :func:`splatopt.kernels.linear_cross_entropy` through the decoder's
+    :func:`decoder_parts` (ValueError if it has none); on CUDA its two vocabulary products take
+    bf16 operands (float32 accumulation, logits and softmax; the CUDA tests hold the term within
+    2e-2 of float32), elsewhere the features' precision; first order only, so meta-training
+    through the inner loop (``create_graph=True``) needs False. None: True on CUDA when the
+    decoder exposes its parts, else False.
     """
     terms: dict[str, Tensor] = {}
     loss = field.new_zeros(field.shape[0])
@@ -107,6 +146,6 @@ def objective_terms(
     if objective.ce:
         if ids is None or decode is None:
             raise ValueError("the objective has a cross-entropy term but no token ids / decoder were given")
-        terms["ce"] = decode_cross_entropy(decode(field), ids, mask)
+        terms["ce"] = _cross_entropy_term(field, ids, mask, decode, fused_ce)
         loss = loss + objective.ce * terms["ce"]
     return loss, terms

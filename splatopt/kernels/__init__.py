@@ -1,13 +1,17 @@
 """Fused GPU kernels (Triton) behind plain functions, with the PyTorch path as their reference.
 
-    from splatopt.kernels import available, field_loss, fused_field_loss
+    from splatopt.kernels import available, field_loss, fused_field_loss, linear_cross_entropy
     loss, terms = field_loss(splats, target, token_mask, "mse")     # fused where available
     loss = fused_field_loss(mu, log_sigma, weight_logit, v, slot_mask, target, token_mask, "mse")
+    ce = linear_cross_entropy(q, embeddings, bias, ids, token_mask)  # [B], logits never stored
 
 The fused field loss renders the additive Gaussian field, scores it (relative MSE and/or cosine)
 and differentiates it in one Triton kernel: the target is read once per step and the rendered
 field [B, L, d] is never written to memory. Triton is imported only when a kernel runs, so this
 package imports everywhere; ``available`` says whether the fused path can run.
+
+``linear_cross_entropy`` is the decode-aware term's vocabulary projection + cross-entropy in row
+chunks (:mod:`.linear_ce`): PyTorch everywhere, plus a small Triton softmax kernel on CUDA.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from ..objectives import Objective, objective_terms
 from ..render import render
 from ..splats import SplatSet
 from .fused import fused_field_loss, fused_field_terms, interpreting
+from .linear_ce import linear_cross_entropy
 
-__all__ = ["available", "field_loss", "fused_field_loss", "fused_field_terms", "unavailable_reason"]
+__all__ = ["available", "field_loss", "fused_field_loss", "fused_field_terms", "linear_cross_entropy", "unavailable_reason"]
 
 
 def unavailable_reason(device, kernel: str = "gaussian", mode: str = "additive", truncate: float | None = None,
