@@ -19,6 +19,11 @@ gradient wrt the frozen embeddings is needed, and the head's small d x d layers,
 the render are not counted. ``tensor_core_fraction`` is ``projection_flops`` over the step time,
 over the device's peak dense bf16 tensor-core rate (``PEAK_BF16_FLOPS`` by device name, or
 ``peak_tflops``): the share of the step the hardware would need for the projection alone.
+
+Long documents (``run_long_bench``, ``splatopt bench --long``): one inner step on an L = 10,000
+field with N = L/4 splats, rendered densely (``render`` with truncation: coefficients [B, L, N]) and
+locally (``render_local``: tiles, O(L·k·d)), the same field both ways; peak GPU memory per path, and
+an out-of-memory dense path recorded as such rather than crashing the run.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from .init import GridInit
+from .init import GridInit, TokenInit
 from .objectives import Objective, objective_terms
 from .optim import InnerOptimizer, adam_init, adam_step
 from .render import render
+from .render_local import DEFAULT_TILE, DEFAULT_TRUNCATE, plan_tiles, render_local
 
 
 # peak HBM bandwidth, GB/s, by a substring of torch.cuda.get_device_name (first match wins)
@@ -214,9 +220,111 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     return out
 
 
+@dataclass
+class LongBenchConfig:
+    batch: int = 1
+    length: int = 10_000
+    splats: int = 2_500
+    dim: int = 384
+    objective: str = "mse"
+    kernel: str = "gaussian"
+    mode: str = "additive"
+    truncate: float = DEFAULT_TRUNCATE
+    tile: int = DEFAULT_TILE
+    dtype: str = "float32"
+    warmup: int = 3
+    iters: int = 10
+
+
+def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = None,
+                   paths: tuple[str, ...] = ("dense", "local")) -> dict:
+    """Time one inner step (render + objective + backward + Adam) of long documents, per path; a JSON-able dict.
+
+    paths: "dense" (``render`` with ``truncate``: coefficients [B, L, N]) and "local"
+    (``render_local``). Targets are random [B, L, d]; splats start token-anchored (``TokenInit``:
+    evenly spaced, sigma 0.6 x spacing). Per path: step_ms (median), peak_memory_gb (the device's
+    peak during the path's steps, inputs included) and step_memory_gb (that peak over the memory
+    held before the path), or ``error`` if it ran out of memory. ``max_abs_diff``: between the two
+    paths' fields at the start; ``speedup_vs_dense``: dense step_ms over local step_ms.
+    Field-only objectives: a cross-entropy's [B, L, V] logits would dwarf the rendering measured here.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = set(paths) - {"dense", "local"}
+    if unknown:
+        raise ValueError(f"long bench paths {sorted(unknown)}: choose among dense, local")
+    objective = Objective.parse(cfg.objective)
+    if objective.needs_decoder:
+        raise ValueError(f"the long bench times rendering with a field-only objective (mse, cosine), not {cfg.objective!r}")
+    if not 1 <= cfg.splats <= cfg.length:
+        raise ValueError(f"splats={cfg.splats} must lie in 1..length={cfg.length}")
+    dtype = getattr(torch, cfg.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    target = torch.randn(cfg.batch, cfg.length, cfg.dim, generator=gen).to(device, dtype)
+    mask = torch.ones(cfg.batch, cfg.length, dtype=torch.bool, device=device)
+    splats = TokenInit()(target, mask, torch.full((cfg.batch,), cfg.splats, device=device))
+    opt = InnerOptimizer()
+    v_scale = torch.ones(cfg.batch, 1, 1, device=device, dtype=dtype)
+    draw = {
+        "dense": lambda s: render(s, cfg.length, cfg.kernel, cfg.mode, cfg.truncate),
+        "local": lambda s: render_local(s, cfg.length, cfg.kernel, cfg.mode, cfg.truncate, cfg.tile),
+    }
+    cuda = device.type == "cuda"
+    results, fields = {}, {}
+    for path in paths:
+        holder = {"params": {k: t.detach().clone() for k, t in splats.params().items()}}
+        holder["state"] = adam_init(holder["params"])
+
+        def step():
+            live = {k: t.detach().requires_grad_(True) for k, t in holder["params"].items()}
+            loss = objective_terms(objective, draw[path](splats.with_params(live)), target, mask)[0].sum()
+            grads = dict(zip(live, torch.autograd.grad(loss, list(live.values()))))
+            holder["params"], holder["state"], _ = adam_step(holder["params"], grads, holder["state"],
+                                                             opt.learning_rates(1, 2, v_scale), opt)
+
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device) if cuda else 0
+        try:
+            with torch.no_grad():  # on the host, so that one path's field does not weigh on the other's peak
+                fields[path] = draw[path](splats).cpu()
+            seconds = _timed(step, cfg.warmup, cfg.iters, device)
+        except torch.cuda.OutOfMemoryError as err:  # the dense path at large B·L·N: record it, go on
+            results[path] = {"error": "out of memory", "message": str(err).splitlines()[0]}
+            fields.pop(path, None)
+            continue
+        finally:
+            holder.clear()
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        results[path] = {
+            "step_ms": seconds * 1e3,
+            "prompt_steps_per_s": cfg.batch / seconds,
+            "peak_memory_gb": peak / 1e9 if cuda else None,
+            "step_memory_gb": (peak - held) / 1e9 if cuda else None,
+        }
+    if "step_ms" in results.get("dense", {}) and "step_ms" in results.get("local", {}):
+        results["local"]["speedup_vs_dense"] = results["dense"]["step_ms"] / results["local"]["step_ms"]
+    mu, sigma = splats.mu, splats.sigma
+    plan = plan_tiles(mu, sigma, splats.mask, cfg.length, min(cfg.tile, cfg.length), cfg.truncate)
+    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    return {
+        "bench": "long",
+        "config": asdict(cfg),
+        "device": device_name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "results": results,
+        "dense_coefficient_bytes": cfg.batch * cfg.length * cfg.splats * target.element_size(),  # one A [B, L, N]
+        "tile_candidates": plan.width,  # S: splats evaluated per tile (padded to a multiple of 8)
+        "max_abs_diff": float((fields["dense"] - fields["local"]).abs().max()) if len(fields) == 2 else None,
+    }
+
+
 def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: str | None = None) -> Path:
+    """Write a bench result as JSON under ``out_dir``, named after its configuration; returns the path."""
     cfg = result["config"]
-    name = name or f"step-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
+    prefix = "long" if result.get("bench") == "long" else "step"
+    name = name or f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
     path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -23,6 +23,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _or(value, default):
+    """``value`` unless it was not given (None): a 0 stays 0 and fails validation rather than becoming the default."""
+    return default if value is None else value
+
+
 def _n_splats(text: str) -> float | int:
     value = float(text)
     if value <= 0:
@@ -62,7 +67,7 @@ def cmd_fit(args) -> int:
     result = splatopt.fit(
         texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective,
         init={"name": "learned", "path": args.init} if args.init.endswith(".safetensors") else args.init,
-        optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, seed=args.seed,
+        optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, truncate=args.truncate, seed=args.seed,
         device=_device(args.device), record_every=args.record_every, progress=not args.quiet,
         basis=args.basis, density=json.loads(args.density) if args.density.startswith("{") else args.density,
     )
@@ -135,10 +140,13 @@ def cmd_edit(args) -> int:
 def cmd_bench(args) -> int:
     from splatopt.bench import BenchConfig, run_bench, save_bench
 
-    cfg = BenchConfig(batch=args.batch, length=args.length, splats=args.splats, dim=args.dim, objective=args.objective,
-                      kernel=args.kernel, dtype=args.dtype, warmup=args.warmup, iters=args.iters,
-                      fused_precision=args.fused_precision)
-    paths = tuple(args.paths) + (("fused",) if args.fused and "fused" not in args.paths else ())
+    if args.long:
+        return _bench_long(args)
+    cfg = BenchConfig(batch=_or(args.batch, 4096), length=_or(args.length, 64), splats=_or(args.splats, 16), dim=args.dim,
+                      objective=args.objective, kernel=args.kernel, dtype=args.dtype, warmup=_or(args.warmup, 5),
+                      iters=_or(args.iters, 20), fused_precision=args.fused_precision)
+    paths = tuple(args.paths or ("eager", "compile"))
+    paths += ("fused",) if args.fused and "fused" not in paths else ()
     result = run_bench(cfg, _device(args.device), paths, peak_gbs=args.peak_gbs, peak_tflops=args.peak_tflops)
     print(f"device {result['device']}, torch {result['torch']}: B={cfg.batch} L={cfg.length} N={cfg.splats} d={cfg.dim} "
           f"objective {cfg.objective} {cfg.dtype}")
@@ -149,6 +157,33 @@ def cmd_bench(args) -> int:
         tensor = f", {r['tensor_core_fraction']:.1%} of bf16 tensor-core peak" if r.get("tensor_core_fraction") is not None else ""
         print(f"  {path:<8} {r['step_ms']:8.2f} ms/step ({r['loss_backward_ms']:.2f} ms loss+backward)  "
               f"{r['prompt_steps_per_s']:12.0f} prompt-steps/s{speedup}{roof}{tensor}{mem}")
+    print(f"wrote {save_bench(result, args.out)}")
+    return 0
+
+
+def _bench_long(args) -> int:
+    from splatopt.bench import LongBenchConfig, run_long_bench, save_bench
+
+    if args.fused:
+        raise ValueError("--fused times the short-prompt step; the long bench compares the dense and local renderers")
+    length = _or(args.length, LongBenchConfig.length)
+    cfg = LongBenchConfig(batch=_or(args.batch, LongBenchConfig.batch), length=length, splats=_or(args.splats, max(1, length // 4)),
+                          dim=args.dim, objective=args.objective, kernel=args.kernel, mode=args.mode,
+                          truncate=_or(args.truncate, LongBenchConfig.truncate), tile=_or(args.tile, LongBenchConfig.tile),
+                          dtype=args.dtype, warmup=_or(args.warmup, LongBenchConfig.warmup), iters=_or(args.iters, LongBenchConfig.iters))
+    result = run_long_bench(cfg, _device(args.device), tuple(args.paths or ("dense", "local")))
+    print(f"device {result['device']}, torch {result['torch']}: B={cfg.batch} L={cfg.length} N={cfg.splats} d={cfg.dim} "
+          f"objective {cfg.objective} {cfg.dtype}, truncate {cfg.truncate:g} sigma, tiles of {cfg.tile} tokens "
+          f"({result['tile_candidates']} splats each)")
+    for path, r in result["results"].items():
+        if "error" in r:
+            print(f"  {path:<6} {r['error']}: {r['message']}")
+            continue
+        mem = f", peak {r['peak_memory_gb']:.3f} GB (step {r['step_memory_gb']:.3f} GB)" if r["peak_memory_gb"] is not None else ""
+        speedup = f"  x{r['speedup_vs_dense']:.1f} vs dense" if "speedup_vs_dense" in r else ""
+        print(f"  {path:<6} {r['step_ms']:9.2f} ms/step{speedup}{mem}")
+    if result["max_abs_diff"] is not None:
+        print(f"  fields differ by at most {result['max_abs_diff']:.2e}")
     print(f"wrote {save_bench(result, args.out)}")
     return 0
 
@@ -193,6 +228,7 @@ def cmd_demo(args) -> int:
     args.text, args.file, args.model, args.layer = [DEMO_TEXT], None, "minilm-l6", None
     args.splats, args.objective, args.init, args.optimizer = 0.25, "mse+ce", "grid", None
     args.kernel, args.mode, args.varpro, args.seed, args.record_every = "gaussian", "additive", False, 0, 5
+    args.truncate = None
     args.out = args.out or "splatopt-demo.safetensors"
     args.plot = args.plot or "splatopt-demo.png"
     print(f"fitting {args.splats} splats per token to: {DEMO_TEXT}")
@@ -216,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"])
     p.add_argument("--mode", default="additive", choices=["additive", "normalized"])
     p.add_argument("--varpro", action="store_true", help="closed-form embeddings, optimize geometry only")
+    p.add_argument("--truncate", type=float, default=None,
+                   help="cut splats off beyond this many sigmas and render locally (default: none, 4 for texts over 1024 tokens)")
     p.add_argument("--basis", default="splats", choices=["splats", "fixed-grid", "dct", "segments"],
                    help="mobile splats, or a fixed baseline at the same float budget")
     p.add_argument("--density", default="none",
@@ -248,18 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused; "
-                                      "--objective mse+ce --paths eager fused_ce for the decode-aware term), and save JSON")
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--length", type=int, default=64)
-    p.add_argument("--splats", type=int, default=16)
+                                      "--objective mse+ce --paths eager fused_ce for the decode-aware term), or dense vs "
+                                      "local rendering of a long document (--long), and save JSON")
+    p.add_argument("--long", action="store_true", help="long documents: dense vs local (tiled, truncated) rendering")
+    p.add_argument("--batch", type=int, default=None, help="prompts (default 4096; --long: 1)")
+    p.add_argument("--length", type=int, default=None, help="tokens per prompt (default 64; --long: 10000)")
+    p.add_argument("--splats", type=int, default=None, help="splats per prompt (default 16; --long: length / 4)")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--objective", default="mse")
     p.add_argument("--kernel", default="gaussian")
+    p.add_argument("--mode", default="additive", choices=["additive", "normalized"], help="--long only")
+    p.add_argument("--truncate", type=float, default=None, help="--long: splats cut off beyond this many sigmas (default 4)")
+    p.add_argument("--tile", type=int, default=None, help="--long: tokens per tile of the local renderer (default 64)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--paths", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "fused", "fused_ce"],
-                   help="fused: the Triton field loss (mse/cosine); fused_ce: the chunked projection + cross-entropy")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --long: 3)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --long: 10)")
+    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "fused_ce", "dense", "local"],
+                   help="default eager compile; fused: the Triton field loss (mse/cosine); fused_ce: the chunked "
+                        "projection + cross-entropy; --long: dense local")
     p.add_argument("--fused", action="store_true", help="also time the fused Triton field loss (splatopt.kernels)")
     p.add_argument("--fused-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"], help="tl.dot precision of --fused")
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")

@@ -29,10 +29,17 @@ from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
 from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, target_rms
 from .render import KERNELS, MODES, render, splat_weights
+from .render_local import DEFAULT_TRUNCATE, render_local
 from .splats import SplatSet
 
 
 BASIS_FORMAT = "splatopt.basis-fit"
+# tokens: a batch with a longer prompt is fitted with truncated splats (DEFAULT_TRUNCATE sigmas) and
+# the local renderer unless truncate is given; shorter batches render densely, untruncated, as always
+LONG_LENGTH = 1024
+# bytes of one dense coefficient tensor A [B, L, N] that varpro may build per chunk: its kernel
+# evaluation and the solve's backward keep several such tensors, and the local renderer has no A
+VARPRO_MAX_BYTES = 2**30
 
 
 @dataclass
@@ -255,7 +262,11 @@ def fit(
     inner Adam it was meta-trained with), a dict, or an initializer.
     optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping). kernel: "gaussian"
     or "erf"; mode: "additive" or "normalized". varpro: embeddings in closed form (least squares
-    on the field) at every step, only the geometry is optimized. seed: seeds the initializer's
+    on the field) at every step, only the geometry is optimized. truncate: splats contribute nothing
+    beyond ``truncate * sigma`` tokens of their centres, and the inner loop renders with the local
+    renderer (:func:`splatopt.render_local`: O(L·k·d), not O(L·N)); None = untruncated and dense,
+    except for batches with a prompt longer than ``LONG_LENGTH`` tokens, which get ``DEFAULT_TRUNCATE``
+    (the value used is in ``config["truncate"]``). seed: seeds the initializer's
     generator. device: default cuda if available. record_every: history/trajectory period
     (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
@@ -275,6 +286,8 @@ def fit(
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     if record_every < 0:
         raise ValueError(f"record_every={record_every} must be >= 0")
+    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, (int, float)) or not 0 < truncate < math.inf):
+        raise ValueError(f"truncate={truncate!r} must be a finite number of sigmas > 0, or None")
     if basis not in BASES:
         raise ValueError(f"basis={basis!r}: choose one of {BASES}")
     strategy = resolve_density(density)
@@ -311,6 +324,10 @@ def fit(
     if batch_size is None:
         batch_size = max(1, 16384 // field.shape[1])
     order = torch.argsort(lengths.cpu(), stable=True)
+    if truncate is None and basis == "splats" and int(lengths.max()) > LONG_LENGTH:
+        truncate = DEFAULT_TRUNCATE
+    if varpro:
+        _check_varpro_memory(lengths.cpu()[order], counts[order], batch_size, field.element_size())
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
@@ -368,6 +385,19 @@ def fit(
         density={k: torch.cat([ch["density"][k] for ch in chunks])[inverse].cpu() for k in chunks[0]["density"]}
         if "density" in chunks[0] else None,
     )
+
+
+def _check_varpro_memory(lengths: Tensor, counts: Tensor, batch_size: int, itemsize: int) -> None:
+    """Refuse varpro where a chunk's dense A [b, L, N] would exceed VARPRO_MAX_BYTES. lengths, counts: [B] in fit order."""
+    for c in range(0, len(lengths), batch_size):
+        b = len(lengths[c : c + batch_size])
+        L, N = int(lengths[c : c + batch_size].max()), int(counts[c : c + batch_size].max())
+        if b * L * N * itemsize > VARPRO_MAX_BYTES:
+            raise ValueError(
+                f"varpro=True solves for the embeddings with the dense coefficients A [{b}, {L}, {N}] "
+                f"({b * L * N * itemsize / 2**30:.1f} GiB per copy, several kept): too large; fit without varpro "
+                "(with truncate, the local renderer never builds A) or with a smaller batch_size"
+            )
 
 
 def _pad_to(t: Tensor, L: int) -> Tensor:
@@ -433,7 +463,9 @@ def _fit_chunk(
             a = splat_weights(s, L, kernel, mode, truncate)
             v = closed_form_v(a, target, mask, s.mask)
             return s.with_params({"v": v}), a @ v
-        return s, render(s, L, kernel, mode, truncate)
+        if truncate is not None:  # the same field as the dense truncated render, without A [B, L, N]
+            return s, render_local(s, L, kernel, mode, truncate)
+        return s, render(s, L, kernel, mode)
 
     def position_error(p: dict[str, Tensor], active: Tensor) -> Tensor:
         """[B, L] per-token cross-entropy (or squared field error without a decoder); -inf at padding."""

@@ -186,7 +186,8 @@ def unroll(
 
     def loss_of(*values: Tensor) -> Tensor:
         field = render(replace(splats, **dict(zip(params, values))), L)
-        return objective_terms(objective, field, target, mask, ids, decode)[0]
+        # the chunked cross-entropy stores its own gradient and cannot be differentiated twice
+        return objective_terms(objective, field, target, mask, ids, decode, fused_ce=mode == "first-order" and None)[0]
 
     losses = []
     for k in range(steps + 1):

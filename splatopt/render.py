@@ -6,6 +6,9 @@
 Kernels ``g``: ``"gaussian"`` samples exp(-x^2/2) at the token centre; ``"erf"`` averages the same
 Gaussian over the token's unit box [t - 1/2, t + 1/2] (closed form with erf), so a narrow splat
 still deposits its mass on the token it sits in. As sigma grows the two agree.
+
+This dense path builds the coefficients A [B, L, N]; for long texts ``render_local``
+(:mod:`splatopt.render_local`) renders the truncated field without them, in O(L·k·d).
 """
 
 from __future__ import annotations
@@ -50,6 +53,20 @@ def kernel_values(pos: Tensor, mu: Tensor, sigma: Tensor, kernel: str) -> Tensor
     raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
 
 
+def active_geometry(splats: SplatSet) -> tuple[Tensor, Tensor, Tensor]:
+    """(mu, sigma, weight), each [B, N], with inactive slots read as (0, 1, 0) (tokens, tokens, 1).
+
+    Inactive slots may hold anything (NaN, inf): reading them as these constants makes them
+    contribute exactly nothing, with gradients exactly zero, whatever they hold.
+    """
+    on = splats.mask
+    mu = torch.where(on, splats.mu, 0.0)
+    # clamp in log space: clamping after exp() gives NaN gradients (0 * inf) once exp overflows
+    log_sigma = torch.where(on, splats.log_sigma, 0.0).clamp(math.log(SIGMA_MIN), math.log(SIGMA_MAX))
+    weight = torch.sigmoid(torch.where(on, splats.weight_logit, 0.0)) * on
+    return mu, log_sigma.exp(), weight
+
+
 def splat_weights(
     splats: SplatSet,
     length_or_positions,
@@ -61,18 +78,12 @@ def splat_weights(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     pos = _positions(length_or_positions, splats.batch_size, splats.mu)
-    # inactive slots may hold anything (NaN, inf): read them as zeros so that they contribute
-    # exactly nothing, and their gradients are exactly zero, whatever they hold
-    on = splats.mask
-    mu = torch.where(on, splats.mu, 0.0)
-    # clamp in log space: clamping after exp() gives NaN gradients (0 * inf) once exp overflows
-    log_sigma = torch.where(on, splats.log_sigma, 0.0).clamp(math.log(SIGMA_MIN), math.log(SIGMA_MAX))
-    sigma = log_sigma.exp()
+    mu, sigma, weight = active_geometry(splats)
     g = kernel_values(pos, mu, sigma, kernel)
     if truncate is not None:
         far = (pos[:, :, None] - mu[:, None, :]).abs() > truncate * sigma[:, None, :]
         g = g.masked_fill(far, 0.0)
-    a = g * (torch.sigmoid(torch.where(on, splats.weight_logit, 0.0)) * on)[:, None, :]
+    a = g * weight[:, None, :]
     if mode == "normalized":
         a = a / (a.sum(-1, keepdim=True) + NORMALIZED_EPS)
     return a
