@@ -25,6 +25,7 @@ FIGURE_SCRIPTS = [
     "edit_warm_curves",
     "edit_trajectory",
     "rate_distortion",
+    "learned_init",
 ]
 
 

@@ -122,7 +122,10 @@ class MetaConfig:
             raise ValueError(f"fractions={self.fractions!r}: each N/L must lie in (0, 1]")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be divisible by heads={self.heads}")
-        InnerOptimizer(**self.inner_optimizer)  # fails early on a misspelt field
+        try:  # fail now, not after the data is encoded, on a misspelt field
+            InnerOptimizer(**self.inner_optimizer)
+        except TypeError as err:
+            raise ValueError(f"inner_optimizer={self.inner_optimizer!r}: {err}; its keys are InnerOptimizer's fields") from err
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "MetaConfig":
@@ -180,7 +183,17 @@ def unroll(
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     objective = Objective.parse(objective)
     L = target.shape[1]
-    params = splats.params()
+    # inner gradients are needed even where the caller runs without grad (evaluation, finite
+    # differences): splats that carry no graph become leaves of a local one
+    with torch.enable_grad():
+        params = {k: t if t.requires_grad else t.detach().requires_grad_(True) for k, t in splats.params().items()}
+        return _unroll(splats, params, target, mask, ids, decode, objective, optimizer, steps, mode, truncate_k,
+                       log_lr_scale, checkpoint_inner)
+
+
+def _unroll(splats, params, target, mask, ids, decode, objective, optimizer, steps, mode, truncate_k, log_lr_scale,
+            checkpoint_inner) -> tuple[Tensor, dict[str, Tensor]]:
+    L = target.shape[1]
     state = adam_init(params)
     v_scale = target_rms(target, mask)
 
@@ -387,20 +400,10 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         K = horizon(cfg, step)
         for group in opt.param_groups:
             group["lr"] = outer_lr(cfg, step) * group["base_lr"] / cfg.lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            splats = module(target, mask, n)
-        losses, _ = unroll(splats, target, mask, ids, decode, objective, net.optimizer, K, cfg.mode, min(cfg.truncate_k, K),
-                           net.log_lr_scale if cfg.learn_lr else None, cfg.checkpoint_inner)
-        per_prompt = losses[-1] if cfg.loss_over == "final" else losses.mean(0)
-        outer = per_prompt.mean()
-        opt.zero_grad(set_to_none=True)
-        outer.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
-        opt.step()
+        stats = _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device)
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps):
-            row = {"step": done, "loss": float(outer.detach()), "loss_init": float(losses[0].mean()), "loss_final": float(losses[-1].mean()),
-                   "horizon": K, "fraction": frac, "grad_norm": float(grad_norm), "lr": outer_lr(cfg, step),
+            row = {"step": done, **{k: float(v) for k, v in stats.items()}, "horizon": K, "fraction": frac, "lr": outer_lr(cfg, step),
                    "lr_scales": net.log_lr_scale.detach().exp().tolist(), "elapsed_s": round(time.perf_counter() - began, 3)}
             if evaluator is not None and done % cfg.eval_every == 0:
                 row.update(evaluator(net))
@@ -422,11 +425,36 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
     net.meta["wall_s"] = round(time.perf_counter() - began, 1)
     net.meta["world_size"] = world
+    if world > 1:  # DDP must have kept every rank's network identical: check, do not assume
+        flat = torch.cat([p.detach().flatten() for p in net.parameters()]).double()
+        spread = torch.stack([flat, -flat])
+        torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+        net.meta["ranks_in_step"] = bool(torch.allclose(spread[0], -spread[1], rtol=0, atol=1e-6))
+        torch.distributed.destroy_process_group()
     if rank == 0:
         net.save(out / "initializer.safetensors")
     if writer is not None:
         writer.close()
     return net.eval()
+
+
+def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device) -> dict[str, Tensor]:
+    """Propose, unroll K inner steps, one outer Adam step. Returns detached scalars (no host sync).
+
+    A function of its own so that the unrolled graph and its tensors die with its frame: nothing of
+    one outer step is alive when the next one starts.
+    """
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        splats = module(target, mask, n)
+    losses, _ = unroll(splats, target, mask, ids, decode, objective, net.optimizer, K, cfg.mode, min(cfg.truncate_k, K),
+                       net.log_lr_scale if cfg.learn_lr else None, cfg.checkpoint_inner)
+    outer = (losses[-1] if cfg.loss_over == "final" else losses.mean(0)).mean()
+    opt.zero_grad(set_to_none=True)
+    outer.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+    opt.step()
+    losses = losses.detach()
+    return {"loss": outer.detach(), "loss_init": losses[0].mean(), "loss_final": losses[-1].mean(), "grad_norm": grad_norm}
 
 
 class _Evaluator:

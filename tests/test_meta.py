@@ -1,0 +1,296 @@
+"""Meta-training of the splat initializer: the learned initializer, the differentiable unroll (against
+finite differences and the documented first-order gradient), exact resume, memory over outer steps,
+DistributedDataParallel on 2 gloo processes, and init="learned" in fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import fixedpos
+import splatopt
+from splatopt import meta
+from splatopt.init import GridInit
+from splatopt.learned import Architecture, LearnedInitializer
+from splatopt.optim import InnerOptimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_problem(dtype=torch.float64, seed=0):
+    """A 2-prompt field problem (d = 6, V = 5) with a random linear decoder, small enough for finite differences."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(2, 7, 6, generator=g, dtype=dtype)
+    mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    ids = torch.randint(0, 5, (2, 7), generator=g)
+    W = torch.randn(6, 5, generator=g, dtype=dtype)
+    torch.manual_seed(seed)
+    net = LearnedInitializer(Architecture(dim=6, width=8, heads=2, layers=1)).to(dtype)
+    with torch.no_grad():  # leave GridInit: give every output a gradient path and a non-trivial value
+        net.out.weight.normal_(0, 0.05, generator=g)
+        net.log_lr_scale.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=dtype))
+    return net, target, mask, ids, (lambda f: f @ W), torch.tensor([3, 2])
+
+
+def outer_loss(net, target, mask, ids, decode, n, mode="full", k=1, steps=3):
+    splats = net(target, mask, n)
+    losses, _ = meta.unroll(splats, target, mask, ids, decode, "mse+ce", InnerOptimizer(), steps, mode, k, net.log_lr_scale)
+    return losses[-1].sum()
+
+
+def test_untrained_learned_initializer_is_exactly_the_grid():
+    model_free = torch.randn(3, 11, 16)
+    mask = torch.arange(11)[None] < torch.tensor([11, 8, 4])[:, None]
+    n = torch.tensor([3, 4, 1])
+    net = LearnedInitializer(Architecture(dim=16, width=8, heads=2, layers=1))
+    got, want = net(model_free, mask, n), GridInit()(model_free, mask, n)
+    assert torch.equal(got.mask, want.mask)
+    for k in ("mu", "log_sigma", "weight_logit", "v"):  # inactive slots hold nothing by protocol
+        torch.testing.assert_close(getattr(got, k)[got.mask], getattr(want, k)[want.mask], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_initializer_keeps_masks_positions_and_inactive_slots_clean():
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(4, 20, 16, generator=g)
+    lengths = torch.tensor([20, 13, 5, 1])
+    mask = torch.arange(20)[None] < lengths[:, None]
+    target = torch.where(mask[..., None], target, torch.nan)  # padding may hold anything
+    n = torch.tensor([10, 4, 5, 1])
+    net = LearnedInitializer(Architecture(dim=16, width=8, heads=2, layers=2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3, generator=g)
+    s = net(target, mask, n)
+    assert s.mask.sum(-1).tolist() == n.tolist()
+    for k, t in s.params().items():
+        assert torch.isfinite(t).all(), k
+        assert (t[~s.mask] == 0).all(), f"inactive slots of {k} must be zero"
+    assert ((s.mu >= 0) & (s.mu <= (lengths[:, None] - 1))).all()
+
+
+def test_unrolled_gradient_matches_finite_differences_float64():
+    net, target, mask, ids, decode, n = tiny_problem()
+    params = {"out.weight": (0, 3), "proj_in.weight": (2, 1), "blocks.0.cross_reach": (1,), "log_lr_scale": (3,),
+              "out.bias": (7,)}
+    loss = outer_loss(net, target, mask, ids, decode, n)
+    grads = dict(zip(dict(net.named_parameters()), torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)))
+    named = dict(net.named_parameters())
+    h = 1e-6
+    for name, index in params.items():
+        p = named[name]
+        with torch.no_grad():
+            old = p[index].clone()
+            p[index] = old + h
+            up = outer_loss(net, target, mask, ids, decode, n)
+            p[index] = old - h
+            down = outer_loss(net, target, mask, ids, decode, n)
+            p[index] = old
+        fd = (up - down) / (2 * h)
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name][index], fd, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_first_order_gradient_is_the_loss_gradient_at_the_fitted_splats():
+    net, target, mask, ids, decode, n = tiny_problem()
+    got = torch.autograd.grad(outer_loss(net, target, mask, ids, decode, n, mode="first-order"), net.out.weight)[0]
+    # independently: fit to the end without any graph, take dL/dp_K, pull it back through the initializer
+    splats = net(target, mask, n)
+    with torch.no_grad():
+        _, final = meta.unroll(splats.detach(), target, mask, ids, decode, "mse+ce", InnerOptimizer(), 3, "first-order", 1,
+                               net.log_lr_scale)
+    live = {k: t.detach().requires_grad_(True) for k, t in final.items()}
+    from splatopt.objectives import objective_terms
+    from splatopt.render import render
+
+    fld = render(splats.with_params(live), target.shape[1])
+    dl_dp = torch.autograd.grad(objective_terms(splatopt.Objective.parse("mse+ce"), fld, target, mask, ids, decode)[0].sum(),
+                                list(live.values()))
+    want = torch.autograd.grad(list(splats.params().values()), net.out.weight, grad_outputs=list(dl_dp))[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    full = torch.autograd.grad(outer_loss(net, target, mask, ids, decode, n, mode="full"), net.out.weight)[0]
+    assert not torch.allclose(got, full), "first-order must drop the second-order terms"
+
+
+def test_truncated_over_every_step_is_the_full_unroll_and_shorter_lies_between():
+    net, target, mask, ids, decode, n = tiny_problem()
+    grad = lambda mode, k: torch.autograd.grad(outer_loss(net, target, mask, ids, decode, n, mode, k), net.out.weight)[0]  # noqa: E731
+    full, first = grad("full", 1), grad("first-order", 1)
+    torch.testing.assert_close(grad("truncated", 3), full, rtol=1e-12, atol=1e-14)
+    one = grad("truncated", 1)
+    assert not torch.allclose(one, full) and not torch.allclose(one, first)
+
+
+def test_unroll_losses_match_fit_of_the_same_steps():
+    net, target, mask, ids, decode, n = tiny_problem(torch.float32)
+    net = LearnedInitializer(Architecture(dim=6, width=8, heads=2, layers=1))  # untrained: the grid
+    with torch.no_grad():
+        splats = net(target, mask, n)
+        losses, final = meta.unroll(splats, target, mask, ids, decode, "mse", InnerOptimizer(), 5)
+    result = splatopt.fit(splatopt.Targets(target, mask), n_splats=n.tolist(), steps=5, objective="mse", init="grid",
+                          device="cpu", progress=False, record_every=1)
+    torch.testing.assert_close(losses.float(), result.history["loss"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fixedpos.load()
+
+
+@pytest.fixture(scope="module")
+def bank(model):
+    texts = ["Return the sum of a and b.", "Sort the list in place.", "Open the file for reading and writing.",
+             "A custom key function can be supplied.", "Raise ValueError if the value is negative.",
+             "Yield successive chunks from the iterable."]
+    return meta.encode_bank(model, texts, "cpu")
+
+
+def tiny_config(**over):
+    base = dict(prompts=6, outer_steps=4, batch=3, width=16, heads=2, layers=1, inner_steps=2, log_every=1,
+                checkpoint_every=2, warmup=1, fractions=(0.25, 0.5))
+    return meta.MetaConfig(**{**base, **over})
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypatch):
+    whole = meta.train(tiny_config(), tmp_path / "whole", model=model, bank=bank, device="cpu", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+    original = meta._append_jsonl
+
+    def crash_at_step_3(path, row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt("killed")
+        original(path, row)
+
+    monkeypatch.setattr(meta, "_append_jsonl", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
+    monkeypatch.setattr(meta, "_append_jsonl", original)
+    with pytest.raises(ValueError, match="--resume"):
+        meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        meta.train(tiny_config(lr=1e-2), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
+    resumed = meta.train(tiny_config(), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
+    again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for a, b in zip(rows, again):
+        for key in ("loss", "loss_init", "loss_final", "grad_norm", "fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=name)
+    loaded = LearnedInitializer.load(tmp_path / "cut" / "initializer.safetensors")
+    torch.testing.assert_close(loaded.log_lr_scale, resumed.log_lr_scale)
+
+
+def test_memory_does_not_grow_over_outer_steps(tmp_path, model, bank, monkeypatch):
+    """Each outer step's unrolled graph must be freed before the next one: no loss tensor survives its step."""
+    alive_at_next_call = []
+    previous: list[weakref.ref] = []
+    original = meta.unroll
+
+    def watched(*args, **kwargs):
+        if previous:
+            alive_at_next_call.append(previous[-1]() is not None)
+        losses, params = original(*args, **kwargs)
+        previous.append(weakref.ref(losses))
+        return losses, params
+
+    monkeypatch.setattr(meta, "unroll", watched)
+    meta.train(tiny_config(outer_steps=5), tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    assert alive_at_next_call == [False] * 4
+
+
+@pytest.mark.cuda
+def test_cuda_memory_does_not_grow_over_outer_steps(tmp_path, model, monkeypatch):
+    allocated = []
+    original = meta.unroll
+
+    def watched(*args, **kwargs):
+        allocated.append(torch.cuda.memory_allocated())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "unroll", watched)
+    cuda_bank = meta.encode_bank(model, ["Return the sum of a and b.", "Sort the list in place.", "Open the file."], "cuda")
+    meta.train(tiny_config(outer_steps=6, batch=3), tmp_path / "run", model=model, bank=cuda_bank, device="cuda", progress=False)
+    assert max(allocated[2:]) - min(allocated[2:]) < 1e6
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('inner_step = 10\n')
+    with pytest.raises(ValueError, match="inner_step"):
+        meta.MetaConfig.from_toml(bad)
+    with pytest.raises(ValueError, match="mode"):
+        meta.MetaConfig(mode="second-order")
+    with pytest.raises(ValueError, match="lr_muu"):
+        meta.MetaConfig(inner_optimizer={"lr_muu": 0.1})
+    shipped = meta.MetaConfig.from_toml(ROOT / "splatopt" / "initializers" / "minilm-l6-layer2.toml")
+    assert shipped.model == "minilm-l6" and shipped.layer == 2
+
+
+def test_learned_initializer_file_roundtrip_and_corrupt_file(tmp_path):
+    net, *_ = tiny_problem(torch.float32)
+    path = net.save(tmp_path / "init.safetensors")
+    back = LearnedInitializer.load(path)
+    for (k, a), b in zip(net.state_dict().items(), back.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="junk"):
+        LearnedInitializer.load(tmp_path / "junk.safetensors")
+
+
+def test_fit_with_a_learned_initializer_uses_its_inner_optimizer(tmp_path, model):
+    net = LearnedInitializer(Architecture(dim=model.dim, width=16, heads=2, layers=1), InnerOptimizer(lr_v=0.3))
+    with torch.no_grad():
+        net.log_lr_scale[3] = torch.log(torch.tensor(2.0))
+    path = net.save(tmp_path / "init.safetensors")
+    result = splatopt.fit("Return the sum of a and b.", model, n_splats=0.5, steps=2, init={"name": "learned", "path": str(path)},
+                          device="cpu", progress=False)
+    assert result.config["optimizer"]["lr_v"] == pytest.approx(0.6)
+    grid = splatopt.fit("Return the sum of a and b.", model, n_splats=0.5, steps=0, device="cpu", progress=False)
+    learned0 = splatopt.fit("Return the sum of a and b.", model, n_splats=0.5, steps=0, init={"name": "learned", "path": str(path)},
+                            device="cpu", progress=False)
+    torch.testing.assert_close(learned0.splats.v, grid.splats.v, rtol=1e-4, atol=1e-5)  # untrained: the grid
+
+
+def test_init_learned_for_a_model_without_a_shipped_initializer_says_how_to_get_one(model):
+    from splatopt.learned import load_learned
+
+    class Other:
+        name, layer, model_hash = "some-other-encoder", 4, "0" * 64
+
+    with pytest.raises(ValueError, match="meta-train"):
+        load_learned(Other())
+
+
+def test_shipped_initializer_loads_for_the_default_model(model):
+    from splatopt.learned import shipped_path
+
+    if not shipped_path(model.name, model.layer).is_file():
+        pytest.fail("the default model's learned initializer must ship with the package")
+    result = splatopt.fit("Return the sum of a and b.", model, n_splats=0.25, steps=3, init="learned", device="cpu", progress=False)
+    assert result.config["initializer_meta"]["model_hash"] == model.model_hash
+    assert torch.isfinite(result.field_error).all()
+
+
+def test_ddp_on_two_gloo_processes_keeps_ranks_in_step(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("prompts = 12\nouter_steps = 3\nbatch = 2\nwidth = 16\nheads = 2\nlayers = 1\ninner_steps = 2\n"
+                   "log_every = 1\ncheckpoint_every = 3\nwarmup = 1\nmax_tokens = 24\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "splatopt.cli",
+         "meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    init = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors")
+    assert init.meta["world_size"] == 2 and init.meta["ranks_in_step"] is True
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
