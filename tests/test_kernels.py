@@ -116,6 +116,27 @@ def test_launch_config_override_and_tuner_candidates(monkeypatch):
     assert configs and all(c["BLOCK_N"] == 16 and c["BLOCK_L"] <= 64 for c in configs)
 
 
+def test_tuner_always_names_a_configuration(monkeypatch):
+    from splatopt.kernels.tune import choose, env_value
+
+    default = launch_config(64, 16, 384)
+    other = {**default, "BLOCK_D": 32}
+    third = {**default, "num_warps": 4}
+    assert choose([{"config": default, "ms": 1.0, "matches_default": True},
+                   {"config": other, "ms": 0.5, "matches_default": True}], default)[0] == other
+    slower = [{"config": default, "ms": 1.0, "matches_default": True}, {"config": other, "ms": 2.0, "matches_default": True}]
+    assert choose(slower, default) == (default, "the default, 1.000 ms: no configuration beat it")
+    wrong = [{"config": default, "ms": 1.0, "matches_default": True}, {"config": other, "ms": 0.1, "matches_default": False}]
+    assert choose(wrong, default)[0] == default  # a faster configuration with another loss is not a result
+    failed = [{"config": default, "error": "OutOfResources"}, {"config": third, "ms": 3.0, "matches_default": True}]
+    assert choose(failed, default)[0] == third
+    config, why = choose([{"config": default, "error": "OutOfResources"}], default)
+    assert config == default and "no configuration ran" in why
+    # the printed value is what launch_config reads back
+    monkeypatch.setenv("SPLATOPT_FUSED_CONFIG", env_value(other))
+    assert launch_config(64, 16, 384) == other
+
+
 def test_inactive_slots_get_exactly_zero_gradient_and_clamped_widths_none():
     splats, target, token_mask = make_case(B=2, N=6, L=20, d=16, seed=3)
     ls = splats.log_sigma.clone()
@@ -272,11 +293,19 @@ def test_cuda_never_materializes_the_field():
 
 
 @pytest.mark.cuda
-def test_cuda_tuner_runs(capsys):
+def test_cuda_tuner_runs(capsys, monkeypatch):
+    import json
+
     from splatopt.kernels.tune import main
 
     assert main(["--batch", "256", "--limit", "2"]) == 0
-    assert "SPLATOPT_FUSED_CONFIG=" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines[: lines.index("fastest first:")]]
+    assert len(rows) == 2 and rows[0]["default"] and rows[0]["matches_default"], rows  # the default always runs
+    # the promise: the last stdout line selects a configuration that ran and matched the default's loss
+    assert lines[-1].startswith("SPLATOPT_FUSED_CONFIG='") and lines[-2].startswith("chosen: "), lines[-2:]
+    monkeypatch.setenv("SPLATOPT_FUSED_CONFIG", lines[-1].split("=", 1)[1].strip("'"))
+    assert launch_config(64, 16, 384) in [r["config"] for r in rows if r.get("matches_default")]
 
 
 @pytest.mark.cuda
