@@ -230,6 +230,60 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
         assert report["shared"] > 0 and report["num_warps"] == 8, report
 
 
+# ------------------------------------------------------------------ fit
+
+
+def _fit(prompts, model, fused, **kw):
+    from splatopt import fit
+
+    return fit(prompts, model, n_splats=0.5, steps=kw.pop("steps", 12), objective=kw.pop("objective", "mse"),
+               fused=fused, device=DEVICE, progress=False, record_every=4, **kw)
+
+
+@pytest.mark.parametrize("objective", ["mse", "mse+0.5*cosine"])
+def test_fit_with_the_fused_loss_follows_the_pytorch_fit(model, short_prompts, objective):
+    ref = _fit(short_prompts[:2], model, False, objective=objective)
+    fused = _fit(short_prompts[:2], model, True, objective=objective)
+    assert fused.config["fused"] is True and ref.config["fused"] is False
+    assert torch.equal(fused.history["step"], ref.history["step"])
+    for k in ("loss", "field_error", "cosine", "token_accuracy"):
+        torch.testing.assert_close(fused.history[k], ref.history[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(fused.splats.mu, ref.splats.mu, rtol=1e-4, atol=1e-4)
+    # Adam takes a full-size step whatever the gradient's magnitude: where a v-gradient is ~0, rounding
+    # picks its sign, so a few entries may differ by up to a step or two (lr_v = 0.1 of the field's RMS)
+    on = ref.splats.mask
+    diff = (fused.splats.v - ref.splats.v)[on].abs()
+    rms = ref.splats.v[on].pow(2).mean().sqrt()
+    assert diff.max() <= 0.2 * rms and (diff > 1e-3 * rms).float().mean() < 0.02, (diff.max(), rms)
+    assert torch.equal(fused.token_accuracy, ref.token_accuracy)
+
+
+def test_fit_fused_keeps_frozen_slots_and_density_control(model, short_prompts):
+    frozen = torch.zeros(2, 10, dtype=torch.bool)
+    frozen[:, :2] = True
+    start = _fit(short_prompts[:2], model, False, steps=0)
+    held = _fit(short_prompts[:2], model, True, steps=6, frozen=frozen, frozen_steps=6)
+    torch.testing.assert_close(held.splats.mu[:, :2], start.splats.mu[:, :2])  # the frozen slots never moved
+    assert not torch.equal(held.splats.mu[:, 2:], start.splats.mu[:, 2:])
+    density = {"name": "adaptive", "start": 2, "interval": 3}
+    ref, fused = (_fit(short_prompts[:2], model, f, steps=8, density=density) for f in (False, True))
+    assert sum(int(t.sum()) for t in fused.density.values()) > 0  # density control acted on the fused gradients
+    for k in ref.density:
+        assert torch.equal(fused.density[k], ref.density[k]), k
+    torch.testing.assert_close(fused.field_error, ref.field_error, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_fused_choice_and_refusals(model, short_prompts):
+    auto = _fit(short_prompts[:1], model, None, steps=1)
+    assert auto.config["fused"] is (DEVICE == "cuda")  # never the CPU interpreter unless asked for
+    assert _fit(short_prompts[:1], model, None, steps=1, objective="mse+ce").config["fused"] is False
+    for kw, why in (({"objective": "mse+ce"}, "cross-entropy"), ({"varpro": True}, "varpro"),
+                    ({"kernel": "erf"}, "gaussian"), ({"truncate": 3.0}, "truncat"), ({"basis": "dct"}, "basis"),
+                    ({"dtype": torch.float64}, "float32")):
+        with pytest.raises(ValueError, match=why):
+            _fit(short_prompts[:1], model, True, steps=1, **kw)
+
+
 # ------------------------------------------------------------------ bench
 
 
