@@ -24,12 +24,18 @@ Long documents (``run_long_bench``, ``splatopt bench --long``): one inner step o
 field with N = L/4 splats, rendered densely (``render`` with truncation: coefficients [B, L, N]) and
 locally (``render_local``: tiles, O(L·k·d)), the same field both ways; peak GPU memory per path, and
 an out-of-memory dense path recorded as such rather than crashing the run.
+
+End to end (``run_e2e_bench``, ``splatopt bench --e2e``): issue 7's acceptance measure, P real
+test-split prompts (L <= 64) encoded once, then fitted with ``splatopt.fit`` at N = L/2 for each of
+several step budgets; wall seconds per fit, token accuracy reached, and whether the fit met the
+target (>= 99 % pooled token accuracy in <= 60 s).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -320,9 +326,149 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
     }
 
 
+@dataclass
+class E2EBenchConfig:
+    """What ``run_e2e_bench`` fits: ``prompts`` prompts of at most ``max_tokens`` tokens sampled from
+    ``corpus`` (a ``fixedpos.load_corpus_spec`` name or file), ``splats_fraction`` x L splats each,
+    once per step budget in ``steps``. batch_size: prompts per chunk of the fit (None: fit's default,
+    16384 // L). warmup_steps: an untimed fit of the first chunk's worth of prompts first (CUDA context,
+    kernel compilation; 0 = none). The target: pooled token accuracy >= ``target_accuracy`` within
+    ``target_seconds`` of wall time.
+    """
+
+    prompts: int = 10_000
+    corpus: str = "stdlib:test"
+    max_tokens: int = 64
+    splats_fraction: float = 0.5
+    steps: tuple[int, ...] = (100, 150, 200)
+    batch_size: int | None = None
+    init: str = "grid"
+    objective: str = "mse+ce"
+    seed: int = 0
+    warmup_steps: int = 2
+    target_accuracy: float = 0.99
+    target_seconds: float = 60.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None, model=None,
+                  fused: bool | None = None) -> dict:
+    """Fit ``cfg.prompts`` real prompts end to end for each step budget; a JSON-able dict.
+
+    Prompts come from ``fixedpos.sample_prompts`` (deterministic in ``cfg.seed``); a corpus with
+    fewer usable passages than ``cfg.prompts`` is cycled to that number (``distinct_prompts`` and
+    ``note`` say so). The prompts are tokenized and encoded once (``encode_seconds``, not part of
+    any fit's time) and every budget fits the same ``Targets`` (field [P, L, d], mask, ids) with
+    ``splatopt.fit(..., record_every=0)``. Per budget (``runs``): ``wall_seconds`` around the fit
+    call (device synchronized; includes final decoding and detokenizing), ``fit_seconds`` (the
+    fit's own timer: inner loops and final metrics), token accuracy pooled over all tokens, mean
+    and minimum over prompts, prompts below the target, relative field error, peak GPU memory (GB),
+    whether the fused field loss was used, and ``meets_accuracy`` / ``meets_time`` / ``meets_target``.
+    model: the field model (default: the embedded one). fused: passed to ``fit``.
+    """
+    import fixedpos
+
+    from .fit import Targets, fit
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.prompts < 1 or not cfg.steps or min(cfg.steps) < 0:
+        raise ValueError(f"e2e bench: prompts={cfg.prompts} must be >= 1 and steps={cfg.steps} non-empty, each >= 0")
+    model = model if model is not None else fixedpos.load()
+    started = time.perf_counter()
+    distinct = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus), cfg.prompts,
+                                       max_tokens=cfg.max_tokens, seed=cfg.seed)
+    if not distinct:
+        raise ValueError(f"e2e bench: corpus {cfg.corpus!r} has no passage of at least 8 tokens")
+    prompts = [distinct[i % len(distinct)] for i in range(cfg.prompts)]
+    sample_s = time.perf_counter() - started
+
+    _sync(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        batch = model.tokenize(prompts, device=device)
+        targets = Targets(model.encode(batch), batch.mask, batch.ids)
+    _sync(device)
+    encode_s = time.perf_counter() - started
+
+    kw = dict(n_splats=cfg.splats_fraction, objective=cfg.objective, init=cfg.init, seed=cfg.seed, device=device,
+              record_every=0, progress=False, batch_size=cfg.batch_size, fused=fused)
+    warmup_s = None
+    if cfg.warmup_steps:
+        w = min(cfg.prompts, cfg.batch_size or 16384 // targets.field.shape[1])
+        started = time.perf_counter()
+        fit(Targets(targets.field[:w], targets.mask[:w], targets.ids[:w]), model, steps=cfg.warmup_steps, **kw)
+        _sync(device)
+        warmup_s = time.perf_counter() - started
+
+    cuda = device.type == "cuda"
+    lengths = batch.mask.sum(-1)
+    runs = []
+    for steps in cfg.steps:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        started = time.perf_counter()
+        result = fit(targets, model, steps=steps, **kw)
+        _sync(device)
+        wall = time.perf_counter() - started
+        summary = result.summary()
+        acc = result.token_accuracy.float().cpu()
+        pooled = summary["token_accuracy_pooled"]
+        runs.append({
+            "steps": steps,
+            "wall_seconds": wall,
+            "fit_seconds": result.seconds,
+            "prompts_per_s": cfg.prompts / wall,
+            "token_accuracy_pooled": pooled,
+            "token_accuracy_mean": summary["token_accuracy"],
+            "token_accuracy_min": float(acc.min()),
+            "prompts_below_target": int((acc < cfg.target_accuracy).sum()),
+            "field_error": summary["field_error"],
+            "splats": summary["splats"],
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+            "fused": result.config["fused"],
+            "meets_accuracy": pooled >= cfg.target_accuracy,
+            "meets_time": wall <= cfg.target_seconds,
+            "meets_target": pooled >= cfg.target_accuracy and wall <= cfg.target_seconds,
+        })
+    note = None
+    if len(distinct) < cfg.prompts:
+        note = (f"{cfg.corpus} gave {len(distinct)} distinct prompts of <= {cfg.max_tokens} tokens; "
+                f"they were cycled to {cfg.prompts} (each fitted about {cfg.prompts / len(distinct):.1f} times)")
+    return {
+        "bench": "e2e",
+        "config": asdict(cfg),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "model": getattr(model, "name", None),
+        "layer": getattr(model, "layer", None),
+        "prompts": cfg.prompts,
+        "distinct_prompts": len(distinct),
+        "note": note,
+        "tokens": int(lengths.sum()),
+        "max_length": int(lengths.max()),
+        "mean_length": float(lengths.float().mean()),
+        "sample_seconds": sample_s,
+        "encode_seconds": encode_s,
+        "warmup_seconds": warmup_s,
+        "runs": runs,
+        "met": any(r["meets_target"] for r in runs),
+    }
+
+
 def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: str | None = None) -> Path:
     """Write a bench result as JSON under ``out_dir``, named after its configuration; returns the path."""
     cfg = result["config"]
+    if result.get("bench") == "e2e":
+        corpus = re.sub(r"[^A-Za-z0-9.]+", "_", Path(cfg["corpus"]).name)
+        batch = f"-b{cfg['batch_size']}" if cfg["batch_size"] else ""
+        name = name or (f"e2e-{result['device_type']}-P{cfg['prompts']}-{corpus}-L{cfg['max_tokens']}-n{cfg['splats_fraction']:g}"
+                        f"-{re.sub(r'[^A-Za-z0-9.]+', '_', cfg['objective'])}-{cfg['init']}-K{'_'.join(map(str, cfg['steps']))}{batch}")
     prefix = "long" if result.get("bench") == "long" else "step"
     name = name or f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
     path = Path(out_dir) / f"{name}.json"

@@ -140,10 +140,14 @@ def cmd_edit(args) -> int:
 def cmd_bench(args) -> int:
     from splatopt.bench import BenchConfig, run_bench, save_bench
 
+    if args.long and args.e2e:
+        raise ValueError("--long and --e2e are two different benchmarks: give one")
     if args.long:
         return _bench_long(args)
+    if args.e2e:
+        return _bench_e2e(args)
     cfg = BenchConfig(batch=_or(args.batch, 4096), length=_or(args.length, 64), splats=_or(args.splats, 16), dim=args.dim,
-                      objective=args.objective, kernel=args.kernel, dtype=args.dtype, warmup=_or(args.warmup, 5),
+                      objective=_or(args.objective, "mse"), kernel=args.kernel, dtype=args.dtype, warmup=_or(args.warmup, 5),
                       iters=_or(args.iters, 20), fused_precision=args.fused_precision)
     paths = tuple(args.paths or ("eager", "compile"))
     paths += ("fused",) if args.fused and "fused" not in paths else ()
@@ -168,7 +172,7 @@ def _bench_long(args) -> int:
         raise ValueError("--fused times the short-prompt step; the long bench compares the dense and local renderers")
     length = _or(args.length, LongBenchConfig.length)
     cfg = LongBenchConfig(batch=_or(args.batch, LongBenchConfig.batch), length=length, splats=_or(args.splats, max(1, length // 4)),
-                          dim=args.dim, objective=args.objective, kernel=args.kernel, mode=args.mode,
+                          dim=args.dim, objective=_or(args.objective, "mse"), kernel=args.kernel, mode=args.mode,
                           truncate=_or(args.truncate, LongBenchConfig.truncate), tile=_or(args.tile, LongBenchConfig.tile),
                           dtype=args.dtype, warmup=_or(args.warmup, LongBenchConfig.warmup), iters=_or(args.iters, LongBenchConfig.iters))
     result = run_long_bench(cfg, _device(args.device), tuple(args.paths or ("dense", "local")))
@@ -184,6 +188,32 @@ def _bench_long(args) -> int:
         print(f"  {path:<6} {r['step_ms']:9.2f} ms/step{speedup}{mem}")
     if result["max_abs_diff"] is not None:
         print(f"  fields differ by at most {result['max_abs_diff']:.2e}")
+    print(f"wrote {save_bench(result, args.out)}")
+    return 0
+
+
+def _bench_e2e(args) -> int:
+    from splatopt.bench import E2EBenchConfig, run_e2e_bench, save_bench
+
+    d = E2EBenchConfig
+    cfg = E2EBenchConfig(prompts=args.prompts, corpus=args.corpus, max_tokens=_or(args.length, d.max_tokens),
+                         splats_fraction=args.splats_fraction, steps=tuple(args.steps), batch_size=args.batch_size,
+                         init=args.init, objective=_or(args.objective, d.objective), warmup_steps=_or(args.warmup, d.warmup_steps))
+    result = run_e2e_bench(cfg, _device(args.device), fused=True if args.fused else None)
+    print(f"device {result['device']}, torch {result['torch']}: {result['prompts']} prompts ({result['distinct_prompts']} distinct) "
+          f"of {cfg.corpus}, {result['tokens']} tokens (L <= {result['max_length']}, mean {result['mean_length']:.1f}), "
+          f"N = {cfg.splats_fraction:g} L, objective {cfg.objective}, init {cfg.init}")
+    if result["note"]:
+        print(f"  note: {result['note']}")
+    warm = f", warm-up {result['warmup_seconds']:.1f} s" if result["warmup_seconds"] is not None else ""
+    print(f"  sampled in {result['sample_seconds']:.1f} s, encoded in {result['encode_seconds']:.2f} s{warm}")
+    for r in result["runs"]:
+        verdict = "meets" if r["meets_target"] else "misses"
+        mem = f", peak {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else ""
+        print(f"  {r['steps']:5d} steps: {r['wall_seconds']:7.1f} s wall ({r['fit_seconds']:.1f} s fit), token accuracy "
+              f"{r['token_accuracy_pooled']:.2%} pooled / {r['token_accuracy_mean']:.2%} mean, "
+              f"{r['prompts_below_target']} prompts below {cfg.target_accuracy:.0%}{mem}; "
+              f"{verdict} {cfg.target_accuracy:.0%} in {cfg.target_seconds:g} s")
     print(f"wrote {save_bench(result, args.out)}")
     return 0
 
@@ -287,24 +317,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused; "
                                       "--objective mse+ce --paths eager fused_ce for the decode-aware term), or dense vs "
-                                      "local rendering of a long document (--long), and save JSON")
+                                      "local rendering of a long document (--long), or whole fits of many real prompts "
+                                      "(--e2e), and save JSON")
     p.add_argument("--long", action="store_true", help="long documents: dense vs local (tiled, truncated) rendering")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end: sample, encode and fit --prompts real prompts for each of --steps; wall time and token accuracy")
+    p.add_argument("--prompts", type=int, default=10_000, help="--e2e: prompts to fit (a smaller corpus is cycled)")
+    p.add_argument("--corpus", default="stdlib:test", help="--e2e: corpus (stdlib:SPLIT, licenses, or a .txt / .jsonl file)")
+    p.add_argument("--splats-fraction", type=float, default=0.5, help="--e2e: splats per prompt as a fraction of its length")
+    p.add_argument("--steps", type=int, nargs="+", default=[100, 150, 200], help="--e2e: step budgets, one fit each")
+    p.add_argument("--batch-size", type=int, default=None, help="--e2e: prompts per fit chunk (default: fit's, 16384 // L)")
+    p.add_argument("--init", default="grid", help="--e2e: initializer (grid, tokens, learned)")
     p.add_argument("--batch", type=int, default=None, help="prompts (default 4096; --long: 1)")
-    p.add_argument("--length", type=int, default=None, help="tokens per prompt (default 64; --long: 10000)")
+    p.add_argument("--length", type=int, default=None, help="tokens per prompt (default 64; --long: 10000; --e2e: at most, 64)")
     p.add_argument("--splats", type=int, default=None, help="splats per prompt (default 16; --long: length / 4)")
     p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--objective", default="mse")
+    p.add_argument("--objective", default=None, help="default mse; --e2e: mse+ce")
     p.add_argument("--kernel", default="gaussian")
     p.add_argument("--mode", default="additive", choices=["additive", "normalized"], help="--long only")
     p.add_argument("--truncate", type=float, default=None, help="--long: splats cut off beyond this many sigmas (default 4)")
     p.add_argument("--tile", type=int, default=None, help="--long: tokens per tile of the local renderer (default 64)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --long: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --long: 3; --e2e: of a warm-up fit, 2)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --long: 10)")
     p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "fused_ce", "dense", "local"],
                    help="default eager compile; fused: the Triton field loss (mse/cosine); fused_ce: the chunked "
                         "projection + cross-entropy; --long: dense local")
-    p.add_argument("--fused", action="store_true", help="also time the fused Triton field loss (splatopt.kernels)")
+    p.add_argument("--fused", action="store_true",
+                   help="also time the fused Triton field loss (splatopt.kernels); --e2e: insist on it in fit (field-only objectives)")
     p.add_argument("--fused-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"], help="tl.dot precision of --fused")
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")
     p.add_argument("--peak-tflops", type=float, default=None,

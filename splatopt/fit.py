@@ -25,6 +25,8 @@ from fixedpos.cache import read_safetensors, write_safetensors
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
 from .density import DensityContext, NoDensify, resolve_density
 from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
+from .kernels import available, fused_field_loss, unavailable_reason
+from .kernels.fused import MAX_SLOTS
 from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
 from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, target_rms
@@ -250,6 +252,7 @@ def fit(
     basis: str = "splats",
     density="none",
     fused_ce: bool | None = None,
+    fused: bool | None = None,
 ) -> FitResult:
     """Fit Gaussian text splats to prompts.
 
@@ -277,6 +280,13 @@ def fit(
     prompt's cap on active splats. fused_ce: the cross-entropy term without materialized logits
     (see :func:`splatopt.objective_terms`): None = on CUDA (bf16 vocabulary products), True =
     insist, False = the materialized float32 logits (needed to differentiate through the fit).
+    fused: the inner step's field loss as one Triton kernel that renders, scores and differentiates
+    without writing the field (:func:`splatopt.kernels.fused_field_loss`). None = where it can run
+    and pays off: CUDA, a field-only objective (mse / cosine, no ce), basis "splats", kernel
+    "gaussian", mode "additive", no truncation, no varpro, float32, at most ``MAX_SLOTS`` splats per
+    prompt; True = insist (ValueError saying why it cannot; on the CPU it needs TRITON_INTERPRET=1,
+    for tests); False = render with PyTorch. Recorded metrics render with PyTorch either way; the
+    choice made is ``config["fused"]``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -328,6 +338,8 @@ def fit(
         truncate = DEFAULT_TRUNCATE
     if varpro:
         _check_varpro_memory(lengths.cpu()[order], counts[order], batch_size, field.element_size())
+    capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
+    fused = _resolve_fused(fused, device, objective, kernel, mode, truncate, varpro, basis, dtype, capacity)
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
@@ -336,6 +348,7 @@ def fit(
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
         "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
         "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **vars(strategy)},
+        "fused": fused,
     }
     started = time.perf_counter()
     chunks = []
@@ -350,7 +363,7 @@ def fit(
                 field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
-                None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce,
+                None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
             )
         )
     if device.type == "cuda":
@@ -385,6 +398,33 @@ def fit(
         density={k: torch.cat([ch["density"][k] for ch in chunks])[inverse].cpu() for k in chunks[0]["density"]}
         if "density" in chunks[0] else None,
     )
+
+
+def _resolve_fused(fused: bool | None, device: torch.device, objective: Objective, kernel: str, mode: str,
+                   truncate: float | None, varpro: bool, basis: str, dtype: torch.dtype, capacity: int) -> bool:
+    """Whether the inner step uses the fused field loss (``fit``'s ``fused``); ValueError for True where it cannot.
+
+    capacity: the most splat slots a prompt holds (the kernel keeps a prompt's slots in registers).
+    """
+    if fused is False:
+        return False
+    if basis != "splats":
+        reason = f"basis={basis!r} renders a fixed design matrix, not splats"
+    elif varpro:
+        reason = "varpro=True solves for the embeddings from the dense coefficients A [B, L, N], which the fused kernel never builds"
+    elif dtype != torch.float32:
+        # the kernel accumulates in float32: a float64 fit would silently lose its precision
+        reason = f"the fused kernel computes in float32, the fit asks for {str(dtype).removeprefix('torch.')}"
+    elif capacity > MAX_SLOTS:
+        reason = f"the fused kernel holds at most {MAX_SLOTS} splat slots per prompt, this fit needs {capacity}"
+    else:
+        reason = unavailable_reason(device, kernel, mode, truncate, objective)
+    if fused is None:
+        # available() is False on the CPU even under TRITON_INTERPRET: the interpreter is for tests
+        return reason is None and available(device, kernel, mode, truncate)
+    if reason is not None:
+        raise ValueError(f"fused=True but {reason}; pass fused=None or False")
+    return True
 
 
 def _check_varpro_memory(lengths: Tensor, counts: Tensor, batch_size: int, itemsize: int) -> None:
@@ -423,6 +463,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
     generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
+    fused=False,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -512,8 +553,12 @@ def _fit_chunk(
             record(step, params)
         with torch.enable_grad():
             live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
-            _, fld = current(live)
-            loss, _ = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
+            if fused:  # render, score and differentiate in one kernel: the field [B, L, d] is never written
+                loss = fused_field_loss(live["mu"], live["log_sigma"], live["weight_logit"], live["v"], slot_mask,
+                                        target, mask, objective)
+            else:
+                _, fld = current(live)
+                loss, _ = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
             grads = dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
         lrs = optimizer.learning_rates(step, steps, v_scale)
         if frozen is not None and step < frozen_steps:

@@ -157,6 +157,33 @@ def test_bench_writes_json(tmp_path):
     assert data["results"]["eager"]["prompt_steps_per_s"] > 0 and data["results"]["eager"]["speedup_vs_eager"] == 1.0
 
 
+def test_e2e_bench_fits_real_prompts_and_writes_json(tmp_path, capsys, model):
+    from splatopt.bench import E2EBenchConfig, run_e2e_bench, save_bench
+    from splatopt.cli import main
+
+    cfg = E2EBenchConfig(prompts=6, max_tokens=16, steps=(0, 2), warmup_steps=1, batch_size=4)
+    out = run_e2e_bench(cfg, "cpu", model=model)
+    assert out["prompts"] == out["distinct_prompts"] == 6 and out["note"] is None and out["max_length"] <= 16
+    assert out["encode_seconds"] > 0 and out["warmup_seconds"] > 0 and out["device_type"] == "cpu"
+    assert [r["steps"] for r in out["runs"]] == [0, 2]
+    for r in out["runs"]:
+        assert r["wall_seconds"] >= r["fit_seconds"] > 0 and 0 <= r["token_accuracy_min"] <= r["token_accuracy_mean"] <= 1
+        assert r["meets_target"] == (r["token_accuracy_pooled"] >= 0.99 and r["wall_seconds"] <= 60) and r["fused"] is False
+    assert out["met"] == any(r["meets_target"] for r in out["runs"])
+    path = save_bench(out, tmp_path)
+    assert path.name == "e2e-cpu-P6-stdlib_test-L16-n0.5-mse_ce-grid-K0_2-b4.json"
+    assert json.loads(path.read_text())["runs"][1]["steps"] == 2
+    # a corpus with fewer passages than prompts is cycled, and the JSON says so
+    corpus = tmp_path / "two.txt"
+    corpus.write_text("Return the sum of two numbers given as arguments.\nOpen a file and return a stream object for it.\n")
+    argv = ["bench", "--e2e", "--prompts", "5", "--corpus", str(corpus), "--length", "16", "--steps", "1", "--warmup", "0",
+            "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "note:" in capsys.readouterr().out
+    data = json.loads((tmp_path / "e2e-cpu-P5-two.txt-L16-n0.5-mse_ce-grid-K1.json").read_text())
+    assert data["prompts"] == 5 and data["distinct_prompts"] == 2 and "cycled" in data["note"] and data["warmup_seconds"] is None
+
+
 @pytest.mark.cuda
 def test_fit_on_cuda_matches_cpu(model, short_prompts):
     gpu = fit(short_prompts, model, n_splats=0.5, steps=120, device="cuda", progress=False)

@@ -116,6 +116,27 @@ def test_launch_config_override_and_tuner_candidates(monkeypatch):
     assert configs and all(c["BLOCK_N"] == 16 and c["BLOCK_L"] <= 64 for c in configs)
 
 
+def test_tuner_always_names_a_configuration(monkeypatch):
+    from splatopt.kernels.tune import choose, env_value
+
+    default = launch_config(64, 16, 384)
+    other = {**default, "BLOCK_D": 32}
+    third = {**default, "num_warps": 4}
+    assert choose([{"config": default, "ms": 1.0, "matches_default": True},
+                   {"config": other, "ms": 0.5, "matches_default": True}], default)[0] == other
+    slower = [{"config": default, "ms": 1.0, "matches_default": True}, {"config": other, "ms": 2.0, "matches_default": True}]
+    assert choose(slower, default) == (default, "the default, 1.000 ms: no configuration beat it")
+    wrong = [{"config": default, "ms": 1.0, "matches_default": True}, {"config": other, "ms": 0.1, "matches_default": False}]
+    assert choose(wrong, default)[0] == default  # a faster configuration with another loss is not a result
+    failed = [{"config": default, "error": "OutOfResources"}, {"config": third, "ms": 3.0, "matches_default": True}]
+    assert choose(failed, default)[0] == third
+    config, why = choose([{"config": default, "error": "OutOfResources"}], default)
+    assert config == default and "no configuration ran" in why
+    # the printed value is what launch_config reads back
+    monkeypatch.setenv("SPLATOPT_FUSED_CONFIG", env_value(other))
+    assert launch_config(64, 16, 384) == other
+
+
 def test_inactive_slots_get_exactly_zero_gradient_and_clamped_widths_none():
     splats, target, token_mask = make_case(B=2, N=6, L=20, d=16, seed=3)
     ls = splats.log_sigma.clone()
@@ -209,6 +230,60 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
         assert report["shared"] > 0 and report["num_warps"] == 8, report
 
 
+# ------------------------------------------------------------------ fit
+
+
+def _fit(prompts, model, fused, **kw):
+    from splatopt import fit
+
+    return fit(prompts, model, n_splats=0.5, steps=kw.pop("steps", 12), objective=kw.pop("objective", "mse"),
+               fused=fused, device=DEVICE, progress=False, record_every=4, **kw)
+
+
+@pytest.mark.parametrize("objective", ["mse", "mse+0.5*cosine"])
+def test_fit_with_the_fused_loss_follows_the_pytorch_fit(model, short_prompts, objective):
+    ref = _fit(short_prompts[:2], model, False, objective=objective)
+    fused = _fit(short_prompts[:2], model, True, objective=objective)
+    assert fused.config["fused"] is True and ref.config["fused"] is False
+    assert torch.equal(fused.history["step"], ref.history["step"])
+    for k in ("loss", "field_error", "cosine", "token_accuracy"):
+        torch.testing.assert_close(fused.history[k], ref.history[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(fused.splats.mu, ref.splats.mu, rtol=1e-4, atol=1e-4)
+    # Adam takes a full-size step whatever the gradient's magnitude: where a v-gradient is ~0, rounding
+    # picks its sign, so a few entries may differ by up to a step or two (lr_v = 0.1 of the field's RMS)
+    on = ref.splats.mask
+    diff = (fused.splats.v - ref.splats.v)[on].abs()
+    rms = ref.splats.v[on].pow(2).mean().sqrt()
+    assert diff.max() <= 0.2 * rms and (diff > 1e-3 * rms).float().mean() < 0.02, (diff.max(), rms)
+    assert torch.equal(fused.token_accuracy, ref.token_accuracy)
+
+
+def test_fit_fused_keeps_frozen_slots_and_density_control(model, short_prompts):
+    frozen = torch.zeros(2, 10, dtype=torch.bool)
+    frozen[:, :2] = True
+    start = _fit(short_prompts[:2], model, False, steps=0)
+    held = _fit(short_prompts[:2], model, True, steps=6, frozen=frozen, frozen_steps=6)
+    torch.testing.assert_close(held.splats.mu[:, :2], start.splats.mu[:, :2])  # the frozen slots never moved
+    assert not torch.equal(held.splats.mu[:, 2:], start.splats.mu[:, 2:])
+    density = {"name": "adaptive", "start": 2, "interval": 3}
+    ref, fused = (_fit(short_prompts[:2], model, f, steps=8, density=density) for f in (False, True))
+    assert sum(int(t.sum()) for t in fused.density.values()) > 0  # density control acted on the fused gradients
+    for k in ref.density:
+        assert torch.equal(fused.density[k], ref.density[k]), k
+    torch.testing.assert_close(fused.field_error, ref.field_error, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_fused_choice_and_refusals(model, short_prompts):
+    auto = _fit(short_prompts[:1], model, None, steps=1)
+    assert auto.config["fused"] is (DEVICE == "cuda")  # never the CPU interpreter unless asked for
+    assert _fit(short_prompts[:1], model, None, steps=1, objective="mse+ce").config["fused"] is False
+    for kw, why in (({"objective": "mse+ce"}, "cross-entropy"), ({"varpro": True}, "varpro"),
+                    ({"kernel": "erf"}, "gaussian"), ({"truncate": 3.0}, "truncat"), ({"basis": "dct"}, "basis"),
+                    ({"dtype": torch.float64}, "float32")):
+        with pytest.raises(ValueError, match=why):
+            _fit(short_prompts[:1], model, True, steps=1, **kw)
+
+
 # ------------------------------------------------------------------ bench
 
 
@@ -272,11 +347,19 @@ def test_cuda_never_materializes_the_field():
 
 
 @pytest.mark.cuda
-def test_cuda_tuner_runs(capsys):
+def test_cuda_tuner_runs(capsys, monkeypatch):
+    import json
+
     from splatopt.kernels.tune import main
 
     assert main(["--batch", "256", "--limit", "2"]) == 0
-    assert "SPLATOPT_FUSED_CONFIG=" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines[: lines.index("fastest first:")]]
+    assert len(rows) == 2 and rows[0]["default"] and rows[0]["matches_default"], rows  # the default always runs
+    # the promise: the last stdout line selects a configuration that ran and matched the default's loss
+    assert lines[-1].startswith("SPLATOPT_FUSED_CONFIG='") and lines[-2].startswith("chosen: "), lines[-2:]
+    monkeypatch.setenv("SPLATOPT_FUSED_CONFIG", lines[-1].split("=", 1)[1].strip("'"))
+    assert launch_config(64, 16, 384) in [r["config"] for r in rows if r.get("matches_default")]
 
 
 @pytest.mark.cuda

@@ -4,7 +4,9 @@
 
 Each configuration runs forward + backward on random splats and a random target; its loss must
 equal the default configuration's. Prints one JSON line per configuration as it goes, the ten
-fastest, and the ``SPLATOPT_FUSED_CONFIG`` value that selects the fastest; a new default goes into
+fastest, and always, last, one line ``SPLATOPT_FUSED_CONFIG='{...}'`` on stdout: the fastest
+configuration whose loss matches the default's, or the default itself when none beats it (a line
+before it says which). Exit status 1 when no configuration ran at all. A new default goes into
 ``fused.launch_config``.
 
     python -m splatopt.kernels.tune --compile-only --arch 90      # no GPU needed
@@ -21,7 +23,9 @@ import json
 
 import torch
 
-from .fused import _pow2, fused_field_loss, launch_config
+from .fused import _pow2, fused_field_terms, launch_config
+
+ENV = "SPLATOPT_FUSED_CONFIG"  # read by fused.launch_config
 
 
 def candidates(L: int, N: int, D: int) -> list[dict]:
@@ -33,6 +37,32 @@ def candidates(L: int, N: int, D: int) -> list[dict]:
             continue
         out.append({"BLOCK_L": bl, "BLOCK_N": block_n, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages})
     return out
+
+
+def choose(rows: list[dict], default: dict) -> tuple[dict, str]:
+    """(configuration to use, why) from the tuner's rows: the fastest timed one whose loss matched the
+    default's, if it beat the default; else the default.
+
+    rows: ``{"config", "ms", "matches_default"}`` for timed configurations, ``{"config", "error"}``
+    for those that failed (out of resources, ...).
+    """
+    base = next((r["ms"] for r in rows if r["config"] == default and "ms" in r), None)
+    valid = sorted((r for r in rows if "ms" in r and r["matches_default"]), key=lambda r: r["ms"])
+    if not valid:
+        if base is None:
+            return default, "the default, untimed: no configuration ran (see the errors above)"
+        return default, f"the default, {base:.3f} ms: no configuration's loss matched the default's"
+    best = valid[0]
+    if base is None:
+        return best["config"], f"the fastest, {best['ms']:.3f} ms (the default failed)"
+    if best["config"] == default or best["ms"] >= base:
+        return default, f"the default, {base:.3f} ms: no configuration beat it"
+    return best["config"], f"the fastest, {best['ms']:.3f} ms; default: {base:.3f} ms"
+
+
+def env_value(config: dict) -> str:
+    """The ``SPLATOPT_FUSED_CONFIG`` JSON that selects ``config`` (BLOCK_N follows from N, not set)."""
+    return json.dumps({k: v for k, v in config.items() if k != "BLOCK_N"})
 
 
 def compile_report(L: int, N: int, D: int, has_cos: bool, need_grad: bool = True, precision: str = "ieee",
@@ -114,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     token_mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
 
     def run(config):
-        loss = fused_field_loss(*params, slot_mask, target, token_mask, args.objective, precision=args.precision, config=config)
+        loss = fused_field_terms(*params, slot_mask, target, token_mask, args.objective, precision=args.precision,
+                                 config=config)[0]
         torch.autograd.grad(loss.sum(), params)
         return loss
 
     with torch.no_grad():
-        reference = fused_field_loss(*params, slot_mask, target, token_mask, args.objective, precision=args.precision)
+        reference = fused_field_terms(*params, slot_mask, target, token_mask, args.objective, precision=args.precision)[0]
     default = launch_config(L, N, D, args.precision)
     rows = []
     todo = [default] + [c for c in candidates(L, N, D) if c != default]
@@ -138,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     print("fastest first:")
     for r in timed[:10]:
         print(json.dumps(r))
-    if timed:
-        base = [r["ms"] for r in rows if r.get("default")]
-        print(f"fastest: {timed[0]['ms']:.3f} ms" + (f"; default: {base[0]:.3f} ms" if base else ""))
-        print("SPLATOPT_FUSED_CONFIG='" + json.dumps({k: v for k, v in timed[0]["config"].items() if k != "BLOCK_N"}) + "'")
-    return 0
+    config, why = choose(rows, default)
+    print(f"chosen: {why}")
+    print(f"{ENV}='{env_value(config)}'", flush=True)
+    return 0 if timed else 1
 
 
 if __name__ == "__main__":
