@@ -103,7 +103,7 @@ def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
         ({"kernel": "box"}, "kernel="),
         ({"mode": "max"}, "mode="),
         ({"objective": "mse+foo"}, "cannot read term"),
-        ({"init": "learned"}, "meta-trained"),
+        ({"init": {"name": "learned", "file": "init.safetensors"}}, "takes only path"),
     ],
 )
 def test_bad_fit_arguments_raise_clear_errors(model, kwargs, message):
