@@ -166,9 +166,11 @@ def test_batched_edit_on_cuda_matches_cpu(model):
     texts = [TEXT, "Compute the mean of the given numbers and return it."]
     new_texts = [TEXT.replace("ascending", "descending"), "Please compute the mean of the given numbers."]
     results = {}
+    # the reference cross-entropy on both devices: the CUDA default (chunked, bf16 products) is
+    # another path with its own tests, and 60 steps of it drift by about a point from fp32
     for device in ("cpu", "cuda"):
-        fitted = splatopt.fit(texts, model, n_splats=0.5, steps=40, device=device, progress=False)
-        results[device] = splatopt.edit(fitted, new_texts, steps=20, freeze_steps=5, progress=False)
+        fitted = splatopt.fit(texts, model, n_splats=0.5, steps=40, device=device, progress=False, fused_ce=False)
+        results[device] = splatopt.edit(fitted, new_texts, steps=20, freeze_steps=5, progress=False, fused_ce=False)
     assert results["cuda"].splats.mu.device.type == "cuda"
     torch.testing.assert_close(results["cuda"].field_error.cpu(), results["cpu"].field_error, rtol=2e-3, atol=1e-4)
     assert [r["script"] for r in results["cuda"].edit] == [r["script"] for r in results["cpu"].edit]
