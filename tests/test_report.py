@@ -68,13 +68,23 @@ def test_render_refuses_a_placeholder_without_value_and_a_missing_figure():
 
 def test_pending_section_is_not_measured_until_its_data_exists(tmp_path, monkeypatch):
     monkeypatch.setattr(figure_io, "DATA", tmp_path)
-    meta = next(s for s in report_build.PENDING_SECTIONS if s.key == "meta_init")
-    assert report_build.NOT_MEASURED in report_build.pending_section(meta)
+    for section in report_build.PENDING_SECTIONS:
+        assert report_build.NOT_MEASURED in report_build.pending_section(section), section.key
+    section = report_build.PendingSection("x", "X", "something", "figures/data/x.json", lambda: sorted(tmp_path.glob("x.json")))
     rows = [{"init": "learned", "steps": 50, "token_accuracy": 0.9956}, {"init": "grid", "steps": 50, "token_accuracy": 0.43}]
-    (tmp_path / "meta_init.json").write_text(json.dumps({"command": "python scripts/x.py", "rows": rows}))
-    text = report_build.pending_section(meta)
+    (tmp_path / "x.json").write_text(json.dumps({"command": "python scripts/x.py", "rows": rows}))
+    text = report_build.pending_section(section)
     assert report_build.NOT_MEASURED not in text
     assert "| learned | 50 | 0.9956 |" in text and "`python scripts/x.py`" in text
+
+
+def test_meta_init_section_quotes_the_recorded_rows(report):
+    rows = [json.loads(line) for line in (figure_io.DATA / "ablations" / "learned_init" / "results.jsonl").read_text().splitlines()]
+    acc = {(r["levels"]["init"], r["levels"]["steps"]): r["token_accuracy"] for r in rows}
+    line = next(l for l in report.splitlines() if l.startswith("| learned, stdlib test |"))
+    assert f"| {100 * acc[('learned', 10)]:.1f} |" in line, line
+    assert f"Learned init + 10 steps reaches {100 * acc[('learned', 10)]:.1f} %" in report
+    assert "![Meta-learned initialization](../figures/learned_init.png)" in report
 
 
 def test_rate_distortion_numbers_are_the_rows_means(report):
@@ -107,7 +117,7 @@ def test_make_all_fails_loudly_when_a_data_file_is_missing(tmp_path, monkeypatch
     monkeypatch.setattr(make_all, "DATA", tmp_path)
     assert make_all.main([]) == 1
     err = capsys.readouterr().err
-    assert "core_acceptance: figures/data/core_acceptance.json" in err and "bench/*.json" in err
+    assert "core_acceptance: figures/data/core_acceptance.json" in err and "throughput: figures/data/bench/step-*.json" in err
     for name in make_all.FIGURE_SCRIPTS:
         module = sys.modules.get(name) or __import__(name)
         assert module.DATA_FILES and callable(module.main)
