@@ -294,3 +294,23 @@ def test_ddp_on_two_gloo_processes_keeps_ranks_in_step(tmp_path):
     assert init.meta["world_size"] == 2 and init.meta["ranks_in_step"] is True
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_checkpointed_inner_steps_give_the_same_second_order_gradient():
+    net, target, mask, ids, decode, n = tiny_problem()
+
+    def grad(checkpoint_inner):
+        splats = net(target, mask, n)
+        losses, _ = meta.unroll(splats, target, mask, ids, decode, "mse+ce", InnerOptimizer(), 3, "full", 1,
+                                net.log_lr_scale, checkpoint_inner)
+        return torch.autograd.grad(losses.mean(0).sum(), [net.out.weight, net.log_lr_scale])
+
+    for a, b in zip(grad(False), grad(True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_curriculum_lengthens_the_horizon_to_k():
+    cfg = meta.MetaConfig(inner_steps=10, curriculum=100)
+    horizons = [meta.horizon(cfg, s) for s in range(0, 150, 10)]
+    assert horizons[0] == 1 and horizons[-1] == 10 and horizons == sorted(horizons)
+    assert meta.horizon(meta.MetaConfig(inner_steps=10), 0) == 10
