@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,8 +155,6 @@ class LearnedInitializer(nn.Module):
 
     def inner_optimizer(self, base: InnerOptimizer | None = None) -> InnerOptimizer:
         """``base`` (default: the one meta-trained with) with the learned per-group learning-rate scales applied."""
-        from dataclasses import replace
-
         base = base or self.optimizer
         s = self.log_lr_scale.detach().exp().tolist()
         return replace(base, lr_mu=base.lr_mu * s[0], lr_log_sigma=base.lr_log_sigma * s[1],

@@ -182,7 +182,6 @@ def unroll(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     objective = Objective.parse(objective)
-    L = target.shape[1]
     # inner gradients are needed even where the caller runs without grad (evaluation, finite
     # differences): splats that carry no graph become leaves of a local one
     with torch.enable_grad():
