@@ -388,7 +388,9 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
         if not isinstance(kwargs["dtype"], torch.dtype):
             raise ValueError(f"dtype = {cell.settings['dtype']!r} is not a torch dtype; write e.g. \"float32\" or \"bfloat16\"")
     try:
-        result = fit(prompts, model, optimizer=_optimizer(cell.settings), seed=cell.seed, device=device, progress=False, **kwargs)
+        # no optimizer.* setting: fit's own choice (the default, or a learned initializer's meta-trained one)
+        optimizer = _optimizer(cell.settings) if any(k.startswith("optimizer.") for k in cell.settings) else None
+        result = fit(prompts, model, optimizer=optimizer, seed=cell.seed, device=device, progress=False, **kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"configuration {cell.levels} (settings {cell.settings}): {err}") from err
     metrics = result.summary()

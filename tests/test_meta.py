@@ -314,3 +314,20 @@ def test_curriculum_lengthens_the_horizon_to_k():
     horizons = [meta.horizon(cfg, s) for s in range(0, 150, 10)]
     assert horizons[0] == 1 and horizons[-1] == 10 and horizons == sorted(horizons)
     assert meta.horizon(meta.MetaConfig(inner_steps=10), 0) == 10
+
+
+def test_a_study_with_a_learned_init_fits_with_its_meta_trained_optimizer(tmp_path, model):
+    from splatopt import ablate
+
+    net = LearnedInitializer(Architecture(dim=model.dim, width=16, heads=2, layers=1))
+    with torch.no_grad():
+        net.log_lr_scale[3] = torch.log(torch.tensor(2.0))
+    path = net.save(tmp_path / "init.safetensors")
+    study = tmp_path / "study.toml"
+    study.write_text(f'corpus = "stdlib:validation"\nprompts = 2\nmax_tokens = 16\nseeds = [0]\n[base]\nsteps = 1\nrecord_every = 0\n'
+                     f'[factors.start]\ngrid = {{ init = "grid" }}\nlearned = {{ init = {{ name = "learned", path = "{path}" }} }}\n'
+                     f'learned-fixed-lr = {{ init = {{ name = "learned", path = "{path}" }}, optimizer.lr_v = 0.1 }}\n')
+    rows = {r["levels"]["start"]: r for r in ablate.run(study, tmp_path / "out", progress=False, device="cpu")}
+    assert rows["grid"]["config"]["optimizer"]["lr_v"] == pytest.approx(0.1)
+    assert rows["learned"]["config"]["optimizer"]["lr_v"] == pytest.approx(0.2)
+    assert rows["learned-fixed-lr"]["config"]["optimizer"]["lr_v"] == pytest.approx(0.1)
