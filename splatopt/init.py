@@ -134,7 +134,7 @@ def resolve_initializer(init, model=None) -> Initializer:
                 raise ValueError("init='learned' needs the model (the shipped initializer is chosen by model and layer)")
             return load_learned(model)
         if init not in INITIALIZERS:
-            raise ValueError(f"init={init!r}: choose one of {sorted(INITIALIZERS)} or pass an initializer object")
+            raise ValueError(f"init={init!r}: choose one of {sorted(INITIALIZERS) + ['learned']}, a learned initializer file (CLI) or an initializer object")
         return INITIALIZERS[init]()
     if callable(init):
         return init
