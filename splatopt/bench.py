@@ -2,8 +2,10 @@
 
 Reports prompt-steps per second for the eager path, the ``torch.compile`` path, the fused Triton
 field loss (``"fused"``, :mod:`splatopt.kernels`) and, for an objective with a cross-entropy term,
-the chunked projection + cross-entropy (``"fused_ce"``: :func:`splatopt.kernels.linear_cross_entropy`,
-bf16 products on CUDA) measured in the same run, so their ratios are meaningful; results are saved
+the projection + cross-entropy without materialized logits (``"fused_ce"``:
+:func:`splatopt.kernels.linear_cross_entropy` with its default implementation, on CUDA the one-sweep
+Triton kernel with bf16 products; ``"chunked_ce"``: the same function's row-chunk implementation,
+for comparison) measured in the same run, so their ratios are meaningful; results are saved
 as JSON with the device named. "eager" and "compile" materialize the float32 logits [B·L, V]. Each
 path's Adam step is the same eager ``adam_step``; ``loss_backward_ms`` times the render + loss +
 backward part alone.
@@ -119,20 +121,21 @@ def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
 
 def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths: tuple[str, ...] = ("eager", "compile"), model=None,
               peak_gbs: float | None = None, peak_tflops: float | None = None) -> dict:
-    """Time one inner step for ``cfg`` on ``device`` for each path ("eager", "compile", "fused", "fused_ce"); a JSON-able dict.
+    """Time one inner step for ``cfg`` on ``device`` per path ("eager", "compile", "fused", "fused_ce", "chunked_ce"); a JSON-able dict.
 
     model: the field model whose decoder a cross-entropy objective uses (default: the embedded one).
     peak_gbs: the device's peak memory bandwidth for the roofline fraction (default: ``PEAK_GBS``).
     peak_tflops: its peak dense bf16 TFLOP/s for ``tensor_core_fraction`` (default: ``PEAK_BF16_FLOPS``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    unknown = set(paths) - {"eager", "compile", "fused", "fused_ce"}
+    unknown = set(paths) - {"eager", "compile", "fused", "fused_ce", "chunked_ce"}
     if unknown:
-        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, fused_ce")
+        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, fused_ce, chunked_ce")
     dtype = getattr(torch, cfg.dtype)
     objective = Objective.parse(cfg.objective)
-    if "fused_ce" in paths and not objective.ce:
-        raise ValueError(f"bench path 'fused_ce' times the cross-entropy term; objective {cfg.objective!r} has none (try mse+ce)")
+    for p in ("fused_ce", "chunked_ce"):
+        if p in paths and not objective.ce:
+            raise ValueError(f"bench path {p!r} times the cross-entropy term; objective {cfg.objective!r} has none (try mse+ce)")
     decode = None
     if objective.needs_decoder:
         if model is None:
@@ -151,9 +154,9 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     opt = InnerOptimizer()
     v_scale = torch.ones(cfg.batch, 1, 1, device=device, dtype=dtype)
 
-    def loss_fn(params: dict[str, torch.Tensor], fused_ce: bool = False) -> torch.Tensor:
+    def loss_fn(params: dict[str, torch.Tensor], fused_ce: bool = False, ce_impl: str | None = None) -> torch.Tensor:
         field = render(splats.with_params(params), cfg.length, cfg.kernel)
-        return objective_terms(objective, field, target, mask, ids, decode, fused_ce)[0].sum()
+        return objective_terms(objective, field, target, mask, ids, decode, fused_ce, ce_impl)[0].sum()
 
     if "fused" in paths:
         from .kernels import field_loss, unavailable_reason
@@ -172,6 +175,8 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
             fn = torch.compile(loss_fn)
         elif path == "fused":
             fn = fused_loss_fn
+        elif path == "chunked_ce":
+            fn = partial(loss_fn, fused_ce=True, ce_impl="chunked")
         else:
             fn = partial(loss_fn, fused_ce=path == "fused_ce")
         params = {k: t.detach().clone() for k, t in splats.params().items()}

@@ -159,7 +159,7 @@ def cmd_bench(args) -> int:
         speedup = f"  x{r['speedup_vs_eager']:.2f} vs eager" if "speedup_vs_eager" in r else ""
         roof = f", {r['hbm_roofline_fraction']:.1%} of HBM roofline" if r["hbm_roofline_fraction"] is not None else ""
         tensor = f", {r['tensor_core_fraction']:.1%} of bf16 tensor-core peak" if r.get("tensor_core_fraction") is not None else ""
-        print(f"  {path:<8} {r['step_ms']:8.2f} ms/step ({r['loss_backward_ms']:.2f} ms loss+backward)  "
+        print(f"  {path:<10} {r['step_ms']:8.2f} ms/step ({r['loss_backward_ms']:.2f} ms loss+backward)  "
               f"{r['prompt_steps_per_s']:12.0f} prompt-steps/s{speedup}{roof}{tensor}{mem}")
     print(f"wrote {save_bench(result, args.out)}")
     return 0
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused; "
-                                      "--objective mse+ce --paths eager fused_ce for the decode-aware term), or dense vs "
+                                      "--objective mse+ce --paths eager fused_ce chunked_ce for the decode-aware term), or dense vs "
                                       "local rendering of a long document (--long), or whole fits of many real prompts "
                                       "(--e2e), and save JSON")
     p.add_argument("--long", action="store_true", help="long documents: dense vs local (tiled, truncated) rendering")
@@ -340,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --long: 3; --e2e: of a warm-up fit, 2)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --long: 10)")
-    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "fused_ce", "dense", "local"],
-                   help="default eager compile; fused: the Triton field loss (mse/cosine); fused_ce: the chunked "
-                        "projection + cross-entropy; --long: dense local")
+    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "fused_ce", "chunked_ce", "dense", "local"],
+                   help="default eager compile; fused: the Triton field loss (mse/cosine); fused_ce: the "
+                        "projection + cross-entropy without logits (one-sweep Triton kernel on CUDA); chunked_ce: its "
+                        "row-chunk implementation; --long: dense local")
     p.add_argument("--fused", action="store_true",
                    help="also time the fused Triton field loss (splatopt.kernels); --e2e: insist on it in fit (field-only objectives)")
     p.add_argument("--fused-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"], help="tl.dot precision of --fused")

@@ -95,7 +95,8 @@ def decoder_parts(decode) -> Callable | None:
     return parts if parts is not None else getattr(getattr(decode, "__self__", None), "decode_parts", None)
 
 
-def _cross_entropy_term(field: Tensor, ids: Tensor, mask: Tensor, decode, fused_ce: bool | None) -> Tensor:
+def _cross_entropy_term(field: Tensor, ids: Tensor, mask: Tensor, decode, fused_ce: bool | None,
+                        ce_impl: str | None = None) -> Tensor:
     """[B] decode-aware cross-entropy, materialized (``decode`` then ``decode_cross_entropy``) or fused."""
     parts = decoder_parts(decode) if fused_ce is not False else None
     if fused_ce is None:
@@ -111,7 +112,7 @@ def _cross_entropy_term(field: Tensor, ids: Tensor, mask: Tensor, decode, fused_
 
     features, embeddings, bias = parts(field.device)
     compute = torch.bfloat16 if field.device.type == "cuda" else None
-    return linear_cross_entropy(features(field), embeddings, bias, ids, mask, compute_dtype=compute)
+    return linear_cross_entropy(features(field), embeddings, bias, ids, mask, compute_dtype=compute, impl=ce_impl)
 
 
 def objective_terms(
@@ -122,6 +123,7 @@ def objective_terms(
     ids: Tensor | None = None,
     decode: Callable[[Tensor], Tensor] | None = None,
     fused_ce: bool | None = None,
+    ce_impl: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss [B] (weighted sum) and each weighted term's unweighted value [B], by name.
 
@@ -133,7 +135,8 @@ def objective_terms(
     bf16 operands (float32 accumulation, logits and softmax; the CUDA tests hold the term within
     2e-2 of float32), elsewhere the features' precision; first order only, so meta-training
     through the inner loop (``create_graph=True``) needs False. None: True on CUDA when the
-    decoder exposes its parts, else False.
+    decoder exposes its parts, else False. ce_impl: with fused_ce, linear_cross_entropy's ``impl``
+    ("fused" one-sweep kernel or "chunked"; None: its default).
     """
     terms: dict[str, Tensor] = {}
     loss = field.new_zeros(field.shape[0])
@@ -146,6 +149,6 @@ def objective_terms(
     if objective.ce:
         if ids is None or decode is None:
             raise ValueError("the objective has a cross-entropy term but no token ids / decoder were given")
-        terms["ce"] = _cross_entropy_term(field, ids, mask, decode, fused_ce)
+        terms["ce"] = _cross_entropy_term(field, ids, mask, decode, fused_ce, ce_impl)
         loss = loss + objective.ce * terms["ce"]
     return loss, terms

@@ -3,6 +3,7 @@ reference ``decode_cross_entropy(q @ W.T + b, ids, mask)``, its wiring into obje
 and the decode-aware bench. The Triton softmax kernel runs in Triton's CPU interpreter without CUDA.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -197,6 +198,133 @@ def test_chunk_loop_through_the_triton_rows(monkeypatch):
     assert_matches(chunked(q, weight, bias, ids, mask, chunk_rows=4), reference(q, weight, bias, ids, mask), 1e-5)
 
 
+# ------------------------------------------------------------------ the fused one-sweep kernel
+
+
+def _needs_triton():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bf16(t):
+    """t's values rounded to bf16, in float64: the operands the kernel's products see, exactly."""
+    return t.to(torch.bfloat16).double()
+
+
+# the kernel's own tiles at the test's small shapes: several row blocks, several word tiles with a
+# ragged last one, and d = 48 as one masked 64-wide chunk (default) or three 16-wide ones
+SMALL_TILES = '{"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}'
+
+
+@pytest.mark.parametrize("tiles", [None, SMALL_TILES])
+def test_fused_kernel_matches_the_float64_reference(tiles, monkeypatch):
+    device = _needs_triton()
+    if tiles:
+        monkeypatch.setenv("SPLATOPT_LINEAR_CE_CONFIG", tiles)
+    # 70 rows (NaN q and ids outside the vocabulary at padding, one prompt without tokens), V = 300
+    q, weight, bias, ids, mask = (t.to(device) for t in make_case(B=5, L=14, d=48, V=300, seed=11))
+    got = chunked(q, weight, bias, ids, mask, compute_dtype=torch.bfloat16, impl="fused")
+    assert got[0].dtype == torch.float32 and float(got[0][-1]) == 0.0
+    assert (got[1][~mask] == 0).all()
+    # against float64 products of the same bf16-rounded operands: only float32 sums and the bf16
+    # softmax of the gradient product differ
+    want = reference(_bf16(q), _bf16(weight), bias.double(), ids, mask)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    assert float((got[1].double() - want[1]).norm() / want[1].norm()) < 1e-2
+    # and within bf16 tolerance of the exact float32 problem, as the chunked bf16 path
+    exact = reference(q, weight, bias, ids, mask)
+    torch.testing.assert_close(got[0], exact[0], rtol=5e-2, atol=5e-2)
+    assert float((got[1] - exact[1]).norm() / exact[1].norm()) < 5e-2
+
+
+def test_fused_kernel_without_bias_without_grad_and_without_tokens(monkeypatch):
+    device = _needs_triton()
+    monkeypatch.setenv("SPLATOPT_LINEAR_CE_CONFIG", SMALL_TILES)
+    q, weight, bias, ids, mask = (t.to(device) for t in make_case(B=3, L=7, d=32, V=50, seed=12))
+    got = chunked(q, weight, None, ids, mask, compute_dtype=torch.bfloat16, impl="fused")
+    want = reference(_bf16(q), _bf16(weight), torch.zeros(50, dtype=torch.float64, device=device), ids, mask)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    assert float((got[1].double() - want[1]).norm() / want[1].norm()) < 1e-2
+    with torch.no_grad():  # forward only: one product, the same loss
+        loss = linear_cross_entropy(q, weight, None, ids, mask, compute_dtype=torch.bfloat16, impl="fused")
+    torch.testing.assert_close(loss, got[0])
+    none = torch.zeros_like(mask)
+    q.requires_grad_(True)
+    loss = linear_cross_entropy(q, weight, bias, ids, none, compute_dtype=torch.bfloat16, impl="fused")
+    assert (loss == 0).all() and (torch.autograd.grad(loss.sum(), q)[0] == 0).all()
+
+
+def test_fused_kernel_keeps_a_well_decoded_tokens_tiny_loss(monkeypatch):
+    """Targets ahead of every other word by ~20-30 nats: losses ~1e-10 and their gradients to the
+    kernel's relative precision — not 0 and not float32 rounding noise of the ~50-sized logits
+    (1e-7 or more), as (m - x_t) + log s or lse - x_t would give."""
+    device = _needs_triton()
+    monkeypatch.setenv("SPLATOPT_LINEAR_CE_CONFIG", SMALL_TILES)
+    g = torch.Generator().manual_seed(13)
+    B, L, V, d = 2, 6, 300, 48
+    weight = torch.nn.functional.normalize(torch.randn(V, d, generator=g), dim=-1)
+    ids = torch.randint(V, (B, L), generator=g)
+    q = 40.0 * weight[ids] + 2.0 * torch.randn(B, L, d, generator=g)
+    bias = torch.randn(V, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    got = chunked(*(t.to(device) for t in (q, weight, bias, ids, mask)), compute_dtype=torch.bfloat16, impl="fused")
+    # exact in float64 (log_softmax itself would round 1e-15 losses): the non-target mass relative
+    # to the target's, and the gradient sum_{v != t} p_v (W_v - W_t), of the bf16-rounded operands
+    w64 = _bf16(weight)
+    x = _bf16(q) @ w64.T + bias.double()  # [B, L, V]
+    x_t = x.gather(-1, ids[..., None])
+    rest = torch.exp(x - x_t).scatter(-1, ids[..., None], 0.0)  # exp(x_v - x_t), v != t
+    ce = torch.log1p(rest.sum(-1))  # [B, L]
+    p = rest / (1.0 + rest.sum(-1, keepdim=True))
+    grad = p @ w64 - p.sum(-1, keepdim=True) * w64[ids]  # d ce / d q
+    scale = (torch.arange(B, dtype=torch.float64) % 4 - 1.5) / L  # weighted(): d loss / d ce
+    assert 1e-13 < float(ce.min()) and float(ce.max()) < 1e-8
+    torch.testing.assert_close(got[0].cpu().double(), ce.mean(-1), rtol=1e-4, atol=0)
+    want = grad * scale[:, None, None]
+    assert float((got[1].cpu().double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_fused_kernel_ids_outside_the_vocabulary_give_nan_not_a_crash():
+    device = _needs_triton()
+    q, weight, bias, ids, mask = (t.to(device) for t in make_case(B=3, L=5, d=16, V=40, seed=14, garbage=False))
+    mask[:] = True
+    ids[0, 1], ids[1, 2] = 40, -3
+    loss = linear_cross_entropy(q, weight, bias, ids, mask, compute_dtype=torch.bfloat16, impl="fused")
+    assert loss[:2].isnan().all() and torch.isfinite(loss[2])
+
+
+def test_impl_choice_and_launch_config(monkeypatch):
+    from splatopt.kernels.linear_ce import resolve_impl
+    from splatopt.kernels.triton_linear_ce import launch_config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_impl(None, cpu, torch.bfloat16) == "chunked"  # auto: fused only on CUDA
+    assert resolve_impl("auto", cpu, torch.float32) == "chunked"
+    if importlib.util.find_spec("triton") is not None:
+        assert resolve_impl(None, cuda, torch.bfloat16) == "fused"
+    assert resolve_impl(None, cuda, torch.float32) == "chunked"
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        resolve_impl("fused", cuda, torch.float32)
+    with pytest.raises(ValueError, match="choose among"):
+        resolve_impl("fast", cpu, None)
+    monkeypatch.setenv("SPLATOPT_LINEAR_CE_IMPL", "chunked")
+    assert resolve_impl(None, cuda, torch.bfloat16) == "chunked"
+    pytest.importorskip("triton")
+    cfg = launch_config(384, 30522)
+    assert (cfg["BLOCK_K"], cfg["NUM_K"], cfg["BLOCK_V"]) == (128, 3, 128)
+    assert launch_config(48, 300)["NUM_K"] == 1 and launch_config(1024, 300)["NUM_K"] == 4
+    monkeypatch.setenv("SPLATOPT_LINEAR_CE_CONFIG", '{"BLOCK_M": 64, "num_stages": 1}')
+    assert launch_config(384, 30522)["BLOCK_M"] == 64
+    monkeypatch.setenv("SPLATOPT_LINEAR_CE_CONFIG", '{"BLOCK_K": 32}')
+    with pytest.raises(ValueError, match="<= 4"):
+        launch_config(384, 30522)
+    monkeypatch.setenv("SPLATOPT_LINEAR_CE_CONFIG", '{"BLOCK_X": 32}')
+    with pytest.raises(ValueError, match="unknown"):
+        launch_config(384, 30522)
+
+
 # ------------------------------------------------------------------ objective_terms, fit, bench
 
 
@@ -278,9 +406,9 @@ def test_bench_times_the_decode_aware_paths(tmp_path, capsys, model):
     from splatopt.cli import main
 
     cfg = BenchConfig(batch=2, length=8, splats=2, dim=model.dim, objective="mse+ce", warmup=0, iters=1)
-    out = run_bench(cfg, "cpu", ("eager", "fused_ce"), model=model, peak_tflops=2.0)
+    out = run_bench(cfg, "cpu", ("eager", "fused_ce", "chunked_ce"), model=model, peak_tflops=2.0)
     assert out["projection_flops"] == 4 * 2 * 8 * model.dim * model.vocab_size
-    for path in ("eager", "fused_ce"):
+    for path in ("eager", "fused_ce", "chunked_ce"):
         r = out["results"][path]
         assert r["step_ms"] > 0 and r["speedup_vs_eager"] > 0
         assert r["tensor_core_fraction"] == pytest.approx(out["projection_flops"] / (r["step_ms"] / 1e3) / 2e12)
@@ -318,10 +446,11 @@ def test_cuda_float32_and_bf16_paths(model):
     q = features(field).detach()
     ref = reference(q, embeddings, bias, batch.ids, batch.mask)
     assert_matches(chunked(q, embeddings, bias, batch.ids, batch.mask, chunk_rows=300), ref, 1e-4)  # Triton rows, fp32
-    got = chunked(q, embeddings, bias, batch.ids, batch.mask, compute_dtype=torch.bfloat16)
-    torch.testing.assert_close(got[0], ref[0], rtol=2e-2, atol=1e-2)
-    # bf16 operands move each logit by ~2^-8 of its terms: the softmax gradient follows less closely
-    assert float((got[1] - ref[1]).norm() / ref[1].norm()) < 5e-2
+    for impl in ("fused", "chunked"):  # the default on CUDA is the fused one-sweep kernel
+        got = chunked(q, embeddings, bias, batch.ids, batch.mask, compute_dtype=torch.bfloat16, impl=impl)
+        torch.testing.assert_close(got[0], ref[0], rtol=2e-2, atol=1e-2)
+        # bf16 operands move each logit by ~2^-8 of its terms: the softmax gradient follows less closely
+        assert float((got[1] - ref[1]).norm() / ref[1].norm()) < 5e-2
 
 
 @pytest.mark.cuda
@@ -345,3 +474,34 @@ def test_cuda_peak_memory_is_a_chunk_not_the_logits(model):
     fused = extra(lambda: linear_cross_entropy(q, embeddings, bias, ids, mask, compute_dtype=torch.bfloat16))
     materialized = extra(lambda: decode_cross_entropy(q @ embeddings.T + bias, ids, mask))
     assert materialized > logits_bytes and fused < 0.2 * logits_bytes, (fused / 1e9, materialized / 1e9)
+
+
+@pytest.mark.cuda
+def test_cuda_fused_kernel_matches_the_chunked_path_at_full_size():
+    """B = 64, L = 64, d = 384, V = 30522, random head: the one-sweep kernel against the chunked
+    bf16 path (its reference on the GPU) and float32; its extra memory is the gradient and a bf16
+    copy of W, nothing of size rows x V."""
+    B, L, d, V = 64, 64, 384, 30522
+    g = torch.Generator(device="cuda").manual_seed(15)
+    q = torch.randn(B, L, d, device="cuda", generator=g)
+    weight = torch.randn(V, d, device="cuda", generator=g) / d**0.25  # logits of spread ~4
+    bias = torch.randn(V, device="cuda", generator=g)
+    ids = torch.randint(V, (B, L), device="cuda", generator=g)
+    mask = torch.rand(B, L, device="cuda", generator=g) < 0.8
+    mask[0] = True
+    ids = torch.where(mask, ids, -100)
+    bf16 = dict(compute_dtype=torch.bfloat16)
+    got = chunked(q, weight, bias, ids, mask, impl="fused", **bf16)
+    ref = chunked(q, weight, bias, ids, mask, impl="chunked", **bf16)
+    exact = chunked(q.double(), weight.double(), bias.double(), ids, mask, chunk_rows=512)
+    for other, tol in ((ref, 2e-2), (exact, 3e-2)):
+        torch.testing.assert_close(got[0].double(), other[0].double(), rtol=1e-2, atol=1e-2)
+        assert float((got[1].double() - other[1].double()).norm() / other[1].double().norm()) < tol
+    q.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.autograd.grad(linear_cross_entropy(q, weight, bias, ids, mask, impl="fused", **bf16).sum(), q)
+    extra = torch.cuda.max_memory_allocated() - base
+    budget = 3 * q.numel() * 4 + (V + 128) * d * 2 + 8 * B * L * 4  # grad (+ backward's copy), W in bf16, per-row
+    assert extra < budget < 0.1 * B * L * V * 4, (extra / 1e6, budget / 1e6)

@@ -10,8 +10,9 @@ and differentiates it in one Triton kernel: the target is read once per step and
 field [B, L, d] is never written to memory. Triton is imported only when a kernel runs, so this
 package imports everywhere; ``available`` says whether the fused path can run.
 
-``linear_cross_entropy`` is the decode-aware term's vocabulary projection + cross-entropy in row
-chunks (:mod:`.linear_ce`): PyTorch everywhere, plus a small Triton softmax kernel on CUDA.
+``linear_cross_entropy`` is the decode-aware term's vocabulary projection + cross-entropy without
+materialized logits (:mod:`.linear_ce`): on CUDA one Triton kernel sweeping the vocabulary once per
+block of rows (:mod:`.triton_linear_ce`), elsewhere (and on request) PyTorch in row chunks.
 """
 
 from __future__ import annotations

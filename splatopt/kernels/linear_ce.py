@@ -1,18 +1,27 @@
-"""Vocabulary projection + cross-entropy in row chunks, without materialized logits.
+"""Vocabulary projection + cross-entropy without materialized logits: one fused kernel, or row chunks.
 
     loss = linear_cross_entropy(q, weight, bias, ids, mask)      # [B], = decode_cross_entropy(q @ W.T + b, ids, mask)
 
 The decode-aware objective scores every vocabulary entry at every token: logits [B·L, V] in fp32
 are 21 GB at B = 512, L = 64, V = 30522 (DESIGN.md), and moving them dominates the step. Here the
-rows are processed ``chunk_rows`` at a time (Liger Kernel / Cut Cross-Entropy style): a chunk's
-logits are projected, reduced to their log-sum-exp and loss, turned into the gradient wrt ``q``
-(softmax minus one-hot, times ``W``) *in the forward itself* and dropped. Backward only scales the
-kept gradient [B, L, d] by the incoming per-prompt gradient. Peak extra memory is O(chunk_rows·V)
-plus that gradient (the size of ``q``), independent of how many rows there are.
+logits of a block of rows (the fused kernel) or of ``chunk_rows`` rows (Liger Kernel style) are
+projected, reduced to their log-sum-exp and loss, turned into the gradient wrt ``q`` (softmax
+minus one-hot, times ``W``) *in the forward itself* and dropped. Backward only scales the kept
+gradient [B, L, d] by the incoming per-prompt gradient. Peak extra memory is O(chunk_rows·V) (the
+fused kernel: a copy of W) plus that gradient (the size of ``q``), independent of how many rows
+there are.
 
-On CUDA ``compute_dtype=torch.bfloat16`` runs both products (logits and gradient) on tensor cores
-with float32 accumulation and float32 logits; the log-sum-exp and softmax always run in float32
-(a Triton kernel on CUDA, :mod:`.triton_ce`; PyTorch operations elsewhere).
+Two implementations (``impl``):
+
+- "fused" (the default on CUDA for bf16/fp16 products, :mod:`.triton_linear_ce`): one Triton kernel
+  projects, reduces and differentiates a block of rows while sweeping the vocabulary once; logits
+  never reach memory (Cut Cross-Entropy / flash-attention style), padding rows cost nothing.
+- "chunked" (the reference, and everything else: CPU, float32/float64 products): the rows in
+  chunks of ``chunk_rows``; on CUDA ``compute_dtype=torch.bfloat16`` runs both products on tensor
+  cores with float32 accumulation and float32 logits, and the log-sum-exp and softmax run in
+  float32 (a Triton kernel on CUDA, :mod:`.triton_ce`; PyTorch operations elsewhere).
+
+``SPLATOPT_LINEAR_CE_IMPL`` (auto, fused, chunked) sets the default, e.g. to compare the two in a run.
 
 Limits, by design: ``weight`` and ``bias`` are frozen (the decoder head is never trained here;
 passing tensors that require grad raises). First order only: the gradient comes from the forward,
@@ -23,6 +32,7 @@ in backward; use the materialized path there (``objective_terms(..., fused_ce=Fa
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -34,6 +44,31 @@ CHUNK_LOGIT_BYTES = 256 * 2**20
 def default_chunk_rows(vocab_size: int) -> int:
     """Rows per chunk: float32 logits of at most ``CHUNK_LOGIT_BYTES``, a multiple of 64 (2176 at V = 30522)."""
     return max(64, CHUNK_LOGIT_BYTES // (4 * vocab_size) // 64 * 64)
+
+
+IMPLS = ("auto", "fused", "chunked")
+IMPL_ENV = "SPLATOPT_LINEAR_CE_IMPL"
+
+
+def resolve_impl(impl: str | None, device: torch.device, compute_dtype: torch.dtype | None) -> str:
+    """"fused" or "chunked" for ``impl`` (None: $SPLATOPT_LINEAR_CE_IMPL, else "auto") on ``device``.
+
+    auto: fused on CUDA when the products are bf16/fp16 and triton is installed. fused insists
+    (ValueError if it cannot run: other products, or no CUDA and no TRITON_INTERPRET=1).
+    """
+    from .fused import interpreting
+
+    impl = impl or os.environ.get(IMPL_ENV) or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"linear_cross_entropy impl {impl!r}: choose among {', '.join(IMPLS)}")
+    half = compute_dtype in (torch.bfloat16, torch.float16)
+    triton_ok = importlib.util.find_spec("triton") is not None
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and half and triton_ok else "chunked"
+    if impl == "fused" and not (half and triton_ok and (device.type == "cuda" or interpreting())):
+        raise ValueError(f"impl='fused' needs compute_dtype bf16/fp16 (got {compute_dtype}), triton, and a CUDA "
+                         f"device (got {device}) or TRITON_INTERPRET=1")
+    return impl
 
 
 def _uses_triton(device: torch.device, acc: torch.dtype) -> bool:
@@ -74,38 +109,64 @@ def _ce_rows_torch(logits: Tensor, bias: Tensor | None, ids: Tensor, need_grad: 
     return loss, p.to(grad_dtype)
 
 
+def _chunked(q, weight, bias, ids, valid, row_weight, chunk_rows, acc, cdt, need_grad):
+    """(ce [rows], grad [rows, d] or None) of the rows chunk by chunk (module notes), in ``acc``."""
+    # padding rows are zeroed (NaN or inf there would reach the gradient through 0 * NaN) and
+    # read id 0 (padding ids may lie outside the vocabulary); their losses are dropped below
+    B, L, d = q.shape
+    rows = B * L
+    qf = torch.where(valid[:, None], q.reshape(rows, d), 0).to(cdt)
+    idf = torch.where(valid, ids.reshape(rows), 0).long()
+    w = weight.to(cdt)  # [V, d]: one cast per call, shared by every chunk
+    b = None if bias is None else bias.to(acc).contiguous()
+    ce = torch.empty(rows, device=q.device, dtype=acc)
+    grad = torch.empty(rows, d, device=q.device, dtype=acc) if need_grad else None
+    triton_rows = _uses_triton(q.device, acc)
+    if triton_rows:
+        from .triton_ce import ce_rows
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, rows)
+        logits = _mm(qf[r0:r1], w.T, acc)  # [c, V], the only chunk-sized tensors are this and p
+        if triton_rows:
+            ce[r0:r1], p = ce_rows(logits, b, idf[r0:r1], need_grad, cdt)
+        else:
+            ce[r0:r1], p = _ce_rows_torch(logits, b, idf[r0:r1], need_grad, cdt)
+        if need_grad:
+            # the per-row weight scales [c, d] after the product rather than p [c, V] before it
+            grad[r0:r1] = _mm(p, w, acc) * row_weight[r0:r1, None]
+        del logits, p  # free this chunk before the next one is allocated: one chunk alive at a time
+    return ce, grad
+
+
+def _fused(q, weight, bias, ids, valid, row_weight, cdt, need_grad):
+    """(ce [rows] float32, grad [rows, d] float32 or None) from the one-sweep Triton kernel."""
+    from .triton_linear_ce import fused_linear_ce, launch_config, pad_weight
+
+    V, d = weight.shape
+    cfg = launch_config(d, V)
+    w, b = pad_weight(weight, bias, cfg, cdt)
+    # valid rows first, counted on the device (no host sync): the kernel skips the blocks past them
+    order = torch.argsort((~valid).to(torch.int8), stable=True).to(torch.int32)
+    n_rows = valid.sum(dtype=torch.int32).reshape(1)
+    return fused_linear_ce(q, w, b, V, ids, order, n_rows, row_weight.float(), need_grad, cfg)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, weight, bias, ids, mask, chunk_rows, compute_dtype, need_grad):
+    def forward(ctx, q, weight, bias, ids, mask, chunk_rows, compute_dtype, need_grad, impl):
         B, L, d = q.shape
         rows = B * L
         acc = torch.promote_types(q.dtype, torch.float32)
         cdt = compute_dtype or acc
         valid = mask.reshape(rows)
-        # padding rows are zeroed (NaN or inf there would reach the gradient through 0 * NaN) and
-        # read id 0 (padding ids may lie outside the vocabulary); their losses are dropped below
-        qf = torch.where(valid[:, None], q.reshape(rows, d), 0).to(cdt)
-        idf = torch.where(valid, ids.reshape(rows), 0).long()
         count = mask.sum(-1).clamp_min(1).to(acc)  # [B] tokens per prompt
         row_weight = (mask.to(acc) / count[:, None]).reshape(rows)  # d loss_b / d ce_row
-        w = weight.to(cdt)  # [V, d]: one cast per call, shared by every chunk
-        b = None if bias is None else bias.to(acc).contiguous()
-        ce = torch.empty(rows, device=q.device, dtype=acc)
-        grad = torch.empty(rows, d, device=q.device, dtype=acc) if need_grad else None
-        triton_rows = _uses_triton(q.device, acc)
-        if triton_rows:
-            from .triton_ce import ce_rows
-        for r0 in range(0, rows, chunk_rows):
-            r1 = min(r0 + chunk_rows, rows)
-            logits = _mm(qf[r0:r1], w.T, acc)  # [c, V], the only chunk-sized tensors are this and p
-            if triton_rows:
-                ce[r0:r1], p = ce_rows(logits, b, idf[r0:r1], need_grad, cdt)
-            else:
-                ce[r0:r1], p = _ce_rows_torch(logits, b, idf[r0:r1], need_grad, cdt)
-            if need_grad:
-                # the per-row weight scales [c, d] after the product rather than p [c, V] before it
-                grad[r0:r1] = _mm(p, w, acc) * row_weight[r0:r1, None]
-            del logits, p  # free this chunk before the next one is allocated: one chunk alive at a time
+        if impl == "fused":
+            ce, grad = _fused(q.reshape(rows, d), weight, bias, ids.reshape(rows), valid, row_weight, cdt, need_grad)
+            ce = ce.to(acc)
+            grad = grad.to(acc) if need_grad else None
+        else:
+            ce, grad = _chunked(q, weight, bias, ids, valid, row_weight, chunk_rows, acc, cdt, need_grad)
         loss = torch.where(mask, ce.view(B, L), 0.0).sum(-1) / count
         if need_grad:
             ctx.save_for_backward(grad.view(B, L, d))
@@ -119,7 +180,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                "cannot be differentiated again (create_graph=True); use fused_ce=False there")
         (grad,) = ctx.saved_tensors
         grad_q = (grad * grad_loss.to(grad.dtype)[:, None, None]).to(ctx.q_dtype)
-        return grad_q, None, None, None, None, None, None, None
+        return grad_q, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -130,6 +191,7 @@ def linear_cross_entropy(
     mask: Tensor,
     chunk_rows: int | None = None,
     compute_dtype: torch.dtype | None = None,
+    impl: str | None = None,
 ) -> Tensor:
     """Per-prompt mean cross-entropy [B] of ``q @ weight.T + bias`` against ``ids`` over ``mask``.
 
@@ -140,6 +202,8 @@ def linear_cross_entropy(
     :func:`default_chunk_rows`: 256 MB of float32 logits). compute_dtype: dtype of the two matrix
     products' operands (None: q's dtype, at least float32; ``torch.bfloat16`` on CUDA for tensor
     cores, float32 accumulation); logits, log-sum-exp and softmax are float32 (float64 for float64 q).
+    impl: "auto" (None: $SPLATOPT_LINEAR_CE_IMPL or auto), "fused" or "chunked" (see the module
+    notes and :func:`resolve_impl`); chunk_rows applies to "chunked" only.
 
     Returns [B] in q's dtype promoted to at least float32 — what ``decode_cross_entropy`` returns
     for the materialized logits. Without grad mode or without ``q.requires_grad`` only the loss
@@ -163,5 +227,6 @@ def linear_cross_entropy(
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("linear_cross_entropy keeps weight and bias frozen and gives them no gradient; "
                          "pass weight.detach() and bias.detach()")
+    impl = resolve_impl(impl, q.device, compute_dtype)
     return _LinearCrossEntropy.apply(q, weight, bias, ids, mask, chunk_rows or default_chunk_rows(V), compute_dtype,
-                                     need_grad)
+                                     need_grad, impl)
