@@ -552,10 +552,13 @@ def fused_kernel_section(paths: list[Path]) -> str:
                 rows.append([f"{run['config']['objective']}, B = {run['config']['batch']}", name, f"{r['step_ms']:.2f}",
                              f"{eager['step_ms']:.2f}" if eager else "not run", f"×{r['speedup_vs_eager']:.2f}" if eager else "–",
                              f"{r['peak_memory_gb']:.2f}" + (f" (eager {eager['peak_memory_gb']:.2f})" if eager else ""),
+                             pct(r["hbm_roofline_fraction"]) if "tensor_core_fraction" not in r else "–",
                              pct(r["tensor_core_fraction"]) if r.get("tensor_core_fraction") is not None else "–", run["device"]])
     parts.append("One inner step (render + loss + backward + Adam), L = 64, N = 16, d = 384, fp32 parameters; the paths of a "
-                 "configuration ran in one process (`splatopt bench`):\n\n"
-                 + table(["step", "path", "ms / step", "eager ms", "vs eager", "peak GB", "tensor cores", "device"], rows, "llrrrrrl"))
+                 "configuration ran in one process (`splatopt bench`). HBM roofline: the bytes a step must move (the target "
+                 "once; parameters and both Adam moments read and written) over the step time, over the peak bandwidth:\n\n"
+                 + table(["step", "path", "ms / step", "eager ms", "vs eager", "peak GB", "HBM roofline", "tensor cores", "device"],
+                         rows, "llrrrrrrl"))
     for path in (p for p in paths if p.name.startswith("long-cuda")):
         run = json.loads(path.read_text())
         d, loc = run["results"]["dense"], run["results"]["local"]

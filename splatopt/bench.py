@@ -7,8 +7,10 @@ the projection + cross-entropy without materialized logits (``"fused_ce"``:
 Triton kernel with bf16 products; ``"chunked_ce"``: the same function's row-chunk implementation,
 for comparison) measured in the same run, so their ratios are meaningful; results are saved
 as JSON with the device named. "eager" and "compile" materialize the float32 logits [B·L, V]. Each
-path's Adam step is the same eager ``adam_step``; ``loss_backward_ms`` times the render + loss +
-backward part alone.
+path's Adam step is the same eager ``adam_step``, except "fused" with a relative MSE alone, which
+is fit's fused step (:func:`splatopt.kernels.fused_adam_step`: loss, backward and Adam in two
+kernels); ``loss_backward_ms`` times the render + loss + backward part alone (for "fused", the
+fused loss kernel and its backward).
 
 The roofline: a step must at least read the target once and read and write the splat parameters
 and Adam's two moments, ``target + 6 x params`` bytes; ``hbm_roofline_fraction`` is that over the
@@ -96,26 +98,34 @@ class BenchConfig:
     dtype: str = "float32"
     warmup: int = 5
     iters: int = 20
-    fused_precision: str = "ieee"  # tl.dot precision of the fused path ("ieee", "tf32x3", "tf32")
+    fused_precision: str | None = None  # tl.dot precision of the fused path ("ieee", "tf32x3", "tf32"; None: the kernel's default)
 
 
 def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
-    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+    """Seconds per call of ``fn`` after ``warmup`` calls.
+
+    CUDA: ``iters`` calls back to back between two events, as an inner loop runs them (the host
+    enqueues the next step while the device works on this one), the median of 3 such runs. CPU:
+    the median single call.
+    """
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(iters):
-        if device.type == "cuda":
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(iters):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            times.append(start.elapsed_time(end) / 1e3 / iters)
+        return sorted(times)[1]
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
@@ -159,7 +169,7 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         return objective_terms(objective, field, target, mask, ids, decode, fused_ce, ce_impl)[0].sum()
 
     if "fused" in paths:
-        from .kernels import field_loss, unavailable_reason
+        from .kernels import field_loss, fused_adam_step, mse_coefficients, unavailable_reason
 
         reason = unavailable_reason(device, cfg.kernel, "additive", None, objective)
         if reason is not None:
@@ -167,7 +177,11 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
 
         def fused_loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return field_loss(splats.with_params(params), target, mask, objective, fused=True,
-                              kernel=cfg.kernel, precision=cfg.fused_precision)[0].sum()
+                              kernel=cfg.kernel, precision=cfg.fused_precision or "ieee")[0].sum()
+
+        # as in fit: a relative MSE alone takes the whole step fused (loss, backward, Adam)
+        fused_step = not objective.cosine
+        coef = mse_coefficients(target, mask, objective) if fused_step else None
 
     results = {}
     for path in paths:
@@ -184,6 +198,11 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         holder = {"params": params, "state": state}
 
         def step():
+            if path == "fused" and fused_step:
+                holder["params"], holder["state"], _ = fused_adam_step(
+                    holder["params"], holder["state"], splats.mask, target, mask, coef, opt.learning_rates(1, 2, v_scale), opt,
+                    config={"precision": cfg.fused_precision} if cfg.fused_precision else None)
+                return
             live = {k: t.detach().requires_grad_(True) for k, t in holder["params"].items()}
             grads = torch.autograd.grad(fn(live), list(live.values()))
             holder["params"], holder["state"], _ = adam_step(holder["params"], dict(zip(live, grads)), holder["state"], opt.learning_rates(1, 2, v_scale), opt)
@@ -222,6 +241,11 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         "projection_flops": projection_flops,
         "peak_bf16_flops": peak_flops,
     }
+    if "fused" in paths and fused_step:
+        from .kernels.step import step_config
+
+        out["fused_step_config"] = {**step_config(cfg.length, cfg.splats, cfg.dim),
+                                    **({"precision": cfg.fused_precision} if cfg.fused_precision else {})}
     for path, r in results.items():
         r["hbm_roofline_fraction"] = roofline_bytes / (r["step_ms"] / 1e3) / (peak * 1e9) if peak else None
         if projection_flops is not None:

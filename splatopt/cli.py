@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "row-chunk implementation; --long: dense local")
     p.add_argument("--fused", action="store_true",
                    help="also time the fused Triton field loss (splatopt.kernels); --e2e: insist on it in fit (field-only objectives)")
-    p.add_argument("--fused-precision", default="ieee", choices=["ieee", "tf32x3", "tf32"], help="tl.dot precision of --fused")
+    p.add_argument("--fused-precision", default=None, choices=["ieee", "tf32x3", "tf32"],
+                   help="tl.dot precision of --fused (default: the kernel's, ieee for the loss, tf32x3 for the MSE step)")
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for the tensor-core fraction of a cross-entropy objective")

@@ -25,7 +25,7 @@ from fixedpos.cache import read_safetensors, write_safetensors
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
 from .density import DensityContext, NoDensify, resolve_density
 from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
-from .kernels import available, fused_field_loss, unavailable_reason
+from .kernels import available, fused_adam_step, fused_field_loss, mse_coefficients, unavailable_reason
 from .kernels.fused import MAX_SLOTS
 from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
@@ -285,8 +285,10 @@ def fit(
     and pays off: CUDA, a field-only objective (mse / cosine, no ce), basis "splats", kernel
     "gaussian", mode "additive", no truncation, no varpro, float32, at most ``MAX_SLOTS`` splats per
     prompt; True = insist (ValueError saying why it cannot; on the CPU it needs TRITON_INTERPRET=1,
-    for tests); False = render with PyTorch. Recorded metrics render with PyTorch either way; the
-    choice made is ``config["fused"]``.
+    for tests); False = render with PyTorch. With a relative MSE alone, no clipping and no density
+    control, the whole step (loss, backward and Adam) runs fused in two kernels
+    (:func:`splatopt.kernels.fused_adam_step`, tf32x3 products: float32-accurate). Recorded metrics
+    render with PyTorch either way; the choice made is ``config["fused"]``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -547,10 +549,20 @@ def _fit_chunk(
     if frozen is not None:
         frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
     skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+    # a relative MSE alone, without clipping or density control (both need whole gradients between
+    # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
+    fused_step = (fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify))
+    coef = mse_coefficients(target, mask, objective) if fused_step else None
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
     for step in bar:
         if step in record_steps:
             record(step, params)
+        if fused_step:
+            free = ~frozen if frozen is not None and step < frozen_steps else None
+            params, state, skipped = fused_adam_step(params, state, slot_mask, target, mask, coef,
+                                                     optimizer.learning_rates(step, steps, v_scale), optimizer, free)
+            skipped_total += skipped
+            continue
         with torch.enable_grad():
             live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
             if fused:  # render, score and differentiate in one kernel: the field [B, L, d] is never written

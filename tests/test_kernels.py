@@ -311,6 +311,108 @@ def test_bench_times_the_fused_path_and_the_roofline(tmp_path, capsys):
     assert set(json.loads(written.read_text())["results"]) == {"eager", "fused"}
 
 
+# ------------------------------------------------------------------ the fused step (loss + backward + Adam)
+
+
+def reference_step(splats, target, token_mask, optimizer, step, lrs, free=None, objective="mse"):
+    """fit's PyTorch step: autograd gradients of the summed loss, then optim.adam_step (frozen: lr * free)."""
+    from splatopt.optim import adam_init, adam_step
+
+    params = {k: t.detach().clone() for k, t in splats.params().items()}
+    state = adam_init(params)
+    for _ in range(step):  # warm moments: a few earlier steps' state, as inside a fit
+        _, g = loss_and_grads(splats.with_params(params), target, token_mask, objective, False)
+        params, state, _ = adam_step(params, g, state, lrs, optimizer)
+    _, grads = loss_and_grads(splats.with_params(params), target, token_mask, objective, False)
+    if free is not None:
+        f = free.to(target.dtype)
+        lrs = {k: lr * (f[..., None] if k == "v" else f) for k, lr in lrs.items()}
+    new, new_state, skipped = adam_step(params, grads, state, lrs, optimizer)
+    return params, state, new, new_state, skipped
+
+
+def fused_from(splats, params, state, target, token_mask, optimizer, lrs, free=None, objective="mse", config=None):
+    from splatopt.kernels.step import fused_adam_step, mse_coefficients
+
+    coef = mse_coefficients(target, token_mask, objective)
+    return fused_adam_step(params, state, splats.mask, target, token_mask, coef, lrs, optimizer, free=free, config=config)
+
+
+def assert_step_matches(got, want, rtol):
+    (p, st, sk), (p_ref, st_ref, sk_ref) = got, want
+    assert torch.equal(sk, sk_ref)
+    for name, a, b in [(f"param {k}", p[k], p_ref[k]) for k in p_ref] + \
+            [(f"moment {m} {k}", st[m][k], st_ref[m][k]) for m in ("m", "v") for k in p_ref]:
+        scale = b.nan_to_num().abs().max().item()
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale + 1e-30, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert st["t"] == st_ref["t"]
+
+
+@pytest.mark.parametrize("shape", [dict(B=3, N=5, L=12, d=32), dict(B=2, N=20, L=150, d=80)])
+def test_fused_step_matches_pytorch_adam_on_autograd_gradients(shape):
+    """Parameters and both moments after a fused step equal adam_step on autograd's gradients; NaN
+    in inactive slots stays put; one token tile (the expanded products) and several, a partial
+    d-tile and padding slots included."""
+    from splatopt.optim import InnerOptimizer
+
+    splats, target, token_mask = make_case(seed=21, **shape)
+    opt = InnerOptimizer()
+    v_scale = torch.rand(shape["B"], 1, 1, device=DEVICE) + 0.5
+    lrs = opt.learning_rates(3, 10, v_scale)
+    params, state, *want = reference_step(splats, target, token_mask, opt, 2, lrs)
+    assert_step_matches(fused_from(splats, params, state, target, token_mask, opt, lrs), want, 1e-4)
+    # d split across programs: the geometry partials are summed by the second kernel
+    assert_step_matches(fused_from(splats, params, state, target, token_mask, opt, lrs, config={"d_split": 3}), want, 1e-4)
+
+
+def test_fused_step_first_moment_is_the_gradient_with_beta1_zero():
+    """With beta1 = 0 the new first moment is the gradient itself: the kernel's gradients within 1e-4."""
+    from splatopt.optim import InnerOptimizer, adam_init
+
+    splats, target, token_mask = make_case(seed=22)
+    opt = InnerOptimizer(beta1=0.0)
+    params = {k: t.detach().clone() for k, t in splats.params().items()}
+    _, st, _ = fused_from(splats, params, adam_init(params), target, token_mask, opt,
+                          opt.learning_rates(0, 5, torch.ones(3, 1, 1, device=DEVICE)), objective="2*mse")
+    _, grads = loss_and_grads(splats, target, token_mask, "2*mse", False)
+    for k, g in grads.items():
+        torch.testing.assert_close(st["m"][k], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=lambda m: f"{k}: {m}")
+
+
+def test_fused_step_frozen_slots_and_the_nan_guard():
+    """Frozen slots do not move (their moments do); a prompt with a non-finite gradient keeps
+    everything, the other prompts step as adam_step does."""
+    from splatopt.optim import InnerOptimizer
+
+    splats, target, token_mask = make_case(B=3, N=5, L=12, d=32, seed=23)
+    v = splats.v.clone()
+    v[1, 0, 3] = float("inf")  # an active slot: prompt 1's gradient is not finite
+    splats = splats.with_params({"v": v})
+    free = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE) < 0.5
+    opt = InnerOptimizer()
+    lrs = opt.learning_rates(0, 5, torch.ones(3, 1, 1, device=DEVICE))
+    params, state, *want = reference_step(splats, target, token_mask, opt, 0, lrs, free=free)
+    got = fused_from(splats, params, state, target, token_mask, opt, lrs, free=free)
+    assert got[2].tolist() == [False, True, False]
+    assert_step_matches(got, want, 1e-4)
+    on_frozen = splats.mask & ~free
+    assert torch.equal(got[0]["mu"][on_frozen], params["mu"][on_frozen])
+
+
+def test_fused_step_refusals():
+    from splatopt.kernels.step import fused_adam_step, mse_coefficients
+    from splatopt.optim import InnerOptimizer, adam_init
+
+    splats, target, token_mask = make_case(seed=24)
+    with pytest.raises(ValueError, match="cosine"):
+        mse_coefficients(target, token_mask, "mse+cosine")
+    params = {k: t.detach().clone() for k, t in splats.params().items()}
+    opt = InnerOptimizer(clip=1.0)
+    with pytest.raises(ValueError, match="clip"):
+        fused_adam_step(params, adam_init(params), splats.mask, target, token_mask, mse_coefficients(target, token_mask),
+                        opt.learning_rates(0, 1, torch.ones(3, 1, 1, device=DEVICE)), opt)
+
+
 # ------------------------------------------------------------------ GPU, benchmark shapes
 
 
@@ -368,3 +470,31 @@ def test_cuda_fast_precisions_stay_close():
     ref = loss_and_grads(splats, target, token_mask, "mse", False)
     assert_matches(loss_and_grads(splats, target, token_mask, "mse", True, precision="tf32x3"), ref, 1e-3)
     assert_matches(loss_and_grads(splats, target, token_mask, "mse", True, precision="tf32"), ref, 2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_fused_step_at_the_benchmark_shape():
+    """Issue 7's numerics at B = 4096, L = 64, N = 16, d = 384: the step's gradients (its first moment
+    with beta1 = 0) within 1e-4 of autograd's, and a full step as adam_step takes it."""
+    from splatopt.optim import InnerOptimizer, adam_init
+
+    splats, target, token_mask = make_case(B=4096, N=16, L=64, d=384, seed=25, device="cuda")
+    opt = InnerOptimizer(beta1=0.0)
+    params = {k: t.detach().clone() for k, t in splats.params().items()}
+    lrs = opt.learning_rates(0, 5, torch.rand(4096, 1, 1, device="cuda") + 0.5)
+    _, st, _ = fused_from(splats, params, adam_init(params), target, token_mask, opt, lrs)
+    _, grads = loss_and_grads(splats, target, token_mask, "mse", False)
+    for k, g in grads.items():
+        torch.testing.assert_close(st["m"][k], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=lambda m: f"{k}: {m}")
+    opt = InnerOptimizer()
+    params, state, *want = reference_step(splats, target, token_mask, opt, 2, lrs)
+    assert_step_matches(fused_from(splats, params, state, target, token_mask, opt, lrs), want, 1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_step_tuner_runs(capsys):
+    from splatopt.kernels.tune import main
+
+    assert main(["--step", "--batch", "256", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("SPLATOPT_STEP_CONFIG='"), lines[-3:]

@@ -4,11 +4,15 @@
     loss, terms = field_loss(splats, target, token_mask, "mse")     # fused where available
     loss = fused_field_loss(mu, log_sigma, weight_logit, v, slot_mask, target, token_mask, "mse")
     ce = linear_cross_entropy(q, embeddings, bias, ids, token_mask)  # [B], logits never stored
+    params, state, skipped = fused_adam_step(params, state, slot_mask, target, token_mask, coef, lrs, optimizer)
 
 The fused field loss renders the additive Gaussian field, scores it (relative MSE and/or cosine)
 and differentiates it in one Triton kernel: the target is read once per step and the rendered
-field [B, L, d] is never written to memory. Triton is imported only when a kernel runs, so this
-package imports everywhere; ``available`` says whether the fused path can run.
+field [B, L, d] is never written to memory. ``fused_adam_step`` goes one further for a relative MSE
+alone: it takes Adam's step on each tile of the embeddings as soon as its gradient is complete, so
+one inner step moves only the target and the parameters with their moments (:mod:`.step`).
+Triton is imported only when a kernel runs, so this package imports everywhere; ``available``
+says whether the fused path can run.
 
 ``linear_cross_entropy`` is the decode-aware term's vocabulary projection + cross-entropy without
 materialized logits (:mod:`.linear_ce`): on CUDA one Triton kernel sweeping the vocabulary once per
@@ -27,8 +31,10 @@ from ..render import render
 from ..splats import SplatSet
 from .fused import fused_field_loss, fused_field_terms, interpreting
 from .linear_ce import linear_cross_entropy
+from .step import fused_adam_step, mse_coefficients
 
-__all__ = ["available", "field_loss", "fused_field_loss", "fused_field_terms", "linear_cross_entropy", "unavailable_reason"]
+__all__ = ["available", "field_loss", "fused_adam_step", "fused_field_loss", "fused_field_terms", "linear_cross_entropy",
+           "mse_coefficients", "unavailable_reason"]
 
 
 def unavailable_reason(device, kernel: str = "gaussian", mode: str = "additive", truncate: float | None = None,

@@ -1,13 +1,16 @@
 """Time the fused field loss's launch configurations at one shape (GPU only) and print the best.
 
     python -m splatopt.kernels.tune --batch 4096 --length 64 --splats 16 --dim 384 --objective mse
+    python -m splatopt.kernels.tune --step      # the fused MSE step instead: SPLATOPT_STEP_CONFIG
 
 Each configuration runs forward + backward on random splats and a random target; its loss must
 equal the default configuration's. Prints one JSON line per configuration as it goes, the ten
 fastest, and always, last, one line ``SPLATOPT_FUSED_CONFIG='{...}'`` on stdout: the fastest
 configuration whose loss matches the default's, or the default itself when none beats it (a line
 before it says which). Exit status 1 when no configuration ran at all. A new default goes into
-``fused.launch_config``.
+``fused.launch_config``. With ``--step`` the same for :func:`.step.fused_adam_step` (loss, backward
+and Adam; its new first moment of v, linear in the gradient, must match the default's), ending in ``SPLATOPT_STEP_CONFIG='{...}'``
+(``step.step_config``).
 
     python -m splatopt.kernels.tune --compile-only --arch 90      # no GPU needed
 
@@ -61,7 +64,7 @@ def choose(rows: list[dict], default: dict) -> tuple[dict, str]:
 
 
 def env_value(config: dict) -> str:
-    """The ``SPLATOPT_FUSED_CONFIG`` JSON that selects ``config`` (BLOCK_N follows from N, not set)."""
+    """The ``SPLATOPT_FUSED_CONFIG`` (or ``_STEP_``) JSON that selects ``config`` (BLOCK_N follows from N, not set)."""
     return json.dumps({k: v for k, v in config.items() if k != "BLOCK_N"})
 
 
@@ -118,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--objective", default="mse")
     p.add_argument("--dtype", default="float32", help="the target's dtype")
-    p.add_argument("--precision", default="ieee", choices=["ieee", "tf32x3", "tf32"])
+    p.add_argument("--precision", default=None, choices=["ieee", "tf32x3", "tf32"],
+                   help="tl.dot precision (default: the kernel's, ieee for the loss, tf32x3 for --step)")
+    p.add_argument("--step", action="store_true", help="tune the fused MSE step (fused_adam_step), not the loss")
     p.add_argument("--limit", type=int, default=0, help="time only the first LIMIT candidates (0: all)")
     p.add_argument("--compile-only", action="store_true", help="compile the defaults for --arch, print registers and spills")
     p.add_argument("--arch", type=int, default=90, help="with --compile-only: CUDA compute capability, e.g. 80, 90")
     args = p.parse_args(argv)
     if args.compile_only:
+        args.precision = args.precision or "ieee"
         tdt = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
         for has_cos in (False, True):
             for need_grad in (True, False):
@@ -134,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("tune: needs a CUDA device")
     from triton.testing import do_bench
 
+    if args.step:
+        return _tune_step(args, do_bench)
+    args.precision = args.precision or "ieee"
     B, L, N, D = args.batch, args.length, args.splats, args.dim
     g = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.rand(B, N, device="cuda", generator=g) * (L - 1), torch.full((B, N), 0.5, device="cuda"),
@@ -165,14 +174,64 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append({"config": config, "ms": ms, "matches_default": ok, "default": config == default})
         print(json.dumps(rows[-1]), flush=True)  # as it goes: a run cut short still reports
+    return _report(rows, default, ENV)
+
+
+def _report(rows: list[dict], default: dict, env: str) -> int:
     timed = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     print("fastest first:")
     for r in timed[:10]:
         print(json.dumps(r))
     config, why = choose(rows, default)
     print(f"chosen: {why}")
-    print(f"{ENV}='{env_value(config)}'", flush=True)
+    print(f"{env}='{env_value(config)}'", flush=True)
     return 0 if timed else 1
+
+
+def _tune_step(args, do_bench) -> int:
+    """Time :func:`.step.fused_adam_step` per configuration; its gradient (first moment) must match the default's."""
+    from ..init import GridInit
+    from ..optim import InnerOptimizer, adam_init, target_rms
+    from .step import fused_adam_step, mse_coefficients, step_config
+
+    B, L, N, D = args.batch, args.length, args.splats, args.dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    target = torch.randn(B, L, D, device="cuda", generator=g).to(getattr(torch, args.dtype))
+    token_mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    splats = GridInit()(target.float(), token_mask, torch.full((B,), N, device="cuda"))
+    params = {k: t.contiguous() for k, t in splats.params().items()}
+    state = adam_init(params)
+    opt = InnerOptimizer()
+    coef = mse_coefficients(target, token_mask, args.objective)
+    lrs = opt.learning_rates(1, 2, target_rms(target.float(), token_mask))
+
+    def run(config):
+        # the first moment is linear in the gradient; the new v is not (Adam's first step is
+        # lr * sign(g): a gradient within rounding of 0 may flip it in any configuration)
+        return fused_adam_step(params, state, splats.mask, target, token_mask, coef, lrs, opt, config=config)[1]["m"]["v"]
+
+    default = step_config(L, N, D)
+    if args.precision:
+        default = {**default, "precision": args.precision}
+    reference = run(default)
+    rows = []
+    # the single-tile sweep is one loop the compiler pipelines: deeper stages and fewer warps pay there
+    grid = [{"BLOCK_L": bl, "BLOCK_N": default["BLOCK_N"], "BLOCK_D": bd, "num_warps": warps, "num_stages": stages,
+             "precision": default["precision"], "one_tile": one}
+            for one, bl, bd, warps, stages in itertools.product((True, False), (32, 64, 128), (16, 32, 64), (2, 4, 8), (1, 2, 3, 4))
+            if bl <= max(_pow2(L), 32) and bd <= _pow2(D) and (one or stages <= 2) and (not one or bl >= L)]
+    todo = [default] + [c for c in grid if c != default]
+    for config in todo[: args.limit or None]:
+        try:
+            ok = bool(torch.allclose(run(config), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item()))
+            ms = do_bench(lambda: run(config), warmup=10, rep=50)
+        except Exception as err:  # an out-of-resources configuration is a result, not a failure
+            rows.append({"config": config, "error": f"{type(err).__name__}: {err}"[:200]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        rows.append({"config": config, "ms": ms, "matches_default": ok, "default": config == default})
+        print(json.dumps(rows[-1]), flush=True)
+    return _report(rows, default, "SPLATOPT_STEP_CONFIG")
 
 
 if __name__ == "__main__":
