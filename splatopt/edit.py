@@ -11,9 +11,11 @@
    after an insertion move right and splats after a deletion move left; a replaced span is stretched
    or squeezed (its splats' widths too).
 3. Splats whose centre lies in a deleted span are pruned: their slots become inactive.
-4. Inserted and replaced spans get new splats, as many as the prompt's old density asks. They are
-   evenly spaced, and their embeddings are the least-squares fit of what the transported splats
-   leave unexplained there.
+4. Inserted and replaced spans get new splats, as many as the prompt's density asks (the old
+   fit's fraction of the length, else its splats per token). They are evenly spaced. If pruning
+   leaves the text below its budget, the missing splats are spawned on the tokens the transported
+   splats render worst. Every spawned embedding is the least-squares fit of what the transported
+   splats leave unexplained.
 5. The whole set is re-fitted on the new target, starting from there. Splats more than
    ``freeze_sigma`` widths from every edit can be frozen for the first ``freeze_steps`` steps
    (``local=True``: for all of them).
@@ -149,10 +151,18 @@ def edit(
     target = model.encode(batch)
     splats = result.splats.to(device)
     warms, fars, records = [], [], []
+    fraction = result.config.get("n_splats")
     for b in range(B):
+        old_ids = result.ids[b][result.mask[b]].tolist()
+        if spawn_density is not None:
+            density = spawn_density
+        elif isinstance(fraction, float):  # the old fit's budget, a fraction of each text's length
+            density = fraction
+        else:
+            density = float(splats.mask[b].sum()) / max(len(old_ids), 1)
         warm, far, record = _warm_start(
-            splats.select(b), result.ids[b][result.mask[b]].tolist(), batch.ids[b, : int(batch.mask[b].sum())].tolist(),
-            target[b : b + 1, : int(batch.mask[b].sum())], kernel, mode, freeze_sigma, spawn_density,
+            splats.select(b), old_ids, batch.ids[b, : int(batch.mask[b].sum())].tolist(),
+            target[b : b + 1, : int(batch.mask[b].sum())], kernel, mode, freeze_sigma, density,
         )
         warms.append(warm)
         fars.append(far)
@@ -175,28 +185,42 @@ def edit(
     return new
 
 
+def _worst_explained(old: SplatSet, mu: Tensor, sigma: Tensor, keep: Tensor, spawned_mu: list[Tensor], target: Tensor,
+                     kernel: str, mode: str, n: int) -> Tensor:
+    """Centres [n] for extra splats: the tokens whose target the kept splats render worst, one per token.
+
+    mu, sigma [N]: the old splats transported; tokens within half a token of a centre already
+    spawned are skipped.
+    """
+    L = target.shape[1]
+    kept = SplatSet(mu[None].to(target.dtype), sigma.log()[None].to(target.dtype), old.weight_logit.to(target.dtype),
+                    old.v.to(target.dtype), keep[None])
+    error = (target - render(kept, L, kernel, mode))[0].norm(dim=-1)  # [L]
+    taken = torch.cat(spawned_mu) if spawned_mu else error.new_zeros(0)
+    positions = torch.arange(L, device=target.device, dtype=target.dtype)
+    if len(taken):
+        near = ((positions[:, None] - taken[None, :].to(positions.dtype)).abs() < 0.5).any(1)
+        error = torch.where(near, -1.0, error)
+    return positions[error.argsort(descending=True)[:n]].sort().values
+
+
 def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: Tensor, kernel: str, mode: str,
-                freeze_sigma: float, spawn_density: float | None) -> tuple[SplatSet, Tensor, dict]:
-    """One prompt's warm start: (splats [1, N'] transported + spawned, far-from-edit [N'] bool, record)."""
+                freeze_sigma: float, density: float) -> tuple[SplatSet, Tensor, dict]:
+    """One prompt's warm start: (splats [1, N'] transported + spawned, far-from-edit [N'] bool, record).
+
+    density: splats per token; inserted spans get that many, and when pruning leaves the text
+    with fewer than ``round(density * L_new)`` splats the rest are spawned where the transported
+    splats explain the new target worst (a short text cut from a long one would otherwise keep
+    one or two splats where a fit from scratch has its full budget).
+    """
     device, dtype, L_new = target.device, target.dtype, len(new_ids)
     script = edit_script(old_ids, new_ids)
     active = old.mask[0]
     mu, sigma, deleted = transport(old.mu[0], old.sigma[0], script)
     keep = active & ~deleted
     mu = mu.clamp(-0.5, L_new - 0.5)
-    spans_added = any(tag in ("insert", "replace") for tag, *_ in script)
-    if not keep.any() and not spans_added:
-        # every splat sat in deleted text: revive the heaviest one at the centre of what is left
-        revive = int(torch.where(active, old.weight_logit[0], torch.full_like(mu, -math.inf)).argmax())
-        keep = keep.clone()
-        keep[revive] = True
-        deleted = deleted.clone()
-        deleted[revive] = False
-        mu = mu.clone()
-        mu[revive] = (L_new - 1) / 2
 
-    # new splats for inserted / replaced spans, at the prompt's old density
-    density = spawn_density if spawn_density is not None else float(active.sum()) / max(len(old_ids), 1)
+    # new splats for inserted / replaced spans, at the prompt's density
     spans = [(j1, j2) for tag, _, _, j1, j2 in script if tag in ("insert", "replace") and j2 > j1]
     counts = [max(1, round(density * (j2 - j1))) for j1, j2 in spans]
     spawned_mu, spawned_ls = [], []
@@ -205,6 +229,11 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
         g_mu, g_ls, _ = grid_geometry(span_mask, torch.tensor([n], device=device), 0.6, 0.0, None)
         spawned_mu.append(g_mu[0] + j1)
         spawned_ls.append(g_ls[0])
+    deficit = min(max(1, round(density * L_new)), L_new) - int(keep.sum()) - sum(counts)
+    if deficit > 0:
+        spawned_mu.append(_worst_explained(old, mu, sigma, keep, spawned_mu, target, kernel, mode, deficit))
+        spawned_ls.append(torch.full((deficit,), math.log(0.6 * L_new / max(1, round(density * L_new))), device=device))
+        counts.append(deficit)
     n_new = sum(counts)
     d = old.dim
 
@@ -233,12 +262,14 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
     for lo, hi in edit_zones:
         gap = torch.clamp(torch.maximum(lo - all_mu, all_mu - hi), min=0.0)
         dist = torch.minimum(dist, gap)
-    far = (dist > freeze_sigma * warm.sigma[0]) & all_mask
+    new_slot = torch.arange(len(all_mask), device=device) >= len(keep)
+    far = (dist > freeze_sigma * warm.sigma[0]) & all_mask & ~new_slot  # a spawned splat is part of the edit
     record = {
         "script": [list(op) for op in script],
         "transported": torch.nonzero(keep).flatten().tolist(),
         "pruned": torch.nonzero(active & deleted).flatten().tolist(),
         "spawned": list(range(len(keep), len(keep) + n_new)),
+        "spawned_for_density": max(deficit, 0),  # of those, the ones that refill the budget, not an inserted span
         "far_from_edit": torch.nonzero(far).flatten().tolist(),
     }
     return warm, far, record

@@ -44,6 +44,25 @@ def test_deleting_all_but_one_word_leaves_a_valid_splat_set(fitted):
     assert len(result.edit["pruned"]) >= 1
 
 
+def test_a_deletion_that_prunes_below_the_budget_refills_it_where_the_field_is_worst(model, fitted):
+    """A cut text keeps its budget (here one splat per token, set by spawn_density): the splats
+    pruning leaves missing are spawned on tokens, and the warm start's field is closer to the new
+    target than the transported splats' alone."""
+    short = "Return a new iterable"
+    result = splatopt.edit(fitted, short, steps=0, spawn_density=1.0, progress=False)
+    L = int(result.mask.sum())
+    warm, n_old = result.edit["warm_start"], fitted.splats.capacity
+    refill = result.edit["spawned_for_density"]
+    assert int(warm.mask.sum()) == L and refill == L - len(result.edit["transported"]) >= 1
+    refilled = warm.mu[0, result.edit["spawned"][-refill:]]
+    assert torch.equal(refilled, refilled.round()) and (refilled >= 0).all() and (refilled <= L - 1).all()
+    assert len(set(refilled.tolist())) == refill  # one per token
+    kept_only = type(warm)(warm.mu, warm.log_sigma, warm.weight_logit, warm.v, warm.mask & (torch.arange(warm.capacity) < n_old))
+    target = model.encode(model.tokenize([short]))[0, :L]
+    error = lambda s: (render(s, L)[0] - target).pow(2).sum()  # noqa: E731
+    assert error(warm) < 0.9 * error(kept_only)  # least squares on the residual: the field can only get closer
+
+
 def test_char_edits_equal_the_edited_text(fitted):
     start = TEXT.index("new")
     by_edits = splatopt.edit(fitted, edits=[(start, start + 3, "fresh")], steps=0, progress=False)
