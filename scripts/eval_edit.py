@@ -54,15 +54,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", default='{"free": {}, "local": {"local": true}}',
                         help='JSON: name -> edit() options; "optimizer" takes InnerOptimizer fields')
+    parser.add_argument("--optimizer", default="{}",
+                        help="JSON: InnerOptimizer fields for the old, cold and warm fits (a variant's own override them)")
+    parser.add_argument("--split", default="test", help="corpus split of the prompts (select on validation)")
     parser.add_argument("--out", default="figures/data/edit_acceptance.json")
     args = parser.parse_args()
 
     model = fixedpos.load()
     rng = random.Random(args.seed)
-    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus("stdlib", "test"), args.n, max_tokens=56, seed=args.seed)
+    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus("stdlib", args.split), args.n, max_tokens=56, seed=args.seed)
     vocabulary = sorted({w for p in fixedpos.load_corpus("stdlib", "validation")[:300] for w in p.split() if w.isalpha()})
     edited, ops = zip(*(random_edit(p, rng, vocabulary) for p in prompts))
-    common = dict(n_splats=args.splats, device=args.device, progress=False)
+    base_opt = json.loads(args.optimizer)
+    # the cold fit uses the warm fit's optimizer: the criterion compares like with like
+    common = dict(n_splats=args.splats, device=args.device, progress=False, optimizer=splatopt.InnerOptimizer(**base_opt))
     t0 = time.perf_counter()
     old = splatopt.fit(prompts, model, steps=args.steps, record_every=0, **common)
     cold = splatopt.fit(list(edited), model, steps=args.steps, record_every=5, **common)
@@ -71,8 +76,7 @@ def main() -> None:
     variants = json.loads(args.variants)
     for variant, opts in variants.items():
         opts = dict(opts)
-        if "optimizer" in opts:
-            opts["optimizer"] = splatopt.InnerOptimizer(**opts["optimizer"])
+        opts["optimizer"] = splatopt.InnerOptimizer(**{**base_opt, **opts.get("optimizer", {})})
         for b in range(len(prompts)):
             one = splatopt.FitResult(
                 splats=old.splats.select(b), ids=old.ids[b : b + 1], mask=old.mask[b : b + 1], texts=None,
@@ -119,7 +123,7 @@ def main() -> None:
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "n": len(prompts), "n_splats": args.splats,
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt,
         "cold_curve": {"step": cold.history["step"].tolist(), "token_accuracy": cold.history["token_accuracy"].mean(1).tolist()},
         "summary": summary, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -11,7 +11,7 @@ from .fit import FitResult, Targets, fit
 from .kernels import field_loss
 from .init import GridInit, Initializer, TokenInit, WarmStart, resolve_initializer
 from .objectives import Objective, decode_cross_entropy, mean_cosine, objective_terms, relative_mse, token_accuracy
-from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v
+from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, solve_embeddings
 from .render import KERNELS, MODES, kernel_values, render, splat_weights
 from .render_local import render_local
 from .splats import SplatSet
@@ -22,5 +22,5 @@ __all__ = [
     "FitResult", "GridInit", "Initializer", "InnerOptimizer", "KERNELS", "MODES", "Objective", "SplatSet",
     "Targets", "TokenInit", "WarmStart", "ablate", "adam_init", "edit", "adam_step", "closed_form_v", "decode_cross_entropy", "field_loss", "fit",
     "kernel_values", "mean_cosine", "objective_terms", "relative_mse", "render", "render_local", "resolve_initializer",
-    "splat_weights", "token_accuracy",
+    "solve_embeddings", "splat_weights", "token_accuracy",
 ]

@@ -29,7 +29,7 @@ from .kernels import available, fused_adam_step, fused_field_loss, mse_coefficie
 from .kernels.fused import MAX_SLOTS
 from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
-from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, target_rms
+from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, offset_for, solve_embeddings, target_rms
 from .render import KERNELS, MODES, render, splat_weights
 from .render_local import DEFAULT_TRUNCATE, render_local
 from .splats import SplatSet
@@ -325,6 +325,11 @@ def fit(
         initializer.to(device)  # a network initializer runs where the fit runs
         optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
     optimizer = optimizer or InnerOptimizer()
+    solve = optimizer.embeddings == "solve"
+    if solve and (basis != "splats" or varpro or not isinstance(strategy, NoDensify)):
+        what = f"basis={basis!r}" if basis != "splats" else "varpro=True" if varpro else f"density={density!r}"
+        raise ValueError(f"the optimizer's embeddings='solve' solves for the embeddings of mobile splats at a fixed "
+                         f"count; it does not combine with {what}: use embeddings='adam'")
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
     decode = model.decode if model is not None else None
     if objective.needs_decoder and ids is None:
@@ -338,10 +343,10 @@ def fit(
     order = torch.argsort(lengths.cpu(), stable=True)
     if truncate is None and basis == "splats" and int(lengths.max()) > LONG_LENGTH:
         truncate = DEFAULT_TRUNCATE
-    if varpro:
+    if varpro or solve:
         _check_varpro_memory(lengths.cpu()[order], counts[order], batch_size, field.element_size())
     capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
-    fused = _resolve_fused(fused, device, objective, kernel, mode, truncate, varpro, basis, dtype, capacity)
+    fused = _resolve_fused(fused, device, objective, kernel, mode, truncate, varpro or solve, basis, dtype, capacity)
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
@@ -406,6 +411,7 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
                    truncate: float | None, varpro: bool, basis: str, dtype: torch.dtype, capacity: int) -> bool:
     """Whether the inner step uses the fused field loss (``fit``'s ``fused``); ValueError for True where it cannot.
 
+    varpro: the embeddings are solved for (``varpro=True`` or the optimizer's ``embeddings="solve"``).
     capacity: the most splat slots a prompt holds (the kernel keeps a prompt's slots in registers).
     """
     if fused is False:
@@ -413,7 +419,7 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
     if basis != "splats":
         reason = f"basis={basis!r} renders a fixed design matrix, not splats"
     elif varpro:
-        reason = "varpro=True solves for the embeddings from the dense coefficients A [B, L, N], which the fused kernel never builds"
+        reason = "varpro=True (or embeddings='solve') solves for the embeddings from the dense coefficients A [B, L, N], which the fused kernel never builds"
     elif dtype != torch.float32:
         # the kernel accumulates in float32: a float64 fit would silently lose its precision
         reason = f"the fused kernel computes in float32, the fit asks for {str(dtype).removeprefix('torch.')}"
@@ -473,6 +479,7 @@ def _fit_chunk(
     tok = mask[..., None].to(target.dtype)
     lengths = mask.sum(-1)
     v_scale = target_rms(target, mask)
+    solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
     if basis == "splats":
         strategy = strategy or NoDensify()
         with torch.no_grad():
@@ -481,8 +488,13 @@ def _fit_chunk(
             raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
         splats = _with_capacity(splats, int(counts.max()))
         slot_mask = splats.mask
-        keys = ["mu", "log_sigma", "weight_logit"] + ([] if varpro else ["v"])
+        keys = ["mu", "log_sigma", "weight_logit"] + ([] if varpro or solve else ["v"])
         params = {k: splats.params()[k].detach() for k in keys}
+        if solve:  # Adam moves a field-space offset; the embeddings are solved for (optim.solve_embeddings)
+            with torch.no_grad():
+                a0 = splat_weights(splats, L, kernel, mode, truncate)
+                params["offset"] = offset_for(a0, splats.v, target, mask, slot_mask, ridge)
+            held_v = splats.v.detach()
     else:  # a fixed basis: only the coefficients move, from their least-squares optimum
         strategy = None
         sigma_scale = getattr(initializer, "sigma_scale", GridInit.sigma_scale)
@@ -501,10 +513,14 @@ def _fit_chunk(
         active = slot_mask if active is None else active
         if basis != "splats":
             return None, design @ (p["v"] * active[..., None])
-        s = replace(splats, mask=active, **p)
+        s = replace(splats, mask=active, **{k: t for k, t in p.items() if k != "offset"})
         if varpro:
             a = splat_weights(s, L, kernel, mode, truncate)
             v = closed_form_v(a, target, mask, s.mask)
+            return s.with_params({"v": v}), a @ v
+        if solve:
+            a = splat_weights(s, L, kernel, mode, truncate)
+            v = solve_embeddings(a, target, p["offset"], mask, s.mask, ridge, held, None if held is None else held_v)
             return s.with_params({"v": v}), a @ v
         if truncate is not None:  # the same field as the dense truncated render, without A [B, L, N]
             return s, render_local(s, L, kernel, mode, truncate)
@@ -548,6 +564,7 @@ def _fit_chunk(
     ctx = DensityContext(counts, lengths, kernel, mode, position_error, residual)
     if frozen is not None:
         frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
+    held = frozen if solve and frozen is not None and frozen_steps > 0 else None  # slots whose embeddings the solve keeps
     skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
     # a relative MSE alone, without clipping or density control (both need whole gradients between
     # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
@@ -573,13 +590,23 @@ def _fit_chunk(
                 loss, _ = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
             grads = dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
         lrs = optimizer.learning_rates(step, steps, v_scale)
+        if solve:
+            lrs["offset"] = lrs.pop("v")
         if frozen is not None and step < frozen_steps:
             free = (~frozen).to(target.dtype)
-            lrs = {k: lr * (free[..., None] if k == "v" else free) for k, lr in lrs.items()}
+            # the offset lives on tokens, not slots: the solve holds frozen slots' embeddings instead
+            lrs = {k: lr if k == "offset" else lr * (free[..., None] if k == "v" else free) for k, lr in lrs.items()}
         if strategy is not None:
             density_state = strategy.observe(step, grads, slot_mask, density_state)
         params, state, skipped = adam_step(params, grads, state, lrs, optimizer)
         skipped_total += skipped
+        if solve and held is not None and step + 1 == frozen_steps < steps:
+            # the freeze ends: the solve takes every slot, from an offset that gives back the current embeddings
+            with torch.no_grad():
+                s_now, _ = current(params)
+                a_now = splat_weights(s_now, L, kernel, mode, truncate)
+                params["offset"] = offset_for(a_now, s_now.v, target, mask, slot_mask, ridge)
+            held = None
         if strategy is not None:
             params, state, slot_mask, density_state = strategy.refine(step, steps, params, state, slot_mask, density_state, ctx)
     record(steps, params)

@@ -181,6 +181,9 @@ def unroll(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    if optimizer.embeddings != "adam":
+        raise ValueError(f"unroll moves the embeddings with Adam; embeddings={optimizer.embeddings!r} is not "
+                         "meta-trained yet: use InnerOptimizer(embeddings='adam')")
     objective = Objective.parse(objective)
     # inner gradients are needed even where the caller runs without grad (evaluation, finite
     # differences): splats that carry no graph become leaves of a local one

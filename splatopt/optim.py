@@ -21,6 +21,7 @@ from torch import Tensor
 
 GROUPS = ("mu", "log_sigma", "weight_logit", "v")
 SCHEDULES = ("constant", "cosine", "linear")
+EMBEDDINGS = ("adam", "solve")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class InnerOptimizer:
     other groups (cosine to ``final_lr_factor``, linear, or constant). clip: per-prompt,
     per-group gradient-norm clip (None: off). warmup: steps of linear learning-rate warm-up (Adam's
     first steps are full-size whatever the gradient: a warm start wants them small).
+    embeddings: how the embeddings v move. "adam": v is a parameter and Adam moves it. "solve": v
+    is the least-squares solution for the target plus a field-space offset [B, L, d], and Adam
+    moves the offset (with ``lr_v``, in the same units) and the geometry (variable projection with
+    a learned offset, :func:`solve_embeddings`). The solve undoes the ill-conditioning of A^T A that
+    overlapping splats cause (per-coordinate Adam cannot), and the embeddings follow the splats
+    as they move. solve_ridge: that solve's ridge, relative to the mean diagonal of A^T A.
     """
 
     lr_mu: float = 0.1
@@ -48,6 +55,8 @@ class InnerOptimizer:
     eps_root: float = 1e-16
     clip: float | None = None
     warmup: int = 0
+    embeddings: str = "adam"
+    solve_ridge: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -68,6 +77,10 @@ class InnerOptimizer:
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
         if not (isinstance(self.warmup, int) and self.warmup >= 0):
             raise ValueError(f"warmup={self.warmup!r} must be an int >= 0 (steps)")
+        if self.embeddings not in EMBEDDINGS:
+            raise ValueError(f"embeddings={self.embeddings!r}: choose one of {EMBEDDINGS}")
+        if not (self.solve_ridge > 0 and math.isfinite(self.solve_ridge)):
+            raise ValueError(f"solve_ridge={self.solve_ridge} must be a finite number > 0")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be > 0 (or None: no clipping)")
 
@@ -167,3 +180,34 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
     # masked positions may hold anything (NaN padding): 0 * NaN would still reach the solve
     rhs = a.transpose(1, 2) @ torch.where(token_mask[..., None], target.to(a.dtype), 0.0)
     return torch.linalg.solve(system, rhs) * splat_mask[..., None].to(a.dtype)
+
+
+def solve_embeddings(
+    a: Tensor, target: Tensor, offset: Tensor, token_mask: Tensor, splat_mask: Tensor, ridge: float = 1e-4,
+    held: Tensor | None = None, held_v: Tensor | None = None,
+) -> Tensor:
+    """Embeddings v [B, N, d] of ``embeddings="solve"``: least squares for ``target + offset``.
+
+    a: [B, L, N] splat coefficients; target, offset: [B, L, d]; token_mask [B, L]; splat_mask [B, N].
+    held: [B, N] bool, active slots whose embeddings stay ``held_v`` [B, N, d] (frozen splats); the
+    others solve for what the held ones leave unexplained. Differentiable in ``a`` and ``offset``.
+    """
+    goal = torch.where(token_mask[..., None], target + offset, 0.0)
+    if held is None:
+        return closed_form_v(a, goal, token_mask, splat_mask, ridge)
+    held = held & splat_mask
+    fixed = torch.where(held[..., None], held_v, 0.0).to(a.dtype)
+    v = closed_form_v(a, goal - a @ fixed, token_mask, splat_mask & ~held, ridge)
+    return torch.where(held[..., None], fixed, v)
+
+
+def offset_for(a: Tensor, v: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Tensor, ridge: float = 1e-4) -> Tensor:
+    """The offset [B, L, d] whose :func:`solve_embeddings` gives back ``v`` [B, N, d] (up to the ridge).
+
+    A (v - v_ls), with v_ls the least-squares embeddings of the target itself: zero for splats that
+    start at the least-squares optimum (the grid initializer), and it carries a warm start's
+    embeddings into ``embeddings="solve"``. Zero at masked tokens.
+    """
+    v_ls = closed_form_v(a, target, token_mask, splat_mask, ridge)
+    delta = torch.where(splat_mask[..., None], v - v_ls, 0.0).to(a.dtype)
+    return torch.where(token_mask[..., None], a @ delta, 0.0)
