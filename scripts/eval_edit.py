@@ -77,26 +77,26 @@ def main() -> None:
     for variant, opts in variants.items():
         opts = dict(opts)
         opts["optimizer"] = splatopt.InnerOptimizer(**{**base_opt, **opts.get("optimizer", {})})
+        # one batched re-fit of every edited prompt (edit() keeps prompts independent: the same
+        # per-prompt result as editing each alone, tests/test_edit.py)
+        w = splatopt.edit(old, list(edited), model=model, steps=args.warm_steps, record_every=5, progress=False, **opts)
+        steps = w.history["step"].tolist()
+        final_all = w.splats.to("cpu")
         for b in range(len(prompts)):
-            one = splatopt.FitResult(
-                splats=old.splats.select(b), ids=old.ids[b : b + 1], mask=old.mask[b : b + 1], texts=None,
-                token_accuracy=None, field_error=old.field_error[b : b + 1], cosine=old.cosine[b : b + 1], history={},
-                trajectory={}, seconds=0.0, encode_seconds=0.0, config=old.config, input_texts=[prompts[b]],
-            )
-            w = splatopt.edit(one, edited[b], model=model, steps=args.warm_steps, record_every=5, progress=False, **opts)
-            curve = w.history["token_accuracy"][:, 0].tolist()
-            steps = w.history["step"].tolist()
+            record = w.edit[b]
+            curve = w.history["token_accuracy"][:, b].tolist()
             reached = [s for s, a in zip(steps, curve) if a >= float(cold_final[b]) - 1e-6]
-            warm0, final = w.edit["warm_start"], w.splats.to("cpu")
-            far = w.edit["far_from_edit"]
+            warm0, final = record["warm_start"], final_all.select(b)
+            far = record["far_from_edit"]
             v_change = ((final.v[0, far] - warm0.v[0, far]).norm(dim=-1) / warm0.v[0, far].norm(dim=-1).clamp_min(1e-9)).tolist()
             mu_shift = (final.mu[0, far] - warm0.mu[0, far]).abs().tolist()
-            edit_tokens = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in w.edit["script"] if tag != "equal")
+            edit_tokens = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in record["script"] if tag != "equal")
             rows.append({
-                "variant": variant, "prompt": b, "op": ops[b], "edit_tokens": edit_tokens, "L": int(w.mask.sum()),
+                "variant": variant, "prompt": b, "op": ops[b], "edit_tokens": edit_tokens, "L": int(w.mask[b].sum()),
                 "cold_final": float(cold_final[b]), "warm_curve": curve, "steps": steps,
                 "steps_to_recover": reached[0] if reached else None, "far_splats": len(far),
                 "far_v_rel_change": v_change, "far_mu_shift": mu_shift,
+                "spawned_for_density": record.get("spawned_for_density", 0),
             })
         print(f"{variant}: done {len(prompts)} edits, {time.perf_counter() - t0:.1f} s", flush=True)
 
