@@ -92,7 +92,8 @@ def main() -> None:
             mu_shift = (final.mu[0, far] - warm0.mu[0, far]).abs().tolist()
             edit_tokens = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in record["script"] if tag != "equal")
             rows.append({
-                "variant": variant, "prompt": b, "op": ops[b], "edit_tokens": edit_tokens, "L": int(w.mask[b].sum()),
+                "variant": variant, "prompt": b, "op": ops[b], "old_text": prompts[b], "new_text": edited[b],
+                "edit_tokens": edit_tokens, "L": int(w.mask[b].sum()),
                 "cold_final": float(cold_final[b]), "warm_curve": curve, "steps": steps,
                 "steps_to_recover": reached[0] if reached else None, "far_splats": len(far),
                 "far_v_rel_change": v_change, "far_mu_shift": mu_shift,
