@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .fit import FitResult, fit
 from .init import WarmStart, grid_geometry
-from .optim import closed_form_v
+from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
 from .splats import SplatSet
 
@@ -108,7 +108,7 @@ def edit(
     widths from every edited span neither move nor change; local=True freezes them throughout.
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
-    old fit's objective, kernel and mode. The returned result's ``edit`` records the script and which
+    old fit's objective, kernel and mode, and its inner optimizer with a constant schedule. The returned result's ``edit`` records the script and which
     old slots were transported, pruned, and which new slots were spawned: a dict for one prompt
     given as a str, a list of such dicts (one per prompt) for a batch.
     """
@@ -146,6 +146,11 @@ def edit(
     kernel = fit_options.pop("kernel", result.config.get("kernel", "gaussian"))
     mode = fit_options.pop("mode", result.config.get("mode", "additive"))
     fit_options.setdefault("objective", result.config.get("objective", "mse+ce"))
+    if fit_options.get("optimizer") is None:
+        # the old fit's inner optimizer with a constant schedule: a warm start is already close, and
+        # decaying the rates over a short re-fit stalled it (validation: 96.1 % vs 95.1 % at 60 steps)
+        old_opt = {k: v for k, v in (result.config.get("optimizer") or {}).items() if k in InnerOptimizer.__dataclass_fields__}
+        fit_options["optimizer"] = InnerOptimizer(**{**old_opt, "schedule": "constant"})
 
     batch = model.tokenize(new_texts, device=device)
     target = model.encode(batch)

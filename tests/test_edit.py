@@ -193,3 +193,11 @@ def test_batched_edit_on_cuda_matches_cpu(model):
     assert results["cuda"].splats.mu.device.type == "cuda"
     torch.testing.assert_close(results["cuda"].field_error.cpu(), results["cpu"].field_error, rtol=2e-3, atol=1e-4)
     assert [r["script"] for r in results["cuda"].edit] == [r["script"] for r in results["cpu"].edit]
+
+
+def test_the_re_fit_defaults_to_the_old_optimizer_with_a_constant_schedule(fitted):
+    result = splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=0, progress=False)
+    assert result.config["optimizer"] == {**fitted.config["optimizer"], "schedule": "constant"}
+    chosen = splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=0, progress=False,
+                           optimizer=splatopt.InnerOptimizer(lr_v=0.3))
+    assert chosen.config["optimizer"]["schedule"] == "cosine" and chosen.config["optimizer"]["lr_v"] == 0.3
