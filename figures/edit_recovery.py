@@ -2,8 +2,9 @@
 
 Data: figures/data/edit_acceptance.json (scripts/eval_edit.py: 200 test-split prompts, N = L/4, one
 random insert / delete / replace of 1-4 words each; warm re-fit of 60 steps, metrics every 5). The
-default ("free") re-fit; prompts not recovered within the re-fit sit in the top row, and the share
-recovered per edit size is written above each group.
+re-fit that keeps the far splats' embeddings ("local-constant", the issue's setting); prompts not
+recovered within the re-fit sit in the top row, and the share recovered per edit size is written
+above each group.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from figure_io import load_json, save
 from splatopt.plot import recovery_figure
 
 DATA_FILES = ["edit_acceptance.json"]
-VARIANT = "free"
+VARIANT = "local-constant"
 
 
 def main():
@@ -21,7 +22,7 @@ def main():
     rows = [r for r in data["rows"] if r["variant"] == VARIANT]
     fig = recovery_figure([r["edit_tokens"] for r in rows], [r["steps_to_recover"] for r in rows],
                           max(rows[0]["steps"]), ops=[r["op"] for r in rows])
-    fig.axes[0].set_title(f"{len(rows)} edited prompts, N = L/{round(1 / data['n_splats'])}, warm re-fit", fontsize=7)
+    fig.axes[0].set_title(f"{len(rows)} edited prompts, N = L/{round(1 / data['n_splats'])}, local warm re-fit", fontsize=7)
     return save(fig, "edit_recovery")
 
 

@@ -1,10 +1,11 @@
 """Editing: token accuracy over the warm re-fit for each re-fit variant, against a cold fit of the edited text.
 
-Data: figures/data/edit_acceptance.json, edit_variants.json, edit_warmup.json (scripts/eval_edit.py,
-same 200 edited prompts, N = L/4). Left: the whole 60-step re-fit for the default re-fit, the
-learning-rate warm-up and the cold fit from scratch, with the restart dip at step 5. Right: the
-last 30 steps of every variant, mean with 95 % CI over prompts. The dashed line is the cold fit's
-final accuracy (its full steps), the goal the warm re-fit should reach in 20 % of them.
+Data: figures/data/edit_acceptance.json (constant schedule) and edit_variants.json (cosine
+schedule) (scripts/eval_edit.py, same 200 edited prompts, N = L/4, Adam on the embeddings). Left:
+the whole 60-step re-fit, free and local (far splats frozen), and the cold fit from scratch, with
+the restart dip at step 5. Right: the last 30 steps of every variant, mean with 95 % CI over
+prompts. The dashed line is the cold fit's final accuracy (its full steps), the goal the warm
+re-fit should reach in 20 % of them.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from figure_io import COLUMN, house_style, load_json, save
 
 from splatopt.plot import mean_ci95
 
-DATA_FILES = ["edit_acceptance.json", "edit_variants.json", "edit_warmup.json"]
+DATA_FILES = ["edit_acceptance.json", "edit_variants.json"]
 VARIANT_NAMES = {
-    "free": "free (default)", "local": "local (far frozen)", "frozen20-constant": "far frozen 20, constant lr",
-    "lr-half": "half learning rates", "warmup10": "lr warm-up 10", "warmup10-const": "warm-up 10, constant lr",
-    "warmup10-frozen20-const": "warm-up 10, frozen 20, const. lr",
+    "free-constant": "free, constant lr (default)", "local-constant": "local (far frozen), constant lr",
+    "free": "free, cosine lr", "local": "local, cosine lr", "local-warmup10": "local, cosine, warm-up 10",
 }
-WHOLE_RUN = ["free", "warmup10"]  # drawn over all steps on the left
+WHOLE_RUN = ["free-constant", "local-constant"]  # drawn over all steps on the left
 
 
 def main():
@@ -32,9 +32,9 @@ def main():
             steps = rows[0]["steps"]
             curves[variant] = (steps, *mean_ci95([[r["warm_curve"][i] for r in rows] for i in range(len(steps))]))
     cold = runs[0]["cold_curve"]
-    cold_final = runs[0]["summary"]["free"]["cold_final_mean"]
-    cold_steps = runs[0]["summary"]["free"]["cold_steps"]
-    warm_steps = max(curves["free"][0])
+    cold_final = runs[0]["summary"][WHOLE_RUN[0]]["cold_final_mean"]
+    cold_steps = runs[0]["summary"][WHOLE_RUN[0]]["cold_steps"]
+    warm_steps = max(curves[WHOLE_RUN[0]][0])
     colors = {v: f"C{i}" for i, v in enumerate(curves)}
     with house_style():
         fig, (ax_all, ax_end) = plt.subplots(1, 2, figsize=(COLUMN, 2.3), gridspec_kw={"wspace": 0.3, "width_ratios": [1, 1.15]})

@@ -172,38 +172,64 @@ def throughput_values() -> dict[str, str]:
     return out
 
 
-EDIT_FILES = ("edit_acceptance.json", "edit_variants.json", "edit_warmup.json")
+def solve_values() -> dict[str, str]:
+    """Adam on the embeddings vs solved embeddings (ablations/inner_update_selection)."""
+    from splatopt import ablate
+
+    rows = ablate.read_rows(figure_io.DATA / "ablations" / "inner_update_selection" / "results.jsonl")
+    acc = {(r["levels"]["optimizer.embeddings"], r["levels"]["steps"]): r["token_accuracy"] for r in rows}
+    steps = sorted({k for _, k in acc})
+    claim(all(acc[("solve", k)] > acc[("adam", k)] for k in steps), "the solve leads at every step budget")
+    body = [[update] + [f"{100 * acc[(update, k)]:.1f}" for k in steps] for update in ("adam", "solve")]
+    return {"solve_table": table(["embeddings"] + [f"{k} steps" for k in steps], body),
+            "solve_prompts": str(rows[0]["prompts"]), "solve_device": rows[0]["device_name"],
+            "solve_gain_30": f"{100 * (acc[('solve', 30)] - acc[('adam', 30)]):.1f}"}
+
+
+EDIT_FILES = ("edit_acceptance.json", "edit_variants.json", "edit_solve.json")
 
 
 def edit_values() -> dict[str, str]:
-    """Editing acceptance and re-fit variants (edit_*.json) and the recorded edit of the trajectory figure."""
-    runs = [figure_io.load_json(name) for name in EDIT_FILES]
-    base = runs[0]
-    free = base["summary"]["free"]
-    summaries = {v: s for run in runs for v, s in run["summary"].items()}
+    """Editing acceptance (edit_acceptance.json: the defaults on a constant schedule), the cosine
+    schedule's variants (edit_variants.json), solved embeddings (edit_solve.json), and the recorded
+    edit of the trajectory figure."""
+    base, cosine, solve = (figure_io.load_json(name) for name in EDIT_FILES)
+    free, local = base["summary"]["free-constant"], base["summary"]["local-constant"]
     warm_steps = max(int(s) for s in free["warm_mean_curve"])
     at = lambda s, step: s["warm_mean_curve"][str(step)]
     rows = []
-    for variant, s in summaries.items():
-        rows.append([f"`{variant}`", pct(at(s, warm_steps // 3)), pct(at(s, 2 * warm_steps // 3)), pct(at(s, warm_steps)),
-                     pct(s["fraction_recovered_within_warm_steps"]), pct(s["far_v_rel_change_median"])])
-    best = max(summaries, key=lambda v: at(summaries[v], warm_steps))
+    for name, run in zip(EDIT_FILES, (base, cosine, solve)):
+        update = (run.get("optimizer") or {}).get("embeddings", "adam")
+        for variant, s in run["summary"].items():
+            rows.append([f"`{name}`", update, f"`{variant}`", pct(s["cold_final_mean"]), pct(at(s, warm_steps // 3)),
+                         pct(at(s, 2 * warm_steps // 3)), pct(at(s, warm_steps)),
+                         pct(s["fraction_recovered_within_warm_steps"]), pct(s["far_v_rel_change_median"])])
+    claim(at(local, warm_steps) < local["cold_final_mean"] and at(free, warm_steps) < free["cold_final_mean"],
+          "the warm re-fits stay below the cold fit's final accuracy")
+    claim(at(local, warm_steps) > at(cosine["summary"]["local"], warm_steps), "the constant schedule beats the cosine one")
+    sel = figure_io.load_json("edit_selection.json")["summary"]
     cold = dict(zip(base["cold_curve"]["step"], base["cold_curve"]["token_accuracy"]))
     traj = figure_io.load_json("edit_trajectory.json")
     steps = sorted({int(s) for s in free["warm_mean_curve"]})
+    s_local = solve["summary"]["local-constant"]
+    claim(at(s_local, warm_steps) < s_local["cold_final_mean"], "with solved embeddings the local re-fit stays below its cold fit")
     return {
         "edit_prompts": str(base["n"]), "edit_device": base["device"], "edit_n_splats": frac_label(base["n_splats"]),
         "edit_cold_steps": str(free["cold_steps"]), "edit_cold_final": pct(free["cold_final_mean"]),
         "edit_cold_at_warm_steps": pct(cold[warm_steps]),
         "edit_warm_steps": str(warm_steps), "edit_warm_share": f"{100 * warm_steps / free['cold_steps']:.0f} %",
-        "edit_warm_start": pct(at(free, 0)), "edit_first_record": str(steps[1]),
-        "edit_dip_free": pct(at(free, steps[1])), "edit_dip_warmup": pct(at(summaries["warmup10"], steps[1])),
-        "edit_free_final": pct(at(free, warm_steps)), "edit_best": best, "edit_best_final": pct(at(summaries[best], warm_steps)),
-        "edit_final_range": pct_range([at(s, warm_steps) for s in summaries.values()]),
-        "edit_free_recovered": pct(free["fraction_recovered_within_warm_steps"]),
-        "edit_free_far_v": pct(free["far_v_rel_change_median"]), "edit_local_far_v": pct(summaries["local"]["far_v_rel_change_median"]),
-        "edit_table": table(["warm re-fit variant", f"@ {warm_steps // 3} steps", f"@ {2 * warm_steps // 3}", f"@ {warm_steps}",
-                             f"recovered ≤ {warm_steps} steps", "far splats' v change (median)"], rows),
+        "edit_first_record": str(steps[1]),
+        "edit_dip_free": pct(at(free, steps[1])), "edit_dip_local": pct(at(local, steps[1])),
+        "edit_free_final": pct(at(free, warm_steps)), "edit_local_final": pct(at(local, warm_steps)),
+        "edit_gap": f"{100 * (local['cold_final_mean'] - at(local, warm_steps)):.2f}",
+        "edit_local_cosine_final": pct(at(cosine["summary"]["local"], warm_steps)),
+        "edit_selection": ", ".join(f"`{v}` {pct(at(s, warm_steps))}" for v, s in sel.items()),
+        "edit_local_recovered": pct(local["fraction_recovered_within_warm_steps"]),
+        "edit_free_far_v": pct(free["far_v_rel_change_median"]), "edit_local_far_v": pct(local["far_v_rel_change_median"]),
+        "edit_solve_local_final": pct(at(s_local, warm_steps)), "edit_solve_cold_final": pct(s_local["cold_final_mean"]),
+        "edit_table": table(["results file", "inner update", "warm re-fit variant", "cold final", f"@ {warm_steps // 3} steps",
+                             f"@ {2 * warm_steps // 3}", f"@ {warm_steps}", f"recovered ≤ {warm_steps} steps",
+                             "far splats' v change (median)"], rows, "lllrrrrrr"),
         "traj_old_tokens": str(len(traj["old_tokens"])), "traj_new_tokens": str(len(traj["new_tokens"])),
         "traj_transported": str(len(traj["transported"])), "traj_pruned": str(len(traj["pruned"])),
         "traj_spawned": str(len(traj["spawned"])), "traj_steps": str(traj["steps"]), "traj_refit_steps": str(traj["refit_steps"]),
@@ -672,7 +698,7 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, throughput_values, edit_values, density_values, method_values,
+    for part in (roundtrip_values, fit_values, throughput_values, edit_values, solve_values, density_values, method_values,
                  reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})

@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--variants", default='{"free": {}, "local": {"local": true}}',
                         help='JSON: name -> edit() options; "optimizer" takes InnerOptimizer fields')
     parser.add_argument("--optimizer", default="{}",
-                        help="JSON: InnerOptimizer fields for the old, cold and warm fits (a variant's own override them)")
+                        help="JSON: InnerOptimizer fields for the old, cold and warm fits (a variant's own override them; "
+                             "every fit gets an explicit optimizer, so a variant without one re-fits on the cosine "
+                             "schedule, not edit()'s default constant one)")
     parser.add_argument("--split", default="test", help="corpus split of the prompts (select on validation)")
     parser.add_argument("--out", default="figures/data/edit_acceptance.json")
     args = parser.parse_args()
