@@ -467,7 +467,23 @@ def reproduce_command(recorded: str, path: Path) -> str:
     The scripts record ``" ".join(sys.argv)``, which loses the shell quotes around a JSON argument;
     the GPU runs wrote to a scratch folder whose files were then committed under figures/data/.
     """
-    words = shlex.split(re.sub(r" (\{.*\})$", lambda m: " " + shlex.quote(m.group(1)), recorded))
+    words, i = [], 0
+    while i < len(recorded):  # a JSON argument (balanced braces) is one word; the rest splits on spaces
+        if recorded[i] == " ":
+            i += 1
+        elif recorded[i] == "{":
+            depth, j = 0, i
+            for j in range(i, len(recorded)):
+                depth += {"{": 1, "}": -1}.get(recorded[j], 0)
+                if depth == 0:
+                    break
+            words.append(recorded[i : j + 1])
+            i = j + 1
+        else:
+            j = recorded.find(" ", i)
+            j = len(recorded) if j < 0 else j
+            words.append(recorded[i:j])
+            i = j
     if "--out" in words:
         words[words.index("--out") + 1] = relative(path)
     return shlex.join(words)

@@ -52,7 +52,9 @@ def test_numbers_come_from_the_results(report):
     quarter = next(r for r in core["rows"] if r["corpus"] == "stdlib:test" and r["n_splats"] == 0.25)
     assert f"{100 * quarter['token_accuracy']:.2f} %" in report
     edit = json.loads((figure_io.DATA / "edit_acceptance.json").read_text())
-    assert f"{100 * edit['summary']['free']['cold_final_mean']:.1f} %" in report
+    local = edit["summary"]["local-constant"]
+    assert f"{100 * local['cold_final_mean']:.1f} %" in report
+    assert f"{100 * local['warm_mean_curve']['60']:.1f} %" in report
 
 
 def test_render_refuses_a_placeholder_without_value_and_a_missing_figure():
