@@ -223,3 +223,37 @@ def test_field_and_curve_figures_render(tmp_path, model, short_prompts):
     paths = save_figure(field_figure(target, rendered), tmp_path / "field.png", ["pdf"])
     paths += save_figure(curves_figure({"grid": result.history}), tmp_path / "curves.svg")
     assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"] and all(p.stat().st_size > 2000 for p in paths)
+
+
+@pytest.mark.parametrize("options", [{}, {"optimizer": splatopt.InnerOptimizer(embeddings="solve")},
+                                     {"objective": "mse", "optimizer": splatopt.InnerOptimizer(clip=1.0)},
+                                     {"density": {"name": "adaptive", "start": 0, "interval": 1}}, {"density": "budget"}])
+def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(model, short_prompts, monkeypatch, options):
+    """On CUDA every .item(), .tolist(), .cpu(), bool(tensor) or .nonzero() waits for the device to
+    finish: none may run between two inner steps (metrics are read only at record steps)."""
+    import tqdm.auto
+
+    in_loop = {"on": False}
+    real_tqdm = tqdm.auto.tqdm
+
+    class Steps(real_tqdm):
+        def __iter__(self):
+            for step in super().__iter__():
+                in_loop["on"] = True
+                yield step
+                in_loop["on"] = False  # the body of a step ran between the two yields
+
+    def guard(name):
+        method = getattr(torch.Tensor, name)
+
+        def checked(self, *args, **kwargs):
+            assert not in_loop["on"], f"Tensor.{name} inside the inner loop synchronizes with the device"
+            return method(self, *args, **kwargs)
+        return checked
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Steps)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "nonzero", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    result = splatopt.fit(short_prompts[:2], model, n_splats=0.5, steps=3, record_every=0, device="cpu", progress=False,
+                          **options)
+    assert result.history["step"].tolist() == [3]
