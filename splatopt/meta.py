@@ -46,8 +46,8 @@ from fixedpos.cache import atomic_write_bytes, read_safetensors, write_safetenso
 
 from .learned import Architecture, LearnedInitializer
 from .objectives import Objective, objective_terms
-from .optim import InnerOptimizer, adam_init, adam_step, target_rms
-from .render import render
+from .optim import InnerOptimizer, adam_init, adam_step, offset_for, solve_embeddings, target_rms
+from .render import render, splat_weights
 from .splats import SplatSet
 
 MODES = ("full", "truncated", "first-order")
@@ -177,13 +177,13 @@ def unroll(
     target [B, L, d], mask [B, L], ids [B, L] (for a "ce" term). The learning-rate schedule runs
     over ``steps`` (as ``fit`` would for a ``steps``-step fit). log_lr_scale: [4] log scales of the
     groups' learning rates (mu, log_sigma, weight_logit, v). losses[k] is the loss at step k
-    (k = 0: the initializer's splats), each still attached to the graph.
+    (k = 0: the initializer's splats), each still attached to the graph. With
+    ``optimizer.embeddings == "solve"`` Adam moves the geometry and the field-space offset that
+    gives back the initializer's embeddings (``optim.offset_for``, differentiable), and the
+    embeddings are solved for at every step, as in ``fit``; the final params hold the solved v.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    if optimizer.embeddings != "adam":
-        raise ValueError(f"unroll moves the embeddings with Adam; embeddings={optimizer.embeddings!r} is not "
-                         "meta-trained yet: use InnerOptimizer(embeddings='adam')")
     objective = Objective.parse(objective)
     # inner gradients are needed even where the caller runs without grad (evaluation, finite
     # differences): splats that carry no graph become leaves of a local one
@@ -196,11 +196,25 @@ def unroll(
 def _unroll(splats, params, target, mask, ids, decode, objective, optimizer, steps, mode, truncate_k, log_lr_scale,
             checkpoint_inner) -> tuple[Tensor, dict[str, Tensor]]:
     L = target.shape[1]
+    solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
+    if solve:
+        a0 = splat_weights(replace(splats, **params), L)
+        offset = offset_for(a0, params["v"], target, mask, splats.mask, ridge)
+        # the inner steps take partial derivatives, as fit's do: the geometry they differentiate is
+        # a copy, so the path geometry -> a0 -> offset counts only in the outer gradient
+        params = {**{k: t.clone() for k, t in params.items() if k != "v"}, "offset": offset}
     state = adam_init(params)
     v_scale = target_rms(target, mask)
 
+    def solved(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(embeddings [B, N, d], field [B, L, d]) of geometry + offset ``p``."""
+        a = splat_weights(replace(splats, **{k: t for k, t in p.items() if k != "offset"}), L)
+        v = solve_embeddings(a, target, p["offset"], mask, splats.mask, ridge)
+        return v, a @ v
+
     def loss_of(*values: Tensor) -> Tensor:
-        field = render(replace(splats, **dict(zip(params, values))), L)
+        p = dict(zip(params, values))
+        field = solved(p)[1] if solve else render(replace(splats, **p), L)
         # the chunked cross-entropy stores its own gradient and cannot be differentiated twice
         return objective_terms(objective, field, target, mask, ids, decode, fused_ce=mode == "first-order" and None)[0]
 
@@ -220,7 +234,11 @@ def _unroll(splats, params, target, mask, ids, decode, objective, optimizer, ste
         if log_lr_scale is not None:
             scale = log_lr_scale.exp()
             lrs = {g: lrs[g] * scale[i] for i, g in enumerate(LR_GROUPS)}
+        if solve:
+            lrs["offset"] = lrs.pop("v")
         params, state, _ = adam_step(params, dict(zip(params, grads)), state, lrs, optimizer)
+    if solve:
+        params = {**{k: t for k, t in params.items() if k != "offset"}, "v": solved(params)[0]}
     return torch.stack(losses), params
 
 

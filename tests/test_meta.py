@@ -5,6 +5,7 @@ DistributedDataParallel on 2 gloo processes, and init="learned" in fit."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,9 +40,10 @@ def tiny_problem(dtype=torch.float64, seed=0):
     return net, target, mask, ids, (lambda f: f @ W), torch.tensor([3, 2])
 
 
-def outer_loss(net, target, mask, ids, decode, n, mode="full", k=1, steps=3):
+def outer_loss(net, target, mask, ids, decode, n, mode="full", k=1, steps=3, optimizer=None):
     splats = net(target, mask, n)
-    losses, _ = meta.unroll(splats, target, mask, ids, decode, "mse+ce", InnerOptimizer(), steps, mode, k, net.log_lr_scale)
+    losses, _ = meta.unroll(splats, target, mask, ids, decode, "mse+ce", optimizer or InnerOptimizer(), steps, mode, k,
+                            net.log_lr_scale)
     return losses[-1].sum()
 
 
@@ -75,11 +77,14 @@ def test_learned_initializer_keeps_masks_positions_and_inactive_slots_clean():
     assert ((s.mu >= 0) & (s.mu <= (lengths[:, None] - 1))).all()
 
 
-def test_unrolled_gradient_matches_finite_differences_float64():
+@pytest.mark.parametrize("embeddings", ["adam", "solve"])
+def test_unrolled_gradient_matches_finite_differences_float64(embeddings):
+    """Through Adam on v, or through the solved embeddings (the offset, the solve and offset_for)."""
     net, target, mask, ids, decode, n = tiny_problem()
     params = {"out.weight": (0, 3), "proj_in.weight": (2, 1), "blocks.0.cross_reach": (1,), "log_lr_scale": (3,),
               "out.bias": (7,)}
-    loss = outer_loss(net, target, mask, ids, decode, n)
+    opt = InnerOptimizer(embeddings=embeddings)
+    loss = outer_loss(net, target, mask, ids, decode, n, optimizer=opt)
     grads = dict(zip(dict(net.named_parameters()), torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)))
     named = dict(net.named_parameters())
     h = 1e-6
@@ -88,9 +93,9 @@ def test_unrolled_gradient_matches_finite_differences_float64():
         with torch.no_grad():
             old = p[index].clone()
             p[index] = old + h
-            up = outer_loss(net, target, mask, ids, decode, n)
+            up = outer_loss(net, target, mask, ids, decode, n, optimizer=opt)
             p[index] = old - h
-            down = outer_loss(net, target, mask, ids, decode, n)
+            down = outer_loss(net, target, mask, ids, decode, n, optimizer=opt)
             p[index] = old
         fd = (up - down) / (2 * h)
         assert grads[name] is not None, name
@@ -331,3 +336,29 @@ def test_a_study_with_a_learned_init_fits_with_its_meta_trained_optimizer(tmp_pa
     assert rows["grid"]["config"]["optimizer"]["lr_v"] == pytest.approx(0.1)
     assert rows["learned"]["config"]["optimizer"]["lr_v"] == pytest.approx(0.2)
     assert rows["learned-fixed-lr"]["config"]["optimizer"]["lr_v"] == pytest.approx(0.1)
+
+
+def test_unroll_with_solved_embeddings_follows_fit():
+    """The unrolled solve is fit's: the same losses step by step from the same warm start (MSE, float64)."""
+    from splatopt.init import WarmStart
+
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    splats = GridInit()(target, mask, torch.tensor([3, 2]))
+    splats = splats.with_params({"v": splats.v + 0.1 * torch.randn(splats.v.shape, generator=g, dtype=torch.float64)})
+    opt = InnerOptimizer(embeddings="solve")
+    losses, final = meta.unroll(splats, target, mask, None, None, "mse", opt, 4)
+    fitted = splatopt.fit(splatopt.Targets(target, mask), None, n_splats=[3, 2], steps=4, objective="mse", init=WarmStart(splats),
+                          optimizer=opt, device="cpu", dtype=torch.float64, record_every=1, progress=False)
+    torch.testing.assert_close(losses.detach(), fitted.history["loss"].double(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(final["v"][splats.mask].detach(), fitted.splats.v[splats.mask], rtol=1e-5, atol=1e-7)
+
+
+def test_meta_training_through_solved_embeddings_ships_them_with_the_initializer(tmp_path, model, bank):
+    net = meta.train(tiny_config(inner_optimizer={"embeddings": "solve"}), tmp_path / "run", model=model, bank=bank,
+                     device="cpu", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    loaded = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors")
+    assert loaded.inner_optimizer().embeddings == "solve" == net.optimizer.embeddings
