@@ -411,6 +411,10 @@ def test_fused_step_refusals():
     with pytest.raises(ValueError, match="clip"):
         fused_adam_step(params, adam_init(params), splats.mask, target, token_mask, mse_coefficients(target, token_mask),
                         opt.learning_rates(0, 1, torch.ones(3, 1, 1, device=DEVICE)), opt)
+    opt = InnerOptimizer()
+    with pytest.raises(ValueError, match="one device"):
+        fused_adam_step(params, adam_init(params), splats.mask, target.to("meta"), token_mask,
+                        mse_coefficients(target, token_mask), opt.learning_rates(0, 1, torch.ones(3, 1, 1, device=DEVICE)), opt)
 
 
 # ------------------------------------------------------------------ GPU, benchmark shapes

@@ -102,6 +102,12 @@ def fused_adam_step(
                          f"token_mask {tuple(token_mask.shape)}, slot_mask {tuple(slot_mask.shape)}")
     if any(params[k].dtype != torch.float32 for k in params):
         raise TypeError("the fused step updates float32 parameters")
+    devices = {str(t.device) for t in (*params.values(), slot_mask, target, token_mask, coef)}
+    if len(devices) != 1:
+        raise ValueError(f"the fused step needs every tensor on one device, got {sorted(devices)}")
+    if target.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the fused step runs on CUDA tensors (got {target.device}); set TRITON_INTERPRET=1 before "
+                         "importing splatopt.kernels to run it in Triton's (slow) CPU interpreter")
     cfg = {**step_config(L, N, D), **(config or {})}
     dev = v.device
     S = cfg.get("d_split") or _default_split(B, D, cfg["BLOCK_D"], dev)
@@ -127,8 +133,9 @@ def fused_adam_step(
         tk, tk.stride(0), tk.stride(1), tm, tm.stride(0),
         coef.float().contiguous(), lr_v, free_f, geom, bad,
         N, L, D, S, math.log(SIGMA_MIN), math.log(SIGMA_MAX), *hyper,
-        HAS_FREE=free is not None, ONE_TILE=cfg["one_tile"] and L <= cfg["BLOCK_L"], BLOCK_L=cfg["BLOCK_L"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        PRECISION=cfg["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_FREE=free is not None, ONE_TILE=cfg["one_tile"] and L <= cfg["BLOCK_L"], BLOCK_L=cfg["BLOCK_L"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=cfg["precision"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     skipped = torch.empty(B, device=dev, dtype=torch.uint8)
     mu_, ls_, wl_ = GEOMETRY
