@@ -326,10 +326,10 @@ def fit(
         optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
     optimizer = optimizer or InnerOptimizer()
     solve = optimizer.embeddings == "solve"
-    if solve and (basis != "splats" or varpro or not isinstance(strategy, NoDensify)):
-        what = f"basis={basis!r}" if basis != "splats" else "varpro=True" if varpro else f"density={density!r}"
-        raise ValueError(f"the optimizer's embeddings='solve' solves for the embeddings of mobile splats at a fixed "
-                         f"count; it does not combine with {what}: use embeddings='adam'")
+    if solve and (varpro or not isinstance(strategy, NoDensify)):
+        what = "varpro=True" if varpro else f"density={density!r}"
+        raise ValueError(f"the optimizer's embeddings='solve' solves for the embeddings at a fixed count; it does not "
+                         f"combine with {what}: use embeddings='adam'")
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
     decode = model.decode if model is not None else None
     if objective.needs_decoder and ids is None:
@@ -500,7 +500,8 @@ def _fit_chunk(
         sigma_scale = getattr(initializer, "sigma_scale", GridInit.sigma_scale)
         design, slot_mask = design_matrix(basis, mask, counts, kernel, mode, sigma_scale)
         design = design.to(target.dtype)
-        params = {"v": closed_form_v(design, target, mask, slot_mask)}
+        # solve: the same update as for splats, on a design that never moves (offset 0: the LS optimum)
+        params = {"offset": torch.zeros_like(target)} if solve else {"v": closed_form_v(design, target, mask, slot_mask)}
     state = adam_init(params)
     density_state = strategy.init_state(params, slot_mask) if strategy is not None else None
     record_steps = set(range(0, steps + 1, record_every)) if record_every else set()
@@ -512,7 +513,8 @@ def _fit_chunk(
         """(splats or None, rendered field [B, L, d]) of parameters p with active slots (default: the fit's)."""
         active = slot_mask if active is None else active
         if basis != "splats":
-            return None, design @ (p["v"] * active[..., None])
+            v = solve_embeddings(design, target, p["offset"], mask, active, ridge) if solve else p["v"]
+            return None, design @ (v * active[..., None])
         s = replace(splats, mask=active, **{k: t for k, t in p.items() if k != "offset"})
         if varpro:
             a = splat_weights(s, L, kernel, mode, truncate)
@@ -613,6 +615,8 @@ def _fit_chunk(
 
     with torch.no_grad():
         final, fld = current(params)
+        if basis != "splats" and solve:
+            params = {"v": solve_embeddings(design, target, params["offset"], mask, slot_mask, ridge)}
         out = {
             "field_error": relative_mse(fld, target, mask).float(),
             "cosine": mean_cosine(fld, target, mask).float(),

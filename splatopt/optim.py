@@ -39,7 +39,9 @@ class InnerOptimizer:
     moves the offset (with ``lr_v``, in the same units) and the geometry (variable projection with
     a learned offset, :func:`solve_embeddings`). The solve undoes the ill-conditioning of A^T A that
     overlapping splats cause (per-coordinate Adam cannot), and the embeddings follow the splats
-    as they move. solve_ridge: that solve's ridge, relative to the mean diagonal of A^T A.
+    as they move; for a fixed basis (``fit(basis=...)``) the coefficients are solved the same way,
+    so a rate-distortion comparison can give every method the same update. solve_ridge: that
+    solve's ridge, relative to the mean diagonal of A^T A.
     """
 
     lr_mu: float = 0.1

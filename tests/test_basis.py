@@ -50,15 +50,17 @@ def numpy_design(basis, L, K, sigma_scale=0.6):
     return np.exp(-0.5 * ((t - mu[None, :]) / (sigma_scale * spacing)) ** 2)
 
 
+@pytest.mark.parametrize("embeddings", ["adam", "solve"])
 @pytest.mark.parametrize("basis", ["fixed-grid", "dct", "segments"])
-def test_baselines_start_and_stay_at_their_least_squares_optimum_on_mse(basis):
+def test_baselines_start_and_stay_at_their_least_squares_optimum_on_mse(basis, embeddings):
     torch.manual_seed(0)
     L, d, n = 30, 6, 5
     field = torch.randn(2, L, d, dtype=torch.float64).cumsum(1)
     mask = torch.ones(2, L, dtype=torch.bool)
     mask[1, 24:] = False
     result = splatopt.fit(splatopt.Targets(field, mask), n_splats=n, steps=40, objective="mse", basis=basis,
-                          device="cpu", dtype=torch.float64, progress=False, record_every=10)
+                          device="cpu", dtype=torch.float64, progress=False, record_every=10,
+                          optimizer=splatopt.InnerOptimizer(embeddings=embeddings))
     K = int(terms_for_budget(basis, torch.tensor([n]), torch.tensor([L]), d))
     for b, length in enumerate((L, 24)):
         T = field[b, :length].numpy()

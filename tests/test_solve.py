@@ -153,8 +153,7 @@ def test_solve_refit_holds_frozen_splats(model):
         assert torch.isfinite(result.splats.v).all()
 
 
-@pytest.mark.parametrize("kw, why", [({"varpro": True}, "varpro"), ({"density": "adaptive"}, "density"),
-                                     ({"basis": "dct"}, "basis")])
+@pytest.mark.parametrize("kw, why", [({"varpro": True}, "varpro"), ({"density": "adaptive"}, "density")])
 def test_solve_refuses_what_it_cannot_combine_with(kw, why):
     field = torch.randn(1, 8, 4)
     with pytest.raises(ValueError, match=why):
