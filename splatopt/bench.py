@@ -8,8 +8,11 @@ Triton kernel with bf16 products; ``"chunked_ce"``: the same function's row-chun
 for comparison) measured in the same run, so their ratios are meaningful; results are saved
 as JSON with the device named. "eager" and "compile" materialize the float32 logits [B·L, V]. Each
 path's Adam step is the same eager ``adam_step``, except "fused" with a relative MSE alone, which
-is fit's fused step (:func:`splatopt.kernels.fused_adam_step`: loss, backward and Adam in two
-kernels); ``loss_backward_ms`` times the render + loss + backward part alone (for "fused", the
+is fit's fused step (:class:`splatopt.kernels.FusedAdamLoop`: loss, backward and Adam in two
+kernels, launched every step). ``"graph"`` is the step ``fit`` takes on CUDA, pairs of steps replayed
+as one CUDA graph: that fused loop for a relative MSE alone, else :class:`splatopt.graphs.AdamLoop`
+over the fused field loss (cosine terms) or the ``"fused_ce"`` objective (a cross-entropy term); its
+ratio to "fused" / "fused_ce" is the launch overhead that capture saves. ``loss_backward_ms`` times the render + loss + backward part alone (for "fused", the
 fused loss kernel and its backward).
 
 The roofline: a step must at least read the target once and read and write the splat parameters
@@ -47,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from .graphs import AdamLoop
 from .init import GridInit, TokenInit
 from .objectives import Objective, objective_terms
 from .optim import InnerOptimizer, adam_init, adam_step
@@ -138,9 +142,9 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     peak_tflops: its peak dense bf16 TFLOP/s for ``tensor_core_fraction`` (default: ``PEAK_BF16_FLOPS``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    unknown = set(paths) - {"eager", "compile", "fused", "fused_ce", "chunked_ce"}
+    unknown = set(paths) - {"eager", "compile", "fused", "graph", "fused_ce", "chunked_ce"}
     if unknown:
-        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, fused_ce, chunked_ce")
+        raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, graph, fused_ce, chunked_ce")
     dtype = getattr(torch, cfg.dtype)
     objective = Objective.parse(cfg.objective)
     for p in ("fused_ce", "chunked_ce"):
@@ -168,12 +172,14 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         field = render(splats.with_params(params), cfg.length, cfg.kernel)
         return objective_terms(objective, field, target, mask, ids, decode, fused_ce, ce_impl)[0].sum()
 
-    if "fused" in paths:
-        from .kernels import field_loss, fused_adam_step, mse_coefficients, unavailable_reason
+    # "graph" takes fit's CUDA step: the fused field loss without a cross-entropy term, else fused_ce
+    fused_field = "fused" in paths or ("graph" in paths and not objective.ce)
+    if fused_field:
+        from .kernels import FusedAdamLoop, field_loss, mse_coefficients, unavailable_reason
 
         reason = unavailable_reason(device, cfg.kernel, "additive", None, objective)
         if reason is not None:
-            raise ValueError(f"bench path 'fused': {reason}")
+            raise ValueError(f"bench path {'fused' if 'fused' in paths else 'graph'}: {reason}")
 
         def fused_loss_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
             return field_loss(splats.with_params(params), target, mask, objective, fused=True,
@@ -182,26 +188,40 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         # as in fit: a relative MSE alone takes the whole step fused (loss, backward, Adam)
         fused_step = not objective.cosine
         coef = mse_coefficients(target, mask, objective) if fused_step else None
+    else:
+        fused_step = False
 
     results = {}
     for path in paths:
         if path == "compile":
             fn = torch.compile(loss_fn)
-        elif path == "fused":
+        elif path == "fused" or (path == "graph" and fused_field):
             fn = fused_loss_fn
         elif path == "chunked_ce":
             fn = partial(loss_fn, fused_ce=True, ce_impl="chunked")
         else:
-            fn = partial(loss_fn, fused_ce=path == "fused_ce")
+            fn = partial(loss_fn, fused_ce=path in ("fused_ce", "graph"))
         params = {k: t.detach().clone() for k, t in splats.params().items()}
         state = adam_init(params)
         holder = {"params": params, "state": state}
+        per_call = 2 if path == "graph" else 1  # a graph replays two steps (the loops' unroll)
+        total = per_call * (cfg.warmup + 3 * cfg.iters)
+        loop = None
+        if path in ("fused", "graph") and fused_step:
+            loop = FusedAdamLoop(params, state, splats.mask, target, mask, coef, opt, total, v_scale,
+                                 cuda_graphs=path == "graph",
+                                 config={"precision": cfg.fused_precision} if cfg.fused_precision else None)
+        elif path == "graph":
+            def gradients(p: dict[str, torch.Tensor], fn=fn) -> dict[str, torch.Tensor]:
+                live = {k: t.detach().requires_grad_(True) for k, t in p.items()}
+                return dict(zip(live, torch.autograd.grad(fn(live), list(live.values()))))
+
+            loop = AdamLoop(gradients, params, state, opt, total, v_scale, cuda_graphs=True)
 
         def step():
-            if path == "fused" and fused_step:
-                holder["params"], holder["state"], _ = fused_adam_step(
-                    holder["params"], holder["state"], splats.mask, target, mask, coef, opt.learning_rates(1, 2, v_scale), opt,
-                    config={"precision": cfg.fused_precision} if cfg.fused_precision else None)
+            if loop is not None:
+                loop.run(loop.step + per_call)
+                holder["params"] = loop.params
                 return
             live = {k: t.detach().requires_grad_(True) for k, t in holder["params"].items()}
             grads = torch.autograd.grad(fn(live), list(live.values()))
@@ -213,7 +233,7 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = _timed(step, cfg.warmup, cfg.iters, device)
+        seconds = _timed(step, cfg.warmup, cfg.iters, device) / per_call
         results[path] = {
             "step_ms": seconds * 1e3,
             "prompt_steps_per_s": cfg.batch / seconds,
@@ -241,7 +261,7 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         "projection_flops": projection_flops,
         "peak_bf16_flops": peak_flops,
     }
-    if "fused" in paths and fused_step:
+    if fused_step:
         from .kernels.step import step_config
 
         out["fused_step_config"] = {**step_config(cfg.length, cfg.splats, cfg.dim),
@@ -385,7 +405,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None, model=None,
-                  fused: bool | None = None) -> dict:
+                  fused: bool | None = None, cuda_graphs: bool | None = None) -> dict:
     """Fit ``cfg.prompts`` real prompts end to end for each step budget; a JSON-able dict.
 
     Prompts come from ``fixedpos.sample_prompts`` (deterministic in ``cfg.seed``); a corpus with
@@ -396,8 +416,8 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
     call (device synchronized; includes final decoding and detokenizing), ``fit_seconds`` (the
     fit's own timer: inner loops and final metrics), token accuracy pooled over all tokens, mean
     and minimum over prompts, prompts below the target, relative field error, peak GPU memory (GB),
-    whether the fused field loss was used, and ``meets_accuracy`` / ``meets_time`` / ``meets_target``.
-    model: the field model (default: the embedded one). fused: passed to ``fit``.
+    whether the fused field loss and CUDA graphs were used, and ``meets_accuracy`` / ``meets_time`` / ``meets_target``.
+    model: the field model (default: the embedded one). fused, cuda_graphs: passed to ``fit``.
     """
     import fixedpos
 
@@ -424,7 +444,8 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
     encode_s = time.perf_counter() - started
 
     kw = dict(n_splats=cfg.splats_fraction, objective=cfg.objective, init=cfg.init, seed=cfg.seed, device=device,
-              record_every=0, progress=False, batch_size=cfg.batch_size, fused=fused)
+              record_every=0, progress=False, batch_size=cfg.batch_size, fused=fused,
+              cuda_graphs=cuda_graphs)
     warmup_s = None
     if cfg.warmup_steps:
         w = min(cfg.prompts, cfg.batch_size or 16384 // targets.field.shape[1])
@@ -460,6 +481,7 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
             "splats": summary["splats"],
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "fused": result.config["fused"],
+            "cuda_graphs": result.config["cuda_graphs"],
             "meets_accuracy": pooled >= cfg.target_accuracy,
             "meets_time": wall <= cfg.target_seconds,
             "meets_target": pooled >= cfg.target_accuracy and wall <= cfg.target_seconds,
@@ -471,6 +493,7 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
     return {
         "bench": "e2e",
         "config": asdict(cfg),
+        "cuda_graphs_requested": cuda_graphs,
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "device_type": device.type,
         "torch": torch.__version__,
@@ -497,7 +520,8 @@ def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: s
         corpus = re.sub(r"[^A-Za-z0-9.]+", "_", Path(cfg["corpus"]).name)
         batch = f"-b{cfg['batch_size']}" if cfg["batch_size"] else ""
         name = name or (f"e2e-{result['device_type']}-P{cfg['prompts']}-{corpus}-L{cfg['max_tokens']}-n{cfg['splats_fraction']:g}"
-                        f"-{re.sub(r'[^A-Za-z0-9.]+', '_', cfg['objective'])}-{cfg['init']}-K{'_'.join(map(str, cfg['steps']))}{batch}")
+                        f"-{re.sub(r'[^A-Za-z0-9.]+', '_', cfg['objective'])}-{cfg['init']}-K{'_'.join(map(str, cfg['steps']))}{batch}"
+                        f"{'-nographs' if result.get('cuda_graphs_requested') is False else ''}")
     prefix = "long" if result.get("bench") == "long" else "step"
     name = name or f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
     path = Path(out_dir) / f"{name}.json"

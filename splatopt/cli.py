@@ -199,7 +199,8 @@ def _bench_e2e(args) -> int:
     cfg = E2EBenchConfig(prompts=args.prompts, corpus=args.corpus, max_tokens=_or(args.length, d.max_tokens),
                          splats_fraction=args.splats_fraction, steps=tuple(args.steps), batch_size=args.batch_size,
                          init=args.init, objective=_or(args.objective, d.objective), warmup_steps=_or(args.warmup, d.warmup_steps))
-    result = run_e2e_bench(cfg, _device(args.device), fused=True if args.fused else None)
+    result = run_e2e_bench(cfg, _device(args.device), fused=True if args.fused else None,
+                           cuda_graphs=False if args.no_cuda_graphs else None)
     print(f"device {result['device']}, torch {result['torch']}: {result['prompts']} prompts ({result['distinct_prompts']} distinct) "
           f"of {cfg.corpus}, {result['tokens']} tokens (L <= {result['max_length']}, mean {result['mean_length']:.1f}), "
           f"N = {cfg.splats_fraction:g} L, objective {cfg.objective}, init {cfg.init}")
@@ -340,12 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --long: 3; --e2e: of a warm-up fit, 2)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --long: 10)")
-    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "fused_ce", "chunked_ce", "dense", "local"],
+    p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "graph", "fused_ce", "chunked_ce", "dense", "local"],
                    help="default eager compile; fused: the Triton field loss (mse/cosine); fused_ce: the "
                         "projection + cross-entropy without logits (one-sweep Triton kernel on CUDA); chunked_ce: its "
-                        "row-chunk implementation; --long: dense local")
+                        "row-chunk implementation; graph: fit's CUDA step replayed as CUDA graphs; --long: dense local")
     p.add_argument("--fused", action="store_true",
                    help="also time the fused Triton field loss (splatopt.kernels); --e2e: insist on it in fit (field-only objectives)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="--e2e: launch every fused step instead of replaying CUDA graphs (to measure what they save)")
     p.add_argument("--fused-precision", default=None, choices=["ieee", "tf32x3", "tf32"],
                    help="tl.dot precision of --fused (default: the kernel's, ieee for the loss, tf32x3 for the MSE step)")
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")

@@ -25,7 +25,8 @@ from fixedpos.cache import read_safetensors, write_safetensors
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
 from .density import DensityContext, NoDensify, resolve_density
 from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
-from .kernels import available, fused_adam_step, fused_field_loss, mse_coefficients, unavailable_reason
+from .graphs import AdamLoop
+from .kernels import FusedAdamLoop, available, fused_field_loss, mse_coefficients, unavailable_reason
 from .kernels.fused import MAX_SLOTS
 from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
@@ -253,6 +254,7 @@ def fit(
     density="none",
     fused_ce: bool | None = None,
     fused: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> FitResult:
     """Fit Gaussian text splats to prompts.
 
@@ -289,6 +291,13 @@ def fit(
     control, the whole step (loss, backward and Adam) runs fused in two kernels
     (:func:`splatopt.kernels.fused_adam_step`, tf32x3 products: float32-accurate). Recorded metrics
     render with PyTorch either way; the choice made is ``config["fused"]``.
+    cuda_graphs: the inner loop captured as CUDA graphs and replayed between recorded steps (one
+    host call per two steps instead of dozens of launches per step, which is what bounds small
+    batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
+    for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve")
+    or density control runs; True = insist (ValueError saying why it cannot); False = launch
+    every step. The same kernels run in the same order either way; the choice made is
+    ``config["cuda_graphs"]``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -347,6 +356,10 @@ def fit(
         _check_varpro_memory(lengths.cpu()[order], counts[order], batch_size, field.element_size())
     capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
     fused = _resolve_fused(fused, device, objective, kernel, mode, truncate, varpro or solve, basis, dtype, capacity)
+    # a relative MSE alone, without clipping or density control (both need whole gradients between
+    # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
+    fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify)
+    cuda_graphs = _resolve_graphs(cuda_graphs, device, varpro or solve, strategy)
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
@@ -355,7 +368,7 @@ def fit(
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
         "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
         "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **vars(strategy)},
-        "fused": fused,
+        "fused": fused, "cuda_graphs": cuda_graphs,
     }
     started = time.perf_counter()
     chunks = []
@@ -371,6 +384,7 @@ def fit(
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
+                fused_step, cuda_graphs,
             )
         )
     if device.type == "cuda":
@@ -435,6 +449,26 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
     return True
 
 
+def _resolve_graphs(cuda_graphs: bool | None, device: torch.device, varpro: bool, strategy) -> bool:
+    """Whether the inner loop replays CUDA graphs (``fit``'s ``cuda_graphs``); ValueError for True where it cannot.
+
+    varpro: the embeddings are solved for (``varpro=True`` or ``embeddings="solve"``).
+    """
+    if cuda_graphs is False:
+        return False
+    reason = None
+    if device.type != "cuda":
+        reason = f"the fit runs on {device}"
+    elif varpro:
+        # the batched LU solve's library calls are not verified under capture; such fits launch every step
+        reason = "varpro=True (or embeddings='solve') solves a batched linear system per step, which is not captured"
+    elif not isinstance(strategy, NoDensify):
+        reason = "density control changes which slots are active between steps"
+    if cuda_graphs and reason is not None:
+        raise ValueError(f"cuda_graphs=True but {reason}; pass cuda_graphs=None or False")
+    return reason is None
+
+
 def _check_varpro_memory(lengths: Tensor, counts: Tensor, batch_size: int, itemsize: int) -> None:
     """Refuse varpro where a chunk's dense A [b, L, N] would exceed VARPRO_MAX_BYTES. lengths, counts: [B] in fit order."""
     for c in range(0, len(lengths), batch_size):
@@ -471,7 +505,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
     generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
-    fused=False,
+    fused=False, fused_step=False, cuda_graphs=False,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -568,29 +602,37 @@ def _fit_chunk(
         frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
     held = frozen if solve and frozen is not None and frozen_steps > 0 else None  # slots whose embeddings the solve keeps
     skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-    # a relative MSE alone, without clipping or density control (both need whole gradients between
-    # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
-    fused_step = (fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify))
-    coef = mse_coefficients(target, mask, objective) if fused_step else None
-    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
-    for step in bar:
-        if step in record_steps:
-            record(step, params)
-        if fused_step:
-            free = ~frozen if frozen is not None and step < frozen_steps else None
-            params, state, skipped = fused_adam_step(params, state, slot_mask, target, mask, coef,
-                                                     optimizer.learning_rates(step, steps, v_scale), optimizer, free)
-            skipped_total += skipped
-            continue
+
+    def gradients(p: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The summed objective's gradient wrt each parameter of p."""
         with torch.enable_grad():
-            live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+            live = {k: t.detach().requires_grad_(True) for k, t in p.items()}
             if fused:  # render, score and differentiate in one kernel: the field [B, L, d] is never written
                 loss = fused_field_loss(live["mu"], live["log_sigma"], live["weight_logit"], live["v"], slot_mask,
                                         target, mask, objective)
             else:
                 _, fld = current(live)
                 loss, _ = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
-            grads = dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
+            return dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
+
+    loop = None  # or a loop that runs from one record (or the freeze's end) to the next without the host
+    if fused_step:
+        loop = FusedAdamLoop(params, state, slot_mask, target, mask, mse_coefficients(target, mask, objective),
+                             optimizer, steps, v_scale, cuda_graphs=cuda_graphs)
+    elif cuda_graphs:
+        loop = AdamLoop(gradients, params, state, optimizer, steps, v_scale, cuda_graphs=True)
+    stops = sorted({s for s in record_steps | {frozen_steps, steps} if 0 < s <= steps})
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
+    for step in bar:
+        if step in record_steps:
+            record(step, params)
+        if loop is not None:
+            if step == loop.step:
+                free = ~frozen if frozen is not None and step < frozen_steps else None
+                loop.run(next(s for s in stops if s > step), free)
+                params = loop.params
+            continue
+        grads = gradients(params)
         lrs = optimizer.learning_rates(step, steps, v_scale)
         if solve:
             lrs["offset"] = lrs.pop("v")
@@ -612,6 +654,8 @@ def _fit_chunk(
         if strategy is not None:
             params, state, slot_mask, density_state = strategy.refine(step, steps, params, state, slot_mask, density_state, ctx)
     record(steps, params)
+    if loop is not None:
+        skipped_total += loop.skipped
 
     with torch.no_grad():
         final, fld = current(params)

@@ -169,7 +169,7 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
 
     a: [B, L, N] splat coefficients (``render.splat_weights``). target: [B, L, d]. A small ridge,
     relative to the mean diagonal of A^T A, keeps the solve well posed when splats coincide; slots
-    with mask False get v = 0. Differentiable in ``a`` (batched ``torch.linalg.solve``).
+    with mask False get v = 0. Differentiable in ``a`` (batched ``torch.linalg.solve_ex``).
     """
     a = torch.where(token_mask[..., None] & splat_mask[:, None, :], a, 0.0)
     gram = a.transpose(1, 2) @ a  # [B, N, N]
@@ -181,7 +181,9 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
     system = gram + eye * (ridge * diag_mean[:, None, None]) + torch.diag_embed(inactive)
     # masked positions may hold anything (NaN padding): 0 * NaN would still reach the solve
     rhs = a.transpose(1, 2) @ torch.where(token_mask[..., None], target.to(a.dtype), 0.0)
-    return torch.linalg.solve(system, rhs) * splat_mask[..., None].to(a.dtype)
+    # solve_ex: the same LU solve without reading its status back to the host (a stall per call on
+    # CUDA); the ridge and the unit diagonal of inactive slots keep the system positive definite
+    return torch.linalg.solve_ex(system, rhs)[0] * splat_mask[..., None].to(a.dtype)
 
 
 def solve_embeddings(

@@ -199,6 +199,10 @@ def test_cuda_bench_runs_both_paths():
 
     result = run_bench(BenchConfig(batch=256, length=64, splats=16, dim=384, warmup=2, iters=5), "cuda")
     assert set(result["results"]) == {"eager", "compile"}
+    # the graph path replays fit's CUDA step: the fused MSE loop, and AdamLoop for the decode-aware one
+    for objective, paths in (("mse", ("fused", "graph")), ("mse+ce", ("fused_ce", "graph"))):
+        result = run_bench(BenchConfig(batch=64, objective=objective, warmup=2, iters=5), "cuda", paths)
+        assert all(r["step_ms"] > 0 for r in result["results"].values()), result["results"]
 
 
 def test_nan_in_padding_is_ignored_and_non_prefix_masks_are_refused():

@@ -276,12 +276,28 @@ def test_fit_fused_keeps_frozen_slots_and_density_control(model, short_prompts):
 def test_fit_fused_choice_and_refusals(model, short_prompts):
     auto = _fit(short_prompts[:1], model, None, steps=1)
     assert auto.config["fused"] is (DEVICE == "cuda")  # never the CPU interpreter unless asked for
+    assert auto.config["cuda_graphs"] is (DEVICE == "cuda")
+    assert _fit(short_prompts[:1], model, True, steps=1, cuda_graphs=False).config["cuda_graphs"] is False
+    with pytest.raises(ValueError, match="runs on cpu" if DEVICE == "cpu" else "density"):
+        _fit(short_prompts[:1], model, True, steps=1, density="adaptive", cuda_graphs=True)
     assert _fit(short_prompts[:1], model, None, steps=1, objective="mse+ce").config["fused"] is False
     for kw, why in (({"objective": "mse+ce"}, "cross-entropy"), ({"varpro": True}, "varpro"),
                     ({"kernel": "erf"}, "gaussian"), ({"truncate": 3.0}, "truncat"), ({"basis": "dct"}, "basis"),
                     ({"dtype": torch.float64}, "float32")):
         with pytest.raises(ValueError, match=why):
             _fit(short_prompts[:1], model, True, steps=1, **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_fit_replaying_graphs_equals_fit_launching_steps(model, short_prompts):
+    """fit's default on CUDA (graphs) gives the same bits as launching every step, records included."""
+    graphed = _fit(short_prompts[:8], model, None, steps=31)
+    launched = _fit(short_prompts[:8], model, None, steps=31, cuda_graphs=False)
+    assert graphed.config["cuda_graphs"] is True and launched.config["cuda_graphs"] is False
+    for k in ("mu", "log_sigma", "weight_logit", "v"):
+        torch.testing.assert_close(getattr(graphed.splats, k), getattr(launched.splats, k), rtol=0, atol=0, equal_nan=True)
+    for k in ("loss", "field_error"):
+        assert torch.equal(graphed.history[k], launched.history[k]), k
 
 
 # ------------------------------------------------------------------ bench
@@ -399,6 +415,57 @@ def test_fused_step_frozen_slots_and_the_nan_guard():
     assert torch.equal(got[0]["mu"][on_frozen], params["mu"][on_frozen])
 
 
+def run_loop_and_steps(splats, target, token_mask, opt, total, stops, free=None, frozen_until=0, cuda_graphs=False):
+    """(FusedAdamLoop run to each of ``stops``, fused_adam_step called once per step): their (params, state, skipped)."""
+    from splatopt.kernels.step import FusedAdamLoop, fused_adam_step, mse_coefficients
+    from splatopt.optim import adam_init
+
+    v_scale = torch.rand(target.shape[0], 1, 1, generator=torch.Generator().manual_seed(1)).to(target.device) + 0.5
+    coef = mse_coefficients(target, token_mask)
+    params = {k: t.detach().clone() for k, t in splats.params().items()}
+    state = {**adam_init(params), "t": 4}  # a warm start's Adam count: the bias corrections continue from it
+    loop = FusedAdamLoop(params, state, splats.mask, target, token_mask, coef, opt, total, v_scale, cuda_graphs=cuda_graphs)
+    for stop in stops:
+        loop.run(stop, free if loop.step < frozen_until else None)
+    skipped = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+    for step in range(total):
+        params, state, sk = fused_adam_step(params, state, splats.mask, target, token_mask, coef,
+                                            opt.learning_rates(step, total, v_scale), opt, free if step < frozen_until else None)
+        skipped += sk
+    return (loop.params, loop.state, loop.skipped), (params, state, skipped)
+
+
+def test_fused_loop_equals_one_fused_step_per_step():
+    """FusedAdamLoop over a cosine schedule (device-side rows and step counter, ping-pong buffers,
+    segments of odd length, frozen slots in the first segment) equals fused_adam_step taken step by
+    step with InnerOptimizer.learning_rates. The steps start from the dicts the loop was given after
+    it ran: the loop never writes its inputs."""
+    from splatopt.optim import InnerOptimizer
+
+    splats, target, token_mask = make_case(B=3, N=5, L=12, d=32, seed=26)
+    free = torch.rand(3, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE) < 0.5
+    got, want = run_loop_and_steps(splats, target, token_mask, InnerOptimizer(warmup=2), 7, [3, 4, 7], free, 3)
+    assert_step_matches((got[0], got[1], got[2].bool()), (want[0], want[1], want[2].bool()), 1e-6)
+    assert torch.equal(got[2], want[2]) and got[1]["t"] == want[1]["t"] == 4 + 7
+
+
+def test_fused_loop_refusals():
+    from splatopt.kernels.step import FusedAdamLoop, mse_coefficients
+    from splatopt.optim import InnerOptimizer, adam_init
+
+    splats, target, token_mask = make_case(seed=27)
+    params = {k: t.detach().clone() for k, t in splats.params().items()}
+    args = (params, adam_init(params), splats.mask, target, token_mask, mse_coefficients(target, token_mask), InnerOptimizer())
+    with pytest.raises(ValueError, match="even"):
+        FusedAdamLoop(*args, 5, torch.ones(3, device=DEVICE), unroll=3)
+    loop = FusedAdamLoop(*args, 5, torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="at step 0 of 5"):
+        loop.run(6)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="CUDA"):
+            FusedAdamLoop(*args, 5, torch.ones(3), cuda_graphs=True)
+
+
 def test_fused_step_refusals():
     from splatopt.kernels.step import fused_adam_step, mse_coefficients
     from splatopt.optim import InnerOptimizer, adam_init
@@ -493,6 +560,23 @@ def test_cuda_fused_step_at_the_benchmark_shape():
     opt = InnerOptimizer()
     params, state, *want = reference_step(splats, target, token_mask, opt, 2, lrs)
     assert_step_matches(fused_from(splats, params, state, target, token_mask, opt, lrs), want, 1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_graphed_loop_equals_launched_steps():
+    """CUDA graphs replay exactly the launched steps: the same bits at the benchmark shape, across
+    segments of odd and even length (both buffer sets' graphs) and a frozen first segment."""
+    from splatopt.optim import InnerOptimizer
+
+    splats, target, token_mask = make_case(B=4096, N=16, L=64, d=384, seed=28, device="cuda")
+    free = torch.rand(4096, 16, device="cuda") < 0.5
+    opt = InnerOptimizer()
+    graphed, _ = run_loop_and_steps(splats, target, token_mask, opt, 12, [2, 7, 8, 12], free, 2, cuda_graphs=True)
+    launched, stepped = run_loop_and_steps(splats, target, token_mask, opt, 12, [2, 7, 8, 12], free, 2)
+    for k in graphed[0]:
+        torch.testing.assert_close(graphed[0][k], launched[0][k], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(launched[0][k], stepped[0][k], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(graphed[2], launched[2])
 
 
 @pytest.mark.cuda

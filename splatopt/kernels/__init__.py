@@ -31,9 +31,9 @@ from ..render import render
 from ..splats import SplatSet
 from .fused import fused_field_loss, fused_field_terms, interpreting
 from .linear_ce import linear_cross_entropy
-from .step import fused_adam_step, mse_coefficients
+from .step import FusedAdamLoop, fused_adam_step, mse_coefficients
 
-__all__ = ["available", "field_loss", "fused_adam_step", "fused_field_loss", "fused_field_terms", "linear_cross_entropy",
+__all__ = ["FusedAdamLoop", "available", "field_loss", "fused_adam_step", "fused_field_loss", "fused_field_terms", "linear_cross_entropy",
            "mse_coefficients", "unavailable_reason"]
 
 

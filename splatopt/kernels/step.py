@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..objectives import Objective
+from ..graphs import capture_steps, learning_rate_table, warm_up
 from ..optim import InnerOptimizer
 from ..splats import SIGMA_MAX, SIGMA_MIN
 from .fused import MAX_SLOTS, REF_MIN, _default_split, _pow2, interpreting
@@ -66,6 +67,100 @@ def mse_coefficients(target: Tensor, token_mask: Tensor, objective="mse") -> Ten
     return 2.0 * float(obj.mse) / (t * t).sum((1, 2)).clamp_min(REF_MIN)
 
 
+SCHEDULE_COLUMNS = ("mu", "log_sigma", "weight_logit", "v", "bias1", "bias2")
+
+
+def adam_schedule(optimizer: InnerOptimizer, total: int, t0: int = 0) -> Tensor:
+    """[total, 6] float64 (CPU): each step's learning rates and Adam's bias corrections, as ``SCHEDULE_COLUMNS``.
+
+    Row ``i`` is step ``i`` of a ``total``-step fit (``InnerOptimizer.learning_rates(i, total)``;
+    "v" before the per-prompt target RMS) whose Adam state counted ``t0`` steps before it.
+    """
+    t = torch.arange(t0 + 1, t0 + total + 1, dtype=torch.float64)[:, None]
+    bias = torch.cat([1 - optimizer.beta1**t, 1 - optimizer.beta2**t], 1)
+    return torch.cat([learning_rate_table(optimizer, total), bias], 1)
+
+
+def _check(params: dict[str, Tensor], slot_mask: Tensor, target: Tensor, token_mask: Tensor, coef: Tensor,
+           optimizer: InnerOptimizer) -> None:
+    """ValueError / TypeError naming what the fused step cannot take."""
+    if optimizer.clip is not None:
+        raise ValueError("the fused step takes no gradient clipping (optimizer.clip is set); use the PyTorch step")
+    B, N, D = params["v"].shape
+    L = target.shape[1]
+    if N > MAX_SLOTS:
+        raise ValueError(f"the fused step holds at most {MAX_SLOTS} splat slots per prompt, got {N}")
+    if tuple(target.shape) != (B, L, D) or tuple(token_mask.shape) != (B, L) or tuple(slot_mask.shape) != (B, N):
+        raise ValueError(f"shapes disagree: v {tuple(params['v'].shape)}, target {tuple(target.shape)}, "
+                         f"token_mask {tuple(token_mask.shape)}, slot_mask {tuple(slot_mask.shape)}")
+    if any(params[k].dtype != torch.float32 for k in params):
+        raise TypeError("the fused step updates float32 parameters")
+    devices = {str(t.device) for t in (*params.values(), slot_mask, target, token_mask, coef)}
+    if len(devices) != 1:
+        raise ValueError(f"the fused step needs every tensor on one device, got {sorted(devices)}")
+    if target.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the fused step runs on CUDA tensors (got {target.device}); set TRITON_INTERPRET=1 before "
+                         "importing splatopt.kernels to run it in Triton's (slow) CPU interpreter")
+
+
+class _Launcher:
+    """The two launches of one step, with everything that does not change between steps bound once.
+
+    Scratch (geometry partials, non-finite counts, the skip flags) is allocated here, not per step:
+    a captured CUDA graph then allocates nothing.
+    """
+
+    def __init__(self, slot_mask, target, token_mask, coef, v_scale, schedule, counter, optimizer, config):
+        B, L, D = target.shape
+        N = slot_mask.shape[1]
+        self.cfg = cfg = {**step_config(L, N, D), **(config or {})}
+        dev = target.device
+        self.S = cfg.get("d_split") or _default_split(B, D, cfg["BLOCK_D"], dev)
+        self.shape = (B, N, L, D)
+        self.on = slot_mask.contiguous().view(torch.uint8)
+        self.target = target if target.stride(-1) == 1 else target.contiguous()
+        self.tm = token_mask.contiguous().view(torch.uint8)
+        self.coef = coef.float().contiguous()
+        self.v_scale = v_scale.float().reshape(B).contiguous()
+        self.schedule, self.counter = schedule, counter
+        self.hyper = (optimizer.beta1, optimizer.beta2, optimizer.eps, optimizer.eps_root)
+        self.geom = torch.empty(B, self.S, 3, cfg["BLOCK_N"], device=dev, dtype=torch.float32)
+        self.bad = torch.empty(B, self.S, device=dev, dtype=torch.float32)
+        self.skipped = torch.empty(B, device=dev, dtype=torch.uint8)
+
+    def __call__(self, old: tuple[dict, dict, dict], new: tuple[dict, dict, dict], free: Tensor | None) -> Tensor:
+        """Step from ``old`` (params, first, second moments) into ``new``; returns the [B] uint8 skip flags."""
+        from .triton_step import step_geometry_kernel, step_v_kernel
+
+        (p, m, s), (p2, m2, s2), cfg = old, new, self.cfg
+        B, N, L, D = self.shape
+        S, tk = self.S, self.target
+        free_f = free.to(torch.float32).contiguous() if free is not None else self.v_scale  # a dummy pointer
+        step_v_kernel[(B, S)](
+            p["mu"], p["log_sigma"], p["weight_logit"], self.on,
+            p["v"], m["v"], s["v"], p2["v"], m2["v"], s2["v"],
+            tk, tk.stride(0), tk.stride(1), self.tm, self.tm.stride(0),
+            self.coef, self.v_scale, self.schedule, self.counter, free_f, self.geom, self.bad,
+            N, L, D, S, math.log(SIGMA_MIN), math.log(SIGMA_MAX), *self.hyper,
+            HAS_FREE=free is not None, ONE_TILE=cfg["one_tile"] and L <= cfg["BLOCK_L"], BLOCK_L=cfg["BLOCK_L"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=cfg["precision"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        mu_, ls_, wl_ = GEOMETRY
+        step_geometry_kernel[(B,)](
+            p[mu_], p[ls_], p[wl_],
+            m[mu_], s[mu_], m[ls_], s[ls_], m[wl_], s[wl_],
+            p2[mu_], p2[ls_], p2[wl_],
+            m2[mu_], s2[mu_], m2[ls_], s2[ls_], m2[wl_], s2[wl_],
+            p["v"], m["v"], s["v"], p2["v"], m2["v"], s2["v"],
+            self.geom, self.bad, free_f, self.skipped, self.schedule, self.counter,
+            N, D, S, *self.hyper,
+            HAS_FREE=free is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_S=_pow2(S, 1), BLOCK_COPY=1024, num_warps=4,
+        )
+        self.counter.add_(1)  # the next step's schedule row; on the device, so a graph replays it
+        return self.skipped
+
+
 def fused_adam_step(
     params: dict[str, Tensor],
     state: dict,
@@ -87,66 +182,101 @@ def fused_adam_step(
     a [B, 1, 1] tensor for v). free: [B, N] bool or float, slots that may change (frozen slots get
     learning rate 0, their moments still update, as in ``fit``). optimizer.clip must be None: a
     per-prompt clip needs the whole gradient's norm before any tile moves (use the PyTorch step).
+    A fit's many steps take :class:`FusedAdamLoop` instead (no host work per step, CUDA graphs).
     """
-    from .triton_step import step_geometry_kernel, step_v_kernel
-
-    if optimizer.clip is not None:
-        raise ValueError("the fused step takes no gradient clipping (optimizer.clip is set); use the PyTorch step")
-    v = params["v"]
-    B, N, D = v.shape
-    L = target.shape[1]
-    if N > MAX_SLOTS:
-        raise ValueError(f"the fused step holds at most {MAX_SLOTS} splat slots per prompt, got {N}")
-    if tuple(target.shape) != (B, L, D) or tuple(token_mask.shape) != (B, L) or tuple(slot_mask.shape) != (B, N):
-        raise ValueError(f"shapes disagree: v {tuple(v.shape)}, target {tuple(target.shape)}, "
-                         f"token_mask {tuple(token_mask.shape)}, slot_mask {tuple(slot_mask.shape)}")
-    if any(params[k].dtype != torch.float32 for k in params):
-        raise TypeError("the fused step updates float32 parameters")
-    devices = {str(t.device) for t in (*params.values(), slot_mask, target, token_mask, coef)}
-    if len(devices) != 1:
-        raise ValueError(f"the fused step needs every tensor on one device, got {sorted(devices)}")
-    if target.device.type != "cuda" and not interpreting():
-        raise ValueError(f"the fused step runs on CUDA tensors (got {target.device}); set TRITON_INTERPRET=1 before "
-                         "importing splatopt.kernels to run it in Triton's (slow) CPU interpreter")
-    cfg = {**step_config(L, N, D), **(config or {})}
-    dev = v.device
-    S = cfg.get("d_split") or _default_split(B, D, cfg["BLOCK_D"], dev)
+    _check(params, slot_mask, target, token_mask, coef, optimizer)
+    B, dev = params["v"].shape[0], params["v"].device
     t = state["t"] + 1
-    b1, b2 = optimizer.beta1, optimizer.beta2
-    hyper = (b1, b2, optimizer.eps, optimizer.eps_root, 1 - b1**t, 1 - b2**t)
-    old = {k: params[k].contiguous() for k in params}
-    m_old = {k: state["m"][k].contiguous() for k in params}
-    s_old = {k: state["v"][k].contiguous() for k in params}
-    new = {k: torch.empty_like(old[k]) for k in params}
-    m_new = {k: torch.empty_like(old[k]) for k in params}
-    s_new = {k: torch.empty_like(old[k]) for k in params}
-    on = slot_mask.contiguous().view(torch.uint8)
-    tk = target if target.stride(-1) == 1 else target.contiguous()
-    tm = token_mask.contiguous().view(torch.uint8)
-    lr_v = torch.as_tensor(lrs["v"], device=dev, dtype=torch.float32).expand(B, 1, 1).reshape(B).contiguous()
-    free_f = free.to(torch.float32).contiguous() if free is not None else lr_v  # a dummy pointer without frozen slots
-    geom = torch.empty(B, S, 3, cfg["BLOCK_N"], device=dev, dtype=torch.float32)
-    bad = torch.empty(B, S, device=dev, dtype=torch.float32)
-    step_v_kernel[(B, S)](
-        old["mu"], old["log_sigma"], old["weight_logit"], on,
-        old["v"], m_old["v"], s_old["v"], new["v"], m_new["v"], s_new["v"],
-        tk, tk.stride(0), tk.stride(1), tm, tm.stride(0),
-        coef.float().contiguous(), lr_v, free_f, geom, bad,
-        N, L, D, S, math.log(SIGMA_MIN), math.log(SIGMA_MAX), *hyper,
-        HAS_FREE=free is not None, ONE_TILE=cfg["one_tile"] and L <= cfg["BLOCK_L"], BLOCK_L=cfg["BLOCK_L"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=cfg["precision"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    skipped = torch.empty(B, device=dev, dtype=torch.uint8)
-    mu_, ls_, wl_ = GEOMETRY
-    step_geometry_kernel[(B,)](
-        old[mu_], old[ls_], old[wl_],
-        m_old[mu_], s_old[mu_], m_old[ls_], s_old[ls_], m_old[wl_], s_old[wl_],
-        new[mu_], new[ls_], new[wl_],
-        m_new[mu_], s_new[mu_], m_new[ls_], s_new[ls_], m_new[wl_], s_new[wl_],
-        old["v"], m_old["v"], s_old["v"], new["v"], m_new["v"], s_new["v"],
-        geom, bad, free_f, skipped,
-        float(lrs[mu_]), float(lrs[ls_]), float(lrs[wl_]), N, D, S, *hyper,
-        HAS_FREE=free is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_S=_pow2(S, 1), BLOCK_COPY=1024, num_warps=4,
-    )
-    return new, {"m": m_new, "v": s_new, "t": t}, skipped.bool()
+    row = [float(lrs[k]) for k in GEOMETRY] + [1.0, 1 - optimizer.beta1**t, 1 - optimizer.beta2**t]
+    schedule = torch.tensor([row], device=dev, dtype=torch.float32)
+    v_scale = torch.as_tensor(lrs["v"], device=dev, dtype=torch.float32).expand(B, 1, 1)
+    launch = _Launcher(slot_mask, target, token_mask, coef, v_scale, schedule,
+                       torch.zeros(1, device=dev, dtype=torch.int32), optimizer, config)
+    old = tuple({k: d[k].contiguous() for k in params} for d in (params, state["m"], state["v"]))
+    new = tuple({k: torch.empty_like(old[0][k]) for k in params} for _ in range(3))
+    skipped = launch(old, new, free).bool()
+    return new[0], {"m": new[1], "v": new[2], "t": t}, skipped
+
+
+class FusedAdamLoop:
+    """The fused step over a fit's steps, with no host work between them: ``fit``'s fused path.
+
+        loop = FusedAdamLoop(params, state, slot_mask, target, token_mask, coef, optimizer, steps, v_scale)
+        loop.run(100)          # steps 0..99
+        loop.params, loop.state, loop.skipped
+
+    Each step equals :func:`fused_adam_step` with ``optimizer.learning_rates(step, steps, v_scale)``.
+    The schedule (:func:`adam_schedule`) sits in device memory and the kernels read their row
+    through a step counter that the device increments; parameters and moments alternate between two
+    buffer sets (the inputs are copied in, never written). So a step is the same launches every
+    time, and with ``cuda_graphs`` pairs of steps are captured once as a CUDA graph and replayed:
+    one host call per ``unroll`` steps instead of three launches per step, which is what bounds
+    small batches. v_scale: [B] or [B, 1, 1], the per-prompt factor on ``lr_v`` (the target's RMS).
+    """
+
+    def __init__(self, params: dict[str, Tensor], state: dict, slot_mask: Tensor, target: Tensor, token_mask: Tensor,
+                 coef: Tensor, optimizer: InnerOptimizer, steps: int, v_scale: Tensor, cuda_graphs: bool = False,
+                 unroll: int = 2, config: dict | None = None):
+        _check(params, slot_mask, target, token_mask, coef, optimizer)
+        if cuda_graphs and target.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs CUDA tensors, got {target.device}")
+        if unroll < 2 or unroll % 2:
+            raise ValueError(f"unroll={unroll} must be an even number >= 2 (a graph must end in the buffers it began in)")
+        dev = target.device
+        self.step, self.total, self.t0 = 0, steps, state["t"]
+        self.cuda_graphs, self.unroll = cuda_graphs, unroll
+        self.counter = torch.zeros(1, device=dev, dtype=torch.int32)
+        schedule = adam_schedule(optimizer, max(steps, 1), self.t0).to(device=dev, dtype=torch.float32)
+        self._launch = _Launcher(slot_mask, target, token_mask, coef, v_scale, schedule, self.counter, optimizer, config)
+        first = tuple({k: d[k].detach().clone(memory_format=torch.contiguous_format) for k in params}
+                      for d in (params, state["m"], state["v"]))
+        self._buffers = (first, tuple({k: torch.empty_like(t) for k, t in d.items()} for d in first))
+        self._current = 0
+        self._skipped = torch.zeros(target.shape[0], device=dev, dtype=torch.long)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The parameters after ``self.step`` steps (the loop's buffers: the next step overwrites the other set)."""
+        return self._buffers[self._current][0]
+
+    @property
+    def state(self) -> dict:
+        """Adam's state after ``self.step`` steps, as ``adam_init`` / ``adam_step`` shape it."""
+        _, m, v = self._buffers[self._current]
+        return {"m": m, "v": v, "t": self.t0 + self.step}
+
+    @property
+    def skipped(self) -> Tensor:
+        """[B] long: steps each prompt skipped (a non-finite gradient), as ``fit`` counts them."""
+        return self._skipped
+
+    def _one(self, free: Tensor | None) -> None:
+        src, dst = self._buffers[self._current], self._buffers[1 - self._current]
+        self._skipped.add_(self._launch(src, dst, free))
+        self._current = 1 - self._current
+
+    def run(self, stop: int, free: Tensor | None = None) -> None:
+        """Take steps ``self.step .. stop - 1``. free: [B, N] bool, slots that may change in them (None: all)."""
+        if not self.step <= stop <= self.total:
+            raise ValueError(f"run({stop}): the loop is at step {self.step} of {self.total}")
+        graphs = self.cuda_graphs and free is None
+        while self.step < stop:
+            if graphs and self._graphs and stop - self.step >= self.unroll:
+                self._graphs[self._current].replay()
+                self.step += self.unroll
+                continue
+            if graphs and not self._graphs:  # a first step compiles the kernels, which a capture must find compiled
+                warm_up(lambda: self._one(None))
+                self._capture()
+            else:
+                self._one(free)
+            self.step += 1
+
+    def _capture(self) -> None:
+        # capturing records the work without running it: buffers, counter and tally stay as they are
+        current = self._current
+        for start in (0, 1):  # a graph from either buffer set: segments of odd length switch sets
+            self._current = start
+            self._graphs[start] = capture_steps(lambda: self._one(None), self.unroll)
+        self._current = current

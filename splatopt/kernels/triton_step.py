@@ -18,6 +18,10 @@ moments. Kernel 1 has by then already written that prompt's new ``v`` tiles (it 
 geometry gradients in advance), so kernel 2 copies the prompt's old ``v`` and moments back over
 them — a rare path whose cost only flagged prompts pay.
 
+Learning rates and Adam's bias corrections come from a schedule row in device memory, chosen by
+a step counter in device memory: a step then reads nothing from the host, and a CUDA graph
+captured once replays every step of a fit (``step.FusedAdamLoop``).
+
 Units as in ``triton_field``: tokens for mu and sigma; all arithmetic in float32.
 """
 
@@ -46,12 +50,13 @@ def step_v_kernel(
     t_ptr, stride_tb, stride_tl,  # target [B, L, D], unit stride along D
     m_ptr, stride_mb,  # token mask [B, L] uint8, unit stride along L
     coef_ptr,  # [B] float32: 2 w_mse / sum|T|^2, dL_b/dF = coef_b (F - T)
-    lrv_ptr,  # [B] float32: the embedding learning rate of each prompt
+    vscale_ptr,  # [B] float32: each prompt's factor on the embedding learning rate (the target's RMS)
+    sched_ptr, step_ptr,  # [steps, 6] float32 schedule rows (SCHEDULE_COLUMNS), int32 [1]: the row of this step
     free_ptr,  # [B, N] float32: 1 for slots that may change, 0 for frozen ones (read only if HAS_FREE)
     geom_ptr,  # out [B, S, 3, BLOCK_N] float32: partial dL/dmu, dL/dlog_sigma, dL/dweight_logit
     bad_ptr,  # out [B, S] float32: count of non-finite v-gradients
     N, L, D, S,
-    log_sigma_min, log_sigma_max, b1, b2, eps, eps_root, bc1, bc2,
+    log_sigma_min, log_sigma_max, b1, b2, eps, eps_root,
     HAS_FREE: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -71,7 +76,10 @@ def step_v_kernel(
     sig = tl.sigmoid(wl)
     w = tl.where(on, sig, 0.0)
     coef = tl.load(coef_ptr + b)
-    lr = tl.load(lrv_ptr + b) + tl.zeros([BLOCK_N], dtype=tl.float32)
+    row = sched_ptr + tl.load(step_ptr) * 6
+    bc1 = tl.load(row + 4)
+    bc2 = tl.load(row + 5)
+    lr = tl.load(row + 3) * tl.load(vscale_ptr + b) + tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_FREE:
         lr = lr * tl.load(free_ptr + b * N + offs_n, mask=n_ok, other=0.0)
 
@@ -152,10 +160,17 @@ def step_geometry_kernel(
     geom_ptr, bad_ptr,  # kernel 1's partials [B, S, 3, BLOCK_N], [B, S]
     free_ptr,  # [B, N] float32 (read only if HAS_FREE)
     skip_ptr,  # out [B] uint8: prompt skipped (a non-finite gradient)
-    lr_mu, lr_ls, lr_wl, N, D, S, b1, b2, eps, eps_root, bc1, bc2,
+    sched_ptr, step_ptr,  # as kernel 1's
+    N, D, S, b1, b2, eps, eps_root,
     HAS_FREE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_COPY: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    row = sched_ptr + tl.load(step_ptr) * 6
+    lr_mu = tl.load(row)
+    lr_ls = tl.load(row + 1)
+    lr_wl = tl.load(row + 2)
+    bc1 = tl.load(row + 4)
+    bc2 = tl.load(row + 5)
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_s = tl.arange(0, BLOCK_S)
