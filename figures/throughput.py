@@ -36,7 +36,7 @@ def main():
         for yi, (label, path, res) in zip(y, bars):
             ax.barh(yi, res["prompt_steps_per_s"], 0.75, color=colors[path])
             speedup = f", ×{res['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in res and path != "eager" else ""
-            ax.text(res["prompt_steps_per_s"] * 1.15, yi, f"{res['step_ms']:.1f} ms{speedup}", va="center", fontsize=5.5)
+            ax.text(res["prompt_steps_per_s"] * 1.15, yi, f"{res['step_ms']:.3g} ms{speedup}", va="center", fontsize=5.5)
         ax.set_xscale("log")
         top = max(res["prompt_steps_per_s"] for _, _, res in bars)
         low = min(res["prompt_steps_per_s"] for _, _, res in bars)

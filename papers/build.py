@@ -161,6 +161,16 @@ def throughput_values() -> dict[str, str]:
             if "speedup_vs_eager" in r and c["batch"] in (512, 4096):  # the configurations the text quotes
                 out[f"bench_{c['objective'].replace('+', '_')}_{path}_ms"] = f"{r['step_ms']:.1f}"
                 out[f"bench_{c['objective'].replace('+', '_')}_{path}_speedup"] = f"{r['speedup_vs_eager']:.2f}"
+        launched = run["results"].get("fused_ce" if "ce" in c["objective"] else "fused")
+        if "graph" in run["results"] and launched:  # capture's gain, against the same step launched in the same run
+            key = f"bench_{c['objective'].replace('+', '_')}_B{c['batch']}"
+            out[f"{key}_launched_ms"] = f"{launched['step_ms']:.2f}"
+            out[f"{key}_graph_ms"] = f"{run['results']['graph']['step_ms']:.2f}"
+            out[f"{key}_graph_gain"] = f"{launched['step_ms'] / run['results']['graph']['step_ms']:.1f}"
+    for path in figure_io.data_paths("bench/e2e-cuda-P64-*.json"):  # a small fit, launch-bound: graphs vs launched
+        run = json.loads(path.read_text())
+        key = "e2e_small_launched_s" if run.get("cuda_graphs_requested") is False else "e2e_small_graph_s"
+        out[key] = f"{min(r['wall_seconds'] for r in run['runs']):.1f}"
     c0 = runs[0]["config"]
     out.update({
         "bench_table": table(["step (objective, batch)", "path", "ms / step", "prompt-steps / s", "vs eager", "peak memory"], rows,
@@ -500,8 +510,10 @@ def reproduce_values() -> dict[str, str]:
             c = data["config"]
             if data.get("bench") == "e2e":
                 command = (f"splatopt bench --e2e --prompts {c['prompts']} --corpus {c['corpus']} --splats-fraction "
-                           f"{c['splats_fraction']} --steps {' '.join(map(str, c['steps']))} --batch-size {c['batch_size']} "
-                           f"--objective {c['objective']} --out {relative(path.parent)}")
+                           f"{c['splats_fraction']} --steps {' '.join(map(str, c['steps']))} "
+                           + (f"--batch-size {c['batch_size']} " if c["batch_size"] else "")
+                           + ("--no-cuda-graphs " if data.get("cuda_graphs_requested") is False else "")
+                           + f"--objective {c['objective']} --out {relative(path.parent)}")
             elif data.get("bench") == "long":
                 command = (f"splatopt bench --long --batch {c['batch']} --length {c['length']} --splats {c['splats']} "
                            f"--objective {c['objective']} --truncate {c['truncate']:g} --out {relative(path.parent)}")
@@ -618,8 +630,11 @@ def fused_kernel_section(paths: list[Path]) -> str:
         run = json.loads(path.read_text())
         runs = "; ".join(f"{r['steps']} steps: {r['wall_seconds']:.1f} s wall, {pct(r['token_accuracy_pooled'], 2)} pooled token accuracy"
                          for r in run["runs"])
-        parts.append(f"End to end (`{relative(path)}`): {run['prompts']:,} test-split prompts ({run['distinct_prompts']} distinct, "
-                     f"cycled), N = L/2, objective {run['config']['objective']}, fitted after encoding ({run['encode_seconds']:.1f} s): "
+        cycled = f" ({run['distinct_prompts']} distinct, cycled)" if run["distinct_prompts"] < run["prompts"] else ""
+        graphs = {r.get("cuda_graphs") for r in run["runs"]}
+        how = "CUDA graphs" if graphs == {True} else "every step launched" if graphs == {False} else "mixed"
+        parts.append(f"End to end (`{relative(path)}`): {run['prompts']:,} test-split prompts{cycled}, N = L/2, objective "
+                     f"{run['config']['objective']}, {how}, fitted after encoding ({run['encode_seconds']:.1f} s): "
                      f"{runs}; {run['device']}.")
     return "\n\n".join(parts)
 
