@@ -296,8 +296,8 @@ def fit(
     batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
     for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve")
     or density control runs; True = insist (ValueError saying why it cannot); False = launch
-    every step. The same kernels run in the same order either way; the choice made is
-    ``config["cuda_graphs"]``.
+    every step. Either way the loop takes its learning rates from a device table, so the results
+    are the same bits; the choice made is ``config["cuda_graphs"]``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps={steps!r} must be an int >= 0")
@@ -359,7 +359,12 @@ def fit(
     # a relative MSE alone, without clipping or density control (both need whole gradients between
     # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
     fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify)
-    cuda_graphs = _resolve_graphs(cuda_graphs, device, varpro or solve, strategy)
+    host_free = _host_free_blocker(device, varpro or solve, strategy)
+    if cuda_graphs and host_free is not None:
+        raise ValueError(f"cuda_graphs=True but {host_free}; pass cuda_graphs=None or False")
+    # on CUDA the loop runs from the device's learning-rate table whether or not it is captured, so
+    # cuda_graphs changes the speed, never the bits
+    host_free, cuda_graphs = host_free is None, host_free is None and cuda_graphs is not False
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
@@ -384,7 +389,7 @@ def fit(
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
-                fused_step, cuda_graphs,
+                fused_step, host_free, cuda_graphs,
             )
         )
     if device.type == "cuda":
@@ -449,13 +454,11 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
     return True
 
 
-def _resolve_graphs(cuda_graphs: bool | None, device: torch.device, varpro: bool, strategy) -> bool:
-    """Whether the inner loop replays CUDA graphs (``fit``'s ``cuda_graphs``); ValueError for True where it cannot.
+def _host_free_blocker(device: torch.device, varpro: bool, strategy) -> str | None:
+    """Why the inner loop cannot run host-free and be captured (``fit``'s ``cuda_graphs``), or None.
 
     varpro: the embeddings are solved for (``varpro=True`` or ``embeddings="solve"``).
     """
-    if cuda_graphs is False:
-        return False
     reason = None
     if device.type != "cuda":
         reason = f"the fit runs on {device}"
@@ -464,9 +467,7 @@ def _resolve_graphs(cuda_graphs: bool | None, device: torch.device, varpro: bool
         reason = "varpro=True (or embeddings='solve') solves a batched linear system per step, which is not captured"
     elif not isinstance(strategy, NoDensify):
         reason = "density control changes which slots are active between steps"
-    if cuda_graphs and reason is not None:
-        raise ValueError(f"cuda_graphs=True but {reason}; pass cuda_graphs=None or False")
-    return reason is None
+    return reason
 
 
 def _check_varpro_memory(lengths: Tensor, counts: Tensor, batch_size: int, itemsize: int) -> None:
@@ -505,7 +506,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
     generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
-    fused=False, fused_step=False, cuda_graphs=False,
+    fused=False, fused_step=False, host_free=False, cuda_graphs=False,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -619,8 +620,8 @@ def _fit_chunk(
     if fused_step:
         loop = FusedAdamLoop(params, state, slot_mask, target, mask, mse_coefficients(target, mask, objective),
                              optimizer, steps, v_scale, cuda_graphs=cuda_graphs)
-    elif cuda_graphs:
-        loop = AdamLoop(gradients, params, state, optimizer, steps, v_scale, cuda_graphs=True)
+    elif host_free:
+        loop = AdamLoop(gradients, params, state, optimizer, steps, v_scale, cuda_graphs=cuda_graphs)
     stops = sorted({s for s in record_steps | {frozen_steps, steps} if 0 < s <= steps})
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
     for step in bar:

@@ -98,19 +98,16 @@ def test_cuda_replayed_graphs_are_bitwise_the_launched_steps():
 @pytest.mark.cuda
 @pytest.mark.parametrize("options", [{}, {"objective": "mse+0.5*cosine"}, {"objective": "mse", "fused": False},
                                      {"basis": "dct"}, {"optimizer": InnerOptimizer(clip=1.0)}])
-def test_cuda_fit_replaying_graphs_follows_fit_launching_steps(model, short_prompts, options):
+def test_cuda_fit_gives_the_same_bits_with_and_without_graphs(model, short_prompts, options):
     """The default objective (render, decoder head, fused cross-entropy, autograd, Adam), the fused
-    cosine loss, the PyTorch MSE, a fixed basis and clipping, captured and replayed, against the
-    plain loop. The two differ by rounding alone (a device 0-dim divisor is a true division; a host
-    scalar one is a multiplication by its reciprocal): within 1e-4 after the first steps, and the
-    same fit quality at the end (Adam's sign-like updates amplify rounding over a fit)."""
+    cosine loss, the PyTorch MSE, a fixed basis and clipping: cuda_graphs changes the speed only
+    (on CUDA both take the learning rates from the device table; capture replays the same kernels)."""
     kw = dict(n_splats=0.5, steps=23, device="cuda", progress=False, record_every=5, **options)
     graphed, launched = fit(short_prompts, model, **kw), fit(short_prompts, model, cuda_graphs=False, **kw)
     assert graphed.config["cuda_graphs"] is True and launched.config["cuda_graphs"] is False
     for k in ("loss", "field_error"):
-        torch.testing.assert_close(graphed.history[k][:2], launched.history[k][:2], rtol=1e-4, atol=1e-6, msg=k)
-    assert abs(float(graphed.token_accuracy.mean() - launched.token_accuracy.mean())) <= 0.02
-    torch.testing.assert_close(graphed.field_error, launched.field_error, rtol=0.1, atol=1e-3)
+        assert torch.equal(graphed.history[k], launched.history[k]), k
+    assert torch.equal(graphed.token_accuracy, launched.token_accuracy)
 
 
 @pytest.mark.cuda
