@@ -77,6 +77,21 @@ def _backprop_tile(G, a, x, V, gv, acc_mu, acc_ls, acc_w, PRECISION: tl.constexp
 
 
 @triton.jit
+def _geometry(mu_ptr, ls_ptr, wl_ptr, on_ptr, b, N, offs_n, n_ok, log_sigma_min, log_sigma_max):
+    """Prompt b's splats [BLOCK_N]: (active, mu, 1/sigma^2, d clamp / d log_sigma, sigmoid(weight_logit), weight)."""
+    on = tl.load(on_ptr + b * N + offs_n, mask=n_ok, other=0) != 0
+    # inactive slots may hold NaN or inf: select, never multiply, so they give exactly 0 (render.py)
+    mu = tl.where(on, tl.load(mu_ptr + b * N + offs_n, mask=n_ok, other=0.0).to(tl.float32), 0.0)
+    ls = tl.where(on, tl.load(ls_ptr + b * N + offs_n, mask=n_ok, other=0.0).to(tl.float32), 0.0)
+    wl = tl.where(on, tl.load(wl_ptr + b * N + offs_n, mask=n_ok, other=0.0).to(tl.float32), 0.0)
+    ls_c = tl.minimum(tl.maximum(ls, log_sigma_min), log_sigma_max)
+    # torch.clamp passes the gradient where min <= x <= max (inclusive)
+    ls_free = ((ls >= log_sigma_min) & (ls <= log_sigma_max)).to(tl.float32)
+    sig = tl.sigmoid(wl)
+    return on, mu, tl.exp(-2.0 * ls_c), ls_free, sig, tl.where(on, sig, 0.0)
+
+
+@triton.jit
 def field_loss_kernel(
     mu_ptr, ls_ptr, wl_ptr, on_ptr,  # [B, N] contiguous; on: uint8 slot mask
     v_ptr, stride_vb, stride_vn,  # [B, N, D], unit stride along D
@@ -97,17 +112,8 @@ def field_loss_kernel(
     # ---- the prompt's splat geometry, [BLOCK_N] in registers for the whole program
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    on = tl.load(on_ptr + b * N + offs_n, mask=n_ok, other=0) != 0
-    # inactive slots may hold NaN or inf: select, never multiply, so they give exactly 0 (render.py)
-    mu = tl.where(on, tl.load(mu_ptr + b * N + offs_n, mask=n_ok, other=0.0).to(tl.float32), 0.0)
-    ls = tl.where(on, tl.load(ls_ptr + b * N + offs_n, mask=n_ok, other=0.0).to(tl.float32), 0.0)
-    wl = tl.where(on, tl.load(wl_ptr + b * N + offs_n, mask=n_ok, other=0.0).to(tl.float32), 0.0)
-    ls_c = tl.minimum(tl.maximum(ls, log_sigma_min), log_sigma_max)
-    # torch.clamp passes the gradient where min <= x <= max (inclusive)
-    ls_free = ((ls >= log_sigma_min) & (ls <= log_sigma_max)).to(tl.float32)
-    inv_s2 = tl.exp(-2.0 * ls_c)
-    sig = tl.sigmoid(wl)
-    w = tl.where(on, sig, 0.0)
+    on, mu, inv_s2, ls_free, sig, w = _geometry(mu_ptr, ls_ptr, wl_ptr, on_ptr, b, N, offs_n, n_ok,
+                                                log_sigma_min, log_sigma_max)
 
     acc_mu = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_t dL/da * a * x
     acc_ls = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_t dL/da * a * x^2

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_field import _backprop_tile, _splat_tile, _t_tile, _tokens
+from .triton_field import _backprop_tile, _geometry, _splat_tile, _t_tile, _tokens
 
 
 @triton.jit
@@ -65,16 +65,8 @@ def step_v_kernel(
 
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    on = tl.load(on_ptr + b * N + offs_n, mask=n_ok, other=0) != 0
-    # inactive slots may hold NaN: select, never multiply (render.py)
-    mu = tl.where(on, tl.load(mu_ptr + b * N + offs_n, mask=n_ok, other=0.0), 0.0)
-    ls = tl.where(on, tl.load(ls_ptr + b * N + offs_n, mask=n_ok, other=0.0), 0.0)
-    wl = tl.where(on, tl.load(wl_ptr + b * N + offs_n, mask=n_ok, other=0.0), 0.0)
-    ls_c = tl.minimum(tl.maximum(ls, log_sigma_min), log_sigma_max)
-    ls_free = ((ls >= log_sigma_min) & (ls <= log_sigma_max)).to(tl.float32)
-    inv_s2 = tl.exp(-2.0 * ls_c)
-    sig = tl.sigmoid(wl)
-    w = tl.where(on, sig, 0.0)
+    on, mu, inv_s2, ls_free, sig, w = _geometry(mu_ptr, ls_ptr, wl_ptr, on_ptr, b, N, offs_n, n_ok,
+                                                log_sigma_min, log_sigma_max)
     coef = tl.load(coef_ptr + b)
     row = sched_ptr + tl.load(step_ptr) * 6
     bc1 = tl.load(row + 4)

@@ -23,6 +23,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 
@@ -75,11 +79,6 @@ def compile_report(L: int, N: int, D: int, has_cos: bool, need_grad: bool = True
     Returns the launch configuration with ``shared`` memory bytes and, where Triton ships cuobjdump,
     ``registers`` and ``stack`` (spill) bytes per thread.
     """
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -99,18 +98,24 @@ def compile_report(L: int, N: int, D: int, has_cos: bool, need_grad: bool = True
                             options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     out = {**cfg, "has_cos": has_cos, "need_grad": need_grad, "precision": precision, "target": target_dtype,
            "arch": arch, "shared": kernel.metadata.shared}
+    return {**out, **cubin_resources(kernel.asm["cubin"])}
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """{"registers", "stack"} per thread of a compiled kernel, read by the cuobjdump that ships with
+    Triton's NVIDIA backend; {} where it is missing."""
+    import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(tool):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(kernel.asm["cubin"])
-            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        for key, name in (("REG", "registers"), ("STACK", "stack")):
-            found = re.search(rf"\b{key}:(\d+)", usage)
-            if found:
-                out[name] = int(found.group(1))
-    return out
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    found = {name: re.search(rf"\b{key}:(\d+)", usage) for key, name in (("REG", "registers"), ("STACK", "stack"))}
+    return {name: int(m.group(1)) for name, m in found.items() if m}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,11 @@ import argparse
 import itertools
 import json
 import os
-import re
-import subprocess
-import tempfile
 
 import torch
 
 from .triton_linear_ce import CONFIG_ENV, RESCALE, launch_config
+from .tune import cubin_resources
 
 KEYS = ("BLOCK_M", "BLOCK_V", "num_warps", "num_stages")
 
@@ -60,18 +58,7 @@ def compile_report(cfg: dict, need_grad: bool = True, arch: int = 90) -> dict:
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
     out = {**cfg, "need_grad": need_grad, "shared": kernel.metadata.shared}
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(tool):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(kernel.asm["cubin"])
-            usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        for key, name in (("REG", "registers"), ("STACK", "stack")):
-            found = re.search(rf"\b{key}:(\d+)", usage)
-            if found:
-                out[name] = int(found.group(1))
-    return out
+    return {**out, **cubin_resources(kernel.asm["cubin"])}
 
 
 def main(argv: list[str] | None = None) -> int:
