@@ -99,7 +99,7 @@ def main() -> None:
                 "cold_final": float(cold_final[b]), "warm_curve": curve, "steps": steps,
                 "steps_to_recover": reached[0] if reached else None, "far_splats": len(far),
                 "far_v_rel_change": v_change, "far_mu_shift": mu_shift,
-                "spawned_for_density": record.get("spawned_for_density", 0),
+                "spawned_for_density": record.get("spawned_for_density", 0), "start": record.get("start", "warm"),
             })
         print(f"{variant}: done {len(prompts)} edits, {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -122,6 +122,7 @@ def main() -> None:
             "far_v_rel_change_p90": changes[int(0.9 * len(changes))] if changes else None,
             "far_fraction_under_5pct": sum(c < 0.05 for c in changes) / max(len(changes), 1),
             "far_mu_shift_median": shifts[len(shifts) // 2] if shifts else None,
+            "fresh_starts_kept": sum(r["start"] == "fresh" for r in rs),
         }
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {

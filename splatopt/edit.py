@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .fit import FitResult, fit
-from .init import WarmStart, grid_geometry
+from .init import GridInit, WarmStart, grid_geometry
 from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
 from .splats import SplatSet
@@ -94,6 +94,7 @@ def edit(
     freeze_sigma: float = 3.0,
     local: bool = False,
     spawn_density: float | None = None,
+    fresh_start: bool = True,
     device=None,
     record_every: int = 5,
     progress: bool = True,
@@ -107,6 +108,11 @@ def edit(
     steps: re-fit steps. freeze_steps: for this many first steps, splats more than ``freeze_sigma``
     widths from every edited span neither move nor change; local=True freezes them throughout.
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
+    fresh_start: a prompt whose every splat lies within ``freeze_sigma`` widths of an edit (a short
+    text, or an edit that touches the whole fit) has nothing far from the edit to keep; it is then
+    also re-fitted from the cold fit's grid start (as many splats, the same steps, in the same
+    batch), and keeps whichever start ends with the lower objective (its record's ``start``:
+    "warm" or "fresh"). Far splats are never re-started: far from the edit, a fit keeps its splats.
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
     old fit's objective, kernel and mode, and its inner optimizer with a constant schedule. The returned result's ``edit`` records the script and which
     old slots were transported, pruned, and which new slots were spawned: a dict for one prompt
@@ -172,18 +178,35 @@ def edit(
         warms.append(warm)
         fars.append(far)
         records.append({"old_text": old_texts[b], **record})
-    warm = SplatSet.cat(warms)
+    # a second, fresh start where the warm one holds nothing that must be kept: no splat is far from the edit
+    fresh = [b for b in range(B) if fresh_start and not bool(fars[b].any())]
+    rows = list(range(B)) + fresh
+    lengths = batch.mask.sum(-1).cpu()[rows]
+    grid = [GridInit()(target[b : b + 1, : int(lengths[b])], batch.mask[b : b + 1, : int(lengths[b])], warms[b].counts) for b in fresh]
+    starts = warms + grid
+    warm = SplatSet.cat(starts)
+    fars = [fars[b] for b in rows]
     far = torch.nn.functional.pad(torch.nn.utils.rnn.pad_sequence(fars, batch_first=True), (0, warm.capacity - max(len(f) for f in fars)))
-    lengths = batch.mask.sum(-1).cpu()
     frozen_steps = steps if local else freeze_steps
     new = fit(
-        new_texts, model, n_splats=[min(int(n), int(L)) for n, L in zip(warm.counts.cpu(), lengths)], steps=steps,
-        init=WarmStart(warm), kernel=kernel, mode=mode, device=device, record_every=record_every, progress=progress,
-        frozen=far if frozen_steps else None, frozen_steps=frozen_steps, **fit_options,
+        [new_texts[b] for b in rows], model, n_splats=[min(int(n), int(L)) for n, L in zip(warm.counts.cpu(), lengths)],
+        steps=steps, init=WarmStart(warm), kernel=kernel, mode=mode, device=device, record_every=record_every,
+        progress=progress, frozen=far if frozen_steps else None, frozen_steps=frozen_steps, **fit_options,
     )
+    keep = list(range(B))
+    if fresh:
+        loss = new.history["loss"][-1]  # [B + len(fresh)]: the objective after the last step
+        for k, b in enumerate(fresh, start=B):
+            if float(loss[k]) < float(loss[b]):
+                keep[b] = k
+        new = new.select(keep)
     for b, record in enumerate(records):
         record["frozen_steps"] = frozen_steps
-        record["warm_start"] = warms[b].detach().to("cpu")
+        record["start"] = "fresh" if keep[b] != b else "warm"
+        if keep[b] != b:  # no old splat carried over: all were dropped, every splat of the fit is new
+            record.update(transported=[], pruned=torch.nonzero(splats.mask[b]).flatten().tolist(),
+                          spawned=list(range(int(starts[keep[b]].counts))), spawned_for_density=0)
+        record["warm_start"] = starts[keep[b]].detach().to("cpu")
     plain = [{k: v for k, v in r.items() if k != "warm_start"} for r in records]
     new.edit = records if batched else records[0]
     new.config["edit"] = plain if batched else plain[0]

@@ -118,6 +118,25 @@ class FitResult:
             out["token_accuracy_pooled"] = float((self.token_accuracy * tok).sum() / tok.sum())
         return out
 
+    def select(self, index: Sequence[int]) -> "FitResult":
+        """The prompts ``index`` (a list of prompt numbers, repeats allowed), every per-prompt field with them."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        if len(idx) == 0 or int(idx.min()) < -self.mask.shape[0] or int(idx.max()) >= self.mask.shape[0]:
+            raise IndexError(f"select({list(index)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
+        on = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
+        rows = lambda items: None if items is None else [items[i] for i in idx.tolist()]  # noqa: E731
+        series = lambda d: {k: v if k == "step" else v[:, idx.to(v.device)] for k, v in d.items()}  # noqa: E731
+        return replace(
+            self, splats=None if self.splats is None else self.splats.select(idx.to(self.splats.mu.device)),
+            ids=on(self.ids), mask=on(self.mask), texts=rows(self.texts), token_accuracy=on(self.token_accuracy),
+            field_error=on(self.field_error), cosine=on(self.cosine), history=series(self.history),
+            trajectory=series(self.trajectory), input_texts=rows(self.input_texts), offsets=on(self.offsets),
+            edit=rows(self.edit) if isinstance(self.edit, list) else self.edit, skipped_steps=on(self.skipped_steps),
+            coefficients=on(self.coefficients), floats_per_token=on(self.floats_per_token),
+            density=None if self.density is None else {k: on(t) for k, t in self.density.items()}, n_terms=on(self.n_terms),
+            config={**self.config, "n_splats": rows(self.config["n_splats"])} if isinstance(self.config.get("n_splats"), list) else dict(self.config),
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write splats, token ids, metrics, history, trajectory and configuration (safetensors + JSON, atomic)."""
         extra = {"token_mask": self.mask, "field_error": self.field_error, "cosine": self.cosine}

@@ -49,7 +49,7 @@ def test_a_deletion_that_prunes_below_the_budget_refills_it_where_the_field_is_w
     pruning leaves missing are spawned on tokens, and the warm start's field is closer to the new
     target than the transported splats' alone."""
     short = "Return a new iterable"
-    result = splatopt.edit(fitted, short, steps=0, spawn_density=1.0, progress=False)
+    result = splatopt.edit(fitted, short, steps=0, spawn_density=1.0, fresh_start=False, progress=False)
     L = int(result.mask.sum())
     warm, n_old = result.edit["warm_start"], fitted.splats.capacity
     refill = result.edit["spawned_for_density"]
@@ -201,3 +201,35 @@ def test_the_re_fit_defaults_to_the_old_optimizer_with_a_constant_schedule(fitte
     chosen = splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=0, progress=False,
                            optimizer=splatopt.InnerOptimizer(lr_v=0.3))
     assert chosen.config["optimizer"]["schedule"] == "cosine" and chosen.config["optimizer"]["lr_v"] == 0.3
+
+
+def test_a_text_the_edit_touches_everywhere_keeps_the_better_of_the_warm_and_a_fresh_start(model, fitted):
+    """With no splat far from the edit, edit() also re-fits from the cold fit's grid start in the same
+    batch and keeps the start whose final objective is lower; a prompt with far splats never restarts."""
+    short, opt = "Return a new iterable", splatopt.InnerOptimizer(schedule="constant")
+    warm = splatopt.edit(fitted, short, steps=6, fresh_start=False, progress=False, optimizer=opt)
+    assert not warm.edit["far_from_edit"] and warm.edit["start"] == "warm"
+    cold = splatopt.fit([short], model, n_splats=int(warm.splats.counts[0]), steps=6, device="cpu", progress=False, optimizer=opt)
+    both = splatopt.edit(fitted, short, steps=6, progress=False, optimizer=opt)
+    losses = {"warm": float(warm.history["loss"][-1, 0]), "fresh": float(cold.history["loss"][-1, 0])}
+    assert both.edit["start"] == min(losses, key=losses.get)
+    assert float(both.history["loss"][-1, 0]) == pytest.approx(min(losses.values()), rel=1e-4)
+    assert both.splats.batch_size == 1 and both.input_texts == [short] and both.history["loss"].shape[1] == 1
+    if both.edit["start"] == "fresh":
+        assert both.edit["transported"] == [] and len(both.edit["spawned"]) == int(both.splats.counts[0])
+    far_edit = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=2, progress=False)
+    assert far_edit.edit["far_from_edit"] and far_edit.edit["start"] == "warm"
+
+
+def test_selecting_prompts_of_a_result_takes_every_per_prompt_field_along(model):
+    texts = ["Compute the mean of the numbers.", "Return a new list containing all items from the iterable."]
+    result = splatopt.fit(texts, model, n_splats=0.5, steps=3, device="cpu", progress=False)
+    swapped = result.select([1, 0])
+    assert swapped.input_texts == texts[::-1] and swapped.texts == result.texts[::-1]
+    torch.testing.assert_close(swapped.token_accuracy, result.token_accuracy.flip(0))
+    torch.testing.assert_close(swapped.splats.v, result.splats.v.flip(0))
+    torch.testing.assert_close(swapped.history["loss"], result.history["loss"].flip(1))
+    torch.testing.assert_close(swapped.trajectory["mu"], result.trajectory["mu"].flip(1), equal_nan=True)
+    assert torch.equal(swapped.history["step"], result.history["step"]) and torch.equal(swapped.ids, result.ids.flip(0))
+    with pytest.raises(IndexError, match="prompts 0..1"):
+        result.select([2])
