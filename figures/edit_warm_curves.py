@@ -17,10 +17,11 @@ from splatopt.plot import mean_ci95
 
 DATA_FILES = ["edit_acceptance.json", "edit_variants.json"]
 VARIANT_NAMES = {
-    "free-constant": "free, constant lr (default)", "local-constant": "local (far frozen), constant lr",
+    "free-constant-fresh": "free, constant lr, fresh starts (default)", "free-constant": "free, constant lr",
+    "local-constant-fresh": "local, constant lr, fresh starts", "local-constant": "local (far frozen), constant lr",
     "free": "free, cosine lr", "local": "local, cosine lr", "local-warmup10": "local, cosine, warm-up 10",
 }
-WHOLE_RUN = ["free-constant", "local-constant"]  # drawn over all steps on the left
+WHOLE_RUN = ["free-constant-fresh", "local-constant"]  # drawn over all steps on the left
 
 
 def main():

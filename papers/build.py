@@ -200,9 +200,10 @@ EDIT_FILES = ("edit_acceptance.json", "edit_variants.json", "edit_solve.json")
 
 
 def edit_values() -> dict[str, str]:
-    """Editing acceptance (edit_acceptance.json: the defaults on a constant schedule), the cosine
-    schedule's variants (edit_variants.json), solved embeddings (edit_solve.json), and the recorded
-    edit of the trajectory figure."""
+    """Editing acceptance (edit_acceptance.json: the constant schedule, with and without the fresh
+    start), its validation selection (edit_fresh_selection.json), the cosine schedule's variants
+    (edit_variants.json), solved embeddings (edit_solve.json), the same criterion at 1000 cold steps
+    (edit_steps1000.json, edit_steps1000_selection.json), and the recorded edit of the trajectory figure."""
     base, cosine, solve = (figure_io.load_json(name) for name in EDIT_FILES)
     free, local = base["summary"]["free-constant"], base["summary"]["local-constant"]
     warm_steps = max(int(s) for s in free["warm_mean_curve"])
@@ -223,7 +224,34 @@ def edit_values() -> dict[str, str]:
     steps = sorted({int(s) for s in free["warm_mean_curve"]})
     s_local = solve["summary"]["local-constant"]
     claim(at(s_local, warm_steps) < s_local["cold_final_mean"], "with solved embeddings the local re-fit stays below its cold fit")
+    fresh, fresh_sel = base["summary"], figure_io.load_json("edit_fresh_selection.json")["summary"]
+    claim(at(fresh_sel["local-constant-fresh"], warm_steps) > at(fresh_sel["local-constant"], warm_steps)
+          and at(fresh_sel["free-constant-fresh"], warm_steps) > at(fresh_sel["free-constant"], warm_steps),
+          "on validation the fresh start lifts both re-fits (so it is the default)")
+    claim(at(fresh["local-constant-fresh"], warm_steps) < fresh["local-constant-fresh"]["cold_final_mean"],
+          "with the fresh start the local re-fit still stays below the cold fit")
+    long, long_sel = figure_io.load_json("edit_steps1000.json"), figure_io.load_json("edit_steps1000_selection.json")
+    long_local, long_fresh = long["summary"]["local-constant"], long["summary"]["local-constant-fresh"]
+    long_warm = max(int(k) for k in long_local["warm_mean_curve"])
+    best = lambda s: max(s["warm_mean_curve"].values())  # noqa: E731
+    claim(long_local["warm_steps_to_match_cold_mean"] is not None and long_fresh["warm_steps_to_match_cold_mean"] is not None,
+          "at 1000 cold steps both local re-fits reach the cold mean on the test split")
+    claim(all(s["warm_steps_to_match_cold_mean"] is None for s in long_sel["summary"].values()),
+          "at 1000 cold steps neither local re-fit reaches the cold mean on the validation split")
     return {
+        "edit_fresh_kept": str(fresh["local-constant-fresh"]["fresh_starts_kept"]),
+        "edit_fresh_local_final": pct(at(fresh["local-constant-fresh"], warm_steps)),
+        "edit_fresh_free_final": pct(at(fresh["free-constant-fresh"], warm_steps)),
+        "edit_fresh_selection": ", ".join(f"`{v}` {pct(at(s, warm_steps))}" for v, s in fresh_sel.items()),
+        "edit_fresh_val_cold": pct(fresh_sel["local-constant"]["cold_final_mean"]),
+        "edit_long_cold_steps": str(long_local["cold_steps"]), "edit_long_warm_steps": str(long_warm),
+        "edit_long_cold_final": pct(long_local["cold_final_mean"]),
+        "edit_long_match_local": str(long_local["warm_steps_to_match_cold_mean"]),
+        "edit_long_match_fresh": str(long_fresh["warm_steps_to_match_cold_mean"]),
+        "edit_long_share": f"{100 * long_fresh['warm_steps_to_match_cold_mean'] / long_local['cold_steps']:.1f} %",
+        "edit_long_val_cold": pct(long_sel["summary"]["local-constant"]["cold_final_mean"]),
+        "edit_long_val_local": pct(best(long_sel["summary"]["local-constant"])),
+        "edit_long_val_fresh": pct(best(long_sel["summary"]["local-constant-fresh"])),
         "edit_prompts": str(base["n"]), "edit_device": base["device"], "edit_n_splats": frac_label(base["n_splats"]),
         "edit_cold_steps": str(free["cold_steps"]), "edit_cold_final": pct(free["cold_final_mean"]),
         "edit_cold_at_warm_steps": pct(cold[warm_steps]),
