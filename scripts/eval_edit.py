@@ -9,7 +9,8 @@ Measured:
 - the warm fit's token accuracy per step against the cold fit's final one;
 - each prompt's steps to recover;
 - how much splats farther than 3 sigma from the edit change their embeddings (free re-fit vs
-  local re-fit).
+  local re-fit);
+- the final field's relative MSE and cosine to the new target, warm and cold.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def main() -> None:
                 "variant": variant, "prompt": b, "op": ops[b], "old_text": prompts[b], "new_text": edited[b],
                 "edit_tokens": edit_tokens, "L": int(w.mask[b].sum()),
                 "cold_final": float(cold_final[b]), "warm_curve": curve, "steps": steps,
+                "cold_field_error": float(cold.field_error[b]), "warm_field_error": float(w.field_error[b]),
+                "cold_cosine": float(cold.cosine[b]), "warm_cosine": float(w.cosine[b]),
                 "steps_to_recover": reached[0] if reached else None, "far_splats": len(far),
                 "far_v_rel_change": v_change, "far_mu_shift": mu_shift,
                 "spawned_for_density": record.get("spawned_for_density", 0), "start": record.get("start", "warm"),
@@ -123,6 +126,11 @@ def main() -> None:
             "far_fraction_under_5pct": sum(c < 0.05 for c in changes) / max(len(changes), 1),
             "far_mu_shift_median": shifts[len(shifts) // 2] if shifts else None,
             "fresh_starts_kept": sum(r["start"] == "fresh" for r in rs),
+            # the field itself, not only what it decodes to: a re-fit on the cross-entropy alone may trade one for the other
+            "cold_field_error_mean": sum(r["cold_field_error"] for r in rs) / len(rs),
+            "warm_field_error_mean": sum(r["warm_field_error"] for r in rs) / len(rs),
+            "cold_cosine_mean": sum(r["cold_cosine"] for r in rs) / len(rs),
+            "warm_cosine_mean": sum(r["warm_cosine"] for r in rs) / len(rs),
         }
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
