@@ -238,7 +238,19 @@ def edit_values() -> dict[str, str]:
           "at 1000 cold steps both local re-fits reach the cold mean on the test split")
     claim(all(s["warm_steps_to_match_cold_mean"] is None for s in long_sel["summary"].values()),
           "at 1000 cold steps neither local re-fit reaches the cold mean on the validation split")
+    ce, ce_sel = figure_io.load_json("edit_ce.json")["summary"], figure_io.load_json("edit_ce_selection.json")["summary"]
+    ce_best = max((v for v in ce_sel if v.startswith("local")), key=lambda v: at(ce_sel[v], warm_steps))
+    claim(ce_best in ce and at(ce[ce_best], warm_steps) < ce[ce_best]["cold_final_mean"],
+          "the validation's best re-fit, run on the test split, stays below the cold fit")
+    claim(ce[ce_best]["warm_field_error_mean"] > ce[ce_best]["cold_field_error_mean"],
+          "the decoding-only re-fit renders a field farther from the target than the cold fit")
     return {
+        "edit_ce_variant": ce_best, "edit_ce_final": pct(at(ce[ce_best], warm_steps)),
+        "edit_ce_gap": f"{100 * (ce[ce_best]['cold_final_mean'] - at(ce[ce_best], warm_steps)):.2f}",
+        "edit_ce_free_final": pct(at(ce["free-" + ce_best.removeprefix("local-")], warm_steps)),
+        "edit_ce_selection": ", ".join(f"`{v}` {pct(at(s, warm_steps))}" for v, s in ce_sel.items()),
+        "edit_ce_field": f"{ce[ce_best]['warm_field_error_mean']:.2f}", "edit_ce_cold_field": f"{ce[ce_best]['cold_field_error_mean']:.2f}",
+        "edit_ce_cosine": f"{ce[ce_best]['warm_cosine_mean']:.2f}", "edit_ce_cold_cosine": f"{ce[ce_best]['cold_cosine_mean']:.2f}",
         "edit_fresh_kept": str(fresh["local-constant-fresh"]["fresh_starts_kept"]),
         "edit_fresh_local_final": pct(at(fresh["local-constant-fresh"], warm_steps)),
         "edit_fresh_free_final": pct(at(fresh["free-constant-fresh"], warm_steps)),
@@ -623,6 +635,14 @@ def meta_init_section(paths: list[Path]) -> str:
         f"+{100 * gain_ood:.1f} on the licences, which it never saw (no out-of-domain drop).\n"
         f"- It trades field error for decodability: {fe0[0]:.2f} relative field error at 0 steps against the grid's {fe0[1]:.2f}."
     )
+    ddp_path = figure_io.DATA / "meta" / "ddp_throughput.json"
+    if ddp_path.is_file():
+        ddp = json.loads(ddp_path.read_text())
+        one, two = ddp["runs"]
+        text += (f"\n- Under `torchrun` with 2 processes on 2 {ddp['device']} GPUs (DistributedDataParallel, {one['prompts_per_step']} "
+                 f"prompts per rank and step, `{ddp['command']}`), meta-training ran {two['prompts_per_s']:.0f} prompts/s against "
+                 f"{one['prompts_per_s']:.0f} in one process: ×{ddp['throughput_ratio']:.2f} "
+                 f"({two['outer_steps_per_s']:.2f} against {one['outer_steps_per_s']:.2f} outer steps/s).")
     return text
 
 
