@@ -118,13 +118,18 @@ def cmd_edit(args) -> int:
         save_figure,
     )
 
+    options = {}
+    if args.objective:
+        options["objective"] = args.objective
+    if args.optimizer:
+        options["optimizer"] = splatopt.InnerOptimizer(**json.loads(args.optimizer))
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=args.local,
-                           device=_device(args.device) if args.device != "auto" else None, record_every=args.record_every,
-                           progress=not args.quiet)
+                           fresh_start=not args.no_fresh_start, device=_device(args.device) if args.device != "auto" else None,
+                           record_every=args.record_every, progress=not args.quiet, **options)
     e = result.edit
     print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
     print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])}, "
-          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps)")
+          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start")
     _print_result(result, None)
     if args.out:
         print(f"wrote {result.save(args.out)}")
@@ -309,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--freeze-steps", type=int, default=0, help="keep splats far from the edit fixed for these first steps")
     p.add_argument("--local", action="store_true", help="keep splats far from the edit fixed throughout")
+    p.add_argument("--no-fresh-start", action="store_true",
+                   help="never also re-fit from a grid start (by default: when no splat lies far from the edit)")
+    p.add_argument("--objective", default=None, help="the re-fit's objective (default: the old fit's), e.g. ce")
+    p.add_argument("--optimizer", default=None,
+                   help='InnerOptimizer fields as JSON (default: the old fit\'s, constant schedule), e.g. \'{"beta2": 0.9}\'')
     p.add_argument("--device", default="auto")
     p.add_argument("--record-every", type=int, default=2)
     p.add_argument("--out", help="write the edited fit")

@@ -148,6 +148,11 @@ def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
                  "--out", str(tmp_path / "edited.safetensors"), "--plot", str(plot), "--quiet"])
     assert code == 0 and plot.is_file() and (tmp_path / "edited.safetensors").is_file()
     assert "transported" in capsys.readouterr().out
+    code = main(["edit", str(path), "sorted", "--steps", "2", "--device", "cpu", "--no-fresh-start", "--objective", "ce",
+                 "--optimizer", '{"beta2": 0.9}', "--out", str(tmp_path / "ce.safetensors"), "--quiet"])
+    chosen = splatopt.FitResult.load(tmp_path / "ce.safetensors")
+    assert code == 0 and "kept the warm start" in capsys.readouterr().out
+    assert chosen.config["objective"] == "1*ce" and chosen.config["optimizer"]["beta2"] == 0.9
 
 
 
