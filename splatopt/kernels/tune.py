@@ -166,20 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         reference = fused_field_terms(*params, slot_mask, target, token_mask, args.objective, precision=args.precision)[0]
     default = launch_config(L, N, D, args.precision)
-    rows = []
     todo = [default] + [c for c in candidates(L, N, D) if c != default]
-    for config in todo[: args.limit or None]:
+    rows = _sweep(todo[: args.limit or None], default, run,
+                  lambda config: bool(torch.allclose(run(config), reference, rtol=1e-3, atol=1e-6)), do_bench)
+    return _report(rows, default, ENV)
+
+
+def _sweep(todo: list[dict], default: dict, run, matches, do_bench) -> list[dict]:
+    """Time ``run(config)`` for each configuration of ``todo``; ``matches(config)``: whether its result is the default's.
+
+    A row per configuration ({config, ms, matches_default, default} or {config, error}), printed as it
+    goes: a sweep cut short still reports.
+    """
+    rows = []
+    for config in todo:
         try:
-            loss = run(config)
-            ok = bool(torch.allclose(loss, reference, rtol=1e-3, atol=1e-6))
+            ok = matches(config)
             ms = do_bench(lambda: run(config), warmup=10, rep=50)
         except Exception as err:  # an out-of-resources configuration is a result, not a failure
             rows.append({"config": config, "error": f"{type(err).__name__}: {err}"[:200]})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        rows.append({"config": config, "ms": ms, "matches_default": ok, "default": config == default})
-        print(json.dumps(rows[-1]), flush=True)  # as it goes: a run cut short still reports
-    return _report(rows, default, ENV)
+        else:
+            rows.append({"config": config, "ms": ms, "matches_default": ok, "default": config == default})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def _report(rows: list[dict], default: dict, env: str) -> int:
@@ -219,23 +228,15 @@ def _tune_step(args, do_bench) -> int:
     if args.precision:
         default = {**default, "precision": args.precision}
     reference = run(default)
-    rows = []
     # the single-tile sweep is one loop the compiler pipelines: deeper stages and fewer warps pay there
     grid = [{"BLOCK_L": bl, "BLOCK_N": default["BLOCK_N"], "BLOCK_D": bd, "num_warps": warps, "num_stages": stages,
              "precision": default["precision"], "one_tile": one}
             for one, bl, bd, warps, stages in itertools.product((True, False), (32, 64, 128), (16, 32, 64), (2, 4, 8), (1, 2, 3, 4))
             if bl <= max(_pow2(L), 32) and bd <= _pow2(D) and (one or stages <= 2) and (not one or bl >= L)]
     todo = [default] + [c for c in grid if c != default]
-    for config in todo[: args.limit or None]:
-        try:
-            ok = bool(torch.allclose(run(config), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item()))
-            ms = do_bench(lambda: run(config), warmup=10, rep=50)
-        except Exception as err:  # an out-of-resources configuration is a result, not a failure
-            rows.append({"config": config, "error": f"{type(err).__name__}: {err}"[:200]})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        rows.append({"config": config, "ms": ms, "matches_default": ok, "default": config == default})
-        print(json.dumps(rows[-1]), flush=True)
+    tolerance = 1e-4 * reference.abs().max().item()
+    rows = _sweep(todo[: args.limit or None], default, run,
+                  lambda config: bool(torch.allclose(run(config), reference, rtol=1e-4, atol=tolerance)), do_bench)
     return _report(rows, default, "SPLATOPT_STEP_CONFIG")
 
 
