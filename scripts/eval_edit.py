@@ -59,6 +59,9 @@ def main() -> None:
                         help="JSON: InnerOptimizer fields for the old, cold and warm fits (a variant's own override them; "
                              "every fit gets an explicit optimizer, so a variant without one re-fits on the cosine "
                              "schedule, not edit()'s default constant one)")
+    parser.add_argument("--objective", default="mse+ce",
+                        help="objective of the old and cold fits, and of the warm re-fits unless a variant names its own "
+                             "(edit() re-fits on the old fit's objective): e.g. ce, to compare like with like")
     parser.add_argument("--split", default="test", help="corpus split of the prompts (select on validation)")
     parser.add_argument("--out", default="figures/data/edit_acceptance.json")
     args = parser.parse_args()
@@ -70,7 +73,8 @@ def main() -> None:
     edited, ops = zip(*(random_edit(p, rng, vocabulary) for p in prompts))
     base_opt = json.loads(args.optimizer)
     # the cold fit uses the warm fit's optimizer: the criterion compares like with like
-    common = dict(n_splats=args.splats, device=args.device, progress=False, optimizer=splatopt.InnerOptimizer(**base_opt))
+    common = dict(n_splats=args.splats, device=args.device, progress=False, optimizer=splatopt.InnerOptimizer(**base_opt),
+                  objective=args.objective)
     t0 = time.perf_counter()
     old = splatopt.fit(prompts, model, steps=args.steps, record_every=0, **common)
     cold = splatopt.fit(list(edited), model, steps=args.steps, record_every=5, **common)
@@ -135,7 +139,7 @@ def main() -> None:
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt,
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt, "objective": args.objective,
         "cold_curve": {"step": cold.history["step"].tolist(), "token_accuracy": cold.history["token_accuracy"].mean(1).tolist()},
         "summary": summary, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }
