@@ -122,7 +122,7 @@ def cmd_edit(args) -> int:
     if args.objective:
         options["objective"] = args.objective
     if args.optimizer:
-        options["optimizer"] = splatopt.InnerOptimizer(**json.loads(args.optimizer))
+        options["optimizer"] = json.loads(args.optimizer)  # fields over edit()'s default: the old fit's, constant schedule
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=args.local,
                            fresh_start=not args.no_fresh_start, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)

@@ -10,7 +10,9 @@
    covers ``[t - 1/2, t + 1/2]``, and each span of old edges maps linearly onto its new span. Splats
    after an insertion move right and splats after a deletion move left; a replaced span is stretched
    or squeezed (its splats' widths too).
-3. Splats whose centre lies in a deleted span are pruned: their slots become inactive.
+3. Splats whose centre lies in a deleted span are pruned: their slots become inactive. Where more
+   splats than tokens would remain (a text replaced by a much shorter one), the least weighted
+   transported splats are pruned too.
 4. Inserted and replaced spans get new splats, as many as the prompt's density asks (the old
    fit's fraction of the length, else its splats per token). They are evenly spaced. If pruning
    leaves the text below its budget, the missing splats are spawned on the tokens the transported
@@ -110,11 +112,13 @@ def edit(
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
     fresh_start: a prompt whose every splat lies within ``freeze_sigma`` widths of an edit (a short
     text, or an edit that touches the whole fit) has nothing far from the edit to keep; it is then
-    also re-fitted from the cold fit's grid start (as many splats, the same steps, in the same
+    also re-fitted from a grid start (:class:`GridInit`, as many splats, the same steps, in the same
     batch), and keeps whichever start ends with the lower objective (its record's ``start``:
-    "warm" or "fresh"). Far splats are never re-started: far from the edit, a fit keeps its splats.
+    "warm" or "fresh"; a NaN objective never wins). Far splats are never re-started: far from the
+    edit, a fit keeps its splats. The result's ``seconds`` include the fresh starts' share.
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
-    old fit's objective, kernel and mode, and its inner optimizer with a constant schedule. The returned result's ``edit`` records the script and which
+    old fit's objective, kernel and mode, and its inner optimizer with a constant schedule
+    (``optimizer`` may also be a dict of fields that override that default, e.g. ``{"beta2": 0.9}``). The returned result's ``edit`` records the script and which
     old slots were transported, pruned, and which new slots were spawned: a dict for one prompt
     given as a str, a list of such dicts (one per prompt) for a batch.
     """
@@ -152,11 +156,11 @@ def edit(
     kernel = fit_options.pop("kernel", result.config.get("kernel", "gaussian"))
     mode = fit_options.pop("mode", result.config.get("mode", "additive"))
     fit_options.setdefault("objective", result.config.get("objective", "mse+ce"))
-    if fit_options.get("optimizer") is None:
+    if fit_options.get("optimizer") is None or isinstance(fit_options["optimizer"], dict):
         # the old fit's inner optimizer with a constant schedule: a warm start is already close, and
         # decaying the rates over a short re-fit stalled it (validation: 96.1 % vs 95.1 % at 60 steps)
         old_opt = {k: v for k, v in (result.config.get("optimizer") or {}).items() if k in InnerOptimizer.__dataclass_fields__}
-        fit_options["optimizer"] = InnerOptimizer(**{**old_opt, "schedule": "constant"})
+        fit_options["optimizer"] = InnerOptimizer(**{**old_opt, "schedule": "constant", **(fit_options.get("optimizer") or {})})
 
     batch = model.tokenize(new_texts, device=device)
     target = model.encode(batch)
@@ -195,7 +199,8 @@ def edit(
     )
     keep = list(range(B))
     if fresh:
-        loss = new.history["loss"][-1]  # [B + len(fresh)]: the objective after the last step
+        # [B + len(fresh)]: the objective after the last step; a NaN one never wins
+        loss = new.history["loss"][-1].nan_to_num(nan=math.inf)
         for k, b in enumerate(fresh, start=B):
             if float(loss[k]) < float(loss[b]):
                 keep[b] = k
@@ -250,7 +255,14 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
 
     # new splats for inserted / replaced spans, at the prompt's density
     spans = [(j1, j2) for tag, _, _, j1, j2 in script if tag in ("insert", "replace") and j2 > j1]
-    counts = [max(1, round(density * (j2 - j1))) for j1, j2 in spans]
+    counts = [max(1, min(j2 - j1, round(density * (j2 - j1)))) for j1, j2 in spans]
+    excess = int(keep.sum()) + sum(counts) - L_new
+    if excess > 0:
+        # one splat per token is the most a fit holds (fit() refuses more): a text replaced by a much
+        # shorter one squeezes every old splat into it, so the least weighted transported ones go
+        weight = torch.where(keep, old.weight_logit[0], math.inf)
+        keep = keep.clone()
+        keep[weight.argsort()[:excess]] = False
     spawned_mu, spawned_ls = [], []
     for (j1, j2), n in zip(spans, counts):
         span_mask = torch.ones(1, j2 - j1, dtype=torch.bool, device=device)
@@ -295,7 +307,7 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
     record = {
         "script": [list(op) for op in script],
         "transported": torch.nonzero(keep).flatten().tolist(),
-        "pruned": torch.nonzero(active & deleted).flatten().tolist(),
+        "pruned": torch.nonzero(active & ~keep).flatten().tolist(),
         "spawned": list(range(len(keep), len(keep) + n_new)),
         "spawned_for_density": max(deficit, 0),  # of those, the ones that refill the budget, not an inserted span
         "far_from_edit": torch.nonzero(far).flatten().tolist(),

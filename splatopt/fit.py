@@ -134,7 +134,7 @@ class FitResult:
             edit=rows(self.edit) if isinstance(self.edit, list) else self.edit, skipped_steps=on(self.skipped_steps),
             coefficients=on(self.coefficients), floats_per_token=on(self.floats_per_token),
             density=None if self.density is None else {k: on(t) for k, t in self.density.items()}, n_terms=on(self.n_terms),
-            config={**self.config, "n_splats": rows(self.config["n_splats"])} if isinstance(self.config.get("n_splats"), list) else dict(self.config),
+            config={**self.config, **{k: rows(self.config[k]) for k in ("n_splats", "edit") if isinstance(self.config.get(k), list)}},
         )
 
     def save(self, path: str | Path) -> Path:

@@ -35,6 +35,28 @@ def test_insert_at_start_shifts_every_splat_by_the_inserted_length(model, fitted
     assert torch.equal(model.decode(rendered[far]).argmax(-1), new_ids[far])
 
 
+def test_replacing_the_text_by_a_much_shorter_one_keeps_at_most_one_splat_per_token(model, fitted):
+    """Every old splat is squeezed into a 2-token replacement; fit() holds at most one splat per
+    token, so the least weighted transported splats are pruned, and a fresh start has as many."""
+    for fresh_start in (False, True):
+        result = splatopt.edit(fitted, "Sum it", steps=2, fresh_start=fresh_start, progress=False)
+        L = int(result.mask.sum())
+        assert int(result.splats.counts[0]) <= L and int(result.edit["warm_start"].counts[0]) <= L
+        assert len(result.edit["pruned"]) >= int(fitted.splats.counts[0]) - L
+        assert result.config["n_splats"] == [int(result.splats.counts[0])]
+    # of the splats the script itself keeps, the cap drops the least weighted
+    batch = model.tokenize(["Sum it"])
+    script = edit_script(fitted.ids[0][fitted.mask[0]].tolist(), batch.ids[0][batch.mask[0]].tolist())
+    _, _, deleted = transport(fitted.splats.mu[0], fitted.splats.sigma[0], script)
+    survivors = fitted.splats.mask[0] & ~deleted
+    pruned = splatopt.edit(fitted, "Sum it", steps=0, fresh_start=False, progress=False).edit["pruned"]
+    capped = survivors.clone()
+    capped[[i for i in range(len(capped)) if i not in pruned]] = False
+    kept = survivors & ~capped
+    weights = fitted.splats.weight_logit[0]
+    assert capped.any() and kept.any() and weights[kept].min() >= weights[capped].max()
+
+
 def test_deleting_all_but_one_word_leaves_a_valid_splat_set(fitted):
     result = splatopt.edit(fitted, "order", steps=5, progress=False)
     s = result.splats
@@ -153,6 +175,7 @@ def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
     chosen = splatopt.FitResult.load(tmp_path / "ce.safetensors")
     assert code == 0 and "kept the warm start" in capsys.readouterr().out
     assert chosen.config["objective"] == "1*ce" and chosen.config["optimizer"]["beta2"] == 0.9
+    assert chosen.config["optimizer"] == {**fitted.config["optimizer"], "schedule": "constant", "beta2": 0.9}
 
 
 
