@@ -118,9 +118,10 @@ def edit(
     edit, a fit keeps its splats. The result's ``seconds`` include the fresh starts' share.
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
     old fit's objective, kernel and mode, and its inner optimizer with a constant schedule
-    (``optimizer`` may also be a dict of fields that override that default, e.g. ``{"beta2": 0.9}``). The returned result's ``edit`` records the script and which
-    old slots were transported, pruned, and which new slots were spawned: a dict for one prompt
-    given as a str, a list of such dicts (one per prompt) for a batch.
+    (``optimizer`` may also be a dict of fields that override that default, e.g. ``{"beta2": 0.9}``).
+    The returned result's ``edit`` records the script and which old slots were transported, pruned,
+    and which new slots were spawned: a dict for one prompt given as a str, a list of such dicts
+    (one per prompt) for a batch.
     """
     if isinstance(result, (str, Path)):
         result = FitResult.load(result)
