@@ -249,7 +249,13 @@ def edit_values() -> dict[str, str]:
     claim(ce_long["warm_steps_to_match_cold_mean"] is not None and ce_long_sel["warm_steps_to_match_cold_mean"] is not None
           and ce_long["far_fraction_under_5pct"] == 1 == ce_long_sel["far_fraction_under_5pct"],
           "at 1000 cold steps the decoding-only local re-fit reaches the cold mean on both splits, far splats unchanged")
+    like = figure_io.load_json("edit_ce_likeforlike_cpu.json")
+    like_b2 = like["summary"]["local-constant-b2"]
+    claim(like["objective"] == "ce" and at(like_b2, warm_steps) < like_b2["cold_final_mean"] - 0.01,
+          "like for like (every fit on the cross-entropy) the re-fit stays more than a point below its cold fit")
     return {
+        "edit_like_n": str(like["n"]), "edit_like_cold": pct(like_b2["cold_final_mean"]),
+        "edit_like_warm": pct(at(like_b2, warm_steps)), "edit_like_device": like["device"],
         "edit_ce_long_match": str(ce_long["warm_steps_to_match_cold_mean"]),
         "edit_ce_long_match_val": str(ce_long_sel["warm_steps_to_match_cold_mean"]),
         "edit_ce_long_cold": pct(ce_long["cold_final_mean"]), "edit_ce_long_cold_val": pct(ce_long_sel["cold_final_mean"]),
