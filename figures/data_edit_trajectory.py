@@ -3,8 +3,9 @@
     python figures/data_edit_trajectory.py            # CPU, seconds; writes figures/data/edit_trajectory.json
 
 The built-in sample text (``splatopt demo``) is fitted with the default model, N = L/4, 300 steps.
-Then a phrase is inserted and another deleted with ``splatopt.edit`` (60 re-fit steps), so the
-record shows splats transported, spawned in the inserted span and pruned in the deleted one.
+Then a phrase is inserted and another deleted with ``splatopt.edit`` (60 re-fit steps, local, the
+warm start alone: no second starts), so the record shows splats transported, spawned in the
+inserted span and pruned in the deleted one.
 The JSON holds :func:`splatopt.plot.edit_trajectory_series` and how it was made; the figure script
 (figures/edit_trajectory.py) plots only from it.
 """
@@ -42,7 +43,9 @@ def main() -> None:
                           record_every=5, progress=False)
     insert_at, delete_at = DEMO_TEXT.index(INSERT_BEFORE), DEMO_TEXT.index(DELETED)
     edits = [(insert_at, insert_at, INSERTED), (delete_at, delete_at + len(DELETED), "")]
-    after = splatopt.edit(before, edits=edits, model=model, steps=args.refit_steps, record_every=2, progress=False)
+    # the warm start alone: the figure shows the transport itself, not a second start chosen over it
+    after = splatopt.edit(before, edits=edits, model=model, steps=args.refit_steps, record_every=2, progress=False,
+                          fresh_start=False, fresh_near=False)
     series = edit_trajectory_series(before, after, model)
     record = {
         "command": " ".join(["python", *sys.argv]),

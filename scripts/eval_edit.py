@@ -16,6 +16,7 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import random
@@ -53,12 +54,12 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", default='{"free": {}, "local": {"local": true}}',
-                        help='JSON: name -> edit() options; "optimizer" takes InnerOptimizer fields')
+    parser.add_argument("--variants", default='{"default": {}, "free": {"local": false}}',
+                        help='JSON: name -> edit() options (the rest: edit()\'s defaults); "optimizer" takes InnerOptimizer '
+                             "fields over --optimizer's (the cosine schedule unless it names another); without it, "
+                             "edit()'s default: the old fit's optimizer with a constant schedule")
     parser.add_argument("--optimizer", default="{}",
-                        help="JSON: InnerOptimizer fields for the old, cold and warm fits (a variant's own override them; "
-                             "every fit gets an explicit optimizer, so a variant without one re-fits on the cosine "
-                             "schedule, not edit()'s default constant one)")
+                        help="JSON: InnerOptimizer fields for the old and cold fits, and under a variant's own")
     parser.add_argument("--objective", default="mse+ce",
                         help="objective of the old and cold fits, and of the warm re-fits unless a variant names its own "
                              "(edit() re-fits on the old fit's objective): e.g. ce, to compare like with like")
@@ -79,14 +80,16 @@ def main() -> None:
     old = splatopt.fit(prompts, model, steps=args.steps, record_every=0, **common)
     cold = splatopt.fit(list(edited), model, steps=args.steps, record_every=5, **common)
     cold_final = cold.token_accuracy.cpu()
-    rows = []
+    rows, seconds = [], {}
     variants = json.loads(args.variants)
     for variant, opts in variants.items():
         opts = dict(opts)
-        opts["optimizer"] = splatopt.InnerOptimizer(**{**base_opt, **opts.get("optimizer", {})})
+        if "optimizer" in opts:
+            opts["optimizer"] = splatopt.InnerOptimizer(**{**base_opt, **opts["optimizer"]})
         # one batched re-fit of every edited prompt (edit() keeps prompts independent: the same
         # per-prompt result as editing each alone, tests/test_edit.py)
         w = splatopt.edit(old, list(edited), model=model, steps=args.warm_steps, record_every=5, progress=False, **opts)
+        seconds[variant] = w.seconds
         steps = w.history["step"].tolist()
         final_all = w.splats.to("cpu")
         for b in range(len(prompts)):
@@ -107,6 +110,7 @@ def main() -> None:
                 "steps_to_recover": reached[0] if reached else None, "far_splats": len(far),
                 "far_v_rel_change": v_change, "far_mu_shift": mu_shift,
                 "spawned_for_density": record.get("spawned_for_density", 0), "start": record.get("start", "warm"),
+                "start_initializer": record.get("start_initializer"), "starts_tried": record.get("starts_tried", 1),
             })
         print(f"{variant}: done {len(prompts)} edits, {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -130,6 +134,10 @@ def main() -> None:
             "far_fraction_under_5pct": sum(c < 0.05 for c in changes) / max(len(changes), 1),
             "far_mu_shift_median": shifts[len(shifts) // 2] if shifts else None,
             "fresh_starts_kept": sum(r["start"] == "fresh" for r in rs),
+            "starts_kept": {start: sum(r["start"] == start for r in rs) for start in sorted({r["start"] for r in rs})},
+            "starts_tried_mean": sum(r["starts_tried"] for r in rs) / len(rs),
+            # wall time of every start's re-fit against the cold fit's (the same GPU, one run)
+            "warm_seconds": round(seconds[variant], 2), "cold_seconds": round(cold.seconds, 2),
             # the field itself, not only what it decodes to: a re-fit on the cross-entropy alone may trade one for the other
             "cold_field_error_mean": sum(r["cold_field_error"] for r in rs) / len(rs),
             "warm_field_error_mean": sum(r["warm_field_error"] for r in rs) / len(rs),
@@ -139,7 +147,9 @@ def main() -> None:
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt, "objective": args.objective,
+        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
+        "edit_defaults": {k: repr(v.default) for k, v in inspect.signature(splatopt.edit).parameters.items()
+                          if v.default is not inspect.Parameter.empty}, "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt, "objective": args.objective,
         "cold_curve": {"step": cold.history["step"].tolist(), "token_accuracy": cold.history["token_accuracy"].mean(1).tolist()},
         "summary": summary, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }

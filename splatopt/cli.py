@@ -123,13 +123,16 @@ def cmd_edit(args) -> int:
         options["objective"] = args.objective
     if args.optimizer:
         options["optimizer"] = json.loads(args.optimizer)  # fields over edit()'s default: the old fit's, constant schedule
-    result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=args.local,
-                           fresh_start=not args.no_fresh_start, device=_device(args.device) if args.device != "auto" else None,
+    fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
+    result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
+                           fresh_start=not args.no_fresh_start, fresh_near=not args.no_fresh_near, fresh_init=fresh_init,
+                           choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)
     e = result.edit
     print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
     print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])}, "
-          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start")
+          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start "
+          f"of {e['starts_tried']}" + (f" ({e['start_initializer']})" if e['start_initializer'] else ""))
     _print_result(result, None)
     if args.out:
         print(f"wrote {result.save(args.out)}")
@@ -312,10 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a saved one-prompt fit (splatopt fit --out)")
     p.add_argument("text", help="the edited text")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--freeze-steps", type=int, default=0, help="keep splats far from the edit fixed for these first steps")
-    p.add_argument("--local", action="store_true", help="keep splats far from the edit fixed throughout")
+    p.add_argument("--freeze-steps", type=int, default=0, help="with --free: keep splats far from the edit fixed for these first steps")
+    p.add_argument("--free", action="store_true",
+                   help="re-fit the splats far from the edit too, after --freeze-steps (default: they stay fixed throughout)")
     p.add_argument("--no-fresh-start", action="store_true",
-                   help="never also re-fit from a grid start (by default: when no splat lies far from the edit)")
+                   help="never also re-fit a text with no far splat from fresh starts")
+    p.add_argument("--no-fresh-near", action="store_true",
+                   help="never also re-fit a text's near-edit splats from fresh starts (beside its far ones)")
+    p.add_argument("--fresh-init", default="auto",
+                   help="initializers of the second starts, comma-separated (grid, tokens, learned); auto: learned,grid "
+                        "where a learned initializer is shipped for the model, else grid")
+    p.add_argument("--choose", default="accuracy", choices=["accuracy", "objective"],
+                   help="how each prompt's best start is judged")
     p.add_argument("--objective", default=None, help="the re-fit's objective (default: the old fit's), e.g. ce")
     p.add_argument("--optimizer", default=None,
                    help='InnerOptimizer fields as JSON (default: the old fit\'s, constant schedule), e.g. \'{"beta2": 0.9}\'')

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .fit import FitResult, fit
-from .init import GridInit, WarmStart, grid_geometry
+from .init import WarmStart, grid_geometry, resolve_initializer
+from .learned import shipped_path
 from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
 from .splats import SplatSet
@@ -94,9 +95,13 @@ def edit(
     steps: int = 60,
     freeze_steps: int = 0,
     freeze_sigma: float = 3.0,
-    local: bool = False,
+    local: bool = True,
     spawn_density: float | None = None,
     fresh_start: bool = True,
+    fresh_init="auto",
+    fresh_near: bool = True,
+    far_moves: bool = False,
+    choose: str = "accuracy",
     device=None,
     record_every: int = 5,
     progress: bool = True,
@@ -107,15 +112,30 @@ def edit(
     One prompt: give the new text (a str), or ``edits`` as ``(start, end, replacement)`` character
     spans of the old text. Many prompts at once (one batched re-fit): give a list of new texts, or
     a list of edit lists, one per prompt of ``result``.
-    steps: re-fit steps. freeze_steps: for this many first steps, splats more than ``freeze_sigma``
-    widths from every edited span neither move nor change; local=True freezes them throughout.
+    steps: re-fit steps. local (default): splats more than ``freeze_sigma`` widths from every edited
+    span neither move nor change during the whole re-fit (far from the edit, a fit keeps its
+    splats); local=False re-fits them too, after ``freeze_steps`` frozen steps. far_moves: frozen
+    splats still translate (centres only; width, weight and embedding held).
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
-    fresh_start: a prompt whose every splat lies within ``freeze_sigma`` widths of an edit (a short
-    text, or an edit that touches the whole fit) has nothing far from the edit to keep; it is then
-    also re-fitted from a grid start (:class:`GridInit`, as many splats, the same steps, in the same
-    batch), and keeps whichever start ends with the lower objective (its record's ``start``:
-    "warm" or "fresh"; a NaN objective never wins). Far splats are never re-started: far from the
-    edit, a fit keeps its splats. The result's ``seconds`` include the fresh starts' share.
+
+    Second starts. The warm start is re-fitted beside a few others, in the same steps (batched),
+    and each prompt keeps the best of them (record ``start``, ``start_initializer``,
+    ``starts_tried``; the result's ``seconds`` include every start's share):
+    fresh_start: a prompt with no far splat (a short text, or an edit that touches the whole fit)
+    has nothing to keep; it is also re-fitted from each ``fresh_init`` start, as many splats
+    ("fresh").
+    fresh_near: a prompt with far splats keeps them and also re-fits from starts whose near splats
+    are proposed afresh by each ``fresh_init`` on the tokens between the far ones, from what the
+    far splats leave unexplained ("fresh-near"). With a learned initializer, the warm start itself
+    is also re-fitted with that initializer's inner optimizer ("warm-learned").
+    fresh_init: "grid", "learned", an initializer object, or a list of them; "auto" (default):
+    ["learned", "grid"] where a learned initializer is shipped for the model, else ["grid"].
+    Grid (or other plain) starts re-fit in the warm batch with its optimizer; a learned
+    initializer's, in a fit of their own with the inner optimizer it was meta-trained with.
+    choose: "accuracy" (default: the higher final token accuracy, ties to the lower objective) or
+    "objective" (the lower final objective). A NaN objective never wins.
+    (Validation split, 200 edits, 60 steps after a 300-step fit: warm start alone 96.1 %, with
+    these second starts chosen by accuracy 97.6 %, by objective 96.9 %; the cold fit 97.5 %.)
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
     old fit's objective, kernel and mode, and its inner optimizer with a constant schedule
     (``optimizer`` may also be a dict of fields that override that default, e.g. ``{"beta2": 0.9}``).
@@ -184,39 +204,129 @@ def edit(
         fars.append(far)
         records.append({"old_text": old_texts[b], **record})
     # a second, fresh start where the warm one holds nothing that must be kept: no splat is far from the edit
-    fresh = [b for b in range(B) if fresh_start and not bool(fars[b].any())]
-    rows = list(range(B)) + fresh
-    lengths = batch.mask.sum(-1).cpu()[rows]
-    grid = [GridInit()(target[b : b + 1, : int(lengths[b])], batch.mask[b : b + 1, : int(lengths[b])], warms[b].counts) for b in fresh]
-    starts = warms + grid
-    warm = SplatSet.cat(starts)
-    fars = [fars[b] for b in rows]
-    far = torch.nn.functional.pad(torch.nn.utils.rnn.pad_sequence(fars, batch_first=True), (0, warm.capacity - max(len(f) for f in fars)))
+    if choose not in ("objective", "accuracy"):
+        raise ValueError(f"choose={choose!r}: use 'objective' or 'accuracy'")
     frozen_steps = steps if local else freeze_steps
-    new = fit(
-        [new_texts[b] for b in rows], model, n_splats=[min(int(n), int(L)) for n, L in zip(warm.counts.cpu(), lengths)],
-        steps=steps, init=WarmStart(warm), kernel=kernel, mode=mode, device=device, record_every=record_every,
-        progress=progress, frozen=far if frozen_steps else None, frozen_steps=frozen_steps, **fit_options,
-    )
+    if isinstance(fresh_init, str) and fresh_init == "auto":
+        shipped = shipped_path(getattr(model, "name", None), getattr(model, "layer", None)).is_file()
+        fresh_init = ["learned", "grid"] if shipped else ["grid"]
+    fresh_init = list(fresh_init) if isinstance(fresh_init, (list, tuple)) else [fresh_init]
+    initializers = [resolve_initializer(i, model) for i in fresh_init]
+    warm_group = [(b, warms[b], fars[b], "warm", None) for b in range(B)]
+    groups = [(warm_group, fit_options["optimizer"])]  # (starts, the inner optimizer they re-fit with)
+    for given, initializer in zip(fresh_init, initializers):
+        name = given if isinstance(given, str) else type(initializer).__name__
+        if isinstance(initializer, torch.nn.Module):
+            initializer.to(device)
+        # second starts, re-fitted beside the warm ones: (prompt, start [1, N'], far [N'], label, initializer)
+        seconds = []
+        lone = [b for b in range(B) if fresh_start and not bool(fars[b].any())]
+        if lone:  # one call for every prompt: the initializer is batched over masks
+            idx = torch.tensor(lone, device=device)
+            L_max = int(batch.mask[idx].sum(-1).max())
+            with torch.no_grad():
+                proposal = initializer(target[idx, :L_max], batch.mask[idx, :L_max], torch.cat([warms[b].counts for b in lone]).to(device))
+            seconds += [(b, proposal.select(k).detach(), torch.zeros(proposal.capacity, dtype=torch.bool, device=device), "fresh", name)
+                        for k, b in enumerate(lone)]
+        kept = [b for b in range(B) if fresh_near and bool(fars[b].any())]
+        if kept:
+            starts = _fresh_near([warms[b] for b in kept], [fars[b] for b in kept], target[kept], batch.mask[kept], kernel, mode, initializer)
+            seconds += [(b, start, fars[b], "fresh-near", name) for b, start in zip(kept, starts)]
+        seconds.sort(key=lambda c: c[0])
+        if hasattr(initializer, "inner_optimizer"):  # a learned initializer: the inner optimizer it was meta-trained with
+            if fresh_near:  # the warm start too, where it is kept: a second optimizer is a second chance
+                seconds += [(b, warms[b], fars[b], "warm-learned", name) for b in range(B) if bool(fars[b].any())]
+            groups.append((seconds, initializer.inner_optimizer()))
+        else:  # in the warm starts' batch
+            groups[0] = (groups[0][0] + seconds, groups[0][1])
+
+    def refit(group, optimizer) -> FitResult:
+        rows = [c[0] for c in group]
+        start = SplatSet.cat([c[1] for c in group])
+        frozen = torch.nn.functional.pad(torch.nn.utils.rnn.pad_sequence([c[2] for c in group], batch_first=True),
+                                         (0, start.capacity - max(len(c[2]) for c in group)))
+        lengths = batch.mask.sum(-1).cpu()[rows]
+        return fit([new_texts[b] for b in rows], model, n_splats=[min(int(n), int(L)) for n, L in zip(start.counts.cpu(), lengths)],
+                   steps=steps, init=WarmStart(start), kernel=kernel, mode=mode, device=device, record_every=record_every,
+                   progress=progress, frozen=frozen if frozen_steps and bool(frozen.any()) else None,
+                   frozen_steps=frozen_steps, frozen_moves=far_moves, **{**fit_options, "optimizer": optimizer})
+
+    groups = [(g, opt) for g, opt in groups if g]
+    new = FitResult.cat([refit(g, opt) for g, opt in groups]) if len(groups) > 1 else refit(*groups[0])
+    groups = [g for g, _ in groups]
+    every = [c for g in groups for c in g]
+    rows, starts, labels, sources = ([c[i] for c in every] for i in (0, 1, 3, 4))
     keep = list(range(B))
-    if fresh:
-        # [B + len(fresh)]: the objective after the last step; a NaN one never wins
-        loss = new.history["loss"][-1].nan_to_num(nan=math.inf)
-        for k, b in enumerate(fresh, start=B):
-            if float(loss[k]) < float(loss[b]):
-                keep[b] = k
+    if len(rows) > B:
+        # the objective after the last step (a NaN one never wins), or the token accuracy first
+        loss = new.history["loss"][-1].nan_to_num(nan=math.inf).cpu()
+        accuracy = new.token_accuracy.cpu() if choose == "accuracy" and new.token_accuracy is not None else torch.zeros_like(loss)
+        score = lambda k: (float(accuracy[k]), -float(loss[k]))  # noqa: E731
+        for k in range(B, len(rows)):
+            if score(k) > score(keep[rows[k]]):
+                keep[rows[k]] = k
         new = new.select(keep)
     for b, record in enumerate(records):
         record["frozen_steps"] = frozen_steps
-        record["start"] = "fresh" if keep[b] != b else "warm"
-        if keep[b] != b:  # no old splat carried over: all were dropped, every splat of the fit is new
+        record["start"] = labels[keep[b]]
+        record["start_initializer"] = sources[keep[b]]  # None for the warm start
+        record["starts_tried"] = rows.count(b)
+        if labels[keep[b]] == "fresh":  # no old splat carried over: all were dropped, every splat of the fit is new
             record.update(transported=[], pruned=torch.nonzero(splats.mask[b]).flatten().tolist(),
                           spawned=list(range(int(starts[keep[b]].counts))), spawned_for_density=0)
+        elif labels[keep[b]] == "fresh-near":  # only the far splats carried over; the near ones were re-placed
+            far_slots = record["far_from_edit"]
+            near = [i for i in torch.nonzero(starts[keep[b]].mask[0]).flatten().tolist() if i not in far_slots]
+            record.update(transported=far_slots, pruned=[i for i in torch.nonzero(splats.mask[b]).flatten().tolist() if i not in far_slots],
+                          spawned=near, spawned_for_density=0)
         record["warm_start"] = starts[keep[b]].detach().to("cpu")
     plain = [{k: v for k, v in r.items() if k != "warm_start"} for r in records]
     new.edit = records if batched else records[0]
     new.config["edit"] = plain if batched else plain[0]
     return new
+
+
+def _fresh_near(warms: list[SplatSet], fars: list[Tensor], target: Tensor, mask: Tensor, kernel: str, mode: str,
+                initializer) -> list[SplatSet]:
+    """Second starts for prompts with far splats: each the same slots as its warm start, the near ones re-proposed.
+
+    warms: [1, N'_p] and fars: [N'_p] bool per prompt, from :func:`_warm_start`; target [P, L, d],
+    mask [P, L]. The near (active, not far) splats of each gap between consecutive far centres are
+    proposed afresh by ``initializer`` on that gap's tokens, from the residual the far splats leave
+    (their fields add). Every gap of every prompt goes through one batched initializer call.
+    """
+    far_only = SplatSet.cat([SplatSet(w.mu, w.log_sigma, w.weight_logit, w.v, (w.mask[0] & f)[None]) for w, f in zip(warms, fars)])
+    residual = target - render(far_only, target.shape[1], kernel, mode)  # [P, L, d]
+    windows = []  # (prompt, near slots, first token, last token)
+    for p, (warm, far) in enumerate(zip(warms, fars)):
+        L = int(mask[p].sum())
+        near = warm.mask[0] & ~far
+        far_mu = warm.mu[0][far].sort().values
+        bounds = [-0.5, *far_mu.tolist(), L - 0.5]
+        gap = torch.bucketize(warm.mu[0], far_mu)  # [N'] the gap between far centres each slot lies in
+        for g in gap[near].unique().tolist():
+            slots = torch.nonzero(near & (gap == g)).flatten()
+            # the tokens strictly between the gap's far centres, widened (rarely) to hold its splats
+            lo, hi = math.floor(bounds[g]) + 1, math.ceil(bounds[g + 1]) - 1
+            while hi - lo + 1 < len(slots):
+                lo, hi = max(lo - 1, 0), min(hi + 1, L - 1)
+            windows.append((p, slots, lo, hi))
+    params = [{k: t[0].clone() for k, t in w.params().items()} for w in warms]
+    if windows:
+        W = max(hi - lo + 1 for _, _, lo, hi in windows)
+        window_target = target.new_zeros(len(windows), W, target.shape[-1])
+        window_mask = torch.zeros(len(windows), W, dtype=torch.bool, device=target.device)
+        for j, (p, _, lo, hi) in enumerate(windows):
+            window_target[j, : hi - lo + 1] = residual[p, lo : hi + 1]
+            window_mask[j, : hi - lo + 1] = True
+        counts = torch.tensor([len(slots) for _, slots, _, _ in windows], device=target.device)
+        with torch.no_grad():
+            proposal = initializer(window_target, window_mask, counts)
+        for j, (p, slots, lo, _) in enumerate(windows):
+            for name, t in proposal.params().items():
+                k = len(slots)
+                params[p][name][slots] = (t[j, :k] + lo if name == "mu" else t[j, :k]).to(params[p][name].dtype)
+    return [w.with_params({k: t[None] for k, t in ps.items()}) for w, ps in zip(warms, params)]
 
 
 def _worst_explained(old: SplatSet, mu: Tensor, sigma: Tensor, keep: Tensor, spawned_mu: list[Tensor], target: Tensor,

@@ -30,7 +30,7 @@ from .kernels import FusedAdamLoop, available, fused_field_loss, mse_coefficient
 from .kernels.fused import MAX_SLOTS
 from .learned import LearnedInitializer
 from .objectives import Objective, mean_cosine, objective_terms, relative_mse, token_accuracy
-from .optim import InnerOptimizer, adam_init, adam_step, closed_form_v, offset_for, solve_embeddings, target_rms
+from .optim import GROUPS, InnerOptimizer, adam_init, adam_step, closed_form_v, offset_for, solve_embeddings, target_rms
 from .render import KERNELS, MODES, render, splat_weights
 from .render_local import DEFAULT_TRUNCATE, render_local
 from .splats import SplatSet
@@ -135,6 +135,71 @@ class FitResult:
             coefficients=on(self.coefficients), floats_per_token=on(self.floats_per_token),
             density=None if self.density is None else {k: on(t) for k, t in self.density.items()}, n_terms=on(self.n_terms),
             config={**self.config, **{k: rows(self.config[k]) for k in ("n_splats", "edit") if isinstance(self.config.get(k), list)}},
+        )
+
+    @staticmethod
+    def cat(results: Sequence["FitResult"]) -> "FitResult":
+        """The prompts of ``results``, in order, as one result (e.g. two fits of different prompts).
+
+        They must share the basis and the recorded steps. Token tensors are padded to the longest
+        prompt, splats to the largest capacity (inactive slots). ``config`` is the first result's,
+        with ``n_splats`` and ``edit`` per prompt where they differ; ``seconds`` add up.
+        """
+        results = list(results)
+        if not results:
+            raise ValueError("FitResult.cat needs at least one result")
+        first = results[0]
+        for r in results[1:]:
+            if r.basis != first.basis:
+                raise ValueError(f"FitResult.cat: bases differ ({first.basis!r} vs {r.basis!r})")
+            for name in ("history", "trajectory"):
+                a, b = getattr(first, name).get("step"), getattr(r, name).get("step")
+                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)) or set(getattr(first, name)) != set(getattr(r, name)):
+                    raise ValueError(f"FitResult.cat: the results record different {name} (steps or metrics); fit them with the same steps and record_every")
+        L = max(r.mask.shape[1] for r in results)
+        pad_tokens = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]))  # noqa: E731
+
+        def joined(get, pad=None):
+            parts = [get(r) for r in results]
+            if any(p is None for p in parts):
+                return None
+            return torch.cat([pad(p) if pad else p.to(parts[0].device) for p in parts])
+
+        def series(name: str, pad_splats: bool) -> dict[str, Tensor]:
+            parts = [getattr(r, name) for r in results]
+            out = {"step": parts[0]["step"]} if "step" in parts[0] else {}
+            for key in (k for k in parts[0] if k != "step"):
+                ts = [p[key] for p in parts]
+                if pad_splats:
+                    N = max(t.shape[2] for t in ts)
+                    ts = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in ts]
+                out[key] = torch.cat(ts, 1)
+            return out
+
+        def per_prompt(key: str) -> list | None:
+            values = [r.config.get(key) for r in results]
+            if all(v == values[0] and not isinstance(v, list) for v in values):
+                return values[0]
+            if key == "n_splats":
+                return [int(n) for r in results for n in (r.n_terms if r.n_terms is not None else r.splats.counts).tolist()]
+            return [x for r, v in zip(results, values) for x in (v if isinstance(v, list) else [v] * r.mask.shape[0])]
+
+        rows = lambda name: None if any(getattr(r, name) is None for r in results) else [x for r in results for x in getattr(r, name)]  # noqa: E731
+        K = max(r.coefficients.shape[1] for r in results) if first.coefficients is not None else 0
+        return replace(
+            first, splats=None if first.splats is None else SplatSet.cat([r.splats.to(first.splats.mu.device) for r in results]),
+            ids=joined(lambda r: r.ids, pad_tokens), mask=joined(lambda r: r.mask, pad_tokens), texts=rows("texts"),
+            token_accuracy=joined(lambda r: r.token_accuracy), field_error=joined(lambda r: r.field_error),
+            cosine=joined(lambda r: r.cosine), history=series("history", False), trajectory=series("trajectory", True),
+            seconds=sum(r.seconds for r in results), encode_seconds=sum(r.encode_seconds for r in results),
+            input_texts=rows("input_texts"), offsets=joined(lambda r: r.offsets, pad_tokens),
+            edit=rows("edit") if all(isinstance(r.edit, list) for r in results) else first.edit,
+            skipped_steps=joined(lambda r: r.skipped_steps),
+            coefficients=joined(lambda r: r.coefficients, lambda t: torch.nn.functional.pad(t, (0, 0, 0, K - t.shape[1]))) if K else None,
+            floats_per_token=joined(lambda r: r.floats_per_token), n_terms=joined(lambda r: r.n_terms),
+            density=None if any(r.density is None for r in results) else {k: torch.cat([r.density[k] for r in results]) for k in first.density},
+            config={**first.config, "n_splats": per_prompt("n_splats"),
+                    **({"edit": per_prompt("edit")} if any("edit" in r.config for r in results) else {})},
         )
 
     def save(self, path: str | Path) -> Path:
@@ -269,6 +334,7 @@ def fit(
     progress: bool = True,
     frozen: Tensor | None = None,
     frozen_steps: int = 0,
+    frozen_moves: bool = False,
     basis: str = "splats",
     density="none",
     fused_ce: bool | None = None,
@@ -295,6 +361,8 @@ def fit(
     (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles).
+    frozen_moves: frozen splats still translate (their centres move; width, weight and embedding
+    are held).
     basis: "splats" (mobile) or a fixed baseline at an equal float budget: "fixed-grid", "dct",
     "segments" (see :mod:`splatopt.basis`; ``n_splats`` then sets the budget). density: "none",
     "adaptive", "budget" or a strategy object (:mod:`splatopt.density`); ``n_splats`` is each
@@ -377,7 +445,8 @@ def fit(
     fused = _resolve_fused(fused, device, objective, kernel, mode, truncate, varpro or solve, basis, dtype, capacity)
     # a relative MSE alone, without clipping or density control (both need whole gradients between
     # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
-    fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify)
+    # the fused step holds frozen slots whole, not by parameter group
+    fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify) and not (frozen is not None and frozen_moves)
     host_free = _host_free_blocker(device, varpro or solve, strategy)
     if cuda_graphs and host_free is not None:
         raise ValueError(f"cuda_graphs=True but {host_free}; pass cuda_graphs=None or False")
@@ -408,7 +477,7 @@ def fit(
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
-                fused_step, host_free, cuda_graphs,
+                fused_step, host_free, cuda_graphs, frozen_moves,
             )
         )
     if device.type == "cuda":
@@ -525,7 +594,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
     generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
-    fused=False, fused_step=False, host_free=False, cuda_graphs=False,
+    fused=False, fused_step=False, host_free=False, cuda_graphs=False, frozen_moves=False,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -621,6 +690,8 @@ def _fit_chunk(
     if frozen is not None:
         frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
     held = frozen if solve and frozen is not None and frozen_steps > 0 else None  # slots whose embeddings the solve keeps
+    # the groups frozen slots keep (the offset lives on tokens, not slots: the solve holds frozen slots' embeddings instead)
+    held_groups = tuple(k for k in GROUPS if not (frozen_moves and k == "mu"))
     skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
 
     def gradients(p: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -649,7 +720,7 @@ def _fit_chunk(
         if loop is not None:
             if step == loop.step:
                 free = ~frozen if frozen is not None and step < frozen_steps else None
-                loop.run(next(s for s in stops if s > step), free)
+                loop.run(next(s for s in stops if s > step), free, *([held_groups] if frozen_moves else []))
                 params = loop.params
             continue
         grads = gradients(params)
@@ -658,8 +729,7 @@ def _fit_chunk(
             lrs["offset"] = lrs.pop("v")
         if frozen is not None and step < frozen_steps:
             free = (~frozen).to(target.dtype)
-            # the offset lives on tokens, not slots: the solve holds frozen slots' embeddings instead
-            lrs = {k: lr if k == "offset" else lr * (free[..., None] if k == "v" else free) for k, lr in lrs.items()}
+            lrs = {k: lr * (free[..., None] if k == "v" else free) if k in held_groups else lr for k, lr in lrs.items()}
         if strategy is not None:
             density_state = strategy.observe(step, grads, slot_mask, density_state)
         params, state, skipped = adam_step(params, grads, state, lrs, optimizer)

@@ -83,12 +83,12 @@ class AdamLoop:
         self._counter = torch.zeros(1, dtype=torch.long, device=dev)
         self._graph: torch.cuda.CUDAGraph | None = None
 
-    def _one(self, free: Tensor | None = None) -> None:
+    def _one(self, free: Tensor | None = None, held: tuple[str, ...] = GROUPS) -> None:
         row = self._table[self._counter][0]
         lrs = {k: row[i] * self.v_scale if k == "v" else row[i] for i, k in enumerate(GROUPS)}
         if free is not None:
             f = free.to(row.dtype)
-            lrs = {k: lr * (f[..., None] if k == "v" else f) for k, lr in lrs.items()}
+            lrs = {k: lr * (f[..., None] if k == "v" else f) if k in held else lr for k, lr in lrs.items()}
         params, state, skipped = adam_step(self.params, self.gradients(self.params), self.state, lrs, self.optimizer)
         with torch.no_grad():
             for k in self.params:
@@ -99,8 +99,9 @@ class AdamLoop:
             self.skipped.add_(skipped)
             self._counter.add_(1)
 
-    def run(self, stop: int, free: Tensor | None = None) -> None:
-        """Take steps ``self.step .. stop - 1``. free: [B, N] bool, slots that may change in them (None: all)."""
+    def run(self, stop: int, free: Tensor | None = None, held: tuple[str, ...] = GROUPS) -> None:
+        """Take steps ``self.step .. stop - 1``. free: [B, N] bool, slots that may change in them (None: all);
+        held: the parameter groups the others keep (the rest change in every slot)."""
         if not self.step <= stop <= self.total:
             raise ValueError(f"run({stop}): the loop is at step {self.step} of {self.total}")
         graphs = self.cuda_graphs and free is None
@@ -113,5 +114,5 @@ class AdamLoop:
                 warm_up(self._one)
                 self._graph = capture_steps(self._one, self.unroll)
             else:
-                self._one(free)
+                self._one(free, held)
             self.step += 1

@@ -209,8 +209,9 @@ def edit_trajectory_series(before, after, model=None) -> dict:
     (old tokens [i1, i2) became new tokens [j1, j2)); fit and refit: step [S] and mu, sigma, weight
     [S][N] (positions and widths in tokens, weights in (0, 1)); warm: mu, sigma [N_new], the splats
     right after the edit (transported and spawned, None where pruned); transported, pruned, spawned:
-    slot lists (an old slot keeps its index in the re-fit); start: "warm", or "fresh" where the re-fit
-    kept a grid start (``edit(fresh_start=True)``); accuracy_before, accuracy_after.
+    slot lists (an old slot keeps its index in the re-fit); start: the start the re-fit kept ("warm",
+    "warm-learned", "fresh", "fresh-near": :func:`splatopt.edit`'s second starts) and
+    start_initializer; accuracy_before, accuracy_after.
     """
     if getattr(after, "edit", None) is None:
         raise ValueError("`after` has no edit record: pass the FitResult that splatopt.edit returned")
@@ -231,7 +232,7 @@ def edit_trajectory_series(before, after, model=None) -> dict:
         "transported": list(after.edit["transported"]),
         "pruned": list(after.edit["pruned"]),
         "spawned": list(after.edit["spawned"]),
-        "start": after.edit.get("start", "warm"),
+        "start": after.edit.get("start", "warm"), "start_initializer": after.edit.get("start_initializer"),
         "accuracy_before": accuracy(before),
         "accuracy_after": accuracy(after),
     }
@@ -302,7 +303,8 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         acc = lambda key: f", acc {series[key]:.0%}" if series.get(key) is not None else ""
         ax_fit.set_title(f"fit: {len(transported) + len(pruned)} splats, {len(old_tokens)} tokens{acc('accuracy_before')}")
         ax_edit.set_title("edit")
-        fresh = " (fresh start)" if series.get("start") == "fresh" else ""
+        start, by = series.get("start", "warm"), series.get("start_initializer")
+        fresh = "" if start == "warm" else f" ({start} start{', ' + by if by else ''})"
         ax_refit.set_title(f"re-fit{fresh}: {len(transported) + len(spawned)} splats, {len(new_tokens)} tokens{acc('accuracy_after')}")
         handles = [
             Line2D([], [], color=plt.cm.viridis(0.5), lw=1.2, label=f"transported ({len(transported)})"),

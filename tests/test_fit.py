@@ -261,3 +261,50 @@ def test_the_inner_loop_never_reads_a_tensor_back_to_the_host(model, short_promp
     result = splatopt.fit(short_prompts[:2], model, n_splats=0.5, steps=3, record_every=0, device="cpu", progress=False,
                           **options)
     assert result.history["step"].tolist() == [3]
+
+
+def test_concatenated_results_are_the_prompts_of_each_in_order(model, short_prompts):
+    """FitResult.cat pads tokens and splats and keeps every per-prompt field; selecting a part back
+    gives that part's values."""
+    long_one = fit(short_prompts[:2], model, n_splats=0.5, steps=4, device="cpu", progress=False, record_every=2)
+    short_one = fit(["Add two numbers."], model, n_splats=0.25, steps=4, device="cpu", progress=False, record_every=2)
+    both = FitResult.cat([long_one, short_one])
+    assert both.mask.shape == (3, max(long_one.mask.shape[1], short_one.mask.shape[1]))
+    assert both.input_texts == short_prompts[:2] + ["Add two numbers."] and len(both.texts) == 3
+    assert both.splats.capacity == max(long_one.splats.capacity, short_one.splats.capacity)
+    assert both.config["n_splats"] == long_one.splats.counts.tolist() + short_one.splats.counts.tolist()
+    assert both.seconds == pytest.approx(long_one.seconds + short_one.seconds)
+    back = both.select([2])
+    L, N = short_one.mask.shape[1], short_one.splats.capacity
+    assert torch.equal(back.mask[:, :L], short_one.mask) and not back.mask[:, L:].any()
+    assert torch.equal(back.ids[:, :L], short_one.ids)
+    for name, t in short_one.splats.params().items():
+        torch.testing.assert_close(back.splats.params()[name][:, :N], t)
+    assert not back.splats.mask[:, N:].any()
+    for key in ("token_accuracy", "field_error", "cosine"):
+        torch.testing.assert_close(getattr(back, key), getattr(short_one, key))
+    torch.testing.assert_close(back.history["loss"], short_one.history["loss"])
+    torch.testing.assert_close(back.trajectory["mu"][..., :N], short_one.trajectory["mu"], equal_nan=True)
+    torch.testing.assert_close(FitResult.cat([long_one]).field_error, long_one.field_error)
+    other_steps = fit(["Add two numbers."], model, n_splats=0.25, steps=6, device="cpu", progress=False, record_every=2)
+    with pytest.raises(ValueError, match="record different history"):
+        FitResult.cat([long_one, other_steps])
+    with pytest.raises(ValueError, match="at least one"):
+        FitResult.cat([])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_frozen_splats_that_may_move_only_translate(model, short_prompts, device):
+    """frozen_moves=True: frozen slots' centres follow the gradient; their widths, weights and
+    embeddings are held. The other slots train as usual (CUDA: the host-free loop)."""
+    start = fit(short_prompts[:2], model, n_splats=0.5, steps=0, device=device, progress=False)
+    frozen = torch.zeros_like(start.splats.mask)
+    frozen[:, :2] = True
+    moved = fit(short_prompts[:2], model, n_splats=0.5, steps=5, device=device, progress=False, init=splatopt.WarmStart(start.splats),
+                frozen=frozen, frozen_steps=5, frozen_moves=True)
+    held = frozen & start.splats.mask
+    assert not torch.equal(moved.splats.mu[held], start.splats.mu[held])
+    for name in ("log_sigma", "weight_logit", "v"):
+        torch.testing.assert_close(getattr(moved.splats, name)[held], getattr(start.splats, name)[held])
+    free = ~frozen & start.splats.mask
+    assert not torch.equal(moved.splats.v[free], start.splats.v[free])

@@ -117,3 +117,24 @@ def test_cuda_solved_embeddings_and_density_launch_every_step(model, short_promp
     assert solved.config["cuda_graphs"] is False
     with pytest.raises(ValueError, match="density"):
         fit(short_prompts[:2], model, steps=3, device="cuda", progress=False, density="budget", cuda_graphs=True)
+
+
+def test_adam_loop_holds_only_the_named_groups_of_frozen_slots():
+    """held: the parameter groups frozen slots keep; the others (here the centres) change in every slot."""
+    splats, params, gradients, v_scale = _problem()
+    opt = InnerOptimizer()
+    free = torch.zeros(3, 4, dtype=torch.bool)
+    loop = AdamLoop(gradients, params, adam_init(params), opt, 4, v_scale)
+    held = ("log_sigma", "weight_logit", "v")
+    loop.run(4, free, held)
+    state = adam_init(params)
+    for i in range(4):
+        lrs = opt.learning_rates(i, 4, v_scale)
+        lrs = {k: lr * 0.0 if k in held else lr for k, lr in lrs.items()}
+        params, state, _ = adam_step(params, gradients(params), state, lrs, opt)
+    for k in params:
+        torch.testing.assert_close(loop.params[k], params[k], rtol=1e-6, atol=1e-7, equal_nan=True)
+    on = splats.mask
+    assert not torch.equal(loop.params["mu"][on], splats.mu[on])
+    for k in held:
+        torch.testing.assert_close(loop.params[k][on], getattr(splats, k)[on])

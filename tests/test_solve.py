@@ -139,7 +139,7 @@ def test_solve_refit_holds_frozen_splats(model):
     text = "Return a new list containing all items from the iterable in ascending order."
     old = fit([text], model, n_splats=0.5, steps=40, optimizer=SOLVE, device="cpu", progress=False)
     new = text.replace("ascending", "descending")
-    for kw in ({"local": True}, {"freeze_steps": 4}):
+    for kw in ({"local": True}, {"local": False, "freeze_steps": 4}):
         result = splatopt.edit(old, new, steps=8, optimizer=SOLVE, progress=False, **kw)
         far = result.edit["far_from_edit"]
         assert far
