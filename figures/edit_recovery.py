@@ -1,10 +1,10 @@
 """Editing: re-fit steps each edited prompt needs to reach its cold fit's accuracy, against the edit's size.
 
-Data: figures/data/edit_acceptance.json (scripts/eval_edit.py: 200 test-split prompts, N = L/4, one
-random insert / delete / replace of 1-4 words each; warm re-fit of 60 steps, metrics every 5). The
-re-fit that keeps the far splats' embeddings ("local-constant", the issue's setting); prompts not
-recovered within the re-fit sit in the top row, and the share recovered per edit size is written
-above each group.
+Data: figures/data/edit_second_starts.json (scripts/eval_edit.py: 200 test-split prompts, N = L/4,
+one random insert / delete / replace of 1-4 words each; re-fit of 60 steps, metrics every 5). The
+default re-fit (far splats frozen, second starts, the most accurate kept); prompts not recovered
+within the re-fit sit in the top row, and the share recovered per edit size is written above each
+group.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from figure_io import load_json, save
 
 from splatopt.plot import recovery_figure
 
-DATA_FILES = ["edit_acceptance.json"]
-VARIANT = "local-constant"
+DATA_FILES = ["edit_second_starts.json"]
+VARIANT = "default"
 
 
 def main():
-    data = load_json("edit_acceptance.json")
+    data = load_json(DATA_FILES[0])
     rows = [r for r in data["rows"] if r["variant"] == VARIANT]
     fig = recovery_figure([r["edit_tokens"] for r in rows], [r["steps_to_recover"] for r in rows],
                           max(rows[0]["steps"]), ops=[r["op"] for r in rows])
-    fig.axes[0].set_title(f"{len(rows)} edited prompts, N = L/{round(1 / data['n_splats'])}, local warm re-fit", fontsize=7)
+    fig.axes[0].set_title(f"{len(rows)} edited prompts, N = L/{round(1 / data['n_splats'])}, default re-fit (far splats kept)", fontsize=7)
     return save(fig, "edit_recovery")
 
 
