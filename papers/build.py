@@ -304,6 +304,7 @@ def edit_values() -> dict[str, str]:
 
 
 SECOND_START_FILES = ("edit_second_starts_selection.json", "edit_second_starts.json")  # validation, test
+SECOND_SAMPLE_FILES = ("edit_second_starts_seed1_selection.json", "edit_second_starts_seed1.json")  # seed 1: other prompts, edits
 SECOND_START_NAMES = {
     "default": "default: learned + grid second starts, by accuracy", "warm-only": "warm start alone",
     "grid-objective": "grid fresh start, by objective (the old default, local)", "grid-accuracy": "grid fresh start, by accuracy",
@@ -325,7 +326,22 @@ def edit_second_start_values() -> dict[str, str]:
           "on validation the default is the most accurate re-fit that keeps the far splats (ties included)")
     claim(V["default"]["warm_steps_to_match_cold_mean"] is not None and T["default"]["warm_steps_to_match_cold_mean"] is not None
           and max(V["default"]["warm_steps_to_match_cold_mean"], T["default"]["warm_steps_to_match_cold_mean"]) <= steps,
-          "the default re-fit reaches the cold mean within its steps on both splits")
+          "on the first sample the default re-fit reaches the cold mean within its steps on both splits")
+    # a second sample of prompts and edits (seed 1): the check on text the selection never saw
+    val1, test1 = (figure_io.load_json(name) for name in SECOND_SAMPLE_FILES)
+    V1, T1 = val1["summary"], test1["summary"]
+    claim(T1["default"]["warm_steps_to_match_cold_mean"] is None and at(T1["default"]) < T1["default"]["cold_final_mean"],
+          "on the second test sample the default re-fit stays below the cold mean")
+    claim(V1["default"]["warm_steps_to_match_cold_mean"] is not None, "on the second validation sample it reaches the cold mean")
+    paired = {}
+    for variant in ("default", "warm-only"):
+        x = [r["warm_curve"][-1] - r["cold_final"] for run in (test, test1) for r in run["rows"] if r["variant"] == variant]
+        mean = sum(x) / len(x)
+        half = 1.96 * math.sqrt(sum((a - mean) ** 2 for a in x) / (len(x) - 1) / len(x))
+        paired[variant] = (mean, half, len(x))
+    claim(paired["default"][0] < 0 < paired["default"][0] + paired["default"][1],
+          "pooled over both test samples the default is below the cold fit on average, within its 95 % interval")
+    claim(paired["warm-only"][0] + paired["warm-only"][1] < 0, "pooled, the warm start alone is below the cold fit beyond its interval")
     claim(all(S["default"]["far_fraction_under_5pct"] == 1 and S["default"]["far_mu_shift_median"] == 0 for S in (V, T)),
           "the default keeps every far splat's embedding and place")
     claim(all(at(S["default-objective"]) < at(S["default"]) - 0.005 for S in (V, T)),
@@ -359,6 +375,12 @@ def edit_second_start_values() -> dict[str, str]:
         "ss_warm_seconds": f"{T['warm-only']['warm_seconds']:.2f}",
         "ss_free_test": pct(at(T["default-free"]), 2), "ss_free_far_v": pct(T["default-free"]["far_v_rel_change_median"]),
         "ss_learned_near_val": pct(at(V["learned-near-accuracy"]), 2), "ss_learned_near_test": pct(at(T["learned-near-accuracy"]), 2),
+        "ss1_test_default": pct(at(T1["default"]), 2), "ss1_test_cold": pct(T1["default"]["cold_final_mean"], 2),
+        "ss1_test_warm": pct(at(T1["warm-only"]), 2), "ss1_val_default": pct(at(V1["default"]), 2),
+        "ss1_val_cold": pct(V1["default"]["cold_final_mean"], 2),
+        "ss_pooled_n": str(paired["default"][2]),
+        "ss_pooled_default": f"{100 * paired['default'][0]:+.2f} ± {100 * paired['default'][1]:.2f}",
+        "ss_pooled_warm": f"{100 * paired['warm-only'][0]:+.2f} ± {100 * paired['warm-only'][1]:.2f}",
     }
 
 
