@@ -125,8 +125,8 @@ def cmd_edit(args) -> int:
         options["optimizer"] = json.loads(args.optimizer)  # fields over edit()'s default: the old fit's, constant schedule
     fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
-                           fresh_start=not args.no_fresh_start, fresh_near=not args.no_fresh_near, fresh_init=fresh_init,
-                           choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
+                           far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start,
+                           fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)
     e = result.edit
     print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-steps", type=int, default=0, help="with --free: keep splats far from the edit fixed for these first steps")
     p.add_argument("--free", action="store_true",
                    help="re-fit the splats far from the edit too, after --freeze-steps (default: they stay fixed throughout)")
+    p.add_argument("--far-tolerance", type=float, default=0.0,
+                   help="frozen far splats' embeddings may change by at most this fraction of their norm (default 0: held)")
     p.add_argument("--no-fresh-start", action="store_true",
                    help="never also re-fit a text with no far splat from fresh starts")
     p.add_argument("--no-fresh-near", action="store_true",

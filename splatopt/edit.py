@@ -101,6 +101,7 @@ def edit(
     fresh_init="auto",
     fresh_near: bool = True,
     far_moves: bool = False,
+    far_tolerance: float = 0.0,
     choose: str = "accuracy",
     device=None,
     record_every: int = 5,
@@ -115,7 +116,9 @@ def edit(
     steps: re-fit steps. local (default): splats more than ``freeze_sigma`` widths from every edited
     span neither move nor change during the whole re-fit (far from the edit, a fit keeps its
     splats); local=False re-fits them too, after ``freeze_steps`` frozen steps. far_moves: frozen
-    splats still translate (centres only; width, weight and embedding held).
+    splats still translate (centres only; width, weight and embedding held). far_tolerance: their
+    embeddings may change by at most this fraction of their norm (0: held; starts re-fitted with
+    solved embeddings, a learned initializer's, hold them exactly).
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
 
     Second starts. The warm start is re-fitted beside a few others, in the same steps (batched),
@@ -249,7 +252,8 @@ def edit(
         return fit([new_texts[b] for b in rows], model, n_splats=[min(int(n), int(L)) for n, L in zip(start.counts.cpu(), lengths)],
                    steps=steps, init=WarmStart(start), kernel=kernel, mode=mode, device=device, record_every=record_every,
                    progress=progress, frozen=frozen if frozen_steps and bool(frozen.any()) else None,
-                   frozen_steps=frozen_steps, frozen_moves=far_moves, **{**fit_options, "optimizer": optimizer})
+                   frozen_steps=frozen_steps, frozen_moves=far_moves,
+                   frozen_v_tolerance=0.0 if optimizer.embeddings == "solve" else far_tolerance, **{**fit_options, "optimizer": optimizer})
 
     groups = [(g, opt) for g, opt in groups if g]
     new = FitResult.cat([refit(g, opt) for g, opt in groups]) if len(groups) > 1 else refit(*groups[0])

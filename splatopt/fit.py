@@ -335,6 +335,7 @@ def fit(
     frozen: Tensor | None = None,
     frozen_steps: int = 0,
     frozen_moves: bool = False,
+    frozen_v_tolerance: float = 0.0,
     basis: str = "splats",
     density="none",
     fused_ce: bool | None = None,
@@ -362,7 +363,9 @@ def fit(
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles).
     frozen_moves: frozen splats still translate (their centres move; width, weight and embedding
-    are held).
+    are held). frozen_v_tolerance: frozen splats' embeddings may change too, by at most this
+    fraction of their starting norm (projected back after every step; 0 holds them; the inner loop
+    then runs eagerly, neither host-free nor fused).
     basis: "splats" (mobile) or a fixed baseline at an equal float budget: "fixed-grid", "dct",
     "segments" (see :mod:`splatopt.basis`; ``n_splats`` then sets the budget). density: "none",
     "adaptive", "budget" or a strategy object (:mod:`splatopt.density`); ``n_splats`` is each
@@ -426,6 +429,11 @@ def fit(
         what = "varpro=True" if varpro else f"density={density!r}"
         raise ValueError(f"the optimizer's embeddings='solve' solves for the embeddings at a fixed count; it does not "
                          f"combine with {what}: use embeddings='adam'")
+    if not 0 <= frozen_v_tolerance < math.inf:
+        raise ValueError(f"frozen_v_tolerance={frozen_v_tolerance}: give a fraction >= 0 of each frozen embedding's norm")
+    if solve and frozen_v_tolerance > 0:
+        raise ValueError("frozen_v_tolerance bounds Adam's steps on frozen embeddings; embeddings='solve' holds them "
+                         "exactly instead: use embeddings='adam' or frozen_v_tolerance=0")
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
     decode = model.decode if model is not None else None
     if objective.needs_decoder and ids is None:
@@ -446,8 +454,9 @@ def fit(
     # a relative MSE alone, without clipping or density control (both need whole gradients between
     # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
     # the fused step holds frozen slots whole, not by parameter group
-    fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify) and not (frozen is not None and frozen_moves)
-    host_free = _host_free_blocker(device, varpro or solve, strategy)
+    partly_frozen = frozen is not None and (frozen_moves or frozen_v_tolerance > 0)
+    fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify) and not partly_frozen
+    host_free = _host_free_blocker(device, varpro or solve, strategy, frozen is not None and frozen_v_tolerance > 0)
     if cuda_graphs and host_free is not None:
         raise ValueError(f"cuda_graphs=True but {host_free}; pass cuda_graphs=None or False")
     # on CUDA the loop runs from the device's learning-rate table whether or not it is captured, so
@@ -477,7 +486,7 @@ def fit(
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
-                fused_step, host_free, cuda_graphs, frozen_moves,
+                fused_step, host_free, cuda_graphs, frozen_moves, frozen_v_tolerance,
             )
         )
     if device.type == "cuda":
@@ -542,10 +551,11 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
     return True
 
 
-def _host_free_blocker(device: torch.device, varpro: bool, strategy) -> str | None:
+def _host_free_blocker(device: torch.device, varpro: bool, strategy, projects: bool = False) -> str | None:
     """Why the inner loop cannot run host-free and be captured (``fit``'s ``cuda_graphs``), or None.
 
-    varpro: the embeddings are solved for (``varpro=True`` or ``embeddings="solve"``).
+    varpro: the embeddings are solved for (``varpro=True`` or ``embeddings="solve"``). projects:
+    frozen embeddings are projected back within a tolerance after every step.
     """
     reason = None
     if device.type != "cuda":
@@ -555,6 +565,8 @@ def _host_free_blocker(device: torch.device, varpro: bool, strategy) -> str | No
         reason = "varpro=True (or embeddings='solve') solves a batched linear system per step, which is not captured"
     elif not isinstance(strategy, NoDensify):
         reason = "density control changes which slots are active between steps"
+    elif projects:
+        reason = "frozen_v_tolerance projects the frozen embeddings after every step"
     return reason
 
 
@@ -594,7 +606,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
     generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
-    fused=False, fused_step=False, host_free=False, cuda_graphs=False, frozen_moves=False,
+    fused=False, fused_step=False, host_free=False, cuda_graphs=False, frozen_moves=False, frozen_v_tolerance=0.0,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -691,7 +703,8 @@ def _fit_chunk(
         frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
     held = frozen if solve and frozen is not None and frozen_steps > 0 else None  # slots whose embeddings the solve keeps
     # the groups frozen slots keep (the offset lives on tokens, not slots: the solve holds frozen slots' embeddings instead)
-    held_groups = tuple(k for k in GROUPS if not (frozen_moves and k == "mu"))
+    held_groups = tuple(k for k in GROUPS if not (frozen_moves and k == "mu") and not (frozen_v_tolerance > 0 and k == "v"))
+    v_start = params["v"].detach().clone() if frozen is not None and frozen_v_tolerance > 0 else None
     skipped_total = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
 
     def gradients(p: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -734,6 +747,8 @@ def _fit_chunk(
             density_state = strategy.observe(step, grads, slot_mask, density_state)
         params, state, skipped = adam_step(params, grads, state, lrs, optimizer)
         skipped_total += skipped
+        if v_start is not None and step < frozen_steps:
+            params["v"] = _within_tolerance(params["v"], v_start, frozen, frozen_v_tolerance)
         if solve and held is not None and step + 1 == frozen_steps < steps:
             # the freeze ends: the solve takes every slot, from an offset that gives back the current embeddings
             with torch.no_grad():
@@ -776,6 +791,14 @@ def _fit_chunk(
     out["history"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in hist.items()}
     out["trajectory"] = {k: (torch.tensor(v) if k == "step" else torch.stack(v)) for k, v in traj.items() if v}
     return out
+
+
+def _within_tolerance(v: Tensor, v_start: Tensor, slots: Tensor, tolerance: float) -> Tensor:
+    """v [B, N, d] with the ``slots`` [B, N] moved back onto the ball |v - v_start| <= tolerance * |v_start|."""
+    step = v - v_start
+    radius = tolerance * v_start.norm(dim=-1, keepdim=True)
+    shrink = (radius / step.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+    return torch.where(slots[..., None], v_start + step * shrink, v)
 
 
 def _with_capacity(splats: SplatSet, capacity: int) -> SplatSet:

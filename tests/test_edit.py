@@ -324,3 +324,17 @@ def test_selecting_prompts_of_a_result_takes_every_per_prompt_field_along(model)
     assert torch.equal(swapped.history["step"], result.history["step"]) and torch.equal(swapped.ids, result.ids.flip(0))
     with pytest.raises(IndexError, match="prompts 0..1"):
         result.select([2])
+
+
+def test_far_splats_within_a_tolerance_keep_their_embeddings_to_that_fraction(fitted):
+    """far_tolerance: the far splats' embeddings re-fit, each within that fraction of its norm, and
+    they neither move nor resize; the warm and fresh-near starts both honour it."""
+    result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=10, far_tolerance=0.04,
+                           fresh_init="grid", progress=False)
+    far = result.edit["far_from_edit"]
+    assert far and result.edit["start"] in ("warm", "fresh-near")
+    warm = result.edit["warm_start"]
+    change = (result.splats.v[0, far] - warm.v[0, far]).norm(dim=-1) / warm.v[0, far].norm(dim=-1)
+    assert (change <= 0.04 + 1e-5).all() and (change > 0).any()
+    torch.testing.assert_close(result.splats.mu[0, far], warm.mu[0, far])
+    torch.testing.assert_close(result.splats.log_sigma[0, far], warm.log_sigma[0, far])

@@ -308,3 +308,25 @@ def test_frozen_splats_that_may_move_only_translate(model, short_prompts, device
         torch.testing.assert_close(getattr(moved.splats, name)[held], getattr(start.splats, name)[held])
     free = ~frozen & start.splats.mask
     assert not torch.equal(moved.splats.v[free], start.splats.v[free])
+
+
+def test_frozen_embeddings_within_a_tolerance_move_at_most_that_far(model, short_prompts):
+    """frozen_v_tolerance: frozen slots' embeddings train, but each ends within that fraction of its
+    starting norm; without it they are held exactly. Solved embeddings refuse it."""
+    start = fit(short_prompts[:2], model, n_splats=0.5, steps=0, device="cpu", progress=False)
+    frozen = torch.zeros_like(start.splats.mask)
+    frozen[:, :2] = True
+    held = frozen & start.splats.mask
+    common = dict(n_splats=0.5, steps=6, device="cpu", progress=False, init=splatopt.WarmStart(start.splats),
+                  frozen=frozen, frozen_steps=6, optimizer=splatopt.InnerOptimizer(lr_v=0.5))
+    loose = fit(short_prompts[:2], model, frozen_v_tolerance=0.03, **common)
+    change = (loose.splats.v[held] - start.splats.v[held]).norm(dim=-1) / start.splats.v[held].norm(dim=-1)
+    assert (change > 0.01).all() and (change <= 0.03 + 1e-5).all()
+    torch.testing.assert_close(loose.splats.mu[held], start.splats.mu[held])
+    tight = fit(short_prompts[:2], model, **common)
+    torch.testing.assert_close(tight.splats.v[held], start.splats.v[held])
+    with pytest.raises(ValueError, match="embeddings='solve'"):
+        fit(short_prompts[:1], model, frozen_v_tolerance=0.03, **{**common, "optimizer": splatopt.InnerOptimizer(embeddings="solve"),
+                                                                   "init": "grid", "frozen": frozen[:1]})
+    with pytest.raises(ValueError, match="frozen_v_tolerance"):
+        fit(short_prompts[:1], model, frozen_v_tolerance=-0.1, **{**common, "init": "grid", "frozen": frozen[:1]})
