@@ -88,7 +88,7 @@ class FitResult:
     config: dict = dc_field(default_factory=dict)
     input_texts: list[str] | None = None
     offsets: Tensor | None = None
-    edit: dict | None = None
+    edit: dict | list[dict] | None = None
     skipped_steps: Tensor | None = None
     basis: str = "splats"
     coefficients: Tensor | None = None
@@ -141,9 +141,10 @@ class FitResult:
     def cat(results: Sequence["FitResult"]) -> "FitResult":
         """The prompts of ``results``, in order, as one result (e.g. two fits of different prompts).
 
-        They must share the basis and the recorded steps. Token tensors are padded to the longest
-        prompt, splats to the largest capacity (inactive slots). ``config`` is the first result's,
-        with ``n_splats`` and ``edit`` per prompt where they differ; ``seconds`` add up.
+        They must share the model, the device, the basis and the recorded steps. Token tensors are
+        padded to the longest prompt, splats to the largest capacity (inactive slots). ``edit`` (and
+        ``config["edit"]``) become one record per prompt; ``config`` is otherwise the first result's,
+        with ``n_splats`` per prompt where they differ; ``seconds`` add up.
         """
         results = list(results)
         if not results:
@@ -152,6 +153,8 @@ class FitResult:
         for r in results[1:]:
             if r.basis != first.basis:
                 raise ValueError(f"FitResult.cat: bases differ ({first.basis!r} vs {r.basis!r})")
+            if r.config.get("model_hash") != first.config.get("model_hash") or r.field_error.device != first.field_error.device:
+                raise ValueError("FitResult.cat: the results come from different models or lie on different devices")
             for name in ("history", "trajectory"):
                 a, b = getattr(first, name).get("step"), getattr(r, name).get("step")
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)) or set(getattr(first, name)) != set(getattr(r, name)):
@@ -163,7 +166,7 @@ class FitResult:
             parts = [get(r) for r in results]
             if any(p is None for p in parts):
                 return None
-            return torch.cat([pad(p) if pad else p.to(parts[0].device) for p in parts])
+            return torch.cat([pad(p) if pad else p for p in parts])
 
         def series(name: str, pad_splats: bool) -> dict[str, Tensor]:
             parts = [getattr(r, name) for r in results]
@@ -178,7 +181,7 @@ class FitResult:
 
         def per_prompt(key: str) -> list | None:
             values = [r.config.get(key) for r in results]
-            if all(v == values[0] and not isinstance(v, list) for v in values):
+            if key != "edit" and all(v == values[0] and not isinstance(v, list) for v in values):
                 return values[0]
             if key == "n_splats":
                 return [int(n) for r in results for n in (r.n_terms if r.n_terms is not None else r.splats.counts).tolist()]
@@ -193,7 +196,9 @@ class FitResult:
             cosine=joined(lambda r: r.cosine), history=series("history", False), trajectory=series("trajectory", True),
             seconds=sum(r.seconds for r in results), encode_seconds=sum(r.encode_seconds for r in results),
             input_texts=rows("input_texts"), offsets=joined(lambda r: r.offsets, pad_tokens),
-            edit=rows("edit") if all(isinstance(r.edit, list) for r in results) else first.edit,
+            # one edit record per prompt (a one-prompt edit holds a dict, not a list)
+            edit=None if all(r.edit is None for r in results) else
+            [x for r in results for x in (r.edit if isinstance(r.edit, list) else [r.edit] * r.mask.shape[0])],
             skipped_steps=joined(lambda r: r.skipped_steps),
             coefficients=joined(lambda r: r.coefficients, lambda t: torch.nn.functional.pad(t, (0, 0, 0, K - t.shape[1]))) if K else None,
             floats_per_token=joined(lambda r: r.floats_per_token), n_terms=joined(lambda r: r.n_terms),
@@ -733,7 +738,8 @@ def _fit_chunk(
         if loop is not None:
             if step == loop.step:
                 free = ~frozen if frozen is not None and step < frozen_steps else None
-                loop.run(next(s for s in stops if s > step), free, *([held_groups] if frozen_moves else []))
+                # only a partly frozen slot needs the groups it keeps (the fused loop holds whole slots)
+                loop.run(next(s for s in stops if s > step), free, *([held_groups] if free is not None and frozen_moves else []))
                 params = loop.params
             continue
         grads = gradients(params)

@@ -217,7 +217,7 @@ def edit_trajectory_series(before, after, model=None) -> dict:
         raise ValueError("`after` has no edit record: pass the FitResult that splatopt.edit returned")
     if before.mask.shape[0] != 1:
         raise ValueError(f"`before` must be the one-prompt fit that was edited, not {before.mask.shape[0]} prompts")
-    warm = after.edit["warm_start"].to("cpu")
+    warm = after.edit["start_splats"].to("cpu")
     hide = lambda t: torch.where(warm.mask[0], t[0], torch.full_like(t[0], float("nan"))).float().tolist()
     accuracy = lambda r: float(r.token_accuracy[0]) if r.token_accuracy is not None else None
     return {

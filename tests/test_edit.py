@@ -20,7 +20,7 @@ def test_insert_at_start_shifts_every_splat_by_the_inserted_length(model, fitted
     new_text = "Please kindly " + TEXT
     result = splatopt.edit(fitted, new_text, steps=0, progress=False)
     inserted = len(model.tokenize(["Please kindly"]).ids[0])
-    warm, old = result.edit["warm_start"], fitted.splats
+    warm, old = result.edit["start_splats"], fitted.splats
     n_old = int(old.counts[0])
     torch.testing.assert_close(warm.mu[0, :n_old], old.mu[0, :n_old] + inserted)
     torch.testing.assert_close(warm.v[0, :n_old], old.v[0, :n_old])
@@ -41,7 +41,7 @@ def test_replacing_the_text_by_a_much_shorter_one_keeps_at_most_one_splat_per_to
     for fresh_start in (False, True):
         result = splatopt.edit(fitted, "Sum it", steps=2, fresh_start=fresh_start, progress=False)
         L = int(result.mask.sum())
-        assert int(result.splats.counts[0]) <= L and int(result.edit["warm_start"].counts[0]) <= L
+        assert int(result.splats.counts[0]) <= L and int(result.edit["start_splats"].counts[0]) <= L
         assert len(result.edit["pruned"]) >= int(fitted.splats.counts[0]) - L
         assert result.config["n_splats"] == [int(result.splats.counts[0])]
     # of the splats the script itself keeps, the cap drops the least weighted
@@ -73,7 +73,7 @@ def test_a_deletion_that_prunes_below_the_budget_refills_it_where_the_field_is_w
     short = "Return a new iterable"
     result = splatopt.edit(fitted, short, steps=0, spawn_density=1.0, fresh_start=False, progress=False)
     L = int(result.mask.sum())
-    warm, n_old = result.edit["warm_start"], fitted.splats.capacity
+    warm, n_old = result.edit["start_splats"], fitted.splats.capacity
     refill = result.edit["spawned_for_density"]
     assert int(warm.mask.sum()) == L and refill == L - len(result.edit["transported"]) >= 1
     refilled = warm.mu[0, result.edit["spawned"][-refill:]]
@@ -97,7 +97,7 @@ def test_local_refit_keeps_far_splats_fixed(fitted):
     result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=10, local=True, progress=False)
     far = result.edit["far_from_edit"]
     assert far, "an edit near the end leaves splats far from it"
-    warm = result.edit["warm_start"]
+    warm = result.edit["start_splats"]
     torch.testing.assert_close(result.splats.v[0, far].cpu(), warm.v[0, far])
     torch.testing.assert_close(result.splats.mu[0, far].cpu(), warm.mu[0, far])
 
@@ -173,9 +173,16 @@ def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
     code = main(["edit", str(path), "sorted", "--steps", "2", "--device", "cpu", "--no-fresh-start", "--objective", "ce",
                  "--optimizer", '{"beta2": 0.9}', "--out", str(tmp_path / "ce.safetensors"), "--quiet"])
     chosen = splatopt.FitResult.load(tmp_path / "ce.safetensors")
-    assert code == 0 and "kept the warm start" in capsys.readouterr().out
+    assert code == 0 and "kept the warm start of 1" in capsys.readouterr().out
     assert chosen.config["objective"] == "1*ce" and chosen.config["optimizer"]["beta2"] == 0.9
     assert chosen.config["optimizer"] == {**fitted.config["optimizer"], "schedule": "constant", "beta2": 0.9}
+    code = main(["edit", str(path), TEXT.replace("ascending", "descending"), "--steps", "2", "--device", "cpu", "--fresh-init",
+                 "grid", "--choose", "objective", "--far-tolerance", "0.02", "--out", str(tmp_path / "g.safetensors"), "--quiet"])
+    record = splatopt.FitResult.load(tmp_path / "g.safetensors").config["edit"]
+    assert code == 0 and record["starts_tried"] == 2 and record["start_initializer"] in (None, "grid")
+    code = main(["edit", str(path), TEXT.replace("ascending", "descending"), "--steps", "2", "--device", "cpu",
+                 "--no-fresh-near", "--free", "--freeze-steps", "1", "--quiet"])
+    assert code == 0 and "frozen for 1 steps); kept the warm start of 1" in capsys.readouterr().out
 
 
 
@@ -274,8 +281,8 @@ def test_the_kept_start_is_the_most_accurate_one_tried(model):
             assert best.edit[b]["start_initializer"] in ("learned", "grid")
         if has_far:  # whatever start won, the far splats kept their embeddings and places
             far = best.edit[b]["far_from_edit"]
-            torch.testing.assert_close(best.splats.v[b, far], best.edit[b]["warm_start"].v[0, far])
-            torch.testing.assert_close(best.splats.mu[b, far], best.edit[b]["warm_start"].mu[0, far])
+            torch.testing.assert_close(best.splats.v[b, far], best.edit[b]["start_splats"].v[0, far])
+            torch.testing.assert_close(best.splats.mu[b, far], best.edit[b]["start_splats"].mu[0, far])
     with pytest.raises(ValueError, match="choose="):
         splatopt.edit(old, new_texts, choose="loss", progress=False)
 
@@ -333,8 +340,69 @@ def test_far_splats_within_a_tolerance_keep_their_embeddings_to_that_fraction(fi
                            fresh_init="grid", progress=False)
     far = result.edit["far_from_edit"]
     assert far and result.edit["start"] in ("warm", "fresh-near")
-    warm = result.edit["warm_start"]
+    warm = result.edit["start_splats"]
     change = (result.splats.v[0, far] - warm.v[0, far]).norm(dim=-1) / warm.v[0, far].norm(dim=-1)
     assert (change <= 0.04 + 1e-5).all() and (change > 0).any()
     torch.testing.assert_close(result.splats.mu[0, far], warm.mu[0, far])
     torch.testing.assert_close(result.splats.log_sigma[0, far], warm.log_sigma[0, far])
+
+
+def test_choose_starts_keeps_the_most_accurate_start_and_never_a_non_finite_objective():
+    from splatopt.edit import choose_starts
+
+    rows = [0, 1, 0, 1, 0]  # warm starts of prompts 0 and 1, then second starts
+    loss = torch.tensor([1.0, 2.0, 0.5, 1.5, float("nan")])
+    accuracy = torch.tensor([0.9, 0.8, 0.8, 0.8, 1.0])
+    assert choose_starts(rows, loss, accuracy) == [0, 3]  # prompt 0: accuracy first; prompt 1: tie -> lower objective
+    assert choose_starts(rows, loss, None) == [2, 3]  # by the objective alone
+    assert choose_starts([0, 0], torch.tensor([float("inf"), 3.0]), torch.tensor([1.0, 0.0])) == [1]
+    assert choose_starts([0, 1], loss[:2], accuracy[:2]) == [0, 1]
+
+
+def test_second_starts_are_tried_only_where_they_can_differ_and_records_match_the_kept_start(model, fitted):
+    """An unchanged text (far splats, no near one) keeps its warm start alone; for every prompt the
+    record's transported and spawned slots are exactly the kept start's active ones."""
+    texts = [TEXT, TEXT]
+    both = splatopt.fit(texts, model, n_splats=0.5, steps=20, device="cpu", progress=False)
+    result = splatopt.edit(both, [TEXT, TEXT.replace("ascending", "descending")], steps=3, fresh_init="grid", progress=False)
+    unchanged, edited = result.edit
+    assert unchanged["starts_tried"] == 1 and unchanged["start"] == "warm"
+    assert edited["starts_tried"] == 2 and edited["refit_optimizer"]["schedule"] == "constant"
+    for record in result.edit:
+        active = set(torch.nonzero(record["start_splats"].mask[0]).flatten().tolist())
+        assert set(record["transported"]) | set(record["spawned"]) == active
+        assert not set(record["transported"]) & set(record["spawned"])
+
+
+def test_auto_second_starts_fall_back_to_the_grid_without_a_matching_learned_initializer(model):
+    from types import SimpleNamespace
+
+    from splatopt.edit import _second_start_initializers
+
+    names = lambda m: [name for name, _ in _second_start_initializers("auto", m, "cpu")]  # noqa: E731
+    assert names(model) == ["learned", "grid"]
+    assert names(SimpleNamespace(name=model.name, layer=model.layer, model_hash="0" * 64)) == ["grid"]  # other weights
+    assert names(SimpleNamespace(name=model.name, layer=5, model_hash=model.model_hash)) == ["grid"]  # none shipped
+
+
+def test_far_splats_that_may_move_only_translate(fitted):
+    result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=6, far_moves=True,
+                           fresh_start=False, fresh_near=False, progress=False)
+    far, start = result.edit["far_from_edit"], result.edit["start_splats"]
+    assert far and not torch.equal(result.splats.mu[0, far], start.mu[0, far])
+    for name in ("v", "log_sigma", "weight_logit"):
+        torch.testing.assert_close(getattr(result.splats, name)[0, far], getattr(start, name)[0, far])
+
+
+def test_freeze_steps_with_the_default_local_re_fit_is_refused(fitted):
+    with pytest.raises(ValueError, match="local=False"):
+        splatopt.edit(fitted, TEXT.replace("new", "fresh"), freeze_steps=5, progress=False)
+
+
+def test_one_prompt_edits_concatenate_into_one_record_per_prompt(fitted):
+    a = splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=0, progress=False)
+    b = splatopt.edit(fitted, TEXT.replace("list", "tuple"), steps=0, progress=False)
+    both = splatopt.FitResult.cat([a, b])
+    assert [r["script"] for r in both.edit] == [a.edit["script"], b.edit["script"]]
+    assert both.select([1]).edit[0]["script"] == b.edit["script"]
+    assert [r["script"] for r in both.config["edit"]] == [a.edit["script"], b.edit["script"]]

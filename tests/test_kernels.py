@@ -586,3 +586,18 @@ def test_cuda_step_tuner_runs(capsys):
     assert main(["--step", "--batch", "256", "--limit", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].startswith("SPLATOPT_STEP_CONFIG='"), lines[-3:]
+
+
+def test_fused_fit_with_frozen_splats_that_may_move(model, short_prompts):
+    """frozen_moves needs held parameter groups, which the fused step does not have: with frozen
+    slots the fit steps in PyTorch (the frozen centres move, the embeddings stay), and with none
+    frozen_moves changes nothing and the fused step runs."""
+    frozen = torch.zeros(2, 10, dtype=torch.bool)
+    frozen[:, :2] = True
+    start = _fit(short_prompts[:2], model, False, steps=0)
+    moved = _fit(short_prompts[:2], model, None, steps=4, frozen=frozen, frozen_steps=4, frozen_moves=True)
+    held = frozen[:, : start.splats.capacity] & start.splats.mask
+    assert not torch.equal(moved.splats.mu[held], start.splats.mu[held])
+    torch.testing.assert_close(moved.splats.v[held], start.splats.v[held])
+    unfrozen = _fit(short_prompts[:2], model, True, steps=4, frozen_moves=True)  # nothing frozen: the fused loop
+    assert unfrozen.config["fused"] is True and torch.isfinite(unfrozen.field_error).all()

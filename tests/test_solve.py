@@ -143,7 +143,7 @@ def test_solve_refit_holds_frozen_splats(model):
         result = splatopt.edit(old, new, steps=8, optimizer=SOLVE, progress=False, **kw)
         far = result.edit["far_from_edit"]
         assert far
-        warm = result.edit["warm_start"]
+        warm = result.edit["start_splats"]
         moved = (result.splats.v[0, far].cpu() - warm.v[0, far]).abs().max()
         if kw.get("local"):
             assert float(moved) == 0.0
