@@ -406,3 +406,20 @@ def test_one_prompt_edits_concatenate_into_one_record_per_prompt(fitted):
     assert [r["script"] for r in both.edit] == [a.edit["script"], b.edit["script"]]
     assert both.select([1]).edit[0]["script"] == b.edit["script"]
     assert [r["script"] for r in both.config["edit"]] == [a.edit["script"], b.edit["script"]]
+
+
+@pytest.mark.cuda
+def test_default_edit_with_second_starts_runs_on_cuda(model):
+    """The default path on CUDA: the learned initializer's own fit, fresh-near starts, FitResult.cat
+    of CUDA results; far splats keep their embeddings and places, and the records match the kept starts."""
+    texts = [TEXT, "Compute the mean of the given numbers and return it as a float."]
+    old = splatopt.fit(texts, model, n_splats=0.25, steps=20, device="cuda", progress=False)
+    result = splatopt.edit(old, [TEXT.replace("all items from the", "the"), "Compute the mean."], steps=6, progress=False)
+    assert result.splats.mu.device.type == "cuda" and torch.isfinite(result.field_error).all()
+    for b, record in enumerate(result.edit):
+        assert record["starts_tried"] >= 2
+        far, start = record["far_from_edit"], record["start_splats"]
+        torch.testing.assert_close(result.splats.v[b, far].cpu(), start.v[0, far])
+        torch.testing.assert_close(result.splats.mu[b, far].cpu(), start.mu[0, far])
+        active = set(torch.nonzero(start.mask[0]).flatten().tolist())
+        assert set(record["transported"]) | set(record["spawned"]) == active
