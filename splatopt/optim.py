@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 GROUPS = ("mu", "log_sigma", "weight_logit", "v")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 EMBEDDINGS = ("adam", "solve")
 
 
@@ -31,7 +31,8 @@ class InnerOptimizer:
     lr_mu: tokens per step. lr_log_sigma, lr_weight: per step in log-width / logit units.
     lr_v: per step, relative to the target's per-dimension RMS. mu_decay: the position learning
     rate decays log-linearly to ``lr_mu * mu_decay`` over the fit (3DGS). schedule: decay of the
-    other groups (cosine to ``final_lr_factor``, linear, or constant). clip: per-prompt,
+    other groups (cosine to ``final_lr_factor``, linear, constant, or "wsd": constant, then linear
+    to ``final_lr_factor`` over the last ``decay_fraction`` of the steps, warmup-stable-decay). clip: per-prompt,
     per-group gradient-norm clip (None: off). warmup: steps of linear learning-rate warm-up (Adam's
     first steps are full-size whatever the gradient: a warm start wants them small).
     embeddings: how the embeddings v move. "adam": v is a parameter and Adam moves it. "solve": v
@@ -51,6 +52,7 @@ class InnerOptimizer:
     mu_decay: float = 0.05
     schedule: str = "cosine"
     final_lr_factor: float = 0.05
+    decay_fraction: float = 0.2
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -71,6 +73,8 @@ class InnerOptimizer:
             raise ValueError(f"mu_decay={self.mu_decay} must be a finite number > 0")
         if not (self.final_lr_factor >= 0 and math.isfinite(self.final_lr_factor)):
             raise ValueError(f"final_lr_factor={self.final_lr_factor} must be a finite number >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction} must lie in (0, 1] (the share of the steps that decay)")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1)")
@@ -93,6 +97,9 @@ class InnerOptimizer:
             factor = 1.0
         elif self.schedule == "linear":
             factor = 1.0 - (1.0 - self.final_lr_factor) * frac
+        elif self.schedule == "wsd":
+            decayed = max(0.0, frac - (1.0 - self.decay_fraction)) / self.decay_fraction
+            factor = 1.0 - (1.0 - self.final_lr_factor) * decayed
         else:
             factor = self.final_lr_factor + (1.0 - self.final_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * frac))
         ramp = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0

@@ -12,7 +12,7 @@ from splatopt.optim import GROUPS, InnerOptimizer, adam_init, adam_step
 
 
 @settings(max_examples=30, deadline=None)
-@given(schedule=st.sampled_from(["constant", "cosine", "linear"]), warmup=st.integers(0, 7), total=st.integers(1, 40))
+@given(schedule=st.sampled_from(["constant", "cosine", "linear", "wsd"]), warmup=st.integers(0, 7), total=st.integers(1, 40))
 def test_learning_rate_table_rows_are_the_optimizers_learning_rates(schedule, warmup, total):
     opt = InnerOptimizer(schedule=schedule, warmup=warmup)
     table = learning_rate_table(opt, total)

@@ -215,7 +215,7 @@ def test_position_learning_rate_decays_log_linearly_to_lr_mu_times_mu_decay():
     np.testing.assert_allclose(np.diff(logs), np.full(10, math.log(0.01) / 10), rtol=1e-9)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd"])
 def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(schedule):
     cfg = InnerOptimizer(lr_log_sigma=0.04, lr_weight=0.06, lr_v=0.1, schedule=schedule, final_lr_factor=0.1)
     scale = torch.tensor([1.0, 3.0])[:, None, None]
@@ -229,6 +229,8 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
     assert all(b <= a + 1e-15 for a, b in zip(series, series[1:]))  # never increases
     if schedule == "cosine":
         assert series[25] == pytest.approx(0.04 * (0.1 + 0.9 * 0.5))
+    if schedule == "wsd":  # constant for the first 80 % of the steps, then linear to the final factor
+        assert series[40] == pytest.approx(0.04) and series[45] == pytest.approx(0.04 * (1 - 0.9 * 0.5))
 
 
 @pytest.mark.parametrize(
@@ -242,6 +244,8 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
         {"mu_decay": 0.0},
         {"mu_decay": -0.5},
         {"final_lr_factor": -0.1},
+        {"decay_fraction": 0.0},
+        {"decay_fraction": 1.5},
         {"beta1": 1.0},
         {"beta2": -0.1},
         {"eps": -1e-8},
