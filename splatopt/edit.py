@@ -146,9 +146,11 @@ def edit(
     Each record says which start was kept (``start``, ``start_initializer``), how many were tried
     (``starts_tried``), the inner optimizer of the kept fit (``refit_optimizer``; the result's
     ``config`` describes the warm starts' fit), and the kept fit's first splats (``start_splats``).
-    Measured (papers/report.md, section 3.3): on 400 test-split edits at N = L/4, 60 steps after a
-    300-step fit, these second starts bring the re-fit to -0.13 +- 0.25 points of the cold fit's
-    token accuracy, the warm start alone to -0.83 +- 0.43.
+    Measured (papers/report.md, section 3.3): at N = L/4, 60 steps after a 300-step fit, these
+    second starts bring the re-fit to +0.09 +- 0.33 points of the cold fit's token accuracy on 800
+    test-split edits (-0.11 +- 0.22 on 800 validation ones); the warm start alone is at
+    -0.83 +- 0.43 (400 test edits). They lose in short deletions, where the frozen far splat cannot
+    follow the new text's field.
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
     old fit's objective, kernel and mode, and its inner optimizer with a constant schedule
     (``optimizer`` may also be a dict of fields that override that default, e.g. ``{"beta2": 0.9}``).
