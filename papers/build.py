@@ -766,6 +766,14 @@ def meta_init_section(paths: list[Path]) -> str:
     matched = [k for k in steps if test[("learned", k)]["token_accuracy"] >= bar]
     below = max(k for k in steps if k < min(matched))
     claim(at10 < bar, "learned init + 10 steps stays below the grid's 300-step accuracy")
+    # budgets added later ran on another GPU than the first ones: say which ran where
+    by_device: dict[str, set] = {}
+    for c in curves.values():
+        for (_, k), r in c.items():
+            by_device.setdefault(r["device_name"], set()).add(k)
+    first = test[("grid", 300)]["device_name"]
+    devices_note = "".join(f" (budgets {', '.join(map(str, sorted(ks)))} on one {d}, the rest on one {first})"
+                           for d, ks in sorted(by_device.items()) if d != first)
     gain_test = at10 - test[("grid", 10)]["token_accuracy"]
     gain_ood = ood[("learned", 10)]["token_accuracy"] - ood[("grid", 10)]["token_accuracy"]
     claim(gain_test > 0 and gain_ood > 0, "the learned start beats the grid at 10 steps on both corpora")
@@ -778,7 +786,7 @@ def meta_init_section(paths: list[Path]) -> str:
         f"{log[-1]['elapsed_s']:.0f} s on one {test[('learned', 10)]['device_name']}; the learned inner learning-rate scales "
         f"(position, width, weight, embedding) ended at {', '.join(f'{x:.2f}' for x in log[-1]['lr_scales'])}. "
         f"Token accuracy (%) at N = L/4 after each number of inner steps (a separate fit per budget), "
-        f"{test[('grid', 0)]['prompts']} prompts per corpus. "
+        f"{test[('grid', 0)]['prompts']} prompts per corpus{devices_note}. "
         + ("The learned start fits with solved embeddings (`embeddings = \"solve\"`, section 3.6), the update it was "
            "meta-trained through; the grid rows keep the default Adam update.\n\n"
            if cfg.get("inner_optimizer", {}).get("embeddings") == "solve" else "\n\n") + table(header, body) + "\n\n"
