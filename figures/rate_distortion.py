@@ -26,20 +26,26 @@ from splatopt import ablate
 DATA_FILES = ["ablations/rate_distortion/results.jsonl", "ablations/rate_distortion_ood/results.jsonl"]
 STUDIES = {"rate_distortion": "stdlib test", "rate_distortion_ood": "licences (out of domain)"}
 METRICS = ("token_accuracy", "cosine", "field_error", "floats_per_token")
-# mobile splats in blues (solid lines), fixed bases in other hues (dashed / dotted)
+# mobile splats in blues and purples (solid lines), fixed bases in other hues (dashed / dotted; dash-dotted
+# with solved coefficients, the update the learned initializer fits with)
 METHODS = {
     "splats": ("mobile splats", {"color": "#08306b", "marker": "o", "ls": "-"}),
     "splats-adaptive": ("splats + adaptive density", {"color": "#2c7fb8", "marker": "^", "ls": "-"}),
     "splats-budget": ("splats + budget relocation", {"color": "#7fb8e0", "marker": "v", "ls": "-"}),
+    "splats-solve": ("splats, solved v", {"color": "#6a51a3", "marker": "p", "ls": "-"}),
+    "splats-learned": ("splats, learned init (solved v)", {"color": "#c51b8a", "marker": "*", "ls": "-"}),
     "fixed-grid": ("fixed-grid Gaussians", {"color": "#d95f02", "marker": "s", "ls": "--"}),
     "dct": ("DCT", {"color": "#1b9e77", "marker": "D", "ls": "--"}),
+    "fixed-grid-solve": ("fixed grid, solved v", {"color": "#fdae6b", "marker": "s", "ls": "-."}),
+    "dct-solve": ("DCT, solved v", {"color": "#66c2a4", "marker": "D", "ls": "-."}),
     "segments": ("segments (mean-pooling)", {"color": "0.45", "marker": "X", "ls": ":"}),
 }
 # coinciding points (same budget, values closer than Y_TOLERANCE x the y range) are spread along x by DODGE
 # (natural-log units of x, ~5 %) per step, in SLOT order: the fixed grid and DCT on either side of the splats
 DODGE = 0.05
 Y_TOLERANCE = 0.025
-SLOT = {"splats-adaptive": -2, "fixed-grid": -1, "splats": 0, "dct": 1, "splats-budget": 2, "segments": 3}
+SLOT = {"splats-adaptive": -4, "fixed-grid-solve": -3, "splats-solve": -2, "fixed-grid": -1, "splats": 0, "dct": 1,
+        "splats-learned": 2, "dct-solve": 3, "splats-budget": 4, "segments": 5}
 FLOAT_TICKS = [25, 50, 100, 200, 400]
 
 

@@ -565,6 +565,26 @@ def density_values() -> dict[str, str]:
     claim(all(abs(acc(c, f, "segments") / f - 1) < 0.25 for c in budgets for f in budgets[c] if 0.25 <= f < 1),
           "segments decode about one token per segment (N/L of the tokens, within a quarter) at N = L/4 and L/2")
 
+    # the meta-learned start (added later): ahead of every fixed basis at the smallest budgets, by less than 5 points at L/8
+    fixed = ("fixed-grid", "dct", "fixed-grid-solve", "dct-solve")
+    small = [f for f in (0.0625, 0.125) if all((c, f, "splats-learned") in cell for c in budgets)]
+    best_fixed = {(c, f): max(fixed, key=lambda m: acc(c, f, m)) for c in budgets for f in small}
+    margin = {k: acc(k[0], k[1], "splats-learned") - acc(k[0], k[1], m) for k, m in best_fixed.items()}
+    claim(small == [0.0625, 0.125] and all(v > 0 for v in margin.values()),
+          "with the learned start the splats decode more than every fixed basis at N = L/16 and L/8 on both corpora")
+    claim(all(margin[c, 0.125] < 0.05 for c in budgets), "at N = L/8 that lead is under 5 points on both corpora")
+    claim(all(abs(acc(c, 0.125, "splats-solve") - max(acc(c, 0.125, "fixed-grid-solve"), acc(c, 0.125, "dct-solve"))) < 0.02
+              for c in budgets), "with the grid start and solved embeddings the splats are within 2 points of the solved fixed bases at L/8")
+    claim(all(r(acc(c, 0.25, m)) >= 99 for c in budgets for m in ("splats-learned", "splats-solve", *fixed)),
+          "at N = L/4 every splat start and fixed basis (solved or not) decodes at least 99 %")
+    for (c, f), m in best_fixed.items():
+        key = f"rd_{c}_{budget_key(f)}"
+        out[key + "_best_fixed"] = out[f"{key}_{m.replace('-', '_')}"]
+        out[key + "_best_fixed_name"] = rate_distortion.METHODS[m][0]
+        out[key + "_learned_margin"] = f"{100 * margin[c, f]:+.1f}"
+    later = sorted({row["device_name"] for st in RD_STUDIES for row in rows[st] if row["levels"]["method"] in ("splats-learned", "splats-solve", "fixed-grid-solve", "dct-solve")})
+    out["rd_later_device"] = ", ".join(later)
+
     first = rows[RD_STUDIES[0]][0]
     relocate = next(row["config"]["density"] for row in rows[RD_STUDIES[0]] if row["levels"]["method"] == "splats-budget")
     out.update({
