@@ -389,8 +389,8 @@ def fit(
     cuda_graphs: the inner loop captured as CUDA graphs and replayed between recorded steps (one
     host call per two steps instead of dozens of launches per step, which is what bounds small
     batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
-    for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve")
-    or density control runs; True = insist (ValueError saying why it cannot); False = launch
+    for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve"),
+    density control runs or splats are truncated (the local renderer sizes its tiles on the host); True = insist (ValueError saying why it cannot); False = launch
     every step. Either way the loop takes its learning rates from a device table, so the results
     are the same bits; the choice made is ``config["cuda_graphs"]``.
     """
@@ -461,7 +461,7 @@ def fit(
     # the fused step holds frozen slots whole, not by parameter group
     partly_frozen = frozen is not None and (frozen_moves or frozen_v_tolerance > 0)
     fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify) and not partly_frozen
-    host_free = _host_free_blocker(device, varpro or solve, strategy, frozen is not None and frozen_v_tolerance > 0)
+    host_free = _host_free_blocker(device, varpro or solve, strategy, frozen is not None and frozen_v_tolerance > 0, truncate)
     if cuda_graphs and host_free is not None:
         raise ValueError(f"cuda_graphs=True but {host_free}; pass cuda_graphs=None or False")
     # on CUDA the loop runs from the device's learning-rate table whether or not it is captured, so
@@ -556,15 +556,19 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
     return True
 
 
-def _host_free_blocker(device: torch.device, varpro: bool, strategy, projects: bool = False) -> str | None:
+def _host_free_blocker(device: torch.device, varpro: bool, strategy, projects: bool = False,
+                       truncate: float | None = None) -> str | None:
     """Why the inner loop cannot run host-free and be captured (``fit``'s ``cuda_graphs``), or None.
 
     varpro: the embeddings are solved for (``varpro=True`` or ``embeddings="solve"``). projects:
-    frozen embeddings are projected back within a tolerance after every step.
+    frozen embeddings are projected back within a tolerance after every step. truncate: the local
+    renderer plans its tiles from the current centres, and reads the plan's size back to the host.
     """
     reason = None
     if device.type != "cuda":
         reason = f"the fit runs on {device}"
+    elif truncate is not None:
+        reason = f"truncate={truncate:g} renders with the local renderer, whose tile plan is sized on the host every step"
     elif varpro:
         # the batched LU solve's library calls are not verified under capture; such fits launch every step
         reason = "varpro=True (or embeddings='solve') solves a batched linear system per step, which is not captured"

@@ -117,6 +117,20 @@ def test_cuda_solved_embeddings_and_density_launch_every_step(model, short_promp
     assert solved.config["cuda_graphs"] is False
     with pytest.raises(ValueError, match="density"):
         fit(short_prompts[:2], model, steps=3, device="cuda", progress=False, density="budget", cuda_graphs=True)
+    truncated = fit(short_prompts[:2], model, steps=3, device="cuda", progress=False, truncate=4.0)
+    assert truncated.config["cuda_graphs"] is False
+    with pytest.raises(ValueError, match="truncate"):
+        fit(short_prompts[:2], model, steps=3, device="cuda", progress=False, truncate=4.0, cuda_graphs=True)
+
+
+def test_truncated_fits_are_not_captured_because_the_local_renderer_sizes_its_tiles_on_the_host():
+    """render_local reads its tile plan's size back every step: a capture would fail (a 10k-token fit did)."""
+    from splatopt.density import NoDensify
+    from splatopt.fit import _host_free_blocker
+
+    cuda = torch.device("cuda")
+    assert _host_free_blocker(cuda, False, NoDensify()) is None
+    assert "truncate" in _host_free_blocker(cuda, False, NoDensify(), truncate=4.0)
 
 
 def test_adam_loop_holds_only_the_named_groups_of_frozen_slots():
