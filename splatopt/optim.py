@@ -32,7 +32,10 @@ class InnerOptimizer:
     lr_v: per step, relative to the target's per-dimension RMS. mu_decay: the position learning
     rate decays log-linearly to ``lr_mu * mu_decay`` over the fit (3DGS). schedule: decay of the
     other groups (cosine to ``final_lr_factor``, linear, constant, or "wsd": constant, then linear
-    to ``final_lr_factor`` over the last ``decay_fraction`` of the steps, warmup-stable-decay). clip: per-prompt,
+    to ``final_lr_factor`` over the last ``decay_fraction`` of the steps, "warmup-stable-decay"
+    with its warm-up the separate ``warmup``; decay_fraction is read by "wsd" only). Every
+    schedule is evaluated at ``step / total``, so it reaches ``final_lr_factor`` at step ``total``,
+    one past the last step taken. clip: per-prompt,
     per-group gradient-norm clip (None: off). warmup: steps of linear learning-rate warm-up (Adam's
     first steps are full-size whatever the gradient: a warm start wants them small).
     embeddings: how the embeddings v move. "adam": v is a parameter and Adam moves it. "solve": v
@@ -73,7 +76,7 @@ class InnerOptimizer:
             raise ValueError(f"mu_decay={self.mu_decay} must be a finite number > 0")
         if not (self.final_lr_factor >= 0 and math.isfinite(self.final_lr_factor)):
             raise ValueError(f"final_lr_factor={self.final_lr_factor} must be a finite number >= 0")
-        if not 0 < self.decay_fraction <= 1:
+        if isinstance(self.decay_fraction, bool) or not isinstance(self.decay_fraction, (int, float)) or not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction={self.decay_fraction} must lie in (0, 1] (the share of the steps that decay)")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:

@@ -229,8 +229,9 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
     assert all(b <= a + 1e-15 for a, b in zip(series, series[1:]))  # never increases
     if schedule == "cosine":
         assert series[25] == pytest.approx(0.04 * (0.1 + 0.9 * 0.5))
-    if schedule == "wsd":  # constant for the first 80 % of the steps, then linear to the final factor
+    if schedule == "wsd":  # constant for the first 80 % of the steps, then linear to the final factor at step 50
         assert series[40] == pytest.approx(0.04) and series[45] == pytest.approx(0.04 * (1 - 0.9 * 0.5))
+        assert series[49] == pytest.approx(0.04 * (1 - 0.9 * 0.9))  # the last step taken: one step short, as every schedule
 
 
 @pytest.mark.parametrize(
@@ -246,6 +247,8 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
         {"final_lr_factor": -0.1},
         {"decay_fraction": 0.0},
         {"decay_fraction": 1.5},
+        {"decay_fraction": True},
+        {"decay_fraction": "0.5"},
         {"beta1": 1.0},
         {"beta2": -0.1},
         {"eps": -1e-8},
