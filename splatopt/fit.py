@@ -390,8 +390,8 @@ def fit(
     host call per two steps instead of dozens of launches per step, which is what bounds small
     batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
     for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve"),
-    density control runs or splats are truncated (the local renderer sizes its tiles on the host); True = insist (ValueError saying why it cannot); False = launch
-    every step. Either way the loop takes its learning rates from a device table, so the results
+    density control runs or splats are truncated (the local renderer sizes its tiles on the host);
+    True = insist (ValueError saying why it cannot); False = launch every step. Either way the loop takes its learning rates from a device table, so the results
     are the same bits; the choice made is ``config["cuda_graphs"]``.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
