@@ -687,6 +687,38 @@ def density_values() -> dict[str, str]:
     return out
 
 
+def small_budget_values() -> dict[str, str]:
+    """The third selection round (small_budget_selection, validation) and its picks on test and licences."""
+    from splatopt import ablate
+
+    selection = json.loads(figure_io.data_paths("ablations/small_budget_selection/selection.json")[0].read_text())
+    val, picks = selection["validation_mean"], selection["picks"]
+    claim(all(picks[f] == max((m for m in val if m == f or m.startswith(f + "-")), key=lambda m: (val[m], -list(val).index(m)))
+              for f in picks), "each family's pick is its best mean token accuracy on validation")
+    summary = {st: ablate.summarize(study_rows(st), metrics=("token_accuracy",)) for st in ("small_budget_test", "small_budget_test_ood")}
+    tuned = {(c, e["n_splats"], e["method"]): e["token_accuracy_mean"] for c, st in (("test", "small_budget_test"), ("licenses", "small_budget_test_ood"))
+             for e in summary[st]}
+    rd = {(c, e["n_splats"], e["method"]): e["token_accuracy_mean"] for c, st in (("test", RD_STUDIES[0]), ("licenses", RD_STUDIES[1]))
+          for e in ablate.summarize(study_rows(st), metrics=("token_accuracy",))}
+    fixed_rd = ("fixed-grid", "dct", "fixed-grid-solve", "dct-solve", "segments")
+    out = {"sb_candidates": str(len(val)), "sb_splats_pick": picks["splats"], "sb_grid_pick": picks["fixed-grid"], "sb_dct_pick": picks["dct"]}
+    margins = {}
+    for c in ("test", "licenses"):
+        for f in (0.0625, 0.125):
+            rivals = [tuned[c, f, picks[k]] for k in ("fixed-grid", "dct")] + [rd[c, f, m] for m in fixed_rd]
+            margins[c, f] = tuned[c, f, picks["splats"]] - max(rivals)
+            key = f"sb_{c}_{budget_key(f)}"
+            out[key + "_splats"] = pct(tuned[c, f, picks["splats"]])
+            out[key + "_fixed"] = pct(max(rivals))
+            out[key + "_margin"] = f"{100 * margins[c, f]:+.1f}"
+            claim(abs(tuned[c, f, picks["splats"]] - rd[c, f, "splats-learned"]) < 0.01,
+                  f"the tuned learned start decodes within a point of the untuned one ({c}, N = {budget_label(f)})")
+    claim(all(v > 0 for v in margins.values()), "after the tuning round the learned start still leads every fixed basis at L/16 and L/8")
+    claim(all(margins[c, 0.125] < 0.05 for c in ("test", "licenses")) and margins["test", 0.0625] < 0.05
+          and margins["licenses", 0.0625] >= 0.05, "after it the lead is still under 5 points except at L/16 on the licences")
+    return out
+
+
 def method_values() -> dict[str, str]:
     """Settings the method section names, read from the code's defaults (not results, and not typed twice)."""
     import splatopt
@@ -980,7 +1012,7 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, solve_values, density_values, method_values,
+    for part in (roundtrip_values, fit_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, solve_values, density_values, small_budget_values, method_values,
                  reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})
