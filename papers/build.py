@@ -436,7 +436,21 @@ def edit_seed_values() -> dict[str, str]:
     share = [r["far_splats"] / max(1, round(fraction * r["L"])) for r in default if short_deletion(r)]
     claim(mean([r["warm_curve"][-1] for r in rest]) > mean([r["cold_final"] for r in rest]),
           "outside short deletions the default re-fit is above the cold fit on validation")
+    # where those misses sit: each wrong token attributed to the splat that dominates it (a re-run of the same edits)
+    attribution = figure_io.load_json("edit_short_deletions.json")
+    att = attribution["summary"]
+    claim(att["edits"] == n_hard, "the attribution re-fits exactly the short deletions of the validation samples")
+    claim(att["warm_wrong_under_near"] > 5 * att["warm_wrong_under_far"],
+          "in short deletions the re-fit's misses lie under the near splats, not under the frozen ones")
+    losing_near, losing_cold = att["tokens_per_near_splat_where_warm_loses"], att["tokens_per_splat_cold_where_warm_loses"]
+    claim(mean(losing_near) > mean(losing_cold) + 0.5,
+          "where the re-fit loses, its near splats cover more tokens each than the cold fit's splats")
     return {
+        "att_device": attribution["device"], "att_wrong": str(att["warm_wrong_under_near"] + att["warm_wrong_under_far"]),
+        "att_wrong_near": str(att["warm_wrong_under_near"]), "att_wrong_far": str(att["warm_wrong_under_far"]),
+        "att_tokens_far": str(att["tokens_under_far"]), "att_tokens_near": str(att["tokens_under_near"]),
+        "att_warm": pct(att["warm_accuracy"], 2), "att_cold": pct(att["cold_accuracy"], 2),
+        "att_losing": str(len(losing_near)), "att_near_load": f"{mean(losing_near):.1f}", "att_cold_load": f"{mean(losing_cold):.1f}",
         "seeds_n": str(len(EDIT_SEEDS)), "seeds_edits": str(gap[("test", "default")][2]),
         "seeds_test_gap": fmt(gap[("test", "default")]), "seeds_val_gap": fmt(gap[("validation", "default")]),
         "seeds_reached": str(len(reached)), "seeds_samples": str(len(per_sample)),
