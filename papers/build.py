@@ -445,12 +445,15 @@ def edit_seed_values() -> dict[str, str]:
     losing_near, losing_cold = att["tokens_per_near_splat_where_warm_loses"], att["tokens_per_splat_cold_where_warm_loses"]
     claim(mean(losing_near) > mean(losing_cold) + 0.5,
           "where the re-fit loses, its near splats cover more tokens each than the cold fit's splats")
+    losing = [q for q in attribution["prompts"] if q["warm_accuracy"] < q["cold_accuracy"]]
+    far_load = sum(q["tokens_under_far"] for q in losing) / sum(q["far_splats"] for q in losing)
+    claim(far_load < mean(losing_cold), "where the re-fit loses, each frozen splat holds fewer tokens than a cold fit's splat")
     return {
         "att_device": attribution["device"], "att_wrong": str(att["warm_wrong_under_near"] + att["warm_wrong_under_far"]),
         "att_wrong_near": str(att["warm_wrong_under_near"]), "att_wrong_far": str(att["warm_wrong_under_far"]),
         "att_tokens_far": str(att["tokens_under_far"]), "att_tokens_near": str(att["tokens_under_near"]),
         "att_warm": pct(att["warm_accuracy"], 2), "att_cold": pct(att["cold_accuracy"], 2),
-        "att_losing": str(len(losing_near)), "att_near_load": f"{mean(losing_near):.1f}", "att_cold_load": f"{mean(losing_cold):.1f}",
+        "att_losing": str(len(losing_near)), "att_near_load": f"{mean(losing_near):.1f}", "att_far_load": f"{far_load:.1f}", "att_cold_load": f"{mean(losing_cold):.1f}",
         "seeds_n": str(len(EDIT_SEEDS)), "seeds_edits": str(gap[("test", "default")][2]),
         "seeds_test_gap": fmt(gap[("test", "default")]), "seeds_val_gap": fmt(gap[("validation", "default")]),
         "seeds_reached": str(len(reached)), "seeds_samples": str(len(per_sample)),
