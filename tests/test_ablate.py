@@ -266,8 +266,11 @@ ISSUE_STUDIES = {"kernel_mode", "objective_weights", "layer", "mobility", "init_
 @pytest.mark.parametrize("path", sorted((ROOT / "figures" / "studies").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_studies_parse_and_dry_run(path, capsys):
     study = ablate.Study.load(path)
-    assert study.factors and study.prompts >= 256 and len(study.seeds) * study.prompt_sets >= 1
-    assert study.corpus in ("stdlib:test", "stdlib:validation", "licenses")
+    assert study.factors and len(study.seeds) * study.prompt_sets >= 1
+    if study.corpus.startswith("figures/corpora/"):  # a small text shipped in the repo: as many prompts as it holds
+        assert (ROOT / study.corpus).is_file()
+    else:
+        assert study.corpus in ("stdlib:test", "stdlib:validation", "licenses") and study.prompts >= 256
     if path.stem in ISSUE_STUDIES:  # the issue's studies: test split, 512 prompts, 2-3 seeds, around N = L/4
         assert study.corpus == "stdlib:test" and study.prompts == 512 and 2 <= len(study.seeds) <= 3
         assert study.base.get("n_splats") == 0.25
