@@ -7,9 +7,10 @@ in figures/data/edit_seeds/) that match the filter (default: deletions in texts 
 that keep a far splat, the case where the re-fit falls short of the cold fit), fits the old and
 the edited texts again (300 steps), re-fits with ``splatopt.edit`` (its defaults, 60 steps), and
 for every token of the edited text records which splat dominates it (the largest rendering
-weight), whether that splat is frozen (far from the edit), and whether the token decodes right
-after the re-fit and after the cold fit. Also per prompt: how many tokens the near (free) splats
-dominate per near splat, against the edited text's tokens per splat.
+weight, whatever the norm of its embedding), whether that splat is frozen (far from the edit),
+and whether the token decodes right after the re-fit and after the cold fit. Also per prompt:
+how many tokens the near (free) splats dominate per near splat, against the edited text's tokens
+per splat.
 """
 
 from __future__ import annotations

@@ -149,9 +149,10 @@ def edit(
     Measured (papers/report.md, section 3.3): at N = L/4, 60 steps after a 300-step fit, these
     second starts bring the re-fit to +0.09 +- 0.33 points of the cold fit's token accuracy on 800
     test-split edits (-0.11 +- 0.22 on 800 validation ones); the warm start alone is at
-    -0.83 +- 0.43 (400 test edits). They lose in short deletions: the frozen far splats hold few
-    tokens, and the near ones, no more than a cold fit has, must cover the rest (27 of the 30
-    tokens missed there lie under near splats; scripts/edit_miss_attribution.py).
+    -0.83 +- 0.43 (400 test edits). They lose in short deletions: where they do, the frozen far
+    splats hold fewer tokens than their share, and as the re-fit has no more splats in total than a
+    cold fit, the near ones must cover the rest (27 of the 30 tokens missed there lie under near
+    splats in a CPU re-run of those edits, scripts/edit_miss_attribution.py).
     fit_options: passed on to :func:`fit` (objective, optimizer, kernel, mode, ...); by default the
     old fit's objective, kernel and mode, and its inner optimizer with a constant schedule
     (``optimizer`` may also be a dict of fields that override that default, e.g. ``{"beta2": 0.9}``).
