@@ -384,11 +384,16 @@ def edit_second_start_values() -> dict[str, str]:
 EDIT_SEEDS = range(4)  # figures/data/edit_seeds/<split>_seed<s>.json: four samples of 200 prompts and edits per split
 
 
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
 def paired_gap(rows: list[dict], variant: str) -> tuple[float, float, int]:
     """(mean, 95 % half-width, n) of the re-fit's final accuracy minus the cold fit's, over ``rows`` of ``variant``."""
     x = [r["warm_curve"][-1] - r["cold_final"] for r in rows if r["variant"] == variant]
-    mean = sum(x) / len(x)
-    return mean, 1.96 * math.sqrt(sum((a - mean) ** 2 for a in x) / (len(x) - 1) / len(x)), len(x)
+    m = mean(x)
+    return m, 1.96 * math.sqrt(sum((a - m) ** 2 for a in x) / (len(x) - 1) / len(x)), len(x)
+
 
 
 def short_deletion(row: dict) -> bool:
@@ -417,7 +422,6 @@ def edit_seed_values() -> dict[str, str]:
     distinct = {split: len({r["old_text"] for r in rows[split] if r["variant"] == "default"}) for split in rows}
     # the hard case: the same validation prompts and edits, re-fitted for 300 steps with the far splats frozen and free
     long = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_seeds/validation_seed{s}_refit300.json")["rows"]]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     hard = {
         "cold": mean([r["cold_final"] for r in rows["validation"] if r["variant"] == "default" and short_deletion(r)]),
         "default60": mean([r["warm_curve"][-1] for r in rows["validation"] if r["variant"] == "default" and short_deletion(r)]),
@@ -501,9 +505,9 @@ def budget_key(frac: float) -> str:
 
 def acc_ci(entry: dict, metric: str = "token_accuracy") -> str:
     """'mean ± ci' in percent: two decimals between 99 % and 100 %, else one; '100' when exact."""
-    mean, ci = entry[f"{metric}_mean"], entry[f"{metric}_ci95"]
-    digits = 2 if 0.99 <= mean < 1 else 1
-    text = "100" if mean == 1 else f"{100 * mean:.{digits}f}"
+    value, ci = entry[f"{metric}_mean"], entry[f"{metric}_ci95"]
+    digits = 2 if 0.99 <= value < 1 else 1
+    text = "100" if value == 1 else f"{100 * value:.{digits}f}"
     return text + ("" if ci is None else " ± 0" if ci == 0 else f" ± {100 * ci:.{digits}f}")
 
 
@@ -709,7 +713,6 @@ def small_budget_values() -> dict[str, str]:
     """The third selection round (small_budget_selection, validation) and its picks on test and licences."""
     from splatopt import ablate
 
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
 
     selection = json.loads(figure_io.data_paths("ablations/small_budget_selection/selection.json")[0].read_text())
     val, picks = selection["validation_mean"], selection["picks"]
