@@ -4,7 +4,9 @@ Data: figures/data/ablations/learned_init/ (stdlib test split) and learned_init_
 prose the initializer never saw), each the results.jsonl of ``splatopt ablate
 figures/studies/<study>.toml``: one row per (init, steps), 512 prompts of at most 64 tokens, a
 separate fit for every step budget (its learning-rate schedule runs over that budget), objective
-MSE + decode CE. The learned initializer fits with the inner Adam it was meta-trained with. Steps
+MSE + decode CE. The learned initializer fits with the inner Adam it was meta-trained with; a third
+curve (learned_momentum_test/, learned_momentum_ood/: the same prompts) fits it with the Adam
+momenta picked on validation for short budgets (scripts/select_learned_momentum.py). Steps
 are plotted on a symlog axis so that the feed-forward result (0 steps) sits at x = 0. Columns:
 token accuracy, relative field error; line style: corpus. The horizontal rule marks the grid's
 token accuracy after 300 steps on the test split: the issue's bar for the learned start.
@@ -18,15 +20,20 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
 from splatopt import ablate
 
-DATA_FILES = ["ablations/learned_init/results.jsonl", "ablations/learned_init_ood/results.jsonl"]
+DATA_FILES = ["ablations/learned_init/results.jsonl", "ablations/learned_init_ood/results.jsonl",
+              "ablations/learned_momentum_test/results.jsonl", "ablations/learned_momentum_ood/results.jsonl"]
 CORPORA = {"learned_init": ("stdlib test", "-"), "learned_init_ood": ("licences (out of domain)", ":")}
+MOMENTA = {"learned_init": "learned_momentum_test", "learned_init_ood": "learned_momentum_ood"}
 TICKS = [0, 1, 3, 10, 30, 100, 300]
-INITS = {"grid": ("grid init", "#d95f02", "s"), "learned": ("learned init", "#08306b", "o")}
+INITS = {"grid": ("grid init", "#d95f02", "s"), "learned": ("learned init", "#08306b", "o"),
+         "momenta": ("learned init, picked momenta", "#1b9e77", "^")}
 
 
 def curves(study: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
     """init -> (steps, mean token accuracy, mean field error), sorted by steps."""
     rows = ablate.read_rows(DATA / "ablations" / study)
+    # the momenta study has one method (the pick) and no init level: its rows are the third curve
+    rows += [{**r, "levels": {**r["levels"], "init": "momenta"}} for r in ablate.read_rows(DATA / "ablations" / MOMENTA[study])]
     out = {}
     for init in INITS:
         mine = sorted((r for r in rows if r["levels"]["init"] == init), key=lambda r: r["levels"]["steps"])
@@ -58,7 +65,7 @@ def main() -> list:
     axes[0].set_ylabel("token accuracy (%)")
     axes[0].set_ylim(0, 108)
     axes[1].set_ylabel("relative field error")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=6.5, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=6.5, frameon=False)
     return save(fig, "learned_init")
 
 
