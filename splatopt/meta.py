@@ -23,7 +23,9 @@ Known traps, handled: Adam's root takes its epsilon inside (``optim.adam_step``)
 derivative at v = 0 is finite; the inner optimizer never updates in place; second-order unrolls run
 uncompiled; memory of a full unroll grows linearly with K (``checkpoint_inner`` recomputes each
 step's forward in the backward); ``curriculum`` lengthens the horizon from 1 to K over the first
-outer steps. Checkpoints (safetensors + JSON: network, outer Adam, data RNG, step) are written
+outer steps; an outer step whose gradient is not finite (an inner fit that blew up on that batch)
+is skipped, so NaN never reaches the weights, and ``NONFINITE_LIMIT`` such steps in a row stop the
+run with an error instead of writing a broken initializer. Checkpoints (safetensors + JSON: network, outer Adam, data RNG, step) are written
 atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly. Under ``torchrun``
 the network is wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA); every rank draws
 the same global batch indices from one generator and takes its own slice.
@@ -53,6 +55,7 @@ from .splats import SplatSet
 MODES = ("full", "truncated", "first-order")
 CHECKPOINT_FORMAT = "splatopt.meta-checkpoint"
 LR_GROUPS = ("mu", "log_sigma", "weight_logit", "v")
+NONFINITE_LIMIT = 20  # consecutive outer steps with a non-finite gradient before train() gives up
 
 
 @dataclass(frozen=True)
@@ -411,7 +414,7 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     began = time.perf_counter() - elapsed
     bar = tqdm(range(start, cfg.outer_steps), desc="meta-train", disable=not progress or rank != 0, unit="step",
                initial=start, total=cfg.outer_steps)
-    step = start
+    step, nonfinite_in_row, skipped_since_log = start, 0, 0
     for step in bar:
         idx = torch.randint(len(bank.texts), (cfg.batch * world,), generator=generator)[rank * cfg.batch : (rank + 1) * cfg.batch]
         frac = cfg.fractions[int(torch.randint(len(cfg.fractions), (1,), generator=generator))]
@@ -422,9 +425,19 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
             group["lr"] = outer_lr(cfg, step) * group["base_lr"] / cfg.lr
         stats = _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device)
         done = step + 1
+        nonfinite_in_row = nonfinite_in_row + 1 if stats["skipped"] else 0
+        skipped_since_log += int(stats.pop("skipped"))
+        if nonfinite_in_row >= NONFINITE_LIMIT:
+            raise RuntimeError(
+                f"meta-training stopped at outer step {done}: the outer gradient was not finite at {nonfinite_in_row} "
+                f"consecutive steps, which were skipped (the weights are as before them; nothing was written). Lower the "
+                f"inner learning rates ([inner_optimizer]), the outer lr or clip, or try mode = \"truncated\", in a new --out"
+                + (f"; {ckpt_path} holds the last checkpoint" if ckpt_path.exists() else ""))
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps):
-            row = {"step": done, **{k: float(v) for k, v in stats.items()}, "horizon": K, "fraction": frac, "lr": outer_lr(cfg, step),
-                   "lr_scales": net.log_lr_scale.detach().exp().tolist(), "elapsed_s": round(time.perf_counter() - began, 3)}
+            row = {"step": done, **{k: float(v) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log, "horizon": K,
+                   "fraction": frac, "lr": outer_lr(cfg, step), "lr_scales": net.log_lr_scale.detach().exp().tolist(),
+                   "elapsed_s": round(time.perf_counter() - began, 3)}
+            skipped_since_log = 0
             if evaluator is not None and done % cfg.eval_every == 0:
                 row.update(evaluator(net))
             _append_jsonl(log_path, row)
@@ -458,7 +471,7 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     return net.eval()
 
 
-def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device) -> dict[str, Tensor]:
+def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device) -> dict[str, Tensor | bool]:
     """Propose, unroll K inner steps, one outer Adam step. Returns detached scalars (no host sync).
 
     A function of its own so that the unrolled graph and its tensors die with its frame: nothing of
@@ -472,9 +485,14 @@ def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objec
     opt.zero_grad(set_to_none=True)
     outer.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
-    opt.step()
+    # clipping scales a NaN or inf gradient into every weight: skip the step instead. DDP has
+    # averaged the gradients, so every rank sees the same norm and skips alike
+    skipped = not bool(torch.isfinite(grad_norm))
+    if not skipped:
+        opt.step()
     losses = losses.detach()
-    return {"loss": outer.detach(), "loss_init": losses[0].mean(), "loss_final": losses[-1].mean(), "grad_norm": grad_norm}
+    return {"loss": outer.detach(), "loss_init": losses[0].mean(), "loss_final": losses[-1].mean(), "grad_norm": grad_norm,
+            "skipped": skipped}
 
 
 class _Evaluator:

@@ -362,3 +362,29 @@ def test_meta_training_through_solved_embeddings_ships_them_with_the_initializer
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
     loaded = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors")
     assert loaded.inner_optimizer().embeddings == "solve" == net.optimizer.embeddings
+
+
+def nan_bank(bank, prompts):
+    """``bank`` with the fields of ``prompts`` (indices) set to NaN: those batches' inner fits blow up."""
+    field = bank.field.clone()
+    field[list(prompts)] = float("nan")
+    return meta.FieldBank(field, bank.mask, bank.ids, bank.texts)
+
+
+def test_a_nonfinite_outer_step_is_skipped_and_never_reaches_the_weights(tmp_path, model, bank):
+    net = meta.train(tiny_config(outer_steps=6), tmp_path / "run", model=model, bank=nan_bank(bank, [0]), device="cpu",
+                     progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = sum(r["nonfinite_skipped"] for r in rows)
+    assert 0 < skipped < 6, [r["nonfinite_skipped"] for r in rows]
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    saved = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.state_dict().values())
+
+
+def test_meta_training_stops_with_an_error_when_no_step_is_finite(tmp_path, model, bank, monkeypatch):
+    monkeypatch.setattr(meta, "NONFINITE_LIMIT", 3)
+    with pytest.raises(RuntimeError, match="not finite at 3 consecutive steps"):
+        meta.train(tiny_config(outer_steps=6), tmp_path / "run", model=model, bank=nan_bank(bank, range(6)), device="cpu",
+                   progress=False)
+    assert not (tmp_path / "run" / "initializer.safetensors").exists()
