@@ -280,8 +280,9 @@ def encode_bank(model, texts: list[str], device, dtype=torch.float32, chunk: int
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimizer, generator: torch.Generator,
-                    step: int, cfg: MetaConfig, elapsed_s: float) -> None:
-    """Network, outer Adam state, the data generator and the step, as one safetensors file (atomic)."""
+                    step: int, cfg: MetaConfig, elapsed_s: float, nonfinite: dict[str, int] | None = None) -> None:
+    """Network, outer Adam state, the data generator, the step and the skipped-step counters
+    (``nonfinite``: in a row, and since the last log row), as one safetensors file (atomic)."""
     tensors = {f"net.{k}": t for k, t in net.state_dict().items()}
     names = {id(p): n for n, p in net.named_parameters()}
     for group in opt.param_groups:
@@ -292,13 +293,14 @@ def save_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed_s": repr(elapsed_s),
             "config": json.dumps(cfg.to_dict(), sort_keys=True), "param_groups": json.dumps(groups),
-            "net_meta": json.dumps(net.meta, sort_keys=True)}
+            "net_meta": json.dumps(net.meta, sort_keys=True), "nonfinite": json.dumps(nonfinite or {})}
     write_safetensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimizer, generator: torch.Generator,
-                    cfg: MetaConfig) -> tuple[int, float]:
-    """Restore a :func:`save_checkpoint` file in place; returns (step, elapsed seconds). Refuses another run's file."""
+                    cfg: MetaConfig) -> tuple[int, float, dict[str, int]]:
+    """Restore a :func:`save_checkpoint` file in place; returns (step, elapsed seconds, skipped-step counters).
+    Refuses another run's file."""
     tensors, header = read_safetensors(path, "meta-training checkpoint")
     if header.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a meta-training checkpoint (format {header.get('format')!r})")
@@ -317,7 +319,7 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
     for group, saved_group in zip(opt.param_groups, json.loads(header["param_groups"])):
         group.update(saved_group)
     generator.set_state(tensors["rng.data"])
-    return int(header["step"]), float(header.get("elapsed_s", "0"))
+    return int(header["step"]), float(header.get("elapsed_s", "0")), json.loads(header.get("nonfinite", "{}"))
 
 
 # ---------------------------------------------------------------------------- the outer loop
@@ -392,9 +394,9 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         groups.append({"params": [net.log_lr_scale], "base_lr": cfg.lr_scale_lr, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start, elapsed = 0, 0.0
+    start, elapsed, nonfinite = 0, 0.0, {}
     if resume:
-        start, elapsed = load_checkpoint(ckpt_path, net, opt, generator, cfg)
+        start, elapsed, nonfinite = load_checkpoint(ckpt_path, net, opt, generator, cfg)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
         _truncate_log(log_path, start)
@@ -414,7 +416,9 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     began = time.perf_counter() - elapsed
     bar = tqdm(range(start, cfg.outer_steps), desc="meta-train", disable=not progress or rank != 0, unit="step",
                initial=start, total=cfg.outer_steps)
-    step, nonfinite_in_row, skipped_since_log = start, 0, 0
+    step = start
+    # skipped outer steps (non-finite gradient): in a row, and since the last log row; checkpointed
+    nonfinite_in_row, skipped_since_log = nonfinite.get("in_row", 0), nonfinite.get("since_log", 0)
     for step in bar:
         idx = torch.randint(len(bank.texts), (cfg.batch * world,), generator=generator)[rank * cfg.batch : (rank + 1) * cfg.batch]
         frac = cfg.fractions[int(torch.randint(len(cfg.fractions), (1,), generator=generator))]
@@ -427,15 +431,11 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         done = step + 1
         nonfinite_in_row = nonfinite_in_row + 1 if stats["skipped"] else 0
         skipped_since_log += int(stats.pop("skipped"))
-        if nonfinite_in_row >= NONFINITE_LIMIT:
-            raise RuntimeError(
-                f"meta-training stopped at outer step {done}: the outer gradient was not finite at {nonfinite_in_row} "
-                f"consecutive steps, which were skipped (the weights are as before them; nothing was written). Lower the "
-                f"inner learning rates ([inner_optimizer]), the outer lr or clip, or try mode = \"truncated\", in a new --out"
-                + (f"; {ckpt_path} holds the last checkpoint" if ckpt_path.exists() else ""))
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps):
-            row = {"step": done, **{k: float(v) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log, "horizon": K,
-                   "fraction": frac, "lr": outer_lr(cfg, step), "lr_scales": net.log_lr_scale.detach().exp().tolist(),
+        give_up = nonfinite_in_row >= NONFINITE_LIMIT
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps or give_up):
+            # a skipped step's loss may be NaN or inf: written as null, which strict JSON readers accept
+            row = {"step": done, **{k: _finite_or_none(float(v)) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log,
+                   "horizon": K, "fraction": frac, "lr": outer_lr(cfg, step), "lr_scales": net.log_lr_scale.detach().exp().tolist(),
                    "elapsed_s": round(time.perf_counter() - began, 3)}
             skipped_since_log = 0
             if evaluator is not None and done % cfg.eval_every == 0:
@@ -445,14 +445,21 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
                 for k, v in row.items():
                     if isinstance(v, (int, float)) and k != "step":
                         writer.add_scalar(k, v, done)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.set_postfix(loss=f"{float(stats['loss']):.3f}")
+        if give_up:
+            raise RuntimeError(
+                f"meta-training stopped at outer step {done}: the outer gradient was not finite at {nonfinite_in_row} "
+                f"consecutive steps. They were skipped, so the weights are those from before them, but no initializer was "
+                f"written. Start a new run (another --out) with lower inner learning rates ([inner_optimizer]), a lower "
+                f"outer lr or clip, or mode = \"truncated\"")
         out_of_time = cfg.time_limit_s is not None and time.perf_counter() - began > cfg.time_limit_s
         if world > 1:  # every rank must stop at the same step
             flag = torch.tensor([float(out_of_time)], device=device)
             torch.distributed.all_reduce(flag)
             out_of_time = bool(flag.item())
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.outer_steps or out_of_time):
-            save_checkpoint(ckpt_path, net, opt, generator, done, cfg, time.perf_counter() - began)
+            save_checkpoint(ckpt_path, net, opt, generator, done, cfg, time.perf_counter() - began,
+                            {"in_row": nonfinite_in_row, "since_log": skipped_since_log})
         if out_of_time:
             break
     net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
@@ -472,7 +479,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
 
 
 def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device) -> dict[str, Tensor | bool]:
-    """Propose, unroll K inner steps, one outer Adam step. Returns detached scalars (no host sync).
+    """Propose, unroll K inner steps, one outer Adam step. Returns detached scalars and ``skipped`` (the
+    gradient was not finite and the step was not taken: one host sync per step).
 
     A function of its own so that the unrolled graph and its tensors die with its frame: nothing of
     one outer step is alive when the next one starts.
@@ -518,6 +526,10 @@ class _Evaluator:
             out[f"val_token_accuracy_{steps}"] = float(r.token_accuracy.mean())
         net.train(was_training)
         return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _append_jsonl(path: Path, row: dict) -> None:

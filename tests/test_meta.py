@@ -371,20 +371,71 @@ def nan_bank(bank, prompts):
     return meta.FieldBank(field, bank.mask, bank.ids, bank.texts)
 
 
-def test_a_nonfinite_outer_step_is_skipped_and_never_reaches_the_weights(tmp_path, model, bank):
-    net = meta.train(tiny_config(outer_steps=6), tmp_path / "run", model=model, bank=nan_bank(bank, [0]), device="cpu",
+def count_adam_steps(monkeypatch) -> list[int]:
+    calls = [0]
+    original = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    return calls
+
+
+def skip_pattern(out) -> list[int]:
+    return [r["nonfinite_skipped"] for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_a_nonfinite_outer_step_is_skipped_and_never_reaches_the_weights(tmp_path, model, bank, monkeypatch):
+    adam_steps = count_adam_steps(monkeypatch)
+    net = meta.train(tiny_config(outer_steps=8), tmp_path / "run", model=model, bank=nan_bank(bank, [0]), device="cpu",
                      progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    skipped = sum(r["nonfinite_skipped"] for r in rows)
-    assert 0 < skipped < 6, [r["nonfinite_skipped"] for r in rows]
+    skipped = [r["nonfinite_skipped"] for r in rows]  # log_every = 1: one row per step
+    assert set(skipped) <= {0, 1} and 0 < sum(skipped) < 8, skipped
+    # a step is skipped exactly when its batch blew up (its loss is written as null), and Adam steps on the others only
+    assert [s == 1 for s in skipped] == [r["loss"] is None for r in rows]
+    assert adam_steps[0] == 8 - sum(skipped)
     assert all(torch.isfinite(p).all() for p in net.parameters())
     saved = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.state_dict().values())
 
 
-def test_meta_training_stops_with_an_error_when_no_step_is_finite(tmp_path, model, bank, monkeypatch):
-    monkeypatch.setattr(meta, "NONFINITE_LIMIT", 3)
-    with pytest.raises(RuntimeError, match="not finite at 3 consecutive steps"):
-        meta.train(tiny_config(outer_steps=6), tmp_path / "run", model=model, bank=nan_bank(bank, range(6)), device="cpu",
-                   progress=False)
-    assert not (tmp_path / "run" / "initializer.safetensors").exists()
+def test_the_nonfinite_limit_counts_steps_in_a_row_not_in_all(tmp_path, model, bank, monkeypatch):
+    cfg, nan = tiny_config(outer_steps=8), nan_bank(bank, [0])
+    meta.train(cfg, tmp_path / "free", model=model, bank=nan, device="cpu", progress=False)
+    pattern = skip_pattern(tmp_path / "free")
+    runs = [len(r) for r in "".join(map(str, pattern)).split("0") if r]
+    longest = max(runs)
+    assert sum(pattern) > longest, pattern  # the data must tell a count in a row from a count in all
+    monkeypatch.setattr(meta, "NONFINITE_LIMIT", longest + 1)
+    meta.train(cfg, tmp_path / "above", model=model, bank=nan, device="cpu", progress=False)
+    assert skip_pattern(tmp_path / "above") == pattern
+    monkeypatch.setattr(meta, "NONFINITE_LIMIT", longest)
+    with pytest.raises(RuntimeError, match=f"not finite at {longest} consecutive steps"):
+        meta.train(cfg, tmp_path / "at", model=model, bank=nan, device="cpu", progress=False)
+    end = "".join(map(str, pattern)).index("1" * longest) + longest  # the step the streak completes
+    assert skip_pattern(tmp_path / "at") == pattern[:end]  # the failing step's row is written before the error
+    assert not (tmp_path / "at" / "initializer.safetensors").exists()
+
+
+def test_resume_keeps_counting_a_streak_of_nonfinite_steps(tmp_path, model, bank, monkeypatch):
+    monkeypatch.setattr(meta, "NONFINITE_LIMIT", 4)
+    cfg, nan = tiny_config(outer_steps=8, checkpoint_every=2), nan_bank(bank, range(6))
+    with pytest.raises(RuntimeError, match="not finite at 4 consecutive steps"):
+        meta.train(cfg, tmp_path / "whole", model=model, bank=nan, device="cpu", progress=False)
+    original = meta._append_jsonl
+
+    def crash_at_step_3(path, row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt("killed")
+        original(path, row)
+
+    monkeypatch.setattr(meta, "_append_jsonl", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        meta.train(cfg, tmp_path / "cut", model=model, bank=nan, device="cpu", progress=False)
+    monkeypatch.setattr(meta, "_append_jsonl", original)
+    with pytest.raises(RuntimeError, match="outer step 4: the outer gradient was not finite at 4 consecutive steps"):
+        meta.train(cfg, tmp_path / "cut", resume=True, model=model, bank=nan, device="cpu", progress=False)
+    assert skip_pattern(tmp_path / "cut") == skip_pattern(tmp_path / "whole") == [1, 1, 1, 1]
