@@ -921,8 +921,12 @@ def meta_values() -> dict[str, str]:
     bar = acc["grid", 300]
     match = min(k for k, a in momenta.items() if a >= bar)
     claim(max(acc["learned", 10], momenta[10]) < bar, "the learned start after 10 steps stays below the grid's 300-step accuracy")
+    remeta = json.loads((figure_io.DATA / "meta" / "remeta_momenta.json").read_text())["token_accuracy_pct"]
+    tuned10 = remeta["shipped initializer, beta1 0.3, beta2 0.9, lr_v x2"]["10"]
+    gains = [a["10"] - tuned10 for k, a in remeta.items() if k.startswith("re-meta-trained")]
     return {"meta_bar": pct(bar, 2), "meta_learned10": pct(acc["learned", 10]), "meta_momenta10": pct(momenta[10]),
-            "meta_match": str(match), "meta_cut": f"×{300 / match:.0f}"}
+            "meta_match": str(match), "meta_cut": f"×{300 / match:.0f}", "meta_remeta_runs": str(len(gains)),
+            "meta_remeta_best_gain": f"{max(gains):+.1f}"}
 
 
 def third_domain_grid_bar() -> float:
@@ -947,9 +951,15 @@ def meta_init_section(paths: list[Path]) -> str:
         curves[corpus].update({("momenta", k): r for k, r in momenta[corpus].items()})
     picked = json.loads((figure_io.DATA / "ablations" / "learned_momentum_selection" / "selection.json").read_text())
     pick_opt = next(iter(momenta["stdlib test"].values()))["config"]["optimizer"]
-    claim(next(iter(momenta["stdlib test"].values()))["levels"]["method"] == picked["pick"]
+    claim(all(r["levels"]["method"] == picked["pick"] for c in momenta.values() for r in c.values())
           and picked["validation_mean"][picked["pick"]] == max(picked["validation_mean"].values()),
           "the momenta studies hold the configuration picked on validation")
+    selection = study_rows("learned_momentum_selection")
+    # rounded: the shipped optimizer's row records its meta-learned rate unrounded (0.062598...), the others as written
+    tried = {k: sorted({round(r["config"]["optimizer"][k], 4) for r in selection}, reverse=True) for k in ("beta1", "beta2", "lr_v")}
+    sets = {r["prompt_set"] for r in selection}
+    claim(len(tried["lr_v"]) == 2 and math.isclose(tried["lr_v"][0], 2 * tried["lr_v"][1]),
+          "the selection tried the embedding rate as meta-learned and doubled")
     steps = sorted({k for (_, k) in test})
     header = ["start, corpus"] + [str(k) for k in steps]
     label = {"grid": "grid", "learned": "learned", "momenta": f"learned, β1 {pick_opt['beta1']:g}, β2 {pick_opt['beta2']:g}, lr_v {pick_opt['lr_v']:.3f}"}
@@ -993,8 +1003,9 @@ def meta_init_section(paths: list[Path]) -> str:
     shipped_val = picked["validation_mean"]["learned"]
     momenta_text = (
         f"\n- **Adam momenta for short budgets.** Over 10 steps Adam's momentum (β1 = 0.9) lags. A selection on the "
-        f"validation split (`learned_momentum_selection.toml`: β1 in 0.9, 0.7, 0.5, 0.3, 0; β2 in 0.99, 0.9; the embedding "
-        f"rate as meta-learned or doubled; mean over 10 and 30 steps, 2 × 256 prompts) picked `{picked['pick']}` "
+        f"validation split (`learned_momentum_selection.toml`: β1 in {', '.join(f'{b:g}' for b in tried['beta1'])}; β2 in "
+        f"{', '.join(f'{b:g}' for b in tried['beta2'])}; the embedding rate as meta-learned or doubled; mean over 10 and 30 "
+        f"steps, {len(sets)} × {selection[0]['prompts']} prompts) picked `{picked['pick']}` "
         f"(β1 {pick_opt['beta1']:g}, β2 {pick_opt['beta2']:g}, embedding rate {pick_opt['lr_v']:.3f}): "
         f"{pct(picked['validation_mean'][picked['pick']])} against {pct(shipped_val)} for the meta-trained optimizer. "
         f"On the test split, with no change to the network, 10 steps reach {pct(m10['stdlib test'])} "
@@ -1003,8 +1014,8 @@ def meta_init_section(paths: list[Path]) -> str:
         f"(at {m_below['stdlib test']}: {pct(momenta['stdlib test'][m_below['stdlib test']]['token_accuracy'], 2)} against "
         f"{pct(bar, 2)}), {m_match['licences (out of domain)']} on the licences and {m_match['seed essays']} on the seed essays "
         f"(against their own grid bars of {pct(bars['licences (out of domain)'], 2)} and {pct(bars['seed essays'], 2)}): "
-        f"×{300 / m_match['stdlib test']:.0f} to ×{300 / max(m_match['licences (out of domain)'], m_match['seed essays']):.1f}. "
-        f"The grid's bar does not move with the momenta: on validation at 300 steps it decodes "
+        f"×{300 / max(m_match.values()):.0f} to ×{300 / min(m_match.values()):.1f}. "
+        f"Lower momenta do not raise the grid's bar: on validation at 300 steps it decodes "
         f"{pct(grid_val['grid'], 2)} with the default Adam and "
         f"{' and '.join(pct(v, 2) for m, v in grid_val.items() if m != 'grid')} with the lower ones "
         f"(`grid_momentum_validation.toml`). Commands: `splatopt ablate figures/studies/learned_momentum_selection.toml`, "
@@ -1012,6 +1023,7 @@ def meta_init_section(paths: list[Path]) -> str:
         f"`learned_momentum_{{test,ood,third_domain}}.toml` (each `--device cuda`, `--out figures/data/ablations/<study>`; "
         f"one {momenta['stdlib test'][10]['device_name']}). `fit(init=\"learned\")` keeps the meta-trained optimizer: "
         f"the other studies of this report were recorded with it.")
+    from splatopt import InnerOptimizer
     from splatopt.meta import NONFINITE_LIMIT
 
     remeta = json.loads((figure_io.DATA / "meta" / "remeta_momenta.json").read_text())
@@ -1020,24 +1032,26 @@ def meta_init_section(paths: list[Path]) -> str:
     learned_rates = [acc_of["re-meta-trained"], acc_of["re-meta-trained, wider"]]
     held, held_final = acc_of["re-meta-trained, picked rates held"], acc_of["re-meta-trained, picked rates held, final-step loss"]
     runs = remeta["runs"]
-    claim(max(a["10"] for a in (*learned_rates, held, held_final)) - tuned["10"] < 0.5,
-          "no re-meta-trained initializer beats the shipped network with the picked momenta by half a point at 10 steps")
+    claim(abs(held["10"] - tuned["10"]) < 0.5, "with the picked rates held, re-meta-training lands within half a point at 10 steps")
     claim(max(a["10"] for a in learned_rates) < tuned["10"] and held_final["10"] < tuned["10"],
           "re-meta-training with learned rates, or with the final-step loss, does worse at 10 steps")
+    later = [k for k in ("20", "40", "60") if k in held]
     momenta_text += (
-        f"\n- **Re-meta-training through those momenta does not help at 10 steps** (256 validation prompts, one H200 per run, "
-        f"`figures/data/meta/remeta_momenta.json`, configs `figures/data/meta/remeta_*.toml`). The shipped network fitted with "
-        f"the picked momenta reaches {tuned['10']:.1f} % ({shipped['10']:.1f} % with its own optimizer). Re-meta-trained with "
-        f"β1 0.3, β2 0.9 in the unroll and learned rates ({runs['remeta_b1-03_b2-09']['wall_s']:.0f} s; "
-        f"{runs['remeta_b1-03_b2-09_wide']['wall_s']:.0f} s with a wider, deeper network): "
-        f"{' and '.join('%.1f %%' % a['10'] for a in learned_rates)}: the outer loss, the objective averaged "
-        f"over the steps, drove the embedding rate down (scales "
+        f"\n- **Re-meta-training through those momenta gains little at 10 steps** ({remeta['eval_prompt_count']} validation "
+        f"prompts; {len(runs)} runs, one {remeta['device']} each; `figures/data/meta/remeta_momenta.json`, configs "
+        f"`figures/data/meta/remeta_*.toml`). The shipped network fitted with the picked momenta reaches {tuned['10']:.1f} % "
+        f"({shipped['10']:.1f} % with its own optimizer). Re-meta-trained with β1 0.3, β2 0.9 in the unroll and learned rates "
+        f"({runs['remeta_b1-03_b2-09']['wall_s']:.0f} s; {runs['remeta_b1-03_b2-09_wide']['wall_s']:.0f} s with a wider, deeper "
+        f"network): {' and '.join('%.1f %%' % a['10'] for a in learned_rates)}; the outer loss, the objective averaged over the "
+        f"steps, drove the embedding rate down (scales "
         f"{' and '.join('×%.2f' % runs[r]['lr_scales'][3] for r in ('remeta_b1-03_b2-09', 'remeta_b1-03_b2-09_wide'))} of the "
-        f"default 0.1) where the selection by token accuracy raised it to {pick_opt['lr_v']:.3f}. With the picked rates held "
-        f"({runs['remeta_fixed_rates']['wall_s']:.0f} s): {held['10']:.1f} % at 10 steps, level with the shipped network, and "
-        f"{held['40']:.2f} % at 40 (against {tuned['40']:.2f} %). With the loss taken after the last step only: {held_final['10']:.1f} %. "
-        f"A first attempt of the held-rate runs hit a NaN outer gradient that clipping spread into every weight; "
-        f"`meta.train` now skips such steps and stops after {NONFINITE_LIMIT} in a row.")
+        f"default {InnerOptimizer().lr_v:g}) where the selection by token accuracy raised it to {pick_opt['lr_v']:.3f}. With the "
+        f"picked rates held ({runs['remeta_fixed_rates']['wall_s']:.0f} s): {held['10']:.1f} % at 10 steps "
+        f"({held['10'] - tuned['10']:+.1f} points), and "
+        f"{', '.join(f'{held[k]:.2f} % at {k}' for k in later)} against {', '.join(f'{tuned[k]:.2f} %' for k in later)}. "
+        f"With the loss taken after the last step only: {held_final['10']:.1f} %. A first attempt of the held-rate runs hit a "
+        f"NaN outer gradient that clipping spread into every weight; `meta.train` now skips such steps and stops after "
+        f"{NONFINITE_LIMIT} in a row.")
     text = (
         f"The shipped initializer was meta-trained for {log[-1]['step']} outer steps of {cfg['batch']} prompts "
         f"({cfg['corpus']}, N/L drawn from {sorted(set(cfg['fractions']))}), K = {cfg['inner_steps']} inner steps, "
