@@ -162,10 +162,8 @@ def tiny_config(**over):
     return meta.MetaConfig(**{**base, **over})
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypatch):
-    whole = meta.train(tiny_config(), tmp_path / "whole", model=model, bank=bank, device="cpu", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-
+def train_until_killed_at_step_3(monkeypatch, cfg, out, model, bank) -> None:
+    """Meta-train into ``out`` and kill the run as it logs step 3 (after the step-2 checkpoint)."""
     original = meta._append_jsonl
 
     def crash_at_step_3(path, row):
@@ -173,10 +171,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypa
             raise KeyboardInterrupt("killed")
         original(path, row)
 
-    monkeypatch.setattr(meta, "_append_jsonl", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
-    monkeypatch.setattr(meta, "_append_jsonl", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(meta, "_append_jsonl", crash_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            meta.train(cfg, out, model=model, bank=bank, device="cpu", progress=False)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypatch):
+    whole = meta.train(tiny_config(), tmp_path / "whole", model=model, bank=bank, device="cpu", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+    train_until_killed_at_step_3(monkeypatch, tiny_config(), tmp_path / "cut", model, bank)
     with pytest.raises(ValueError, match="--resume"):
         meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
     with pytest.raises(ValueError, match="other settings"):
@@ -425,17 +430,7 @@ def test_resume_keeps_counting_a_streak_of_nonfinite_steps(tmp_path, model, bank
     cfg, nan = tiny_config(outer_steps=8, checkpoint_every=2), nan_bank(bank, range(6))
     with pytest.raises(RuntimeError, match="not finite at 4 consecutive steps"):
         meta.train(cfg, tmp_path / "whole", model=model, bank=nan, device="cpu", progress=False)
-    original = meta._append_jsonl
-
-    def crash_at_step_3(path, row):
-        if row["step"] == 3:
-            raise KeyboardInterrupt("killed")
-        original(path, row)
-
-    monkeypatch.setattr(meta, "_append_jsonl", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        meta.train(cfg, tmp_path / "cut", model=model, bank=nan, device="cpu", progress=False)
-    monkeypatch.setattr(meta, "_append_jsonl", original)
+    train_until_killed_at_step_3(monkeypatch, cfg, tmp_path / "cut", model, nan)
     with pytest.raises(RuntimeError, match="outer step 4: the outer gradient was not finite at 4 consecutive steps"):
         meta.train(cfg, tmp_path / "cut", resume=True, model=model, bank=nan, device="cpu", progress=False)
     assert skip_pattern(tmp_path / "cut") == skip_pattern(tmp_path / "whole") == [1, 1, 1, 1]
