@@ -25,8 +25,9 @@ uncompiled; memory of a full unroll grows linearly with K (``checkpoint_inner`` 
 step's forward in the backward); ``curriculum`` lengthens the horizon from 1 to K over the first
 outer steps; an outer step whose gradient is not finite (an inner fit that blew up on that batch)
 is skipped, so NaN never reaches the weights, and ``NONFINITE_LIMIT`` such steps in a row stop the
-run with an error instead of writing a broken initializer. Checkpoints (safetensors + JSON: network, outer Adam, data RNG, step) are written
-atomically every ``checkpoint_every`` steps; ``resume=True`` continues exactly. Under ``torchrun``
+run with an error instead of writing a broken initializer. Checkpoints (safetensors + JSON:
+network, outer Adam, data RNG, step, skipped-step counters) are written atomically every
+``checkpoint_every`` steps; ``resume=True`` continues exactly. Under ``torchrun``
 the network is wrapped in DistributedDataParallel (gloo on CPU, NCCL on CUDA); every rank draws
 the same global batch indices from one generator and takes its own slice.
 """
