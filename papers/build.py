@@ -1052,6 +1052,23 @@ def meta_init_section(paths: list[Path]) -> str:
         f"With the loss taken after the last step only: {held_final['10']:.1f} %. A first attempt of the held-rate runs hit a "
         f"NaN outer gradient that clipping spread into every weight; `meta.train` now skips such steps and stops after "
         f"{NONFINITE_LIMIT} in a row.")
+    oracle = json.loads((figure_io.DATA / "meta" / "oracle_geometry.json").read_text())
+    o = oracle["token_accuracy"]
+    geo = [o[f"{name}-300 geometry + least-squares embeddings, picked Adam, 10 steps"] for name in ("grid", "learned")]
+    geo0 = [o[f"{name}-300 geometry + least-squares embeddings, 0 steps"] for name in ("grid", "learned")]
+    own10 = o["learned start, picked Adam, 10 steps"]
+    claim(max(geo) < own10 and max(geo) < bar, "even the converged geometry, with least-squares embeddings, stays below the "
+          "learned start after 10 steps")
+    momenta_text += (
+        f"\n- **What limits 10 steps is the embeddings, not the placement.** Starting from the converged geometry of a 300-step "
+        f"fit (centres, widths, weights of the grid's or of the learned start's fit) with least-squares embeddings, an "
+        f"initializer that places every splat exactly where the fit ends but knows nothing of the decoder: "
+        f"{pct_range(geo0)} of the tokens at 0 steps and {pct_range(geo)} after 10 steps of the picked update, against "
+        f"{pct(own10)} from the learned start; with the fits' own embeddings the same geometry decodes "
+        f"{pct_range([o['grid start, 300 steps (converged)'], o['learned start, 300 steps (converged)']])} "
+        f"({oracle['prompts']}, {oracle['device']}, `{oracle['command']}`). The accuracy "
+        f"lies in embeddings that depart from least squares towards what the decoder reads, so a 30× cut needs an "
+        f"initializer that predicts those, not better positions.")
     text = (
         f"The shipped initializer was meta-trained for {log[-1]['step']} outer steps of {cfg['batch']} prompts "
         f"({cfg['corpus']}, N/L drawn from {sorted(set(cfg['fractions']))}), K = {cfg['inner_steps']} inner steps, "
