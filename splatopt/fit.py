@@ -24,6 +24,7 @@ from fixedpos.cache import read_safetensors, write_safetensors
 
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
 from .density import DensityContext, NoDensify, resolve_density
+from .fisher import resolve_metric
 from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
 from .graphs import AdamLoop
 from .kernels import FusedAdamLoop, available, fused_field_loss, mse_coefficients, unavailable_reason
@@ -418,7 +419,8 @@ def fit(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
     is_field = isinstance(texts_or_fields, (Tensor, Targets))
-    if model is None and (not is_field or objective.needs_decoder or init == "learned"):
+    if model is None and (not is_field or objective.needs_decoder or init == "learned"
+                          or (optimizer is not None and optimizer.metric == "fisher")):
         import fixedpos
 
         model = fixedpos.load()
@@ -429,6 +431,7 @@ def fit(
         initializer.to(device)  # a network initializer runs where the fit runs
         optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
     optimizer = optimizer or InnerOptimizer()
+    metric = resolve_metric(optimizer, model, device, dtype)  # [d, d] or None: read before any work
     solve = optimizer.embeddings == "solve"
     if solve and (varpro or not isinstance(strategy, NoDensify)):
         what = "varpro=True" if varpro else f"density={density!r}"
@@ -460,7 +463,9 @@ def fit(
     # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
     # the fused step holds frozen slots whole, not by parameter group
     partly_frozen = frozen is not None and (frozen_moves or frozen_v_tolerance > 0)
-    fused_step = fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify) and not partly_frozen
+    # the fused step's Adam runs in the field's own coordinates: a metric needs the PyTorch step
+    fused_step = (fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify)
+                  and not partly_frozen and metric is None)
     host_free = _host_free_blocker(device, varpro or solve, strategy, frozen is not None and frozen_v_tolerance > 0, truncate)
     if cuda_graphs and host_free is not None:
         raise ValueError(f"cuda_graphs=True but {host_free}; pass cuda_graphs=None or False")
@@ -491,7 +496,7 @@ def fit(
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
                 record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
-                fused_step, host_free, cuda_graphs, frozen_moves, frozen_v_tolerance,
+                fused_step, host_free, cuda_graphs, frozen_moves, frozen_v_tolerance, metric,
             )
         )
     if device.type == "cuda":
@@ -616,6 +621,7 @@ def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
     generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
     fused=False, fused_step=False, host_free=False, cuda_graphs=False, frozen_moves=False, frozen_v_tolerance=0.0,
+    metric=None,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -733,7 +739,7 @@ def _fit_chunk(
         loop = FusedAdamLoop(params, state, slot_mask, target, mask, mse_coefficients(target, mask, objective),
                              optimizer, steps, v_scale, cuda_graphs=cuda_graphs)
     elif host_free:
-        loop = AdamLoop(gradients, params, state, optimizer, steps, v_scale, cuda_graphs=cuda_graphs)
+        loop = AdamLoop(gradients, params, state, optimizer, steps, v_scale, cuda_graphs=cuda_graphs, metric=metric)
     stops = sorted({s for s in record_steps | {frozen_steps, steps} if 0 < s <= steps})
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
     for step in bar:
@@ -755,7 +761,7 @@ def _fit_chunk(
             lrs = {k: lr * (free[..., None] if k == "v" else free) if k in held_groups else lr for k, lr in lrs.items()}
         if strategy is not None:
             density_state = strategy.observe(step, grads, slot_mask, density_state)
-        params, state, skipped = adam_step(params, grads, state, lrs, optimizer)
+        params, state, skipped = adam_step(params, grads, state, lrs, optimizer, metric)
         skipped_total += skipped
         if v_start is not None and step < frozen_steps:
             params["v"] = _within_tolerance(params["v"], v_start, frozen, frozen_v_tolerance)

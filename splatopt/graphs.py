@@ -64,16 +64,16 @@ class AdamLoop:
     written). v_scale: [B, 1, 1], the per-prompt factor on ``lr_v``. Each step equals ``adam_step``
     with ``optimizer.learning_rates(step, steps, v_scale)`` (Adam's step count on the device in
     float64: bias corrections as the host computes them). cuda_graphs: after one step run eagerly,
-    ``unroll`` steps at a time are captured once and replayed.
+    ``unroll`` steps at a time are captured once and replayed. metric: [d, d], ``adam_step``'s.
     """
 
     def __init__(self, gradients: Callable[[dict[str, Tensor]], dict[str, Tensor]], params: dict[str, Tensor],
                  state: dict, optimizer: InnerOptimizer, steps: int, v_scale: Tensor, cuda_graphs: bool = False,
-                 unroll: int = 2):
+                 unroll: int = 2, metric: Tensor | None = None):
         dev = next(iter(params.values())).device
         if cuda_graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs CUDA tensors, got {dev}")
-        self.gradients, self.optimizer, self.v_scale = gradients, optimizer, v_scale
+        self.gradients, self.optimizer, self.v_scale, self.metric = gradients, optimizer, v_scale, metric
         self.step, self.total, self.cuda_graphs, self.unroll = 0, steps, cuda_graphs, unroll
         self.params = {k: t.detach().clone() for k, t in params.items()}
         self.state = {"m": {k: state["m"][k].clone() for k in params}, "v": {k: state["v"][k].clone() for k in params},
@@ -89,7 +89,7 @@ class AdamLoop:
         if free is not None:
             f = free.to(row.dtype)
             lrs = {k: lr * (f[..., None] if k == "v" else f) if k in held else lr for k, lr in lrs.items()}
-        params, state, skipped = adam_step(self.params, self.gradients(self.params), self.state, lrs, self.optimizer)
+        params, state, skipped = adam_step(self.params, self.gradients(self.params), self.state, lrs, self.optimizer, self.metric)
         with torch.no_grad():
             for k in self.params:
                 self.params[k].copy_(params[k])

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from fixedpos.cache import atomic_write_bytes, read_safetensors, write_safetensors
 
+from .fisher import resolve_metric
 from .learned import Architecture, LearnedInitializer
 from .objectives import Objective, objective_terms
 from .optim import InnerOptimizer, adam_init, adam_step, offset_for, solve_embeddings, target_rms
@@ -174,6 +175,7 @@ def unroll(
     truncate_k: int = 1,
     log_lr_scale: Tensor | None = None,
     checkpoint_inner: bool = False,
+    metric: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Run ``steps`` inner Adam steps from ``splats``, differentiably. Returns (losses [steps + 1, B], final params).
 
@@ -185,6 +187,7 @@ def unroll(
     ``optimizer.embeddings == "solve"`` Adam moves the geometry and the field-space offset that
     gives back the initializer's embeddings (``optim.offset_for``, differentiable), and the
     embeddings are solved for at every step, as in ``fit``; the final params hold the solved v.
+    metric: [d, d], the whitening of ``optimizer.metric`` (``fisher.resolve_metric``), or None.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
@@ -194,11 +197,11 @@ def unroll(
     with torch.enable_grad():
         params = {k: t if t.requires_grad else t.detach().requires_grad_(True) for k, t in splats.params().items()}
         return _unroll(splats, params, target, mask, ids, decode, objective, optimizer, steps, mode, truncate_k,
-                       log_lr_scale, checkpoint_inner)
+                       log_lr_scale, checkpoint_inner, metric)
 
 
 def _unroll(splats, params, target, mask, ids, decode, objective, optimizer, steps, mode, truncate_k, log_lr_scale,
-            checkpoint_inner) -> tuple[Tensor, dict[str, Tensor]]:
+            checkpoint_inner, metric) -> tuple[Tensor, dict[str, Tensor]]:
     L = target.shape[1]
     solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
     if solve:
@@ -240,7 +243,7 @@ def _unroll(splats, params, target, mask, ids, decode, objective, optimizer, ste
             lrs = {g: lrs[g] * scale[i] for i, g in enumerate(LR_GROUPS)}
         if solve:
             lrs["offset"] = lrs.pop("v")
-        params, state, _ = adam_step(params, dict(zip(params, grads)), state, lrs, optimizer)
+        params, state, _ = adam_step(params, dict(zip(params, grads)), state, lrs, optimizer, metric)
     if solve:
         params = {**{k: t for k, t in params.items() if k != "offset"}, "v": solved(params)[0]}
     return torch.stack(losses), params
@@ -388,6 +391,7 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict()},
     ).to(device)
     net.log_lr_scale.requires_grad_(cfg.learn_lr)
+    metric = resolve_metric(net.optimizer, model, device, torch.float32)  # [d, d] or None
     trainable = [p for p in net.parameters() if p.requires_grad]
     network = [p for p in trainable if p is not net.log_lr_scale]
     groups = [{"params": network, "base_lr": cfg.lr}]
@@ -428,7 +432,7 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         K = horizon(cfg, step)
         for group in opt.param_groups:
             group["lr"] = outer_lr(cfg, step) * group["base_lr"] / cfg.lr
-        stats = _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device)
+        stats = _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device, metric)
         done = step + 1
         nonfinite_in_row = nonfinite_in_row + 1 if stats["skipped"] else 0
         skipped_since_log += int(stats.pop("skipped"))
@@ -479,7 +483,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     return net.eval()
 
 
-def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device) -> dict[str, Tensor | bool]:
+def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device,
+                metric=None) -> dict[str, Tensor | bool]:
     """Propose, unroll K inner steps, one outer Adam step. Returns detached scalars and ``skipped`` (the
     gradient was not finite and the step was not taken: one host sync per step).
 
@@ -489,7 +494,7 @@ def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objec
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         splats = module(target, mask, n)
     losses, _ = unroll(splats, target, mask, ids, decode, objective, net.optimizer, K, cfg.mode, min(cfg.truncate_k, K),
-                       net.log_lr_scale if cfg.learn_lr else None, cfg.checkpoint_inner)
+                       net.log_lr_scale if cfg.learn_lr else None, cfg.checkpoint_inner, metric)
     outer = (losses[-1] if cfg.loss_over == "final" else losses.mean(0)).mean()
     opt.zero_grad(set_to_none=True)
     outer.backward()

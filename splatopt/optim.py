@@ -22,6 +22,9 @@ from torch import Tensor
 GROUPS = ("mu", "log_sigma", "weight_logit", "v")
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
 EMBEDDINGS = ("adam", "solve")
+METRICS = ("identity", "fisher")  # or a path to a Fisher file (splatopt.fisher.save_field_fisher)
+# the groups that live in field space [..., d]: the metric acts on their last dimension
+FIELD_GROUPS = ("v", "offset")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class InnerOptimizer:
     warmup: int = 0
     embeddings: str = "adam"
     solve_ridge: float = 1e-4
+    metric: str = "identity"
+    metric_damping: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -90,6 +95,10 @@ class InnerOptimizer:
             raise ValueError(f"embeddings={self.embeddings!r}: choose one of {EMBEDDINGS}")
         if not (self.solve_ridge > 0 and math.isfinite(self.solve_ridge)):
             raise ValueError(f"solve_ridge={self.solve_ridge} must be a finite number > 0")
+        if not isinstance(self.metric, str) or not (self.metric in METRICS or self.metric.endswith(".safetensors")):
+            raise ValueError(f"metric={self.metric!r}: choose one of {METRICS} or a path to a Fisher file (*.safetensors)")
+        if not (self.metric_damping > 0 and math.isfinite(self.metric_damping)):
+            raise ValueError(f"metric_damping={self.metric_damping} must be a finite number > 0")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be > 0 (or None: no clipping)")
 
@@ -144,11 +153,15 @@ def adam_step(
     state: dict,
     lrs: dict[str, Tensor | float],
     cfg: InnerOptimizer,
+    metric: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict, Tensor]:
     """One functional Adam step. Returns (new params, new state, skipped [B] bool).
 
     A prompt whose gradient holds NaN or inf is skipped: its parameters and moments stay as they
     were (``skipped`` reports it), and no other prompt is affected. Nothing is updated in place.
+    metric: [d, d] symmetric R (``cfg.metric``'s whitening) or None. For the field-space groups
+    (``v``, ``offset``) the moments are kept for ``g @ R`` and the step is ``update @ R``: Adam
+    on ``x R^-1``, without forming the inverse.
     """
     t = state["t"] + 1
     b1, b2 = cfg.beta1, cfg.beta2
@@ -161,6 +174,9 @@ def adam_step(
         g = grads[k]
         keep = ok.view((-1,) + (1,) * (g.dim() - 1))
         g = torch.where(keep, g, torch.zeros_like(g))
+        whiten = metric is not None and k in FIELD_GROUPS
+        if whiten:
+            g = g @ metric
         if cfg.clip is not None:
             g = g * (cfg.clip / (_per_prompt_norm(g) + 1e-12)).clamp(max=1.0)
         m = b1 * state["m"][k] + (1 - b1) * g
@@ -168,6 +184,8 @@ def adam_step(
         m_hat = m / (1 - b1**t)
         v_hat = v / (1 - b2**t)
         update = lrs[k] * m_hat / (torch.sqrt(v_hat + cfg.eps_root) + cfg.eps)
+        if whiten:
+            update = update @ metric
         new_p[k] = torch.where(keep, p - update, p)
         new_m[k] = torch.where(keep, m, state["m"][k])
         new_v[k] = torch.where(keep, v, state["v"][k])
