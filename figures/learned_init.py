@@ -6,7 +6,9 @@ figures/studies/<study>.toml``: one row per (init, steps), 512 prompts of at mos
 separate fit for every step budget (its learning-rate schedule runs over that budget), objective
 MSE + decode CE. The learned initializer fits with the inner Adam it was meta-trained with; a third
 curve (learned_momentum_test/, learned_momentum_ood/: the same prompts) fits it with the Adam
-momenta picked on validation for short budgets (scripts/select_learned_momentum.py). Steps
+momenta picked on validation for short budgets (scripts/select_learned_momentum.py), a fourth
+(learned_metric_test/, learned_metric_ood/) with the embedding update in the decoder's Fisher
+metric picked on validation (InnerOptimizer(metric="fisher"), splatopt.fisher). Steps
 are plotted on a symlog axis so that the feed-forward result (0 steps) sits at x = 0. Columns:
 token accuracy, relative field error; line style: corpus. The horizontal rule marks the grid's
 token accuracy after 300 steps on the test split: the issue's bar for the learned start.
@@ -21,19 +23,23 @@ from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 from splatopt import ablate
 
 DATA_FILES = ["ablations/learned_init/results.jsonl", "ablations/learned_init_ood/results.jsonl",
-              "ablations/learned_momentum_test/results.jsonl", "ablations/learned_momentum_ood/results.jsonl"]
+              "ablations/learned_momentum_test/results.jsonl", "ablations/learned_momentum_ood/results.jsonl",
+              "ablations/learned_metric_test/results.jsonl", "ablations/learned_metric_ood/results.jsonl"]
 CORPORA = {"learned_init": ("stdlib test", "-"), "learned_init_ood": ("licences (out of domain)", ":")}
 MOMENTA = {"learned_init": "learned_momentum_test", "learned_init_ood": "learned_momentum_ood"}
+METRIC = {"learned_init": "learned_metric_test", "learned_init_ood": "learned_metric_ood"}
 TICKS = [0, 1, 3, 10, 30, 100, 300]
 INITS = {"grid": ("grid init", "#d95f02", "s"), "learned": ("learned init", "#08306b", "o"),
-         "momenta": ("learned init, picked momenta", "#1b9e77", "^")}
+         "momenta": ("learned init, picked momenta", "#1b9e77", "^"),
+         "metric": ("learned init, Fisher metric", "#7570b3", "D")}
 
 
 def curves(study: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
     """init -> (steps, mean token accuracy, mean field error), sorted by steps."""
     rows = ablate.read_rows(DATA / "ablations" / study)
-    # the momenta study has one method (the pick) and no init level: its rows are the third curve
+    # the momenta and metric studies have one method (the pick) and no init level: their rows are the third and fourth curves
     rows += [{**r, "levels": {**r["levels"], "init": "momenta"}} for r in ablate.read_rows(DATA / "ablations" / MOMENTA[study])]
+    rows += [{**r, "levels": {**r["levels"], "init": "metric"}} for r in ablate.read_rows(DATA / "ablations" / METRIC[study])]
     out = {}
     for init in INITS:
         mine = sorted((r for r in rows if r["levels"]["init"] == init), key=lambda r: r["levels"]["steps"])
@@ -65,7 +71,7 @@ def main() -> list:
     axes[0].set_ylabel("token accuracy (%)")
     axes[0].set_ylim(0, 108)
     axes[1].set_ylabel("relative field error")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=6.5, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=6, frameon=False)
     return save(fig, "learned_init")
 
 
