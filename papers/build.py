@@ -939,7 +939,15 @@ def third_domain_grid_bar() -> float:
     return sum(mine) / len(mine)
 
 
-def fisher_header_model(cfg: dict) -> str:
+def method_means(study: str) -> dict[str, float]:
+    """method -> mean token accuracy over a study's rows (its prompt sets and seeds)."""
+    values: dict[str, list[float]] = {}
+    for r in study_rows(study):
+        values.setdefault(r["levels"]["method"], []).append(r["token_accuracy"])
+    return {m: sum(v) / len(v) for m, v in values.items()}
+
+
+def shipped_stem(cfg: dict) -> str:
     """The shipped files' stem for the meta-training config's model and layer (e.g. minilm-l6-layer2)."""
     return f"{cfg['model']}-layer{cfg['layer']}"
 
@@ -1014,10 +1022,7 @@ def meta_init_section(paths: list[Path]) -> str:
     claim(all(m10[c] < bars[c] for c in momenta), "with the picked momenta, 10 steps still stay below the grid's 300-step accuracy")
     claim(m10["stdlib test"] > at10 and m10["licences (out of domain)"] > ood[("learned", 10)]["token_accuracy"],
           "the picked momenta raise the learned start's 10-step accuracy on both corpora")
-    grid_val = {}
-    for r in study_rows("grid_momentum_validation"):
-        grid_val.setdefault(r["levels"]["method"], []).append(r["token_accuracy"])
-    grid_val = {m: sum(v) / len(v) for m, v in grid_val.items()}
+    grid_val = method_means("grid_momentum_validation")
     claim(max(grid_val.values()) - grid_val["grid"] < 0.001, "lower momenta do not lift the grid's 300-step validation accuracy")
     shipped_val = picked["validation_mean"]["learned"]
     momenta_text = (
@@ -1103,10 +1108,7 @@ def meta_init_section(paths: list[Path]) -> str:
     top = sorted(metric_pick["validation_mean"].values(), reverse=True)
     identity_best = max(v for m, v in metric_pick["validation_mean"].items() if not m.startswith("fisher"))
     claim(metric_opt["lr_v"] == max(x_tried["lr_v"]), "the metric's pick lies at the largest embedding rate tried (said in the text)")
-    grid_x = {}
-    for r in study_rows("grid_metric_validation"):
-        grid_x.setdefault(r["levels"]["method"], []).append(r["token_accuracy"])
-    grid_x = {m: sum(v) / len(v) for m, v in grid_x.items()}
+    grid_x = method_means("grid_metric_validation")
     claim(max(v for m, v in grid_x.items() if m != "grid") < grid_x["grid"], "the Fisher metric lowers the grid's 300-step validation accuracy")
     probes = json.loads((figure_io.DATA / "meta" / "metric_probes.json").read_text())
     pa = probes["token_accuracy_pct"]
@@ -1118,7 +1120,7 @@ def meta_init_section(paths: list[Path]) -> str:
     from fixedpos.cache import read_safetensors
     from splatopt.learned import SHIPPED_DIR
 
-    fisher_tensors, fisher_header = read_safetensors(SHIPPED_DIR / f"{fisher_header_model(cfg)}.fisher.safetensors", "field Fisher")
+    fisher_tensors, fisher_header = read_safetensors(SHIPPED_DIR / f"{shipped_stem(cfg)}.fisher.safetensors", "field Fisher")
     fisher_cfg, fisher_dim = json.loads(fisher_header["meta"]), fisher_tensors["fisher"].shape[0]
     momenta_text += (
         f"\n- **The decoder's metric: 10 steps reach {pct(x10['stdlib test'])}, and {x_match['stdlib test']} steps match the grid's "
