@@ -384,7 +384,7 @@ def fit(
     "gaussian", mode "additive", no truncation, no varpro, float32, at most ``MAX_SLOTS`` splats per
     prompt; True = insist (ValueError saying why it cannot; on the CPU it needs TRITON_INTERPRET=1,
     for tests); False = render with PyTorch. With a relative MSE alone, no clipping and no density
-    control, the whole step (loss, backward and Adam) runs fused in two kernels
+    control and no metric (``InnerOptimizer.metric``), the whole step (loss, backward and Adam) runs fused in two kernels
     (:func:`splatopt.kernels.fused_adam_step`, tf32x3 products: float32-accurate). Recorded metrics
     render with PyTorch either way; the choice made is ``config["fused"]``.
     cuda_graphs: the inner loop captured as CUDA graphs and replayed between recorded steps (one
@@ -419,8 +419,7 @@ def fit(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
     is_field = isinstance(texts_or_fields, (Tensor, Targets))
-    if model is None and (not is_field or objective.needs_decoder or init == "learned"
-                          or (optimizer is not None and optimizer.metric == "fisher")):
+    if model is None and (not is_field or objective.needs_decoder or init == "learned"):
         import fixedpos
 
         model = fixedpos.load()
@@ -432,6 +431,9 @@ def fit(
         optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
     optimizer = optimizer or InnerOptimizer()
     metric = resolve_metric(optimizer, model, device, dtype)  # [d, d] or None: read before any work
+    if varpro and metric is not None:
+        raise ValueError(f"optimizer.metric={optimizer.metric!r} moves the embeddings in the decoder's metric, but varpro=True "
+                         "solves for them and moves none: use metric='identity', or varpro=False")
     solve = optimizer.embeddings == "solve"
     if solve and (varpro or not isinstance(strategy, NoDensify)):
         what = "varpro=True" if varpro else f"density={density!r}"
@@ -443,6 +445,9 @@ def fit(
         raise ValueError("frozen_v_tolerance bounds Adam's steps on frozen embeddings; embeddings='solve' holds them "
                          "exactly instead: use embeddings='adam' or frozen_v_tolerance=0")
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
+    if metric is not None and metric.shape[-1] != field.shape[-1]:
+        raise ValueError(f"optimizer.metric={optimizer.metric!r} is a Fisher for d={metric.shape[-1]}, but the field has "
+                         f"d={field.shape[-1]}: estimate one for this model (splatopt.fisher.estimate_field_fisher)")
     decode = model.decode if model is not None else None
     if objective.needs_decoder and ids is None:
         with torch.no_grad():

@@ -49,6 +49,13 @@ class InnerOptimizer:
     as they move; for a fixed basis (``fit(basis=...)``) the coefficients are solved the same way,
     so a rate-distortion comparison can give every method the same update. solve_ridge: that
     solve's ridge, relative to the mean diagonal of A^T A.
+    metric: the coordinates in which Adam moves the embeddings (or the offset). "identity": the
+    field's own dimensions. "fisher": the decoder's empirical Fisher F in field space, shipped for
+    the model (:mod:`splatopt.fisher`); a path names a Fisher file instead. Adam then scales the
+    decoder's principal directions, not the field's arbitrary axes: its moments are kept for
+    ``g @ R`` and it steps ``update @ R``, R = (F + metric_damping * mean eigenvalue * I)^(-1/2)
+    scaled to a mean diagonal of 1 (:func:`splatopt.fisher.whitening`), i.e. Adam on ``x R^-1``.
+    No effect with ``fit(varpro=True)`` (no embedding parameter moves; fit refuses the pair).
     """
 
     lr_mu: float = 0.1

@@ -81,12 +81,18 @@ def test_a_fisher_file_round_trips_and_bad_files_name_the_problem(tmp_path):
     F = spd(6, 1).float()
     path = save_field_fisher(tmp_path / "f.safetensors", F, model, {"prompts": 3})
     torch.testing.assert_close(load_field_fisher(str(path), model), F)
-    with pytest.raises(ValueError, match="no such Fisher file"):
+    with pytest.raises(ValueError, match="no Fisher file at"):
         load_field_fisher(str(tmp_path / "missing.safetensors"), model)
     with pytest.raises(ValueError, match="d=5"):
         load_field_fisher(str(path), fake_model(d=5))
-    with pytest.raises(ValueError, match="other|not"):
+    with pytest.raises(ValueError, match="estimated for model_hash"):
         load_field_fisher(str(path), fake_model(model_hash="fff999"))
+    other_layer = fake_model()
+    other_layer.layer = 4  # the same weights read at another layer: another decoder head
+    with pytest.raises(ValueError, match="estimated for layer"):
+        load_field_fisher(str(path), other_layer)
+    with pytest.raises(ValueError, match="not a square"):
+        load_field_fisher(str(save_field_fisher(tmp_path / "scalar.safetensors", torch.tensor(1.0), model)), model)
     bad = F.clone()
     bad[0, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
@@ -96,6 +102,11 @@ def test_a_fisher_file_round_trips_and_bad_files_name_the_problem(tmp_path):
         load_field_fisher(str(tmp_path / "junk.safetensors"), model)
     with pytest.raises(ValueError, match="no field Fisher is shipped"):
         load_field_fisher("fisher", model)
+
+
+def test_a_fisher_without_a_positive_eigenvalue_cannot_whiten():
+    with pytest.raises(ValueError, match="no positive eigenvalue"):
+        whitening(torch.zeros(4, 4), 1.0)
 
 
 @pytest.mark.parametrize("kwargs", [{"metric": "euclid"}, {"metric": 3}, {"metric_damping": 0.0}, {"metric_damping": float("nan")}])
@@ -130,6 +141,53 @@ def test_fit_and_the_unrolled_loop_take_the_same_steps_in_a_metric(tmp_path, emb
     assert not torch.allclose(fitted.history["loss"][-1], plain.history["loss"][-1])
 
 
+def test_fit_refuses_a_metric_it_cannot_apply(tmp_path):
+    """varpro moves no embedding; a Fisher of another width; 'fisher' with no model to name one."""
+    target, mask, _ = small_problem()
+    t = splatopt.Targets(target.float(), mask)
+    path = str(save_field_fisher(tmp_path / "f.safetensors", spd(6, 2).float(), None))
+    common = dict(n_splats=[3, 2], steps=1, objective="mse", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="varpro"):
+        splatopt.fit(t, None, optimizer=InnerOptimizer(metric=path), varpro=True, **common)
+    wide = str(save_field_fisher(tmp_path / "wide.safetensors", spd(8, 2).float(), None))
+    with pytest.raises(ValueError, match="d=8.*d=6"):
+        splatopt.fit(t, None, optimizer=InnerOptimizer(metric=wide), **common)
+    with pytest.raises(ValueError, match="pass model="):
+        splatopt.fit(t, None, optimizer=InnerOptimizer(metric="fisher"), **common)
+
+
+def test_the_host_free_loop_takes_the_eager_steps_in_a_metric():
+    """AdamLoop (fit's loop on CUDA, here uncaptured on the CPU) carries the metric: each step is adam_step's."""
+    from splatopt.graphs import AdamLoop
+    from splatopt.optim import target_rms
+
+    target, mask, splats = small_problem()
+    R = whitening(spd(6, 4), 0.5)
+    opt = InnerOptimizer(beta1=0.5)
+    W = torch.randn(6, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
+
+    def gradients(p):  # a smooth non-quadratic loss in every group
+        live = {k: t.detach().requires_grad_(True) for k, t in p.items()}
+        loss = sum(((t.tanh() if k != "v" else t @ W) ** 2).sum() for k, t in live.items())
+        return dict(zip(live, torch.autograd.grad(loss, list(live.values()))))
+
+    params = {k: t.clone() for k, t in splats.params().items()}
+    v_scale = target_rms(target, mask)
+
+    def looped(metric):
+        loop = AdamLoop(gradients, params, adam_init(params), opt, 5, v_scale, cuda_graphs=False, metric=metric)
+        loop.run(5)
+        return loop.params
+
+    eager, state = dict(params), adam_init(params)
+    for i in range(5):
+        eager, state, _ = adam_step(eager, gradients(eager), state, opt.learning_rates(i, 5, v_scale), opt, metric=R)
+    in_metric = looped(R)
+    for k in params:
+        torch.testing.assert_close(in_metric[k], eager[k], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(in_metric["v"], looped(None)["v"])
+
+
 def test_the_shipped_fisher_for_the_default_model_is_symmetric_positive_semidefinite(model):
     assert shipped_fisher_path(model).is_file()
     F = load_field_fisher("fisher", model).double()
@@ -149,9 +207,11 @@ def test_estimated_fisher_is_a_symmetric_psd_average_of_token_gradients(model, s
 
 
 def test_metric_fisher_in_a_fit_reads_the_shipped_file(model, short_prompts):
-    opt = InnerOptimizer(embeddings="solve", metric="fisher")
-    r = splatopt.fit(short_prompts[:2], model, n_splats=0.25, steps=2, optimizer=opt, device="cpu", progress=False)
+    common = dict(n_splats=0.25, steps=3, device="cpu", progress=False)
+    r = splatopt.fit(short_prompts[:2], model, optimizer=InnerOptimizer(embeddings="solve", metric="fisher"), **common)
+    plain = splatopt.fit(short_prompts[:2], model, optimizer=InnerOptimizer(embeddings="solve"), **common)
     assert torch.isfinite(r.field_error).all() and r.config["optimizer"]["metric"] == "fisher"
+    assert not torch.allclose(r.splats.v, plain.splats.v)
 
 
 @pytest.mark.cuda
