@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 import fixedpos
 import splatopt
+from splatopt.bench import device_label
 from splatopt.render import render, splat_weights
 
 
@@ -89,8 +89,7 @@ def main() -> None:
         "tokens_per_splat_cold_where_warm_loses": [round(p["tokens_per_splat_cold"], 2) for p in prompts if p["warm_accuracy"] < p["cold_accuracy"]],
     }
     print(json.dumps(summary, indent=1))
-    out = {"command": " ".join(["python", *sys.argv]), "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda")
-           else platform.processor() or "cpu", "torch": torch.__version__, "sources": args.sources,
+    out = {"command": " ".join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__, "sources": args.sources,
            "filter": {"op": args.op, "max_tokens": args.max_tokens, "far_splats": "> 0"}, "summary": summary, "prompts": prompts}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tomllib
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import fixedpos
 import splatopt
 from splatopt import InnerOptimizer
+from splatopt.bench import device_label
 from splatopt.learned import load_learned
 
 BUCKETS = [(1, 2), (3, 4), (5, 8), (9, 16)]  # splats per prompt, inclusive
@@ -57,7 +57,7 @@ def main() -> None:
                                   "prompts_below_100": int((acc[m] < 1).sum())}
         out[label] = row
         print(label, json.dumps({k: round(100 * v["token_accuracy"], 2) for k, v in row.items() if v["token_accuracy"] is not None}), flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})"
+    device = device_label(args.device)
     Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "device": device,
                                           "prompts": f"stdlib:validation, {args.prompts} prompts (seed 0), N = L/4",
                                           "results": out}, indent=1) + "\n")

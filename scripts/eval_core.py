@@ -20,6 +20,7 @@ import torch
 
 import fixedpos
 import splatopt
+from splatopt.bench import device_label
 
 SWEEP = {
     "default": {},
@@ -65,7 +66,7 @@ def main() -> None:
 
     model = fixedpos.load(layer=args.layer)
     header = {
-        "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu",
+        "device": device_label(args.device),
         "torch": torch.__version__, "python": platform.python_version(), "model": model.name, "layer": model.layer,
         "split": args.split, "n": args.n, "command": " ".join(["python", *sys.argv]),
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import platform
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 
 import fixedpos
 import splatopt
+from splatopt.bench import device_label
 
 
 def random_edit(text: str, rng: random.Random, vocabulary: list[str]) -> tuple[str, str]:
@@ -154,7 +154,7 @@ def main() -> None:
         }
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
-        "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu",
+        "device": device_label(args.device),
         "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
         "edit_defaults": {k: repr(v.default) for k, v in inspect.signature(splatopt.edit).parameters.items()
                           if v.default is not inspect.Parameter.empty}, "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt, "objective": args.objective,

@@ -20,6 +20,7 @@ import torch
 import fixedpos
 import splatopt
 from splatopt import InnerOptimizer
+from splatopt.bench import device_label
 from splatopt.learned import LearnedInitializer
 
 
@@ -43,7 +44,7 @@ def main() -> None:
                                  device=args.device, progress=False, record_every=0)
                 acc[f"{corpus} {name} {steps}"] = r.summary()["token_accuracy"]
                 print(corpus, name, steps, f"{100 * acc[f'{corpus} {name} {steps}']:.2f}", flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    device = device_label(args.device)
     out = {"device": device, "command": " ".join(["python", *sys.argv]), "inner_optimizer": learned.optimizer.to_dict(),
            "token_accuracy": acc}
     Path(args.out).write_text(json.dumps(out, indent=1))

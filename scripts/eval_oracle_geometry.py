@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import fixedpos
 import splatopt
 from splatopt import InnerOptimizer, WarmStart, closed_form_v
+from splatopt.bench import device_label
 from splatopt.learned import load_learned
 from splatopt.render import splat_weights
 
@@ -57,7 +57,7 @@ def main() -> None:
             out[f"{name}-300 geometry + least-squares embeddings, {label}"] = acc(r)
         for k, v in out.items():
             print(f"{100 * v:6.2f}  {k}", flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()})"
+    device = device_label(args.device)
     Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "device": device,
                                           "prompts": f"stdlib:validation, {args.prompts} prompts (seed 0), N = L/4",
                                           "token_accuracy": out}, indent=1) + "\n")

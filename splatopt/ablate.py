@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import time
 import tomllib
 import warnings
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .bench import device_label
 from .fit import fit
 from .optim import InnerOptimizer
 
@@ -404,7 +404,7 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
         "settings": cell.settings, "config": result.config, "corpus": study.corpus, "prompt_seed": cell.prompt_seed,
         "max_tokens": study.max_tokens, "min_tokens": study.min_tokens,
         "splatopt": __version__, "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": device_label(run_device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -75,6 +75,12 @@ PEAK_BF16_FLOPS = (
 )
 
 
+def device_label(device: torch.device | str) -> str:
+    """What a result records as its device: the CUDA device's name, else the CPU's (``platform.processor()``, or "cpu")."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
 def device_peak_flops(device_name: str) -> float | None:
     """Peak dense bf16 tensor-core FLOP/s of a device named like ``torch.cuda.get_device_name``; None if unknown."""
     for key, flops in PEAK_BF16_FLOPS:
@@ -240,7 +246,7 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "loss_backward_ms": _timed(loss_backward, cfg.warmup, cfg.iters, device) * 1e3,
         }
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    device_name = device_label(device)
     target_bytes = target.numel() * target.element_size()
     param_bytes = sum(t.numel() * t.element_size() for t in splats.params().values())
     roofline_bytes = target_bytes + 6 * param_bytes  # target read; params and both moments read + written
@@ -361,7 +367,7 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
         results["local"]["speedup_vs_dense"] = results["dense"]["step_ms"] / results["local"]["step_ms"]
     mu, sigma = splats.mu, splats.sigma
     plan = plan_tiles(mu, sigma, splats.mask, cfg.length, min(cfg.tile, cfg.length), cfg.truncate)
-    device_name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    device_name = device_label(device)
     return {
         "bench": "long",
         "config": asdict(cfg),
@@ -494,7 +500,7 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
         "bench": "e2e",
         "config": asdict(cfg),
         "cuda_graphs_requested": cuda_graphs,
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "device": device_label(device),
         "device_type": device.type,
         "torch": torch.__version__,
         "model": getattr(model, "name", None),
