@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import time
 import tomllib
 import warnings
@@ -404,6 +405,8 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
         "settings": cell.settings, "config": result.config, "corpus": study.corpus, "prompt_seed": cell.prompt_seed,
         "max_tokens": study.max_tokens, "min_tokens": study.min_tokens,
         "splatopt": __version__, "torch": torch.__version__,
+        # the stdlib corpus is the running interpreter's docstrings: its samples change with the version
+        "python": platform.python_version(),
         "device_name": device_label(run_device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -420,8 +423,8 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     ``FitResult.summary()`` (means over the set's prompts: token_accuracy and field_error as
     fractions, cosine, seconds of fitting, encode_seconds, prompts, tokens, splats...) and
     floats_per_token where the result has it; ``settings`` (the study's), ``config`` (fit's
-    resolved configuration), corpus, prompt_seed, max_tokens, min_tokens, splatopt and torch
-    versions, device_name, and the ``finished`` time.
+    resolved configuration), corpus, prompt_seed, max_tokens, min_tokens, splatopt, torch and
+    python versions (the stdlib corpus is the interpreter's), device_name, and the ``finished`` time.
     """
     from tqdm.auto import tqdm
 

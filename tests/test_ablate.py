@@ -2,6 +2,7 @@
 
 import csv
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_killed_study_resumes_without_lost_or_duplicated_rows(tmp_path, corpus_f
         (seed, json.dumps({"kernel": k, "mode": m})) for seed in (0, 1) for k in ("gaussian", "erf")
         for m in ("additive", "normalized")}
     assert all(row["prompts"] == 16 and row["corpus"] == str(corpus_file) and row["torch"] and row["splatopt"]
-               and row["config"]["steps"] == 5 for row in rows)
+               and row["python"] == platform.python_version() and row["config"]["steps"] == 5 for row in rows)
 
     rerun = ablate.run(study_path, out, progress=False, device="cpu")  # finished: nothing to fit
     assert [row["cell"] for row in rerun] == grid and results.read_bytes() == after
