@@ -1,8 +1,11 @@
 """Corpora that are always present: no download.
 
-- ``stdlib``: docstrings of the running Python's standard library, read with ``ast`` (nothing is
-  imported), split into paragraphs. Split by a hash of each passage's text, so a passage lands in
-  the same split on every machine: 80 % train, 10 % validation, 10 % test.
+- ``stdlib``: docstring paragraphs of Python 3.12.3's standard library, shipped as a snapshot
+  (``corpora/stdlib-py3.12.3.txt.gz``, 9,672 passages, checksummed), so every machine samples the
+  same prompts: the interpreter's own docstrings change with its version (3.11.7 has 11,817).
+  ``stdlib-live`` reads the running interpreter's instead, with ``ast`` (nothing is imported).
+  Split by a hash of each passage's text, so a passage lands in the same split on every machine:
+  80 % train, 10 % validation, 10 % test.
 - ``licenses``: English prose from outside the training corpus, the licence texts the system ships
   in ``/usr/share/common-licenses`` (Debian's base-files), paragraphs de-duplicated; all of it is
   held-out text, every split returns the same passages.
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import json
 import re
@@ -24,6 +28,10 @@ from typing import Sequence
 import torch
 
 SPLITS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+# the recorded studies' corpus: stdlib_passages(source="live") under Python 3.12.3, one passage a line
+STDLIB_SNAPSHOT = Path(__file__).parent / "corpora" / "stdlib-py3.12.3.txt.gz"
+STDLIB_SNAPSHOT_SHA256 = "523721d7856e8e8fe703384068d1d3f64a3cf338e1fc8766208e9cbaebe581d1"  # of the decompressed text
+SNAPSHOT_MIN_WORDS = 6
 LICENSES_DIR = Path("/usr/share/common-licenses")
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
 
@@ -54,8 +62,19 @@ def split_of(passage: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def stdlib_passages(min_words: int = 6) -> tuple[str, ...]:
-    """Every docstring paragraph of the standard library, de-duplicated, in file order."""
+def stdlib_passages(min_words: int = 6, source: str = "snapshot") -> tuple[str, ...]:
+    """Every docstring paragraph of the standard library, de-duplicated, in file order.
+
+    source: "snapshot" (Python 3.12.3's, shipped: the same on every machine) or "live" (the running
+    interpreter's). The snapshot holds passages of at least ``SNAPSHOT_MIN_WORDS`` words.
+    """
+    if source == "snapshot":
+        if min_words < SNAPSHOT_MIN_WORDS:
+            raise ValueError(f"min_words={min_words}: the stdlib snapshot holds passages of at least {SNAPSHOT_MIN_WORDS} "
+                             "words; use source='live' (corpus 'stdlib-live') for shorter ones")
+        return tuple(p for p in _snapshot_lines(STDLIB_SNAPSHOT, STDLIB_SNAPSHOT_SHA256) if len(p.split()) >= min_words)
+    if source != "live":
+        raise ValueError(f"source={source!r}: choose 'snapshot' or 'live'")
     root = Path(sysconfig.get_paths()["stdlib"])
     seen: set[str] = set()
     out: list[str] = []
@@ -79,6 +98,17 @@ def stdlib_passages(min_words: int = 6) -> tuple[str, ...]:
     if not out:
         raise RuntimeError(f"found no docstrings under {root}: is this a complete Python installation?")
     return tuple(out)
+
+
+def _snapshot_lines(path: Path, sha256: str) -> list[str]:
+    """The passages of a shipped gzip snapshot (one a line), after checking its checksum."""
+    try:
+        text = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as err:
+        raise RuntimeError(f"{path} is missing or not gzip ({err}): reinstall splatopt, or use corpus 'stdlib-live'") from err
+    if hashlib.sha256(text).hexdigest() != sha256:
+        raise RuntimeError(f"{path} does not match its checksum (corrupt or edited): reinstall splatopt, or use corpus 'stdlib-live'")
+    return text.decode("utf-8").splitlines()
 
 
 @lru_cache(maxsize=None)
@@ -128,16 +158,17 @@ def load_text_file(path: str | Path) -> list[str]:
 
 
 def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
-    """Passages of a corpus: ``stdlib`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path."""
+    """Passages of a corpus: ``stdlib`` or ``stdlib-live`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {list(SPLITS)}")
-    if name == "stdlib":
-        return [p for p in stdlib_passages() if split_of(p) == split]
+    if name in ("stdlib", "stdlib-live"):
+        source = "live" if name == "stdlib-live" else "snapshot"
+        return [p for p in stdlib_passages(source=source) if split_of(p) == split]
     if name == "licenses":
         return list(license_passages())
     if name.endswith((".txt", ".jsonl")) or Path(name).is_file():
         return load_text_file(name)
-    raise ValueError(f"unknown corpus {name!r}: use 'stdlib', 'licenses', or a path to a .txt / .jsonl file")
+    raise ValueError(f"unknown corpus {name!r}: use 'stdlib', 'stdlib-live', 'licenses', or a path to a .txt / .jsonl file")
 
 
 def load_corpus_spec(spec: str, default_split: str = "validation") -> list[str]:

@@ -160,3 +160,50 @@ def test_load_corpus_spec_reads_the_command_line_names(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("one line\nanother line\n")
     assert fixedpos.load_corpus_spec(str(path)) == ["one line", "another line"]
+
+
+def test_the_stdlib_snapshot_is_checked_and_the_same_on_every_machine():
+    """The shipped snapshot (Python 3.12.3's docstrings) passes its checksum; under that interpreter
+    it is exactly the live corpus, so recorded prompt samples reproduce anywhere."""
+    import platform
+
+    from fixedpos.corpus import stdlib_passages
+
+    snapshot = stdlib_passages()
+    assert len(snapshot) == 9672 and all(len(p.split()) >= 6 and "\n" not in p for p in snapshot)
+    if platform.python_version() == "3.12.3":
+        assert stdlib_passages(source="live") == snapshot
+
+
+def test_the_live_stdlib_corpus_reads_this_interpreter_with_the_same_split_rule():
+    from fixedpos.corpus import split_of, stdlib_passages
+
+    live = fixedpos.load_corpus("stdlib-live", "test")
+    assert len(live) > 200 and all(split_of(p) == "test" for p in live)
+    # most docstrings survive a version change, and a surviving passage keeps its split in both corpora
+    shared = set(stdlib_passages(source="live")) & set(stdlib_passages())
+    assert len(shared) > 1000
+    for split in SPLITS:
+        assert set(fixedpos.load_corpus("stdlib", split)) & shared == set(fixedpos.load_corpus("stdlib-live", split)) & shared
+    assert fixedpos.load_corpus_spec("stdlib-live:validation") == fixedpos.load_corpus("stdlib-live", "validation")
+
+
+def test_a_corrupt_or_missing_snapshot_says_how_to_recover(tmp_path, monkeypatch):
+    import fixedpos.corpus as corpus
+
+    bad = tmp_path / "stdlib.txt.gz"
+    bad.write_bytes(b"not gzip")
+    monkeypatch.setattr(corpus, "STDLIB_SNAPSHOT", bad)
+    corpus.stdlib_passages.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="reinstall splatopt, or use corpus 'stdlib-live'"):
+            corpus.stdlib_passages()
+        import gzip
+
+        bad.write_bytes(gzip.compress(b"an edited passage of more than six words here\n"))
+        with pytest.raises(RuntimeError, match="checksum"):
+            corpus.stdlib_passages()
+        with pytest.raises(ValueError, match="source='live'"):
+            corpus.stdlib_passages(min_words=3)
+    finally:
+        corpus.stdlib_passages.cache_clear()
