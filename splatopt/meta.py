@@ -191,6 +191,9 @@ def unroll(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    if optimizer.metric != "identity" and metric is None:
+        raise ValueError(f"optimizer.metric={optimizer.metric!r} but no metric tensor was passed: pass "
+                         "metric=splatopt.fisher.resolve_metric(optimizer, model, device, dtype)")
     objective = Objective.parse(objective)
     # inner gradients are needed even where the caller runs without grad (evaluation, finite
     # differences): splats that carry no graph become leaves of a local one

@@ -132,6 +132,8 @@ def test_fit_and_the_unrolled_loop_take_the_same_steps_in_a_metric(tmp_path, emb
     opt = InnerOptimizer(embeddings=embeddings, metric=str(path), metric_damping=0.3)
     R = resolve_metric(opt, None, "cpu", F64)
     losses, _ = meta.unroll(splats, target, mask, None, None, "mse", opt, 4, metric=R)
+    with pytest.raises(ValueError, match="no metric tensor"):
+        meta.unroll(splats, target, mask, None, None, "mse", opt, 4)
     common = dict(n_splats=[3, 2], steps=4, objective="mse", init=WarmStart(splats), device="cpu", dtype=F64,
                   record_every=1, progress=False)
     fitted = splatopt.fit(splatopt.Targets(target, mask), None, optimizer=opt, **common)
