@@ -123,6 +123,10 @@ def cmd_edit(args) -> int:
         options["objective"] = args.objective
     if args.optimizer:
         options["optimizer"] = json.loads(args.optimizer)  # fields over edit()'s default: the old fit's, constant schedule
+    if args.learned_optimizer in ("picked", "meta-trained"):
+        options["learned_optimizer"] = args.learned_optimizer
+    else:  # InnerOptimizer fields over the meta-trained one
+        options["learned_optimizer"] = json.loads(args.learned_optimizer)
     fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start,
@@ -332,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=None, help="the re-fit's objective (default: the old fit's), e.g. ce")
     p.add_argument("--optimizer", default=None,
                    help='InnerOptimizer fields as JSON (default: the old fit\'s, constant schedule), e.g. \'{"beta2": 0.9}\'')
+    p.add_argument("--learned-optimizer", default="picked",
+                   help="the inner optimizer of the learned initializer's starts: picked (default: the one picked on "
+                        "validation that ships beside it), meta-trained, or InnerOptimizer fields as JSON over the "
+                        'meta-trained one, e.g. \'{"beta1": 0.5}\'')
     p.add_argument("--device", default="auto")
     p.add_argument("--record-every", type=int, default=2)
     p.add_argument("--out", help="write the edited fit")

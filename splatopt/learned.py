@@ -105,6 +105,9 @@ class LearnedInitializer(nn.Module):
         self.arch = arch
         self.optimizer = optimizer or InnerOptimizer()
         self.meta = dict(meta or {})
+        # the inner optimizer picked on validation for short budgets, where one ships beside the
+        # weights (load_learned sets it; see picked_optimizer_path); None: none was picked
+        self.picked_optimizer: InnerOptimizer | None = None
         d, w = arch.dim, arch.width
         self.norm_in = nn.LayerNorm(d)
         self.proj_in = nn.Linear(d, w)
@@ -193,6 +196,30 @@ def shipped_path(model_name: str | None, layer: int | None) -> Path:
     return SHIPPED_DIR / f"{model_name}-layer{layer}.safetensors"
 
 
+def picked_optimizer_path(model_name: str | None, layer: int | None) -> Path:
+    """The JSON beside a shipped initializer that names its inner optimizer picked on validation."""
+    return SHIPPED_DIR / f"{model_name}-layer{layer}.optimizer.json"
+
+
+def load_picked_optimizer(path: str | Path) -> InnerOptimizer:
+    """The ``optimizer`` of a picked-optimizer JSON (format 1), checked; ValueError naming the file if not."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable picked-optimizer JSON ({err}); restore it from the repository") from err
+    if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("optimizer"), dict):
+        raise ValueError(f"{path}: expected a JSON object with format 1 and an 'optimizer' object of InnerOptimizer "
+                         "fields; restore it from the repository")
+    unknown = set(doc["optimizer"]) - set(InnerOptimizer.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{path}: unknown InnerOptimizer fields {sorted(unknown)}")
+    try:
+        return InnerOptimizer(**doc["optimizer"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
 def load_learned(model) -> LearnedInitializer:
     """The shipped initializer meta-trained for ``model`` (its name, layer and weights hash must match)."""
     name, layer, model_hash = getattr(model, "name", None), getattr(model, "layer", None), getattr(model, "model_hash", None)
@@ -204,4 +231,7 @@ def load_learned(model) -> LearnedInitializer:
     init = LearnedInitializer.load(path)
     if init.meta.get("model_hash") not in (None, model_hash):
         raise ValueError(f"{path} was meta-trained for model weights {init.meta['model_hash'][:12]}, not {str(model_hash)[:12]}")
+    picked = picked_optimizer_path(name, layer)
+    if picked.is_file():
+        init.picked_optimizer = load_picked_optimizer(picked)
     return init.eval().requires_grad_(False)

@@ -423,3 +423,66 @@ def test_default_edit_with_second_starts_runs_on_cuda(model):
         torch.testing.assert_close(result.splats.mu[b, far].cpu(), start.mu[0, far])
         active = set(torch.nonzero(start.mask[0]).flatten().tolist())
         assert set(record["transported"]) | set(record["spawned"]) == active
+
+
+def test_learned_starts_re_fit_with_the_picked_optimizer_unless_told_otherwise(model, fitted, monkeypatch):
+    """learned_optimizer: "picked" (default) re-fits the learned initializer's starts with the
+    optimizer that ships beside it; "meta-trained" with the one it was meta-trained with; a dict
+    overrides fields of that one; the warm starts keep the old fit's optimizer whatever it says."""
+    import sys
+
+    from splatopt.learned import load_learned
+
+    edit_module = sys.modules["splatopt.edit"]  # the module; splatopt.edit is the function
+    learned = load_learned(model)
+    assert learned.picked_optimizer is not None and learned.picked_optimizer.metric == "fisher"
+    seen = []
+    real_fit = edit_module.fit
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: seen.append(k["optimizer"]) or real_fit(*a, **k))
+    new_text = TEXT.replace("ascending", "descending")
+    expected = {
+        "picked": learned.picked_optimizer,
+        "meta-trained": learned.inner_optimizer(),
+        "override": splatopt.InnerOptimizer(**{**learned.inner_optimizer().to_dict(), "beta1": 0.5}),
+    }
+    for name, want in expected.items():
+        seen.clear()
+        option = {"beta1": 0.5} if name == "override" else name
+        splatopt.edit(fitted, new_text, steps=1, fresh_init="learned", learned_optimizer=option, progress=False)
+        assert len(seen) == 2, "one re-fit for the warm start, one for the learned initializer's starts"
+        assert seen[0].metric == "identity" and seen[0].schedule == "constant"  # the old fit's, constant
+        assert seen[1] == want, name
+
+
+def test_a_bad_learned_optimizer_is_refused_before_any_work(fitted):
+    for bad, match in [("fisher", "learned_optimizer='fisher'"), ({"lr": 1.0}, "unknown InnerOptimizer fields"),
+                       (3, "learned_optimizer=3")]:
+        with pytest.raises(ValueError, match=match):
+            splatopt.edit(fitted, TEXT + " Now.", steps=1, fresh_init="grid", learned_optimizer=bad, progress=False)
+
+
+def test_the_shipped_picked_optimizer_is_the_one_the_selection_picked():
+    """The JSON beside the initializer and the test studies that measured the pick agree field by field."""
+    import tomllib
+    from pathlib import Path
+
+    from splatopt.learned import load_picked_optimizer, picked_optimizer_path
+
+    picked = load_picked_optimizer(picked_optimizer_path("minilm-l6", 2))
+    study = tomllib.loads((Path(__file__).parents[1] / "figures/studies/learned_metric_test.toml").read_text())
+    (method,) = study["factors"]["method"].values()
+    assert method["init"] == "learned"
+    assert picked == splatopt.InnerOptimizer(**method["optimizer"])
+
+
+def test_a_corrupt_picked_optimizer_file_gives_an_error_naming_it(tmp_path):
+    from splatopt.learned import load_picked_optimizer
+
+    cases = {"garbled.json": ("{not json", "not a readable"), "format.json": ('{"format": 2, "optimizer": {}}', "format 1"),
+             "field.json": ('{"format": 1, "optimizer": {"lr": 1}}', "unknown InnerOptimizer fields"),
+             "value.json": ('{"format": 1, "optimizer": {"beta1": 1.5}}', "beta1=1.5")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match) as err:
+            load_picked_optimizer(tmp_path / name)
+        assert name in str(err.value)
