@@ -204,12 +204,16 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
 
     a: [B, L, N] splat coefficients (``render.splat_weights``). target: [B, L, d]. A small ridge,
     relative to the mean diagonal of A^T A, keeps the solve well posed when splats coincide; slots
-    with mask False get v = 0. Differentiable in ``a`` (batched ``torch.linalg.solve_ex``).
+    with mask False get v = 0; padding slots change nothing (a prompt gets the same v in any batch).
+    Differentiable in ``a`` (batched ``torch.linalg.solve_ex``).
     """
     a = torch.where(token_mask[..., None] & splat_mask[:, None, :], a, 0.0)
     gram = a.transpose(1, 2) @ a  # [B, N, N]
     N = gram.shape[-1]
-    diag_mean = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+    # the mean over the prompt's own splats: over every slot, a prompt padded to a batch's larger
+    # capacity got a smaller ridge, and so other embeddings than when fitted alone
+    active = splat_mask.to(a.dtype)
+    diag_mean = ((gram.diagonal(dim1=1, dim2=2) * active).sum(-1) / active.sum(-1).clamp_min(1)).clamp_min(1e-12)
     eye = torch.eye(N, device=a.device, dtype=a.dtype)
     # inactive slots get a unit diagonal so the system stays regular; their right-hand side is 0
     inactive = (~splat_mask).to(a.dtype)

@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from scipy import linalg
 
 import splatopt
@@ -40,6 +41,26 @@ def test_solve_embeddings_is_the_least_squares_fit_of_target_plus_offset_with_he
         np.testing.assert_allclose(v[b].numpy()[free], x, atol=1e-6)
         np.testing.assert_array_equal(v[b].numpy()[fix], held_v[b].numpy()[fix])
         np.testing.assert_array_equal(v[b].numpy()[~on], 0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(extra_slots=st.integers(1, 12), extra_tokens=st.integers(0, 6), ridge=st.sampled_from([1e-4, 1e-2, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_a_prompt_gets_the_same_embeddings_padded_into_a_larger_batch(extra_slots, extra_tokens, ridge, seed):
+    """Padding slots and tokens change nothing, whatever the ridge: the ridge is relative to the
+    prompt's own splats (it was relative to every slot, so a prompt padded to a batch's capacity got
+    a smaller one and other embeddings than fitted alone)."""
+    a, target, _, tok, act = (t[1:2] for t in problem(B=2, seed=seed))  # padded tokens and an inactive slot of its own
+    alone = solve_embeddings(a, target, torch.zeros_like(target), tok, act, ridge=ridge)
+    pad = lambda t, n, dim, value: torch.cat([t, torch.full((*t.shape[:dim], n, *t.shape[dim + 1:]), value, dtype=t.dtype)], dim)  # noqa: E731
+    g = torch.Generator().manual_seed(seed + 1)
+    big_a = pad(pad(a, extra_slots, 2, 0.0), extra_tokens, 1, 0.0)
+    big_a[:, :, a.shape[2]:] = torch.rand(1, big_a.shape[1], extra_slots, generator=g, dtype=F64)  # junk under the padding
+    big_target = pad(target, extra_tokens, 1, float("nan"))
+    padded = solve_embeddings(big_a, big_target, torch.zeros_like(big_target), pad(tok, extra_tokens, 1, False),
+                              pad(act, extra_slots, 1, False), ridge=ridge)
+    torch.testing.assert_close(padded[:, : a.shape[2]], alone, rtol=1e-9, atol=1e-9)
+    assert torch.equal(padded[:, a.shape[2]:], torch.zeros_like(padded[:, a.shape[2]:]))
 
 
 def test_offset_for_gives_back_the_embeddings_and_ignores_padding():
