@@ -146,16 +146,16 @@ def edit(
     Adam in the decoder's Fisher metric, ``splatopt/initializers/*.optimizer.json``), else the one
     it was meta-trained with; "meta-trained", that one; a dict, fields over the meta-trained one;
     an InnerOptimizer, that one. The picked one lifted the re-fit by 0.20 +- 0.11 points at 60
-    steps on 800 validation edits (paired; 0.13 +- 0.09 on test), figures/data/edit_metric/.
+    steps on 800 validation edits (paired; 0.13 +- 0.09 on test), figures/data/edit_picked/.
     choose: "accuracy" (default: the higher final token accuracy, ties to the lower objective) or
     "objective" (the lower final objective). A non-finite objective never wins.
     Each record says which start was kept (``start``, ``start_initializer``), how many were tried
     (``starts_tried``), the inner optimizer of the kept fit (``refit_optimizer``; the result's
     ``config`` describes the warm starts' fit), and the kept fit's first splats (``start_splats``).
     Measured (papers/report.md, section 3.3): at N = L/4, 60 steps after a 300-step fit, these
-    second starts bring the re-fit to +0.09 +- 0.33 points of the cold fit's token accuracy on 800
-    test-split edits (-0.11 +- 0.22 on 800 validation ones); the warm start alone is at
-    -0.83 +- 0.43 (400 test edits). They lose in short deletions: where they do, the frozen far
+    second starts bring the re-fit to +0.23 +- 0.32 points of the cold fit's token accuracy on 800
+    test-split edits (+0.09 +- 0.22 on 800 validation ones; with learned_optimizer="meta-trained",
+    +0.09 +- 0.33 and -0.11 +- 0.22); the warm start alone is at -0.83 +- 0.43 (400 test edits). They lose in short deletions: where they do, the frozen far
     splats hold fewer tokens than their share, and as the re-fit has no more splats in total than a
     cold fit, the near ones must cover the rest (27 of the 30 tokens missed there lie under near
     splats in a CPU re-run of those edits, scripts/edit_miss_attribution.py).
