@@ -1237,6 +1237,16 @@ def meta_init_section(paths: list[Path]) -> str:
         f"{', '.join(pct(grid_n[b]['token_accuracy'], 2) for b in buckets[1:])}); the two-splat prompts stay at "
         f"{pct(twenty_n[smallest]['token_accuracy'])} against {pct(grid_n[smallest]['token_accuracy'])}. Two splats must "
         f"carry up to five tokens each, with one Gaussian's tail alone at each end.")
+    newton = json.loads((figure_io.DATA / "meta" / "newton_two_splat_cpu.json").read_text())
+    gn, gn_ce, adam_k = (newton[k][newton["steps"]] for k in ("gauss_newton_mse_ce", "gauss_newton_ce", "picked_adam"))
+    claim(adam_k < gn < gn_ce < grid_n[smallest]["token_accuracy"],
+          "second-order steps beat the picked Adam on the two-splat prompts, yet stay far below the grid's 300")
+    momenta_text += (
+        f" A second-order update does not close it: damped Gauss-Newton steps on the embeddings of {newton['prompts']} "
+        f"two-splat validation prompts (geometry frozen at the learned start; the decoder's generalised Gauss-Newton "
+        f"matrix and the MSE's Hessian, a [2d, 2d] solve per step; `{newton['command']}`, {newton['device']}) decode "
+        f"{pct(gn)} after {newton['steps']} steps ({pct(gn_ce)} on the cross-entropy alone) against {pct(adam_k)} for the "
+        f"picked Adam on the same prompts: these prompts need a better start, not a better step.")
     text = (
         f"The shipped initializer was meta-trained for {log[-1]['step']} outer steps of {cfg['batch']} prompts "
         f"({cfg['corpus']}, N/L drawn from {sorted(set(cfg['fractions']))}), K = {cfg['inner_steps']} inner steps, "
