@@ -63,7 +63,10 @@ def cmd_fit(args) -> int:
     if not texts:
         raise ValueError("give a text to fit, or --file with one text per line")
     model = fixedpos.load(args.model, layer=args.layer)
-    optimizer = splatopt.InnerOptimizer(**json.loads(args.optimizer)) if args.optimizer else None
+    if args.optimizer == "picked":  # the one shipped beside the learned initializer (--init learned)
+        optimizer = "picked"
+    else:
+        optimizer = splatopt.InnerOptimizer(**json.loads(args.optimizer)) if args.optimizer else None
     result = splatopt.fit(
         texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective,
         init={"name": "learned", "path": args.init} if args.init.endswith(".safetensors") else args.init,
@@ -126,7 +129,11 @@ def cmd_edit(args) -> int:
     if args.learned_optimizer in ("picked", "meta-trained"):
         options["learned_optimizer"] = args.learned_optimizer
     else:  # InnerOptimizer fields over the meta-trained one
-        options["learned_optimizer"] = json.loads(args.learned_optimizer)
+        try:
+            options["learned_optimizer"] = json.loads(args.learned_optimizer)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--learned-optimizer {args.learned_optimizer!r}: give picked, meta-trained, or InnerOptimizer "
+                             f"fields as a JSON object ({err})") from err
     fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start,
@@ -291,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--objective", default="mse+ce")
     p.add_argument("--init", default="grid", help="grid, tokens, learned (the shipped meta-trained initializer) or a .safetensors file of one")
-    p.add_argument("--optimizer", default=None, help='InnerOptimizer fields as JSON, e.g. \'{"lr_mu": 0.2}\'')
+    p.add_argument("--optimizer", default=None, help='InnerOptimizer fields as JSON, e.g. \'{"lr_mu": 0.2}\', or picked '
+                   "(with --init learned: the one picked on validation for short budgets, shipped beside it)")
     p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"])
     p.add_argument("--mode", default="additive", choices=["additive", "normalized"])
     p.add_argument("--varpro", action="store_true", help="closed-form embeddings, optimize geometry only")

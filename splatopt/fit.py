@@ -327,7 +327,7 @@ def fit(
     steps: int = 300,
     objective: str | Objective = "mse+ce",
     init="grid",
-    optimizer: InnerOptimizer | None = None,
+    optimizer: InnerOptimizer | str | None = None,
     kernel: str = "gaussian",
     mode: str = "additive",
     varpro: bool = False,
@@ -357,7 +357,11 @@ def fit(
     "mse+ce" (default), "mse", "0.5*mse+ce+cosine". init: "grid", "tokens", "learned" (the
     meta-trained initializer shipped for ``model``; with ``optimizer=None`` the fit then uses the
     inner Adam it was meta-trained with), a dict, or an initializer.
-    optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping). kernel: "gaussian"
+    optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping); with a learned
+    initializer also "picked", the inner optimizer picked on validation for short budgets that
+    ships beside it (the default model's: Adam in the decoder's Fisher metric; at N = L/4, 10
+    steps decode 96.5 % of the test split's tokens against 70.9 % with the meta-trained one, and
+    its fits keep a larger field error). kernel: "gaussian"
     or "erf"; mode: "additive" or "normalized". varpro: embeddings in closed form (least squares
     on the field) at every step, only the geometry is optimized. truncate: splats contribute nothing
     beyond ``truncate * sigma`` tokens of their centres, and the inner loop renders with the local
@@ -428,7 +432,15 @@ def fit(
         raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if isinstance(initializer, LearnedInitializer):
         initializer.to(device)  # a network initializer runs where the fit runs
+        if optimizer == "picked":
+            if initializer.picked_optimizer is None:
+                raise ValueError("optimizer='picked': no inner optimizer ships beside this learned initializer; pass an "
+                                 "InnerOptimizer, or None for the one it was meta-trained with")
+            optimizer = initializer.picked_optimizer
         optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
+    if isinstance(optimizer, str):
+        raise ValueError(f"optimizer={optimizer!r}: 'picked' names the optimizer shipped beside a learned initializer "
+                         "(init='learned'); otherwise pass an InnerOptimizer or None")
     optimizer = optimizer or InnerOptimizer()
     metric = resolve_metric(optimizer, model, device, dtype)  # [d, d] or None: read before any work
     if varpro and metric is not None:

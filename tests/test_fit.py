@@ -330,3 +330,18 @@ def test_frozen_embeddings_within_a_tolerance_move_at_most_that_far(model, short
                                                                    "init": "grid", "frozen": frozen[:1]})
     with pytest.raises(ValueError, match="frozen_v_tolerance"):
         fit(short_prompts[:1], model, frozen_v_tolerance=-0.1, **{**common, "init": "grid", "frozen": frozen[:1]})
+
+
+def test_optimizer_picked_takes_the_one_shipped_beside_the_learned_initializer(model):
+    """fit(init="learned", optimizer="picked") fits with the optimizer in the JSON beside the
+    initializer (recorded in the config); without a learned initializer "picked" is refused."""
+    from splatopt.learned import load_learned
+
+    text = ["Return the number of items in the queue."]
+    picked = splatopt.fit(text, model, n_splats=0.25, steps=2, init="learned", optimizer="picked", device="cpu", progress=False)
+    assert picked.config["optimizer"] == load_learned(model).picked_optimizer.to_dict()
+    assert picked.config["optimizer"]["metric"] == "fisher"
+    meta = splatopt.fit(text, model, n_splats=0.25, steps=2, init="learned", device="cpu", progress=False)
+    assert meta.config["optimizer"] == load_learned(model).inner_optimizer().to_dict()
+    with pytest.raises(ValueError, match="optimizer='picked'"):
+        splatopt.fit(text, model, n_splats=0.25, steps=2, init="grid", optimizer="picked", device="cpu", progress=False)
