@@ -451,6 +451,7 @@ def edit_seed_values() -> dict[str, str]:
     far_load = sum(q["tokens_under_far"] for q in losing) / sum(q["far_splats"] for q in losing)
     near_load = sum(q["L"] - q["tokens_under_far"] for q in losing) / sum(q["splats_warm"] - q["far_splats"] for q in losing)
     cold_load = sum(q["L"] for q in losing) / sum(q["splats_cold"] for q in losing)
+    claim(all(q["splats_warm"] >= q["splats_cold"] for q in attribution["prompts"]), "in short deletions the re-fit never had fewer splats")
     claim(far_load < cold_load < near_load, "where the re-fit loses, each frozen splat holds fewer tokens than a cold fit's splat "
           "and each near splat more")
     return {
@@ -458,6 +459,7 @@ def edit_seed_values() -> dict[str, str]:
         "att_wrong_near": str(att["warm_wrong_under_near"]), "att_wrong_far": str(att["warm_wrong_under_far"]),
         "att_tokens_far": str(att["tokens_under_far"]), "att_tokens_near": str(att["tokens_under_near"]),
         "att_warm": pct(att["warm_accuracy"], 2), "att_cold": pct(att["cold_accuracy"], 2),
+        "att_same_budget": str(sum(q["splats_warm"] == q["splats_cold"] for q in attribution["prompts"])),
         "att_losing": str(len(losing)), "att_near_load": f"{near_load:.1f}", "att_far_load": f"{far_load:.1f}", "att_cold_load": f"{cold_load:.1f}",
         "seeds_n": str(len(EDIT_SEEDS)), "seeds_edits": str(gap[("test", "default")][2]),
         "seeds_test_gap": fmt(gap[("test", "default")]), "seeds_val_gap": fmt(gap[("validation", "default")]),
@@ -531,6 +533,44 @@ def edit_picked_values() -> dict[str, str]:
         "pk_field": f"{warm_fe['fisher']:.3f}", "pk_warm_field": f"{warm_fe['fisher-warm']:.3f}",
         "pk_cold_field": f"{mean([r['cold_field_error'] for r in picked['validation'] if r['variant'] == 'default']):.3f}",
         "pk_hard_60": pct(mean([r["warm_curve"][-1] for r in hard]), 2), "pk_hard_n": str(len(hard)),
+    }
+
+
+def edit_budget_values() -> dict[str, str]:
+    """The re-fit at the cold fit's splat budget (edit_budget/*.json: hold_budget, the default, and
+    the earlier behaviour that kept every transported splat, "loose")."""
+    splits = ("validation", "test")
+    rows = {split: [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_budget/{split}_seed{s}.json")["rows"]] for split in splits}
+    fmt = lambda g: f"{100 * g[0]:+.2f} ± {100 * g[1]:.2f}"  # noqa: E731
+    gap = {(split, v): paired_gap(rows[split], v) for split in splits for v in ("default", "loose")}
+    held = {split: [r for r in rows[split] if r["variant"] == "default"] for split in splits}
+    loose = {split: [r for r in rows[split] if r["variant"] == "loose"] for split in splits}
+    claim(all(r["warm_splats"] == r["cold_splats"] for split in splits for r in held[split]),
+          "holding the budget, every re-fit has exactly the cold fit's number of splats")
+    claim(all(r["far_pruned_for_budget"] == 0 for split in splits for r in held[split]), "no far splat is pruned to hold the budget")
+    more = {split: sum(r["warm_splats"] > r["cold_splats"] for r in loose[split]) for split in splits}
+    claim(all(more[split] > len(loose[split]) / 3 for split in splits) and
+          not any(r["warm_splats"] < r["cold_splats"] for split in splits for r in loose[split]),
+          "keeping every transported splat, a third or more of the re-fits held more splats than the cold fit, none fewer")
+    claim(all(gap[(split, "default")][0] < 0 < gap[(split, "loose")][0] for split in splits),
+          "at the cold fit's budget the re-fit is below the cold fit on both splits; with the extra splats above")
+    claim(gap[("test", "default")][0] + gap[("test", "default")][1] < 0, "on test the equal-budget gap's interval excludes zero")
+    far_ok = all(c < 0.05 for split in splits for r in held[split] for c in r["far_v_rel_change"])
+    claim(far_ok, "holding the budget, every far splat keeps its embedding within 5 %")
+    fe = {v: mean([r["warm_field_error"] for r in rows["validation"] if r["variant"] == v]) for v in ("default", "loose")}
+    hard = [r for r in held["validation"] if short_deletion(r)]
+    return {
+        "bud_test_gap": fmt(gap[("test", "default")]), "bud_val_gap": fmt(gap[("validation", "default")]),
+        "bud_loose_test_gap": fmt(gap[("test", "loose")]), "bud_loose_val_gap": fmt(gap[("validation", "loose")]),
+        "bud_more_val": str(more["validation"]), "bud_more_test": str(more["test"]), "bud_n": str(len(held["test"])),
+        "bud_field": f"{fe['default']:.3f}", "bud_loose_field": f"{fe['loose']:.3f}",
+        "bud_cold_field": f"{mean([r['cold_field_error'] for r in held['validation']]):.3f}",
+        "bud_hard_60": pct(mean([r["warm_curve"][-1] for r in hard]), 2), "bud_hard_cold": pct(mean([r["cold_final"] for r in hard]), 2),
+        "bud_hard_n": str(len(hard)),
+        "bud_val_warm": pct(mean([r["warm_curve"][-1] for r in held["validation"]]), 2),
+        "bud_val_cold": pct(mean([r["cold_final"] for r in held["validation"]]), 2),
+        "bud_test_warm": pct(mean([r["warm_curve"][-1] for r in held["test"]]), 2),
+        "bud_test_cold": pct(mean([r["cold_final"] for r in held["test"]]), 2),
     }
 
 
@@ -1412,7 +1452,7 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, solve_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
+    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, solve_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
                  reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})

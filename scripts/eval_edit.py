@@ -117,6 +117,9 @@ def main() -> None:
                 "steps_to_recover": reached[0] if reached else None, "far_splats": len(far),
                 "far_v_rel_change": v_change, "far_mu_shift": mu_shift,
                 "spawned_for_density": record.get("spawned_for_density", 0), "start": record.get("start", "warm"),
+                # the re-fit's splats against the cold fit's (a like-for-like budget when equal)
+                "warm_splats": int(w.splats.counts[b]), "cold_splats": int(cold.splats.counts[b]),
+                "far_pruned_for_budget": record.get("far_pruned_for_budget", 0),
                 "start_initializer": record.get("start_initializer"), "starts_tried": record.get("starts_tried", 1),
             })
         print(f"{variant}: done {len(prompts)} edits, {time.perf_counter() - t0:.1f} s", flush=True)
@@ -141,6 +144,8 @@ def main() -> None:
             "far_fraction_under_5pct": sum(c < 0.05 for c in changes) / max(len(changes), 1),
             "far_mu_shift_median": shifts[len(shifts) // 2] if shifts else None,
             "fresh_starts_kept": sum(r["start"] == "fresh" for r in rs),
+            "more_splats_than_cold": sum(r["warm_splats"] > r["cold_splats"] for r in rs),
+            "fewer_splats_than_cold": sum(r["warm_splats"] < r["cold_splats"] for r in rs),
             "starts_kept": {start: sum(r["start"] == start for r in rs) for start in sorted({r["start"] for r in rs})},
             "starts_tried_mean": sum(r["starts_tried"] for r in rs) / len(rs),
             # wall time of every start's re-fit against the cold fit's (the same GPU, one run)

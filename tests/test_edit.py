@@ -37,9 +37,10 @@ def test_insert_at_start_shifts_every_splat_by_the_inserted_length(model, fitted
 
 def test_replacing_the_text_by_a_much_shorter_one_keeps_at_most_one_splat_per_token(model, fitted):
     """Every old splat is squeezed into a 2-token replacement; fit() holds at most one splat per
-    token, so the least weighted transported splats are pruned, and a fresh start has as many."""
+    token, so even without holding the budget (hold_budget=False) the least weighted transported
+    splats are pruned, and a fresh start has as many."""
     for fresh_start in (False, True):
-        result = splatopt.edit(fitted, "Sum it", steps=2, fresh_start=fresh_start, progress=False)
+        result = splatopt.edit(fitted, "Sum it", steps=2, fresh_start=fresh_start, hold_budget=False, progress=False)
         L = int(result.mask.sum())
         assert int(result.splats.counts[0]) <= L and int(result.edit["start_splats"].counts[0]) <= L
         assert len(result.edit["pruned"]) >= int(fitted.splats.counts[0]) - L
@@ -49,7 +50,7 @@ def test_replacing_the_text_by_a_much_shorter_one_keeps_at_most_one_splat_per_to
     script = edit_script(fitted.ids[0][fitted.mask[0]].tolist(), batch.ids[0][batch.mask[0]].tolist())
     _, _, deleted = transport(fitted.splats.mu[0], fitted.splats.sigma[0], script)
     survivors = fitted.splats.mask[0] & ~deleted
-    pruned = splatopt.edit(fitted, "Sum it", steps=0, fresh_start=False, progress=False).edit["pruned"]
+    pruned = splatopt.edit(fitted, "Sum it", steps=0, fresh_start=False, hold_budget=False, progress=False).edit["pruned"]
     capped = survivors.clone()
     capped[[i for i in range(len(capped)) if i not in pruned]] = False
     kept = survivors & ~capped
@@ -486,3 +487,31 @@ def test_a_corrupt_picked_optimizer_file_gives_an_error_naming_it(tmp_path):
         with pytest.raises(ValueError, match=match) as err:
             load_picked_optimizer(tmp_path / name)
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("new_text", [
+    "Please kindly return a new list containing all items from the iterable in ascending order.",  # insertion
+    "Return a fresh sorted copy containing all items from the iterable in ascending order.",  # replacement
+    "Return a new list containing all items in ascending order.",  # deletion
+])
+def test_the_re_fit_holds_as_many_splats_as_a_cold_fit_of_the_new_text(model, fitted, new_text):
+    """hold_budget (default): round(density * L_new) splats, a cold fit's count at the old fit's
+    fraction; the splats pruned to get there are the least weighted near the edit, never a far one
+    while a near one is left, and the far splats keep their embeddings. hold_budget=False may
+    keep more (an insertion keeps every old splat and spawns one)."""
+    held = splatopt.edit(fitted, new_text, steps=0, fresh_start=False, fresh_near=False, progress=False)
+    L_new = int(held.mask.sum())
+    budget = round(fitted.config["n_splats"] * L_new)
+    assert held.edit["budget"] == budget and held.edit["splats"] == budget == int(held.splats.counts[0])
+    cold = splatopt.fit([new_text], model, n_splats=fitted.config["n_splats"], steps=0, device="cpu", progress=False)
+    assert int(cold.splats.counts[0]) == budget
+    assert held.edit["far_pruned_for_budget"] == 0
+    loose = splatopt.edit(fitted, new_text, steps=0, fresh_start=False, fresh_near=False, hold_budget=False, progress=False)
+    assert loose.edit["splats"] >= budget
+    extra = set(held.edit["pruned"]) - set(loose.edit["pruned"])  # pruned only to hold the budget
+    assert len(extra) == loose.edit["splats"] - budget
+    if extra:
+        w = fitted.splats.weight_logit[0]
+        near_kept = [i for i in held.edit["transported"] if i not in held.edit["far_from_edit"]]
+        assert not extra & set(loose.edit["far_from_edit"])
+        assert not near_kept or max(w[list(extra)]) <= min(w[near_kept])
