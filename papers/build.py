@@ -1246,7 +1246,8 @@ def meta_init_section(paths: list[Path]) -> str:
         f"licences, {pct(x10['seed essays'])} on the seed essays), still short of the bar; the fewest measured steps that match "
         f"each corpus's grid bar are {x_match['stdlib test']} on the test split "
         f"({pct(metric['stdlib test'][x_match['stdlib test']]['token_accuracy'], 2)} against {pct(bar, 2)}; at {x_below['stdlib test']}: "
-        f"{pct(metric['stdlib test'][x_below['stdlib test']]['token_accuracy'], 2)}), {x_match['licences (out of domain)']} on the "
+        f"{pct(metric['stdlib test'][x_below['stdlib test']]['token_accuracy'], 3)} against {pct(bar, 3)}), "
+        f"{x_match['licences (out of domain)']} on the "
         f"licences and {x_match['seed essays']} on the seed essays (margins over each bar: "
         + ", ".join(f"{100 * (metric[c][x_match[c]]['token_accuracy'] - bars[c]):.3f}" for c in metric)
         + f" points; budgets are separate fits, so a longer one may still fall below): ×{300 / max(x_match.values()):.0f} to "

@@ -25,7 +25,7 @@ from select_small_budget import toml_value
 from splatopt import ablate
 
 STEPS = {"learned_momentum": [0, 1, 2, 3, 5, 10, 20, 30, 40, 50, 60, 70, 80, 100, 300],
-         "learned_metric": [0, 1, 2, 3, 5, 10, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 30, 40, 50, 60, 80, 100, 300]}
+         "learned_metric": [0, 1, 2, 3, 5, 10, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 40, 50, 60, 80, 100, 300]}
 TESTS = {  # stem suffix: (corpus, prompts), as the studies whose grid rows the picks pair with
     "test": ("stdlib:test", 512),
     "ood": ("licenses", 512),
