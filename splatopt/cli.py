@@ -136,12 +136,13 @@ def cmd_edit(args) -> int:
                              f"fields as a JSON object ({err})") from err
     fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
-                           far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start,
+                           far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
                            fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)
     e = result.edit
     print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
-    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])}, "
+    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
+          f"({e.get('splats', '?')} splats, a cold fit's budget {e.get('budget', '?')}), "
           f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start "
           f"of {e['starts_tried']}" + (f" ({e['start_initializer']})" if e['start_initializer'] else ""))
     _print_result(result, None)
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=None, help="the re-fit's objective (default: the old fit's), e.g. ce")
     p.add_argument("--optimizer", default=None,
                    help='InnerOptimizer fields as JSON (default: the old fit\'s, constant schedule), e.g. \'{"beta2": 0.9}\'')
+    p.add_argument("--no-hold-budget", action="store_true",
+                   help="keep every transported splat, even beyond a cold fit's count of the new text (default: hold it)")
     p.add_argument("--learned-optimizer", default="picked",
                    help="the inner optimizer of the learned initializer's starts: picked (default: the one picked on "
                         "validation that ships beside it), meta-trained, or InnerOptimizer fields as JSON over the "

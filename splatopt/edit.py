@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .fit import FitResult, fit
+from .fit import FitResult, _resolve_counts, fit
 from .init import WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
@@ -127,9 +127,11 @@ def edit(
     final accuracy on 48 validation edits, and lowered the field error a little.
     spawn_density: new splats per inserted token (default: the prompt's old splats per token).
     hold_budget (default): the re-fit holds as many splats as a fit from scratch of the new text at
-    that density, round(density * L_new): extra splats (an insertion keeps every old splat and
-    spawns at least one; a replacement keeps the ones it squeezes) are pruned, the least weighted
-    near the edit first; missing ones are spawned. False keeps every transported splat (a re-fit
+    that density, round(density * L_new) as fit() rounds it: spawned splats first give way to the far
+    splats (the largest spans give one up, then the smallest spans lose theirs), then the least
+    weighted transported splats near the edit are pruned (an insertion keeps every old splat, a
+    replacement the ones it squeezes); a far splat only when the far ones alone exceed the budget
+    (``far_pruned_for_budget``); missing ones are spawned. False keeps every transported splat (a re-fit
     may then hold more splats than the cold fit it is compared with). Each record gives ``splats``
     and ``budget``.
 
@@ -190,6 +192,7 @@ def edit(
         if unknown:
             raise ValueError(f"learned_optimizer: unknown InnerOptimizer fields {sorted(unknown)}; "
                              f"the fields are {sorted(InnerOptimizer.__dataclass_fields__)}")
+        InnerOptimizer(**{**InnerOptimizer().to_dict(), **learned_optimizer})  # bad values fail here, before any work
     elif not isinstance(learned_optimizer, InnerOptimizer) and learned_optimizer not in ("picked", "meta-trained"):
         raise ValueError(f"learned_optimizer={learned_optimizer!r}: give 'picked', 'meta-trained', a dict of "
                          "InnerOptimizer fields (over the meta-trained one), or an InnerOptimizer")
@@ -462,7 +465,21 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
     # new splats for inserted / replaced spans, at the prompt's density
     spans = [(j1, j2) for tag, _, _, j1, j2 in script if tag in ("insert", "replace") and j2 > j1]
     counts = [max(1, min(j2 - j1, round(density * (j2 - j1)))) for j1, j2 in spans]
-    budget = min(max(1, round(density * L_new)), L_new)
+    # as fit() counts a fraction of the length (float32 round half to even), so the budget is a cold fit's
+    budget = min(max(1, int(_resolve_counts(float(density), torch.tensor([L_new]))[0]) if 0 < density <= 1
+                     else round(density * L_new)), L_new)
+    far_now = _far_from_edit(mu, sigma, script, freeze_sigma) & keep
+    if hold_budget:
+        # the spawned splats get what the far ones leave: the largest spans give one up first, then
+        # the smallest spans lose theirs (their tokens go to the near splats), never a far splat for them
+        room = max(budget - int(far_now.sum()), 0)
+        while sum(counts) > room:
+            several = [i for i, n in enumerate(counts) if n > 1]
+            if several:
+                k = max(several, key=lambda i: counts[i])
+            else:
+                k = min((i for i, n in enumerate(counts) if n == 1), key=lambda i: spans[i][1] - spans[i][0])
+            counts[k] -= 1
     # one splat per token is the most a fit holds (fit() refuses more): a text replaced by a much
     # shorter one squeezes every old splat into it; and with hold_budget no more than a cold fit's
     excess = int(keep.sum()) + sum(counts) - (budget if hold_budget else L_new)
@@ -470,13 +487,15 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
     if excess > 0:
         # the least weighted near ones go first: pruning a far splat would change the fit far from the
         # edit (choosing instead the one whose loss leaves the field closest to the target changed 5 of
-        # 800 validation re-fits, figures/data/edit_prune/)
-        far_now = _far_from_edit(mu, sigma, script, freeze_sigma)
+        # 800 validation re-fits, figures/data/edit_prune/); far ones only when more far splats than
+        # the budget survive the edit
         weight = old.weight_logit[0].to(torch.float64) + torch.where(far_now, 1e6, 0.0).to(torch.float64)
         pruned_for_budget = torch.where(keep, weight, math.inf).argsort()[:excess]
+        pruned_for_budget = pruned_for_budget[keep[pruned_for_budget]]
         keep = keep.clone()
         keep[pruned_for_budget] = False
         far_pruned = int(far_now[pruned_for_budget].sum())
+    spans, counts = [sp for sp, n in zip(spans, counts) if n > 0], [n for n in counts if n > 0]
     spawned_mu, spawned_ls = [], []
     for (j1, j2), n in zip(spans, counts):
         span_mask = torch.ones(1, j2 - j1, dtype=torch.bool, device=device)
@@ -519,7 +538,7 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
         "pruned": torch.nonzero(active & ~keep).flatten().tolist(),
         "spawned": list(range(len(keep), len(keep) + n_new)),
         "spawned_for_density": max(deficit, 0),  # of those, the ones that refill the budget, not an inserted span
-        "splats": int(all_mask.sum()), "budget": budget,  # a cold fit of the new text has ``budget`` splats
+        "splats": int(all_mask.sum()), "budget": budget,  # a cold fit of the new text at ``density`` has ``budget``
         "far_pruned_for_budget": far_pruned,  # far splats pruned because no near one was left to prune
         "far_from_edit": torch.nonzero(far).flatten().tolist(),
     }

@@ -1,5 +1,7 @@
 """Warm-started re-fitting after edits: transport, pruning, spawning, freezing, bad input."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -456,7 +458,7 @@ def test_learned_starts_re_fit_with_the_picked_optimizer_unless_told_otherwise(m
 
 
 def test_a_bad_learned_optimizer_is_refused_before_any_work(fitted):
-    for bad, match in [("fisher", "learned_optimizer='fisher'"), ({"lr": 1.0}, "unknown InnerOptimizer fields"),
+    for bad, match in [("fisher", "learned_optimizer=.fisher."), ({"lr": 1.0}, "unknown InnerOptimizer fields"), ({"beta1": 1.5}, "beta1=1.5"),
                        (3, "learned_optimizer=3")]:
         with pytest.raises(ValueError, match=match):
             splatopt.edit(fitted, TEXT + " Now.", steps=1, fresh_init="grid", learned_optimizer=bad, progress=False)
@@ -490,7 +492,7 @@ def test_a_corrupt_picked_optimizer_file_gives_an_error_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("new_text", [
-    "Please kindly return a new list containing all items from the iterable in ascending order.",  # insertion
+    "Return a new list containing all of the many items from the iterable in ascending order.",  # insertion
     "Return a fresh sorted copy containing all items from the iterable in ascending order.",  # replacement
     "Return a new list containing all items in ascending order.",  # deletion
 ])
@@ -515,3 +517,30 @@ def test_the_re_fit_holds_as_many_splats_as_a_cold_fit_of_the_new_text(model, fi
         near_kept = [i for i in held.edit["transported"] if i not in held.edit["far_from_edit"]]
         assert not extra & set(loose.edit["far_from_edit"])
         assert not near_kept or max(w[list(extra)]) <= min(w[near_kept])
+    far = held.edit["far_from_edit"]
+    torch.testing.assert_close(held.edit["start_splats"].v[0, far], fitted.splats.v[0, far])
+
+
+def test_spawned_splats_give_way_before_a_far_splat_is_pruned_for_the_budget():
+    """Six one-token insertions at a low density: each span would spawn a splat, more than the
+    budget leaves beside the far splats; the spawned ones give way (the near splats then cover
+    the inserted tokens), no far splat is pruned, and the count is the cold fit's."""
+    from splatopt.edit import _warm_start
+    from splatopt.splats import SplatSet
+
+    torch.manual_seed(0)
+    L, d = 40, 4
+    mu = torch.arange(2.0, 40.0, 4.0)[None]  # 10 narrow splats
+    old = SplatSet(mu, torch.full_like(mu, math.log(0.4)), torch.zeros_like(mu), torch.randn(1, 10, d), torch.ones(1, 10, dtype=torch.bool))
+    old_ids = list(range(100, 100 + L))
+    new_ids = list(old_ids)
+    for at in (22, 18, 14, 10, 6, 2):  # beside the first six splats, right to left so the positions hold
+        new_ids.insert(at, 7)
+    target = torch.randn(1, len(new_ids), d)
+    warm, far, record = _warm_start(old, old_ids, new_ids, target, "gaussian", "additive", 3.0, 0.1)
+    assert record["budget"] == 5 == record["splats"] == int(warm.counts[0])  # round(0.1 * 46)
+    assert record["far_pruned_for_budget"] == 0 and int(far.sum()) == 4  # the four splats past the insertions
+    kept_far = torch.nonzero(far[0] if far.dim() == 2 else far).flatten()
+    torch.testing.assert_close(warm.v[0, kept_far], old.v[0, kept_far])
+    loose_warm, _, loose = _warm_start(old, old_ids, new_ids, target, "gaussian", "additive", 3.0, 0.1, hold_budget=False)
+    assert loose["splats"] == 16 and loose["budget"] == 5  # every old splat and one per inserted span
