@@ -388,11 +388,15 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def paired_gap(rows: list[dict], variant: str) -> tuple[float, float, int]:
-    """(mean, 95 % half-width, n) of the re-fit's final accuracy minus the cold fit's, over ``rows`` of ``variant``."""
-    x = [r["warm_curve"][-1] - r["cold_final"] for r in rows if r["variant"] == variant]
+def mean_ci95(x: list[float]) -> tuple[float, float, int]:
+    """(mean, 95 % half-width of the mean under a normal approximation, n) of paired differences ``x``."""
     m = mean(x)
     return m, 1.96 * math.sqrt(sum((a - m) ** 2 for a in x) / (len(x) - 1) / len(x)), len(x)
+
+
+def paired_gap(rows: list[dict], variant: str) -> tuple[float, float, int]:
+    """(mean, 95 % half-width, n) of the re-fit's final accuracy minus the cold fit's, over ``rows`` of ``variant``."""
+    return mean_ci95([r["warm_curve"][-1] - r["cold_final"] for r in rows if r["variant"] == variant])
 
 
 
@@ -501,16 +505,11 @@ def edit_picked_values() -> dict[str, str]:
     claim(vgap[("validation", "fisher")][0] == max(vgap[("validation", v)][0] for v in ("default", "fisher", "fisher-constant", "fisher-warm")),
           "the picked optimizer ties for the best validation gap among the variants")
 
-    def lift(split: str) -> tuple[float, float, int]:
-        """(mean, 95 % half-width, n) of the picked re-fit minus the meta-trained one, edit by edit."""
-        by = {}
-        for r in picked[split]:
-            by.setdefault(r["variant"], []).append(r["warm_curve"][-1])
-        x = [a - b for a, b in zip(by["default"], by["meta-trained"])]
-        m = mean(x)
-        return m, 1.96 * math.sqrt(sum((a - m) ** 2 for a in x) / (len(x) - 1) / len(x)), len(x)
+    def final(split: str, variant: str) -> list[float]:
+        return [r["warm_curve"][-1] for r in picked[split] if r["variant"] == variant]
 
-    lifts = {split: lift(split) for split in splits}
+    # the picked re-fit minus the meta-trained one, edit by edit
+    lifts = {split: mean_ci95([a - b for a, b in zip(final(split, "default"), final(split, "meta-trained"))]) for split in splits}
     claim(lifts["validation"][0] > lifts["validation"][1] and lifts["test"][0] > lifts["test"][1],
           "paired, the picked optimizer lifts the re-fit beyond its 95 % interval on both splits")
     claim(all(0 < gap[(split, "default")][0] < gap[(split, "default")][1] for split in splits),
