@@ -7,23 +7,25 @@ splatopt.plot (``splatopt/splatopt.mplstyle``, linked as figures/splatopt.mplsty
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 from splatopt.plot import COLUMN, PAGE, house_style, save_figure
 
-__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "house_style", "load_json", "save"]
+__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "house_style", "load_json", "read_json", "save"]
 
 FIGURES = Path(__file__).resolve().parent
 DATA = FIGURES / "data"
 
 
 def data_paths(pattern: str) -> list[Path]:
-    """Recorded result files matching ``pattern`` under figures/data/ (a name or a glob), sorted.
+    """Recorded result files matching ``pattern`` under figures/data/ (a name or a glob), sorted; where
+    none match, those matching ``pattern + ".gz"`` (large results are committed gzipped).
 
     Raises FileNotFoundError when none match: a figure is never drawn from missing data.
     """
-    paths = sorted(DATA.glob(pattern))
+    paths = sorted(DATA.glob(pattern)) or sorted(DATA.glob(pattern + ".gz"))
     if not paths:
         raise FileNotFoundError(f"no recorded results match figures/data/{pattern}: run the experiment that writes "
                                 "them (its command is in README.md) and commit its JSON")
@@ -33,7 +35,13 @@ def data_paths(pattern: str) -> list[Path]:
 def load_json(pattern: str) -> dict:
     """The JSON of the one recorded result file named ``pattern`` under figures/data/."""
     (path,) = data_paths(pattern)
-    return json.loads(path.read_text())
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict:
+    """A results file's JSON, gzipped (``.gz``) or not."""
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
 
 
 def save(fig, name: str) -> list[Path]:

@@ -16,6 +16,7 @@ per splat.
 from __future__ import annotations
 
 import argparse
+import gzip
 import glob
 import json
 import sys
@@ -35,6 +36,7 @@ def main() -> None:
                         default=sorted(glob.glob("figures/data/edit_seeds/validation_seed[0-9].json")))
     parser.add_argument("--op", default="delete")
     parser.add_argument("--max-tokens", type=int, default=16, help="edited texts of at most this many tokens")
+    parser.add_argument("--min-tokens", type=int, default=1, help="edited texts of at least this many tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="figures/data/edit_short_deletions.json")
     args = parser.parse_args()
@@ -43,9 +45,10 @@ def main() -> None:
     for source in args.sources:
         data = json.loads(Path(source).read_text())
         edits += [r for r in data["rows"] if r["variant"] == "default" and r["op"] == args.op
-                  and r["L"] <= args.max_tokens and r["far_splats"] > 0]
+                  and args.min_tokens <= r["L"] <= args.max_tokens and r["far_splats"] > 0]
     if not edits:
-        raise ValueError(f"no recorded edit in {args.sources} matches op={args.op}, L <= {args.max_tokens}, far splats > 0")
+        raise ValueError(f"no recorded edit in {args.sources} matches op={args.op}, {args.min_tokens} <= L <= {args.max_tokens}, "
+                         "far splats > 0")
     model = fixedpos.load()
     old_texts, new_texts = [r["old_text"] for r in edits], [r["new_text"] for r in edits]
     common = dict(n_splats=0.25, device=args.device, progress=False)
@@ -90,9 +93,11 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     out = {"command": " ".join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__, "sources": args.sources,
-           "filter": {"op": args.op, "max_tokens": args.max_tokens, "far_splats": "> 0"}, "summary": summary, "prompts": prompts}
+           "filter": {"op": args.op, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens, "far_splats": "> 0"}, "summary": summary, "prompts": prompts}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1).encode()
+    # a name ending in .gz is written gzipped (figures/figure_io.py reads both)
+    Path(args.out).write_bytes(gzip.compress(text, mtime=0) if args.out.endswith(".gz") else text)
     print(f"wrote {args.out}")
 
 

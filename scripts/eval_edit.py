@@ -20,6 +20,7 @@ curve before the last step is the best start's by hindsight, not a re-fit one co
 from __future__ import annotations
 
 import argparse
+import gzip
 import inspect
 import json
 import random
@@ -167,7 +168,9 @@ def main() -> None:
         "summary": summary, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    text = json.dumps(out, indent=1).encode()
+    # a name ending in .gz is written gzipped (figures/figure_io.py reads both)
+    Path(args.out).write_bytes(gzip.compress(text, mtime=0) if args.out.endswith(".gz") else text)
     print(f"wrote {args.out}")
 
 

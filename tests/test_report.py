@@ -134,3 +134,18 @@ def _usage_error(make_all, argv) -> str:
     with contextlib.redirect_stderr(buffer), pytest.raises(SystemExit):
         make_all.main(argv)
     return buffer.getvalue()
+
+
+def test_gzipped_results_are_found_and_read_like_plain_ones(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setattr(figure_io, "DATA", tmp_path)
+    (tmp_path / "plain.json").write_text(json.dumps({"rows": [1]}))
+    (tmp_path / "big.json.gz").write_bytes(gzip.compress(json.dumps({"rows": [2]}).encode()))
+    assert figure_io.load_json("plain.json") == {"rows": [1]}
+    assert figure_io.load_json("big.json") == {"rows": [2]}  # the .gz is found under the plain name
+    (tmp_path / "both.json").write_text(json.dumps({"rows": ["plain"]}))
+    (tmp_path / "both.json.gz").write_bytes(gzip.compress(json.dumps({"rows": ["gz"]}).encode()))
+    assert figure_io.load_json("both.json") == {"rows": ["plain"]}  # a plain file wins over its gzipped twin
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        figure_io.load_json("missing.json")
