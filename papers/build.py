@@ -580,6 +580,84 @@ def edit_budget_values() -> dict[str, str]:
     }
 
 
+def deletion_class(row: dict) -> str | None:
+    """"short" / "long": a deletion that keeps a far splat frozen, in an edited text of at most 24 /
+    at least 25 tokens (the classes of edit_attribution/*.json); None for any other edit."""
+    if row["op"] != "delete" or row["far_splats"] == 0:
+        return None
+    return "short" if row["L"] <= 24 else "long"
+
+
+def edit_conflict_values() -> dict[str, str]:
+    """At the cold fit's budget, what the far-splat freeze costs: the same edits re-fitted with the far
+    splats free (edit_budget_free), within the tolerance the goal allows (edit_budget_tol), frozen
+    for as many steps as the cold fit (edit_budget_refit300), and where the misses lie
+    (edit_attribution)."""
+    splits = ("validation", "test")
+    runs = {"free": "edit_budget_free", "tol": "edit_budget_tol", "refit300": "edit_budget_refit300"}
+    rows = {(split, v): [r for s in EDIT_SEEDS for r in figure_io.load_json(f"{d}/{split}_seed{s}.json")["rows"] if r["variant"] == v]
+            for split in splits for v, d in runs.items()}
+    held = {split: [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_budget/{split}_seed{s}.json")["rows"]
+                    if r["variant"] == "default"] for split in splits}
+    key = lambda r: (r["old_text"], r["new_text"])  # noqa: E731
+    for (split, v), rs in rows.items():
+        claim([key(r) for r in rs] == [key(r) for r in held[split]] and
+              all(r["cold_final"] == h["cold_final"] and r["cold_splats"] == h["cold_splats"] == r["warm_splats"]
+                  for r, h in zip(rs, held[split])),
+              f"{v} re-fits the same {split} edits as edit_budget, at the same budget, against the same cold fits")
+    fmt = lambda g: f"{100 * g[0]:+.2f} ± {100 * g[1]:.2f}"  # noqa: E731
+    gap = {k: mean_ci95([r["warm_curve"][-1] - r["cold_final"] for r in rs]) for k, rs in rows.items()}
+    held_gap = {split: mean_ci95([r["warm_curve"][-1] - r["cold_final"] for r in held[split]]) for split in splits}
+    change = {split: sorted(c for r in rows[(split, "free")] for c in r["far_v_rel_change"]) for split in splits}
+    claim(all(gap[(split, "free")][0] > 0 > held_gap[split][0] for split in splits),
+          "with the far splats free the equal-budget re-fit is above the cold fit on both splits, frozen below")
+    claim(all(sum(c < 0.05 for c in change[split]) / len(change[split]) < 0.05 for split in splits),
+          "freed, fewer than 5 % of the far splats keep their embeddings within 5 %")
+    tol_ok = all(c <= 0.04 + 1e-6 for split in splits for r in rows[(split, "tol")] for c in r["far_v_rel_change"])
+    claim(tol_ok, "within the tolerance every far embedding moves at most 4 %")
+    claim(all(abs(gap[(split, "tol")][0] - held_gap[split][0]) < 0.0005 for split in splits),
+          "the tolerance moves the gap by less than 0.05 points")
+
+    def by_class(rs: list[dict], cls: str) -> float:
+        return mean([r["warm_curve"][-1] - r["cold_final"] for r in rs if deletion_class(r) == cls])
+
+    def points(x: float) -> str:
+        return f"{round(100 * x, 2) + 0.0:+.2f}"  # + 0.0: a gap that rounds to zero prints +0.00, not -0.00
+
+    claim(all(by_class(rows[(split, "refit300")], cls) < 0 for split in splits for cls in ("short", "long")),
+          "after as many steps as the cold fit the frozen re-fit is still below it in deletions that keep a far splat")
+    claim(all(abs(by_class(rows[(split, "free")], cls)) < abs(by_class(held[split], cls)) for split in splits for cls in ("short", "long")),
+          "freeing the far splats shrinks the deletions' gap in every class")
+    att = {(split, cls): figure_io.load_json(f"edit_attribution/{split}_deletions_{cls}.json")["summary"]
+           for split in splits for cls in ("short", "long")}
+    claim(all(a["warm_wrong_under_near"] > 3 * a["warm_wrong_under_far"] for a in att.values()),
+          "most of the re-fit's misses in these deletions lie under the near splats")
+    out = {
+        "cf_n": str(len(held["test"])),
+        "cf_free_val": fmt(gap[("validation", "free")]), "cf_free_test": fmt(gap[("test", "free")]),
+        "cf_free_change_val": pct(change["validation"][len(change["validation"]) // 2], 0),
+        "cf_free_change_test": pct(change["test"][len(change["test"]) // 2], 0),
+        "cf_tol_val": fmt(gap[("validation", "tol")]), "cf_tol_test": fmt(gap[("test", "tol")]),
+        "cf_300_val": fmt(gap[("validation", "refit300")]), "cf_300_test": fmt(gap[("test", "refit300")]),
+        "cf_field_300": f"{mean([r['warm_field_error'] for r in rows[('test', 'refit300')]]):.3f}",
+    }
+    for split in splits:
+        for cls in ("short", "long"):
+            n = sum(deletion_class(r) == cls for r in held[split])
+            a = att[(split, cls)]
+            out.update({
+                f"cf_{split}_{cls}_n": str(n),
+                f"cf_{split}_{cls}_60": points(by_class(held[split], cls)),
+                f"cf_{split}_{cls}_300": points(by_class(rows[(split, 'refit300')], cls)),
+                f"cf_{split}_{cls}_free": points(by_class(rows[(split, 'free')], cls)),
+                f"cf_{split}_{cls}_near_wrong": str(a["warm_wrong_under_near"]),
+                f"cf_{split}_{cls}_wrong": str(a["warm_wrong_under_near"] + a["warm_wrong_under_far"]),
+                f"cf_{split}_{cls}_near_share": pct(a["tokens_under_near"] / a["tokens"], 0),
+                f"cf_{split}_{cls}_cold_wrong": str(a["cold_wrong"]),
+            })
+    return out
+
+
 RD_STUDIES = ("rate_distortion", "rate_distortion_ood")  # figures/data/ablations/<study>/: the rate-distortion runs
 SELECTION_STUDIES = ("density_selection", "width_mobility_selection")  # ... and the validation selections behind them
 
@@ -1261,7 +1339,8 @@ def meta_init_section(paths: list[Path]) -> str:
         f"--name learned_metric --budgets 10 20` (writes the three test studies), then `splatopt ablate` on "
         f"`learned_metric_{{test,ood,third_domain}}.toml` and `grid_metric_validation.toml` (each `--device cuda`, "
         f"`--out figures/data/ablations/<study>`; one {metric['stdlib test'][10]['device_name']}).")
-    by_n = json.loads((figure_io.DATA / "meta" / "by_splat_count.json").read_text())
+    by_n_path = figure_io.DATA / "meta" / "by_splat_count.json"
+    by_n = json.loads(by_n_path.read_text())
     runs_n = by_n["results"]
     grid_n = runs_n["grid, default Adam, 300 steps"]
     ten_n, twenty_n = (next(v for k, v in runs_n.items() if k.endswith(f", {s} steps") and k.startswith("learned")) for s in (10, 20))
@@ -1275,7 +1354,7 @@ def meta_init_section(paths: list[Path]) -> str:
           "at 20 steps the metric update matches the grid's 300 in every bucket but the smallest")
     momenta_text += (
         f"\n- **Where the rest of the gap lies: the shortest prompts.** By splat count ({by_n['prompts']}, one {by_n['device']}, "
-        f"`{by_n['command']}`; token accuracy averaged per prompt, as everywhere), after 10 steps in the metric: "
+        f"`{reproduce_command(by_n['command'], by_n_path)}`; token accuracy averaged per prompt, as everywhere), after 10 steps in the metric: "
         + ", ".join(f"{b.replace('N ', 'N = ')}: {pct(ten_n[b]['token_accuracy'])} against the grid's {pct(grid_n[b]['token_accuracy'])} "
                     f"({grid_n[b]['prompts']} prompts)" for b in buckets)
         + f". The {grid_n[smallest]['prompts']} prompts of at most two splats (L ≤ 10) hold {100 * share[smallest] / gap:.0f} % of the "
@@ -1459,7 +1538,7 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, solve_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
+    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, edit_conflict_values, solve_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
                  reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})

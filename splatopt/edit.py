@@ -166,7 +166,10 @@ def edit(
     budget held, the re-fit ends -0.23 +- 0.21 points from the cold fit's token accuracy on 800
     test-split edits (-0.14 +- 0.26 on 800 validation ones): the goal is not met. Without holding
     it (half the re-fits then had an extra splat) +0.25 +- 0.32 and +0.07 +- 0.23; the warm start
-    alone was at -0.83 +- 0.43 (400 test edits, extra splats too). They lose in short deletions: where they do, the frozen far
+    alone was at -0.83 +- 0.43 (400 test edits, extra splats too). At the budget, the freeze is what costs it: with
+    local=False +0.18 +- 0.14 on test (far embeddings then change by a median 18 %); frozen but re-fitted for 300
+    steps, -0.06 +- 0.19, still below the cold fit in deletions that keep a far splat (figures/data/edit_budget_*/).
+    They lose in short deletions: where they do, the frozen far
     splats hold fewer tokens than their share, and as the re-fit has no more splats in total than a
     cold fit (in 39 of those 43 texts even before the budget was held), the near ones must cover the rest (27 of the 30 tokens missed there lie under near
     splats in a CPU re-run of those edits, scripts/edit_miss_attribution.py).
