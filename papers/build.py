@@ -632,7 +632,34 @@ def edit_conflict_values() -> dict[str, str]:
            for split in splits for cls in ("short", "long")}
     claim(all(a["warm_wrong_under_near"] > 3 * a["warm_wrong_under_far"] for a in att.values()),
           "most of the re-fit's misses in these deletions lie under the near splats")
+    # where the re-fit loses: tokens per splat (a token goes to the splat with the largest weight there)
+    lose = [q for split in splits for cls in ("short", "long")
+            for q in figure_io.load_json(f"edit_attribution/{split}_deletions_{cls}.json")["prompts"]
+            if q["warm_accuracy"] < q["cold_accuracy"]]
+    near_per = sum(q["L"] - q["tokens_under_far"] for q in lose) / sum(q["splats_warm"] - q["far_splats"] for q in lose)
+    far_per = sum(q["tokens_under_far"] for q in lose) / sum(q["far_splats"] for q in lose)
+    cold_per = sum(q["L"] for q in lose) / sum(q["splats_cold"] for q in lose)
+    claim(far_per < cold_per < near_per, "where the re-fit loses, near splats hold more tokens than the cold fit's, far ones fewer")
+    lone = sum(q["splats_warm"] - q["far_splats"] == 1 for q in lose)
+    claim(lone > len(lose) / 2, "where the re-fit loses, most texts keep a single near splat")
+    # a deletion of k tokens that costs more than k/4 of a cold fit's splats (L_old = L + k for a deletion)
+    claim(all(figure_io.load_json(f"edit_budget/{split}_seed{k}.json")["n_splats"] == 0.25 for split in splits for k in EDIT_SEEDS),
+          "the budget runs fit N = L/4")
+
+    def budget(L: int) -> int:  # fit()'s count at N = L/4: round half to even, at least one (L/4 is exact in float32)
+        return max(1, round(L / 4))
+
+    costly = {split: {flag: [r for r in held[split] if deletion_class(r) and
+                             (budget(r["L"] + r["edit_tokens"]) - budget(r["L"]) > r["edit_tokens"] / 4) == flag]
+                      for flag in (True, False)} for split in splits}
+    lose_rate = {(split, flag): mean([r["warm_curve"][-1] < r["cold_final"] for r in rs]) for split in splits for flag, rs in costly[split].items()}
+    claim(all(lose_rate[(split, True)] > 5 * lose_rate[(split, False)] for split in splits),
+          "deletions that cost more than their share of splats lose far more often than the others")
     out = {
+        **{f"cf_costly_{split}_{'yes' if flag else 'no'}": f"{sum(r['warm_curve'][-1] < r['cold_final'] for r in rs)} of {len(rs)}"
+           for split in splits for flag, rs in costly[split].items()},
+        "cf_lose_n": str(len(lose)), "cf_lose_lone": str(lone), "cf_near_per": f"{near_per:.1f}", "cf_far_per": f"{far_per:.1f}",
+        "cf_cold_per": f"{cold_per:.1f}",
         "cf_n": str(len(held["test"])),
         "cf_free_val": fmt(gap[("validation", "free")]), "cf_free_test": fmt(gap[("test", "free")]),
         "cf_free_change_val": pct(change["validation"][len(change["validation"]) // 2], 0),
