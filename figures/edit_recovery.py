@@ -1,6 +1,6 @@
 """Editing: re-fit steps each edited prompt needs to reach its cold fit's accuracy, against the edit's size.
 
-Data: figures/data/edit_budget/test_seed{0,1,2,3}.json (scripts/eval_edit.py: 4 samples of 200
+Data: figures/data/edit_budget/test_seed{0,1,2,3}.json.gz (scripts/eval_edit.py: 4 samples of 200
 test-split prompts, N = L/4, one random insert / delete / replace of 1-4 words each; re-fit of 60
 steps, metrics every 5). The default re-fit (the cold fit's splat budget, far splats frozen, second
 starts, the most accurate kept); prompts not recovered

@@ -2,7 +2,7 @@
 
 Data: figures/data/edit_second_starts.json (scripts/eval_edit.py, 200 edited test-split prompts,
 N = L/4, re-fits of 60 steps at a constant learning rate), recorded when a re-fit could hold more
-splats than the cold fit, and figures/data/edit_budget/test_seed0.json (the same prompts and edits,
+splats than the cold fit, and figures/data/edit_budget/test_seed0.json.gz (the same prompts and edits,
 the default re-fit holding the cold fit's budget). Left: the whole re-fit, the default at the cold
 fit's budget, the earlier default (far splats frozen, second starts, the most accurate kept) and
 the warm start alone, and the cold fit from scratch. Right: the last 30 steps of the variants, mean with 95 % CI over prompts. The

@@ -13,19 +13,22 @@ from pathlib import Path
 
 from splatopt.plot import COLUMN, PAGE, house_style, save_figure
 
-__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "house_style", "load_json", "read_json", "save"]
+__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "find_data", "house_style", "load_json", "read_json", "save"]
 
 FIGURES = Path(__file__).resolve().parent
 DATA = FIGURES / "data"
 
 
-def data_paths(pattern: str) -> list[Path]:
+def find_data(pattern: str) -> list[Path]:
     """Recorded result files matching ``pattern`` under figures/data/ (a name or a glob), sorted; where
-    none match, those matching ``pattern + ".gz"`` (large results are committed gzipped).
+    none match, those matching ``pattern + ".gz"`` (large results are committed gzipped). May be empty."""
+    return sorted(DATA.glob(pattern)) or sorted(DATA.glob(pattern + ".gz"))
 
-    Raises FileNotFoundError when none match: a figure is never drawn from missing data.
-    """
-    paths = sorted(DATA.glob(pattern)) or sorted(DATA.glob(pattern + ".gz"))
+
+def data_paths(pattern: str) -> list[Path]:
+    """:func:`find_data`, but raises FileNotFoundError when none match: a figure is never drawn from
+    missing data."""
+    paths = find_data(pattern)
     if not paths:
         raise FileNotFoundError(f"no recorded results match figures/data/{pattern}: run the experiment that writes "
                                 "them (its command is in README.md) and commit its JSON")

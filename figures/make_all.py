@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from figure_io import DATA, FIGURES
+from figure_io import FIGURES, find_data
 
 FIGURE_SCRIPTS = [
     "core_acceptance",
@@ -32,7 +32,7 @@ FIGURE_SCRIPTS = [
 def missing_data(scripts) -> list[str]:
     """'script: figures/data/<pattern>' for every data file a script needs and figures/data/ lacks."""
     return [f"{module.__name__}: figures/data/{pattern}" for module in scripts for pattern in module.DATA_FILES
-            if not any(DATA.glob(pattern))]
+            if not find_data(pattern)]
 
 
 def main(argv: list[str] | None = None) -> int:

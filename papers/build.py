@@ -381,7 +381,7 @@ def edit_second_start_values() -> dict[str, str]:
     }
 
 
-EDIT_SEEDS = range(4)  # figures/data/edit_seeds/<split>_seed<s>.json: four samples of 200 prompts and edits per split
+EDIT_SEEDS = range(4)  # figures/data/edit_seeds/<split>_seed<s>.json.gz: four samples of 200 prompts and edits per split
 
 
 def mean(values) -> float:
@@ -1070,8 +1070,8 @@ def reproduce_command(recorded: str, path: Path) -> str:
 def reproduce_values() -> dict[str, str]:
     """One row per recorded results file: the command that writes it and the device it ran on."""
     rows = []
-    for path in sorted(figure_io.DATA.glob("*.json")) + sorted(figure_io.DATA.glob("edit_seeds/*.json")) + sorted(figure_io.DATA.glob("bench/*.json")):
-        data = json.loads(path.read_text())
+    for path in sorted(figure_io.DATA.glob("*.json")) + sorted(figure_io.DATA.glob("edit_seeds/*.json*")) + sorted(figure_io.DATA.glob("bench/*.json")):
+        data = figure_io.read_json(path)
         if "command" in data:
             command = reproduce_command(data["command"], path)
         else:  # splatopt bench records its configuration, not its command line

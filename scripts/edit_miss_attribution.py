@@ -3,7 +3,7 @@
     python scripts/edit_miss_attribution.py --out figures/data/edit_short_deletions.json
 
 Takes the edits recorded by scripts/eval_edit.py (``--from``, default: the four validation samples
-in figures/data/edit_seeds/) that match the filter (default: deletions in texts of at most 16 tokens
+in figures/data/edit_seeds/, gzipped JSON) that match the filter (default: deletions in texts of at most 16 tokens
 that keep a far splat, the case where the re-fit falls short of the cold fit), fits the old and
 the edited texts again (300 steps), re-fits with ``splatopt.edit`` (its defaults, 60 steps), and
 for every token of the edited text records which splat dominates it (the largest rendering
@@ -29,11 +29,14 @@ import splatopt
 from splatopt.bench import device_label
 from splatopt.render import render, splat_weights
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "figures"))
+from figure_io import read_json  # noqa: E402  (figures/ is not a package; it reads results gzipped or not)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--from", dest="sources", nargs="+",
-                        default=sorted(glob.glob("figures/data/edit_seeds/validation_seed[0-9].json")))
+                        default=sorted(glob.glob("figures/data/edit_seeds/validation_seed[0-9].json.gz")))
     parser.add_argument("--op", default="delete")
     parser.add_argument("--max-tokens", type=int, default=16, help="edited texts of at most this many tokens")
     parser.add_argument("--min-tokens", type=int, default=1, help="edited texts of at least this many tokens")
@@ -43,7 +46,7 @@ def main() -> None:
 
     edits = []
     for source in args.sources:
-        data = json.loads(Path(source).read_text())
+        data = read_json(Path(source))
         edits += [r for r in data["rows"] if r["variant"] == "default" and r["op"] == args.op
                   and args.min_tokens <= r["L"] <= args.max_tokens and r["far_splats"] > 0]
     if not edits:
