@@ -116,7 +116,7 @@ def test_reproduce_command_quotes_json_and_points_at_the_committed_file():
 
 def test_make_all_fails_loudly_when_a_data_file_is_missing(tmp_path, monkeypatch, capsys):
     make_all = _load("figures_make_all", ROOT / "figures" / "make_all.py")
-    monkeypatch.setattr(make_all, "DATA", tmp_path)
+    monkeypatch.setattr(figure_io, "DATA", tmp_path)  # make_all looks data up through figure_io
     assert make_all.main([]) == 1
     err = capsys.readouterr().err
     assert "core_acceptance: figures/data/core_acceptance.json" in err and "throughput: figures/data/bench/step-*.json" in err
