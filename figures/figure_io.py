@@ -13,7 +13,7 @@ from pathlib import Path
 
 from splatopt.plot import COLUMN, PAGE, house_style, save_figure
 
-__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "find_data", "house_style", "load_json", "read_json", "save"]
+__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "find_data", "house_style", "load_json", "read_json", "save", "write_json"]
 
 FIGURES = Path(__file__).resolve().parent
 DATA = FIGURES / "data"
@@ -45,6 +45,13 @@ def read_json(path: Path) -> dict:
     """A results file's JSON, gzipped (``.gz``) or not."""
     data = path.read_bytes()
     return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write a results file as indented JSON, gzipped where ``path`` ends in ``.gz`` (reproducibly:
+    no timestamp in the gzip header)."""
+    text = json.dumps(data, indent=1).encode()
+    Path(path).write_bytes(gzip.compress(text, mtime=0) if str(path).endswith(".gz") else text)
 
 
 def save(fig, name: str) -> list[Path]:

@@ -16,7 +16,6 @@ per splat.
 from __future__ import annotations
 
 import argparse
-import gzip
 import glob
 import json
 import sys
@@ -30,7 +29,7 @@ from splatopt.bench import device_label
 from splatopt.render import render, splat_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "figures"))
-from figure_io import read_json  # noqa: E402  (figures/ is not a package; it reads results gzipped or not)
+from figure_io import read_json, write_json  # noqa: E402  (figures/ is not a package; it reads results gzipped or not)
 
 
 def main() -> None:
@@ -98,9 +97,7 @@ def main() -> None:
     out = {"command": " ".join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__, "sources": args.sources,
            "filter": {"op": args.op, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens, "far_splats": "> 0"}, "summary": summary, "prompts": prompts}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(out, indent=1).encode()
-    # a name ending in .gz is written gzipped (figures/figure_io.py reads both)
-    Path(args.out).write_bytes(gzip.compress(text, mtime=0) if args.out.endswith(".gz") else text)
+    write_json(args.out, out)  # gzipped where the name ends in .gz
     print(f"wrote {args.out}")
 
 

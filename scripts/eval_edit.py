@@ -20,7 +20,6 @@ curve before the last step is the best start's by hindsight, not a re-fit one co
 from __future__ import annotations
 
 import argparse
-import gzip
 import inspect
 import json
 import random
@@ -33,6 +32,9 @@ import torch
 import fixedpos
 import splatopt
 from splatopt.bench import device_label
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "figures"))
+from figure_io import write_json  # noqa: E402  (figures/ is not a package)
 
 
 def random_edit(text: str, rng: random.Random, vocabulary: list[str]) -> tuple[str, str]:
@@ -168,9 +170,7 @@ def main() -> None:
         "summary": summary, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(out, indent=1).encode()
-    # a name ending in .gz is written gzipped (figures/figure_io.py reads both)
-    Path(args.out).write_bytes(gzip.compress(text, mtime=0) if args.out.endswith(".gz") else text)
+    write_json(args.out, out)  # gzipped where the name ends in .gz
     print(f"wrote {args.out}")
 
 

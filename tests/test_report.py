@@ -141,7 +141,8 @@ def test_gzipped_results_are_found_and_read_like_plain_ones(tmp_path, monkeypatc
 
     monkeypatch.setattr(figure_io, "DATA", tmp_path)
     (tmp_path / "plain.json").write_text(json.dumps({"rows": [1]}))
-    (tmp_path / "big.json.gz").write_bytes(gzip.compress(json.dumps({"rows": [2]}).encode()))
+    figure_io.write_json(tmp_path / "big.json.gz", {"rows": [2]})
+    assert gzip.decompress((tmp_path / "big.json.gz").read_bytes()).startswith(b"{")
     assert figure_io.load_json("plain.json") == {"rows": [1]}
     assert figure_io.load_json("big.json") == {"rows": [2]}  # the .gz is found under the plain name
     (tmp_path / "both.json").write_text(json.dumps({"rows": ["plain"]}))
