@@ -276,14 +276,12 @@ def cmd_meta_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    args.text, args.file, args.model, args.layer = [DEMO_TEXT], None, "minilm-l6", None
-    args.splats, args.objective, args.init, args.optimizer = 0.25, "mse+ce", "grid", None
-    args.kernel, args.mode, args.varpro, args.seed, args.record_every = "gaussian", "additive", False, 0, 5
-    args.truncate = None
-    args.out = args.out or "splatopt-demo.safetensors"
-    args.plot = args.plot or "splatopt-demo.png"
-    print(f"fitting {args.splats} splats per token to: {DEMO_TEXT}")
-    return cmd_fit(args)
+    # parsed by the fit command itself, so the demo takes every fit default (and every new option)
+    argv = ["fit", DEMO_TEXT, "--splats", "0.25", "--steps", str(args.steps), "--device", args.device,
+            "--out", args.out or "splatopt-demo.safetensors", "--plot", args.plot or "splatopt-demo.png"]
+    fit_args = build_parser().parse_args(argv + (["--quiet"] if args.quiet else []))
+    print(f"fitting {fit_args.splats} splats per token to: {DEMO_TEXT}")
+    return cmd_fit(fit_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
