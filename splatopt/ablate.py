@@ -384,10 +384,10 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
     from . import __version__
 
     kwargs = {k: v for k, v in cell.settings.items() if k not in ("layer", "model") and not k.startswith("optimizer.")}
-    if "dtype" in kwargs:  # TOML names a dtype: "bfloat16"
+    if "dtype" in kwargs:  # TOML names a dtype: "float64"
         kwargs["dtype"] = getattr(torch, str(kwargs["dtype"]), None)
         if not isinstance(kwargs["dtype"], torch.dtype):
-            raise ValueError(f"dtype = {cell.settings['dtype']!r} is not a torch dtype; write e.g. \"float32\" or \"bfloat16\"")
+            raise ValueError(f"dtype = {cell.settings['dtype']!r} is not a torch dtype; write \"float32\" or \"float64\"")
     try:
         # no optimizer.* setting: fit's own choice (the default, or a learned initializer's meta-trained one)
         optimizer = _optimizer(cell.settings) if any(k.startswith("optimizer.") for k in cell.settings) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,9 +31,33 @@ def _or(value, default):
 
 def _n_splats(text: str) -> float | int:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--splats {text}: give a fraction of L such as 0.25, or a count")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--splats {text}: must be > 0 (a fraction of L such as 0.25, or a count)")
     return value if value < 1 or "." in text else int(value)
+
+
+def _check_outputs(args) -> None:
+    """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
+    from splatopt.plot import check_figure_path
+
+    out = getattr(args, "out", None)
+    if out and Path(out).is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'run.safetensors'}")
+    if getattr(args, "plot", None):
+        check_figure_path(args.plot)
+
+
+def _json_object(text: str, option: str, accepted: str) -> dict:
+    """The JSON object given to ``option``; ValueError naming the option and what it ``accepted`` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{option} {text!r}: not valid JSON ({err}); give {accepted}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} {text!r}: give {accepted}")
+    return value
 
 
 def _print_result(result, model) -> None:
@@ -57,6 +82,7 @@ def cmd_fit(args) -> int:
     import splatopt
     from splatopt.plot import save_figure, trajectory_figure
 
+    _check_outputs(args)
     texts = list(args.text)
     if args.file:
         texts += fixedpos.load_text_file(args.file)
@@ -66,19 +92,20 @@ def cmd_fit(args) -> int:
     if args.optimizer == "picked":  # the one shipped beside the learned initializer (--init learned)
         optimizer = "picked"
     else:
-        optimizer = splatopt.InnerOptimizer(**json.loads(args.optimizer)) if args.optimizer else None
+        optimizer = _json_object(args.optimizer, "--optimizer", "picked or InnerOptimizer fields as a JSON object") if args.optimizer else None
     result = splatopt.fit(
         texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective,
         init={"name": "learned", "path": args.init} if args.init.endswith(".safetensors") else args.init,
         optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, truncate=args.truncate, seed=args.seed,
         device=_device(args.device), record_every=args.record_every, progress=not args.quiet,
-        basis=args.basis, density=json.loads(args.density) if args.density.startswith("{") else args.density,
+        basis=args.basis, density=_json_object(args.density, "--density", 'a strategy name or a JSON object such as {"name": "budget"}')
+        if args.density.startswith("{") else args.density,
     )
     _print_result(result, model)
     if args.out:
         print(f"wrote {result.save(args.out)}")
-    if args.plot and result.splats is None:
-        print(f"no trajectory plot: a {result.basis} fit has no splats")
+    if args.plot and not result.trajectory:  # a fixed basis: nothing moves
+        print(f"no trajectory plot: a {result.basis} fit has no moving splats")
     elif args.plot:
         paths = save_figure(trajectory_figure(result, 0, model), args.plot)
         print("wrote " + ", ".join(map(str, paths)))
@@ -90,6 +117,9 @@ def cmd_show(args) -> int:
     from splatopt.fit import FitResult
     from splatopt.plot import save_figure, trajectory_figure
 
+    _check_outputs(args)
+    if args.prompts < 0:
+        raise ValueError(f"--prompts {args.prompts}: give how many prompts' splats to list (0 or more)")
     result = FitResult.load(args.file)
     cfg = result.config
     print(f"{args.file}: model {cfg.get('model')} layer {cfg.get('layer')}, objective {cfg.get('objective')}, "
@@ -107,7 +137,9 @@ def cmd_show(args) -> int:
         for i in torch.nonzero(s.mask[b]).flatten().tolist():
             print(f"     {i:4d} {float(s.mu[b, i]):7.2f} {float(s.sigma[b, i]):7.2f} {float(s.weight[b, i]):7.3f} "
                   f"{float(s.v[b, i].norm()):6.2f}")
-    if args.plot:
+    if args.plot and not result.trajectory:
+        print(f"no trajectory plot: a {result.basis} fit has no moving splats")
+    elif args.plot:
         model = fixedpos.load(cfg["model"], layer=cfg["layer"]) if cfg.get("model") == fixedpos.DEFAULT_MODEL else None
         print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, 0, model), args.plot))))
     return 0
@@ -121,19 +153,18 @@ def cmd_edit(args) -> int:
         save_figure,
     )
 
+    _check_outputs(args)
     options = {}
     if args.objective:
         options["objective"] = args.objective
     if args.optimizer:
-        options["optimizer"] = json.loads(args.optimizer)  # fields over edit()'s default: the old fit's, constant schedule
+        # fields over edit()'s default: the old fit's, constant schedule
+        options["optimizer"] = _json_object(args.optimizer, "--optimizer", "InnerOptimizer fields as a JSON object")
     if args.learned_optimizer in ("picked", "meta-trained"):
         options["learned_optimizer"] = args.learned_optimizer
     else:  # InnerOptimizer fields over the meta-trained one
-        try:
-            options["learned_optimizer"] = json.loads(args.learned_optimizer)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--learned-optimizer {args.learned_optimizer!r}: give picked, meta-trained, or InnerOptimizer "
-                             f"fields as a JSON object ({err})") from err
+        options["learned_optimizer"] = _json_object(args.learned_optimizer, "--learned-optimizer",
+                                                    "picked, meta-trained, or InnerOptimizer fields as a JSON object")
     fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
     result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
@@ -162,6 +193,10 @@ def cmd_bench(args) -> int:
 
     if args.long and args.e2e:
         raise ValueError("--long and --e2e are two different benchmarks: give one")
+    try:  # now, so that a bad --out fails before the timing, not after it
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {args.out} cannot be a folder ({err.strerror}): give a folder path") from None
     if args.long:
         return _bench_long(args)
     if args.e2e:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .fit import FitResult, _resolve_counts, fit
+from .fit import FitResult, _resolve_counts, fit, resolve_device
 from .init import WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
@@ -56,6 +56,11 @@ def apply_char_edits(text: str, edits: list[tuple[int, int, str]]) -> str:
             raise TypeError(f"edit ({start}, {end}) has a replacement of type {type(new).__name__}, not str")
         text = text[:start] + new + text[end:]
     return text
+
+
+def _is_char_edit(item) -> bool:
+    """Whether ``item`` is one ``(start, end, replacement)`` edit rather than a list of them."""
+    return isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[2], str)
 
 
 def edit_script(old_ids: list[int], new_ids: list[int]) -> list[tuple[str, int, int, int, int]]:
@@ -182,8 +187,8 @@ def edit(
     """
     if isinstance(result, (str, Path)):
         result = FitResult.load(result)
-    if result.splats is None:
-        raise ValueError(f"edit needs splats to transport; this result is a fixed {result.basis!r} basis fit")
+    if result.splats is None or result.basis != "splats":
+        raise ValueError(f"edit needs mobile splats to transport; this result is a fixed {result.basis!r} basis fit")
     if result.ids is None or not result.input_texts:
         raise ValueError("edit needs the old fit's text and token ids (fit from text, not from a bare field)")
     if (new_text is None) == (edits is None):
@@ -202,7 +207,10 @@ def edit(
     if local and freeze_steps:
         raise ValueError(f"freeze_steps={freeze_steps} frees the far splats after that many steps, but local=True (the "
                          "default) keeps them frozen throughout: pass local=False with it")
-    batched = isinstance(new_text, (list, tuple)) or (edits is not None and len(edits) > 0 and isinstance(edits[0], list))
+    if edits is not None and _is_char_edit(edits):
+        raise ValueError(f"edits={edits!r} is one edit; give a list of them: [{tuple(edits)!r}]")
+    # one prompt's edits are (start, end, text) triples, a batch's are lists of them (JSON gives lists for both)
+    batched = isinstance(new_text, (list, tuple)) or (edits is not None and len(edits) > 0 and not _is_char_edit(edits[0]))
     B = result.mask.shape[0]
     if not batched and B != 1:
         raise ValueError(f"edit of one text takes a one-prompt result; this one has {B} prompts "
@@ -222,9 +230,12 @@ def edit(
 
         cfg = result.config
         model = fixedpos.load(cfg.get("model") or fixedpos.DEFAULT_MODEL, layer=cfg.get("layer"))
-    device = torch.device(device) if device is not None else result.splats.mu.device
-    if result.config.get("model_hash") not in (None, model.model_hash):
-        raise ValueError(f"the result was fitted with model {result.config.get('model')}, not {model.name}")
+    device = resolve_device(device) if device is not None else result.splats.mu.device
+    fitted = (result.config.get("model_hash"), result.config.get("layer"))
+    if fitted[0] not in (None, model.model_hash) or fitted[1] not in (None, model.layer):
+        raise ValueError(f"the result was fitted with model {result.config.get('model')} ({str(fitted[0])[:12]}) at layer "
+                         f"{fitted[1]}, not {model.name} ({model.model_hash[:12]}) at layer {model.layer}: pass that model, "
+                         "or model=None to load it")
     kernel = fit_options.pop("kernel", result.config.get("kernel", "gaussian"))
     mode = fit_options.pop("mode", result.config.get("mode", "additive"))
     fit_options.setdefault("objective", result.config.get("objective", "mse+ce"))

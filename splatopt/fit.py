@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
@@ -241,6 +242,10 @@ class FitResult:
             meta, coefficients = splats.meta, None
         if "token_mask" not in extra:
             raise ValueError(f"{path} holds splats but no fit result (no token mask); load it with SplatSet.load")
+        missing = [k for k in ("field_error", "cosine") if k not in extra]
+        if missing or not isinstance(meta.get("config", {}), dict):
+            what = f"lacks the tensors {missing}" if missing else "has a config that is not a JSON object"
+            raise ValueError(f"fit result file {path} {what}: it is damaged or was not written by FitResult.save")
         series = lambda prefix: {k.removeprefix(prefix): v.cpu() for k, v in extra.items() if k.startswith(prefix)}  # noqa: E731
         return cls(
             splats=splats, ids=extra.get("ids"), mask=extra["token_mask"].bool(), texts=meta.get("decoded"),
@@ -253,19 +258,36 @@ class FitResult:
         )
 
 
+def _plain_n_splats(n_splats):
+    """``n_splats`` as JSON can hold it (a numpy or torch number becomes a Python one)."""
+    if getattr(n_splats, "ndim", None) == 0:
+        return n_splats.item()
+    if isinstance(n_splats, numbers.Number):
+        return float(n_splats) if isinstance(n_splats, float) else int(n_splats)
+    return list(map(int, n_splats))
+
+
 def _resolve_counts(n_splats, lengths: Tensor) -> Tensor:
     """[B] splats per prompt from a fraction of L, an int, or a per-prompt list; each in 1..L_b."""
     B = len(lengths)
     if isinstance(n_splats, bool):
         raise TypeError("n_splats must be a number or a list of ints, not bool")
-    if isinstance(n_splats, float):
+    if isinstance(n_splats, str):
+        raise TypeError(f"n_splats={n_splats!r}: give a number (a fraction of L such as 0.25, or a count) or a list of counts")
+    if getattr(n_splats, "ndim", None) == 0:
+        n_splats = n_splats.item()  # a 0-d numpy array or tensor: one number for every prompt
+    if isinstance(n_splats, numbers.Real) and not isinstance(n_splats, numbers.Integral):
         if not 0 < n_splats <= 1:
             raise ValueError(f"n_splats={n_splats}: a fraction of the prompt length must lie in (0, 1]; use an int for a count")
-        return (lengths.float() * n_splats).round().long().clamp(min=1)
-    if isinstance(n_splats, int):
-        counts = torch.full((B,), n_splats, dtype=torch.long)
+        return (lengths.float() * float(n_splats)).round().long().clamp(min=1)
+    if isinstance(n_splats, numbers.Integral):
+        counts = torch.full((B,), int(n_splats), dtype=torch.long)
     else:
-        counts = torch.as_tensor(list(n_splats), dtype=torch.long)
+        values = torch.as_tensor(list(n_splats))
+        if values.is_floating_point() and not torch.equal(values, values.round()):
+            raise ValueError(f"n_splats={list(n_splats)}: a per-prompt list holds splat counts (ints), not fractions; "
+                             "round them, or give one fraction for every prompt")
+        counts = values.long()
         if counts.shape != (B,):
             raise ValueError(f"n_splats has {counts.numel()} entries for {B} prompts")
     if (counts < 1).any():
@@ -327,7 +349,7 @@ def fit(
     steps: int = 300,
     objective: str | Objective = "mse+ce",
     init="grid",
-    optimizer: InnerOptimizer | str | None = None,
+    optimizer: InnerOptimizer | dict | str | None = None,
     kernel: str = "gaussian",
     mode: str = "additive",
     varpro: bool = False,
@@ -357,7 +379,8 @@ def fit(
     "mse+ce" (default), "mse", "0.5*mse+ce+cosine". init: "grid", "tokens", "learned" (the
     meta-trained initializer shipped for ``model``; with ``optimizer=None`` the fit then uses the
     inner Adam it was meta-trained with), a dict, or an initializer.
-    optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping); with a learned
+    optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping), or a dict of its fields
+    over the one the fit would use otherwise (a config file's spelling); with a learned
     initializer also "picked", the inner optimizer picked on validation for short budgets that
     ships beside it (the default model's: Adam in the decoder's Fisher metric; at N = L/4, 10
     steps decode 96.5 % of the test split's tokens against 70.9 % with the meta-trained one, and
@@ -419,9 +442,12 @@ def fit(
     objective = Objective.parse(objective)
     if basis in ("dct", "segments") and init != "grid":
         raise ValueError(f"basis={basis!r} takes no init: its coefficients start at the least-squares optimum")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
+    device = resolve_device(device)
+    if dtype not in (torch.float32, torch.float64):
+        # the least-squares solves (grid init, solved embeddings) have no half-precision kernels
+        raise ValueError(f"dtype={dtype}: fit runs in torch.float32 (the default) or torch.float64")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed={seed!r}: give an int")
     is_field = isinstance(texts_or_fields, (Tensor, Targets))
     if model is None and (not is_field or objective.needs_decoder or init == "learned"):
         import fixedpos
@@ -437,10 +463,18 @@ def fit(
                 raise ValueError("optimizer='picked': no inner optimizer ships beside this learned initializer; pass an "
                                  "InnerOptimizer, or None for the one it was meta-trained with")
             optimizer = initializer.picked_optimizer
-        optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
+        if not isinstance(optimizer, dict):
+            optimizer = optimizer or initializer.inner_optimizer()  # the inner Adam it was meta-trained with
     if isinstance(optimizer, str):
         raise ValueError(f"optimizer={optimizer!r}: 'picked' names the optimizer shipped beside a learned initializer "
-                         "(init='learned'); otherwise pass an InnerOptimizer or None")
+                         "(init='learned'); otherwise pass an InnerOptimizer, a dict of its fields, or None")
+    if isinstance(optimizer, dict):  # a config file's spelling: fields over the optimizer fit would use otherwise
+        unknown = set(optimizer) - set(InnerOptimizer.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"optimizer: unknown InnerOptimizer fields {sorted(unknown)}; "
+                             f"the fields are {sorted(InnerOptimizer.__dataclass_fields__)}")
+        base = initializer.inner_optimizer() if isinstance(initializer, LearnedInitializer) else InnerOptimizer()
+        optimizer = InnerOptimizer(**{**base.to_dict(), **optimizer})
     optimizer = optimizer or InnerOptimizer()
     metric = resolve_metric(optimizer, model, device, dtype)  # [d, d] or None: read before any work
     if varpro and metric is not None:
@@ -461,7 +495,7 @@ def fit(
         raise ValueError(f"optimizer.metric={optimizer.metric!r} is a Fisher for d={metric.shape[-1]}, but the field has "
                          f"d={field.shape[-1]}: estimate one for this model (splatopt.fisher.estimate_field_fisher)")
     decode = model.decode if model is not None else None
-    if objective.needs_decoder and ids is None:
+    if decode is not None and ids is None:  # a bare field: its tokens are what the decoder reads from it
         with torch.no_grad():
             ids = decode(field).argmax(-1)
     lengths = mask.sum(-1)
@@ -469,6 +503,8 @@ def fit(
     B = field.shape[0]
     if batch_size is None:
         batch_size = max(1, 16384 // field.shape[1])
+    elif not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r}: give the prompts per chunk as an int >= 1 (or None for about 16k tokens)")
     order = torch.argsort(lengths.cpu(), stable=True)
     if truncate is None and basis == "splats" and int(lengths.max()) > LONG_LENGTH:
         truncate = DEFAULT_TRUNCATE
@@ -491,7 +527,7 @@ def fit(
     host_free, cuda_graphs = host_free is None, host_free is None and cuda_graphs is not False
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
-        "layer": getattr(model, "layer", None), "n_splats": n_splats if not isinstance(n_splats, (list, tuple, Tensor)) else list(map(int, n_splats)),
+        "layer": getattr(model, "layer", None), "n_splats": _plain_n_splats(n_splats),
         "steps": steps, "objective": str(objective), "init": init if isinstance(init, (str, dict)) else type(init).__name__,
         "initializer_meta": getattr(initializer, "meta", None),
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
@@ -548,6 +584,14 @@ def fit(
         density={k: torch.cat([ch["density"][k] for ch in chunks])[inverse].cpu() for k in chunks[0]["density"]}
         if "density" in chunks[0] else None,
     )
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` (None: CUDA where there is one); ValueError for CUDA where there is none."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
+    return device
 
 
 def _resolve_fused(fused: bool | None, device: torch.device, objective: Objective, kernel: str, mode: str,

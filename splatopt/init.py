@@ -100,6 +100,10 @@ class WarmStart:
             raise ValueError(f"WarmStart holds {self.splats.batch_size} prompts, the target has {target.shape[0]}")
         if self.splats.dim != target.shape[-1]:
             raise ValueError(f"WarmStart splats have d={self.splats.dim}, the target has d={target.shape[-1]}")
+        s = self.splats
+        for name in ("mu", "log_sigma", "weight_logit", "v"):
+            if not torch.isfinite(getattr(s, name)[s.mask]).all():  # every step would be skipped, every metric NaN
+                raise ValueError(f"WarmStart splats hold NaN or inf in {name} of an active splat: start from finite splats")
         return self.splats.to(target.device, target.dtype)
 
 

@@ -41,6 +41,22 @@ def house_style():
         yield
 
 
+def check_figure_path(path: str | Path, option: str = "plot") -> Path:
+    """``path`` if :func:`save_figure` can write it; else ValueError naming ``option``, raised before any work.
+
+    A path without a suffix is written as PNG; an existing folder or an unknown format is refused.
+    """
+    path = Path(path)
+    known = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if path.is_dir():
+        raise ValueError(f"--{option} {path}: is a folder; give a file name such as {path / 'figure.png'}")
+    if path.suffix and path.suffix.lstrip(".").lower() not in known:
+        raise ValueError(f"--{option} {path}: unknown figure format {path.suffix!r}; use one of "
+                         + ", ".join("." + k for k in sorted(known)))
+    return path
+
+
 def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> list[Path]:
     """Save ``fig`` to ``path`` and, if given, to the same stem with each of ``formats`` (e.g. ["pdf", "png"]).
 
@@ -78,6 +94,9 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
     label the position axis, so one sees which splat ends up covering which words.
     """
     traj = result.trajectory
+    if not traj:
+        raise ValueError(f"this {result.basis} fit recorded no splat trajectory (a fixed basis does not move its terms; "
+                         "for splats, fit with record_every > 0)")
     steps = traj["step"].numpy()
     mu = traj["mu"][:, prompt].numpy()
     sigma = traj["sigma"][:, prompt].numpy()

@@ -96,6 +96,25 @@ def test_char_edits_equal_the_edited_text(fitted):
     torch.testing.assert_close(by_edits.splats.mu, by_text.splats.mu)
 
 
+def test_char_edits_given_as_json_lists_are_one_prompts_edits_and_a_bare_edit_is_refused(fitted):
+    start = TEXT.index("new")
+    as_tuples = splatopt.edit(fitted, edits=[(start, start + 3, "fresh")], steps=0, progress=False)
+    as_lists = splatopt.edit(fitted, edits=[[start, start + 3, "fresh"]], steps=0, progress=False)
+    assert as_lists.input_texts == as_tuples.input_texts
+    with pytest.raises(ValueError, match="is one edit; give a list of them"):
+        splatopt.edit(fitted, edits=(start, start + 3, "fresh"), steps=0, progress=False)
+
+
+def test_edit_refuses_a_model_at_another_layer_and_a_fixed_basis_fit(model, fitted):
+    import fixedpos
+
+    with pytest.raises(ValueError, match="at layer 2, not minilm-l6 .* at layer 4"):
+        splatopt.edit(fitted, TEXT.replace("new", "fresh"), model=fixedpos.load(layer=4), steps=0, progress=False)
+    grid = splatopt.fit([TEXT], model, n_splats=0.5, steps=1, basis="fixed-grid", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="fixed 'fixed-grid' basis"):
+        splatopt.edit(grid, TEXT.replace("new", "fresh"), steps=0, progress=False)
+
+
 def test_local_refit_keeps_far_splats_fixed(fitted):
     result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=10, local=True, progress=False)
     far = result.edit["far_from_edit"]

@@ -64,6 +64,41 @@ def test_fit_to_given_fields_without_text():
     assert (result.field_error <= start.field_error + 1e-6).all()
 
 
+@pytest.mark.parametrize("objective", ["mse", "mse+cosine"])
+def test_a_bare_field_with_a_model_reports_the_tokens_its_decoder_reads(model, objective):
+    """A field-only objective on a bare field still has a decoder: the fit reports accuracy against
+    the tokens the decoder reads from the target field (it used to crash after the fit)."""
+    field = model.encode(model.tokenize(["Return the sum of a and b."]))
+    result = fit(field, model, objective=objective, n_splats=2, steps=3, device="cpu", progress=False)
+    target_ids = model.decode(field).argmax(-1)
+    assert torch.equal(result.ids, target_ids) and result.token_accuracy.shape == (1,)
+    assert result.texts is not None
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(batch_size=0), ValueError, "batch_size=0"),
+    (dict(n_splats=[2.7]), ValueError, "counts .ints., not fractions"),
+    (dict(n_splats="4"), TypeError, "n_splats='4'"),
+    (dict(seed=1.5), TypeError, "seed=1.5"),
+    (dict(dtype=torch.float16), ValueError, "float32 .the default. or torch.float64"),
+    (dict(optimizer={"lr_muu": 0.1}), ValueError, "unknown InnerOptimizer fields .'lr_muu'."),
+])
+def test_bad_fit_arguments_are_named_before_any_work(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fit(["Return the sum of two numbers."], model, steps=1, device="cpu", progress=False, **{"n_splats": 2, **kwargs})
+
+
+def test_numpy_and_torch_numbers_and_optimizer_dicts_are_accepted(model, tmp_path):
+    np = pytest.importorskip("numpy")
+    text = ["Return the sum of two numbers."]
+    for n_splats in (np.int64(3), torch.tensor(3), [3.0]):
+        result = fit(text, model, n_splats=n_splats, steps=1, device="cpu", progress=False)
+        assert result.splats.counts.tolist() == [3] and result.save(tmp_path / "run.safetensors")  # JSON-clean config
+    assert fit(text, model, n_splats=torch.tensor(0.5), steps=0, device="cpu", progress=False).config["n_splats"] == 0.5
+    result = fit(text, model, n_splats=2, steps=1, optimizer={"lr_mu": 0.3}, device="cpu", progress=False)
+    assert result.config["optimizer"] == {**splatopt.InnerOptimizer().to_dict(), "lr_mu": 0.3}
+
+
 def test_varpro_fits_only_geometry_and_keeps_v_optimal(model, short_prompts):
     result = fit(short_prompts[:2], model, n_splats=0.5, steps=20, objective="mse", varpro=True, device="cpu", progress=False)
     init = fit(short_prompts[:2], model, n_splats=0.5, steps=0, objective="mse", device="cpu", progress=False)
@@ -130,6 +165,28 @@ def test_bad_fields_raise_clear_errors(model):
 def test_asking_for_cuda_without_it_is_a_clear_error(model):
     with pytest.raises(ValueError, match="CUDA is not available"):
         fit(["Some text."], model, steps=1, device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--out", "", "is a folder"), ("--plot", "", "is a folder"), ("--plot", "fit.bogus", "unknown figure format"),
+])
+def test_cli_refuses_an_unwritable_output_before_fitting(tmp_path, capsys, monkeypatch, option, value, message):
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before checking the output path"))
+    for command in (["fit", "Return the sum of two numbers."], ["edit", str(tmp_path / "run.safetensors"), "New text."]):
+        assert main([*command, option, str(tmp_path / value), "--device", "cpu", "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_cli_skips_the_trajectory_plot_of_a_fixed_basis_instead_of_crashing(tmp_path, capsys):
+    from splatopt.cli import main
+
+    out, plot = tmp_path / "grid.safetensors", tmp_path / "traj.png"
+    args = ["--basis", "fixed-grid", "--steps", "3", "--device", "cpu", "--quiet", "--out", str(out), "--plot", str(plot)]
+    assert main(["fit", "Return the sum of two numbers.", *args]) == 0
+    assert main(["show", str(out), "--plot", str(plot)]) == 0
+    assert capsys.readouterr().out.count("no trajectory plot") == 2 and not plot.exists()
 
 
 def test_cli_fit_and_show_on_cpu(tmp_path, capsys):
@@ -345,3 +402,19 @@ def test_optimizer_picked_takes_the_one_shipped_beside_the_learned_initializer(m
     assert meta.config["optimizer"] == load_learned(model).inner_optimizer().to_dict()
     with pytest.raises(ValueError, match="optimizer='picked'"):
         splatopt.fit(text, model, n_splats=0.25, steps=2, init="grid", optimizer="picked", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("damage", ["no field_error", "config not an object"])
+def test_a_fit_file_with_missing_metrics_or_a_bad_config_is_refused_naming_it(tmp_path, model, damage):
+    from fixedpos.cache import read_safetensors, write_safetensors
+
+    path = fit(["Return the sum of two numbers."], model, n_splats=2, steps=1, device="cpu", progress=False).save(tmp_path / "run.safetensors")
+    tensors, header = read_safetensors(path)
+    meta = json.loads(header["meta"])
+    if damage == "no field_error":
+        del tensors["extra.field_error"]
+    else:
+        header["meta"] = json.dumps({**meta, "config": "a string"})
+    write_safetensors(path, tensors, header)
+    with pytest.raises(ValueError, match="run.safetensors .*damaged or was not written by FitResult.save"):
+        FitResult.load(path)

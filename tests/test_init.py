@@ -156,3 +156,16 @@ def test_initializers_keep_float32_targets_float32():
     for init in (GridInit(), TokenInit()):
         s = init(target, mask, torch.tensor([2]))
         assert all(t.dtype == torch.float32 for t in s.params().values())
+
+
+@pytest.mark.parametrize("name", ["mu", "log_sigma", "weight_logit", "v"])
+def test_a_warm_start_with_a_nan_in_an_active_splat_is_refused_before_the_fit(name):
+    from splatopt import Targets, fit
+    from splatopt.init import WarmStart
+
+    field, mask = torch.randn(1, 6, 8), torch.ones(1, 6, dtype=torch.bool)
+    splats = GridInit()(field, mask, torch.tensor([2]))
+    getattr(splats, name)[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=f"NaN or inf in {name}"):
+        fit(Targets(field, mask), init=WarmStart(splats), objective="mse", steps=2, device="cpu", progress=False)
+
