@@ -24,14 +24,43 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def _check_n(n: int) -> None:
+    if n < 1:  # sample_prompts would take the whole corpus
+        raise ValueError(f"--n {n}: give at least 1 prompt per corpus")
+
+
+def _check_json_path(path: str) -> None:
+    """Fail on an unwritable --json path now, not after the evaluation it would hold."""
+    if Path(path).is_dir():
+        raise ValueError(f"--json {path} is a folder: give a file path, e.g. {Path(path) / 'roundtrip.json'}")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--json {path}: cannot create its folder ({err.strerror}); give a path in a writable folder") from None
+
+
+def _layers(args, **load_kw) -> list[int]:
+    """--layer, or with --all-layers every layer of the model: 0 (embeddings) to its last block."""
+    import fixedpos
+
+    if not args.all_layers:
+        return [args.layer]
+    return list(range(fixedpos.load(args.model, layer=0, head=args.recipe, **load_kw).n_layers + 1))
+
+
 def roundtrip_report(model, n: int, device, corpora: list[str], seed: int = 0) -> list[dict]:
     """Token accuracy of decode(encode(x)) on ``n`` prompts (<= 64 tokens) of each corpus."""
     import fixedpos
 
-    rows = []
+    # every corpus is sampled before any is encoded, so that an unusable one fails before the work
+    sampled = []
     for spec in corpora:
-        texts = fixedpos.load_corpus_spec(spec)
-        prompts = fixedpos.sample_prompts(model, texts, n, seed=seed)
+        prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(spec), n, seed=seed)
+        if not prompts:
+            raise ValueError(f"corpus {spec} has no passage of at least 8 tokens to evaluate: give a corpus with longer passages")
+        sampled.append((spec, prompts))
+    rows = []
+    for spec, prompts in sampled:
         acc = fixedpos.token_accuracy(model, prompts, device=device)
         rows.append({"model": model.name, "layer": model.layer, "corpus": spec, **acc})
     return rows
@@ -39,18 +68,21 @@ def roundtrip_report(model, n: int, device, corpora: list[str], seed: int = 0) -
 
 def cmd_roundtrip(args) -> int:
     import fixedpos
+    from fixedpos.head import resolve_recipe
 
+    _check_n(args.n)
+    if args.json:
+        _check_json_path(args.json)
+    resolve_recipe(args.recipe)
     device = _device(args.device)
-    layers = range(0, 7) if args.all_layers else [args.layer]
     rows = []
-    for layer in layers:
+    for layer in _layers(args):
         model = fixedpos.load(args.model, layer=layer, head=args.recipe)
         rows += roundtrip_report(model, args.n, device, args.corpus, seed=args.seed)
     print(f"{'model':<12} {'layer':>5}  {'corpus':<22} {'prompts':>7} {'tokens':>7} {'accuracy':>9}")
     for r in rows:
         print(f"{r['model']:<12} {r['layer']:>5}  {r['corpus']:<22} {r['texts']:>7} {r['tokens']:>7} {r['accuracy']:>9.4%}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
@@ -59,10 +91,10 @@ def cmd_train_head(args) -> int:
     import fixedpos
     from fixedpos.head import head_filename, resolve_recipe, save_head
 
+    _check_n(args.n)
     device = _device(args.device)
     recipe = resolve_recipe(args.recipe)
-    layers = range(0, 7) if args.all_layers else [args.layer]
-    for layer in layers:
+    for layer in _layers(args, train_head_if_missing=False):
         model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
         head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)
         model.set_head(head)
@@ -83,11 +115,16 @@ def cmd_train_head(args) -> int:
 
 def cmd_info(args) -> int:
     import fixedpos
+    from fixedpos.head import resolve_recipe
 
-    model = fixedpos.load(args.model, layer=args.layer)
+    if args.text is not None and not args.text.strip():
+        raise ValueError("--text is empty: give some text to round-trip, or leave --text out for the sample text")
+    resolve_recipe(args.recipe)
+    device = _device(args.device)
+    model = fixedpos.load(args.model, layer=args.layer, head=args.recipe)
     print(model)
     print(f"hash {model.model_hash}\ncache {fixedpos.cache_dir()}")
-    batch = model.tokenize([args.text or SAMPLE_TEXT])
+    batch = model.tokenize([SAMPLE_TEXT if args.text is None else args.text], device=device)
     pred = model.decode(model.encode(batch)).argmax(-1)
     acc = (pred == batch.ids)[batch.mask].float().mean().item()
     print(f"sample round trip: {acc:.2%} of {int(batch.mask.sum())} tokens\n  {model.detokenize(pred, batch.mask)[0]}")

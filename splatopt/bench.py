@@ -75,6 +75,23 @@ PEAK_BF16_FLOPS = (
 )
 
 
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def _check_sizes(cfg) -> torch.dtype:
+    """Refuse sizes and dtypes a step cannot take, before any work (some would be timed as if valid); the dtype."""
+    for name in ("batch", "length", "dim", "iters"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.warmup < 0:
+        raise ValueError(f"warmup={cfg.warmup} must be >= 0")
+    if not 1 <= cfg.splats <= cfg.length:
+        raise ValueError(f"splats={cfg.splats} must lie in 1..length={cfg.length}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, cfg.dtype)
+
+
 def device_label(device: torch.device | str) -> str:
     """What a result records as its device: the CUDA device's name, else the CPU's (``platform.processor()``, or "cpu")."""
     device = torch.device(device)
@@ -151,7 +168,10 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     unknown = set(paths) - {"eager", "compile", "fused", "graph", "fused_ce", "chunked_ce"}
     if unknown:
         raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, graph, fused_ce, chunked_ce")
-    dtype = getattr(torch, cfg.dtype)
+    dtype = _check_sizes(cfg)
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={cfg.dtype!r} does not run on the CPU (the grid initializer's linear solve has no {cfg.dtype} "
+                         "CPU kernel): use float32")
     objective = Objective.parse(cfg.objective)
     for p in ("fused_ce", "chunked_ce"):
         if p in paths and not objective.ce:
@@ -316,9 +336,7 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
     objective = Objective.parse(cfg.objective)
     if objective.needs_decoder:
         raise ValueError(f"the long bench times rendering with a field-only objective (mse, cosine), not {cfg.objective!r}")
-    if not 1 <= cfg.splats <= cfg.length:
-        raise ValueError(f"splats={cfg.splats} must lie in 1..length={cfg.length}")
-    dtype = getattr(torch, cfg.dtype)
+    dtype = _check_sizes(cfg)
     gen = torch.Generator(device="cpu").manual_seed(0)
     target = torch.randn(cfg.batch, cfg.length, cfg.dim, generator=gen).to(device, dtype)
     mask = torch.ones(cfg.batch, cfg.length, dtype=torch.bool, device=device)

@@ -70,3 +70,65 @@ def test_unknown_subcommand_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def _no_evaluation(*args, **kwargs):
+    raise AssertionError("the evaluation ran before the input was checked")
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_roundtrip_refuses_fewer_than_one_prompt(n, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "roundtrip_report", _no_evaluation)
+    assert cli.main(["roundtrip", "--n", n, "--device", "cpu", "--corpus", "stdlib:validation"]) == 2
+    assert capsys.readouterr().err.startswith(f"fixedpos: error: --n {n}: give at least 1 prompt")
+
+
+def test_roundtrip_refuses_a_corpus_without_usable_prompts_before_encoding(tmp_path, capsys):
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text('{"text": "   "}\n{"text": "Too short."}\n')
+    out_json = tmp_path / "rows.json"
+    # the usable corpus comes first: the unusable one must fail before it is evaluated
+    rc = cli.main(["roundtrip", "--n", "2", "--device", "cpu", "--corpus", "stdlib:validation", str(corpus), "--json", str(out_json)])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert f"corpus {corpus} has no passage of at least 8 tokens" in captured.err
+    assert captured.out == "" and not out_json.exists()
+
+
+def test_roundtrip_refuses_a_folder_as_json_path_before_the_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "roundtrip_report", _no_evaluation)
+    assert cli.main(["roundtrip", "--n", "2", "--device", "cpu", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder: give a file path" in capsys.readouterr().err
+
+
+def test_roundtrip_all_layers_covers_every_layer_of_the_model(tmp_path, monkeypatch, capsys):
+    from test_fixedpos_hf import build_tiny_encoder
+
+    folder = build_tiny_encoder("bert", tmp_path / "bert")  # 2 blocks: layers 0, 1, 2
+    layers = []
+
+    def record_layer(model, *args, **kwargs):  # no decoder head to train: only the layers matter here
+        layers.append(model.layer)
+        return []
+
+    monkeypatch.setattr(cli, "roundtrip_report", record_layer)
+    assert cli.main(["roundtrip", "--model", str(folder), "--all-layers", "--n", "2", "--device", "cpu"]) == 0
+    assert layers == [0, 1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_info_honours_device():
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
+        cli.main(["info", "--device", "cuda"])
+
+
+def test_info_refuses_an_unknown_recipe(capsys):
+    assert cli.main(["info", "--recipe", "bogus"]) == 2
+    assert "unknown head recipe 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "  \n"])
+def test_info_refuses_empty_text(text, capsys):
+    assert cli.main(["info", "--text", text]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("fixedpos: error: --text is empty") and captured.out == ""

@@ -1,0 +1,69 @@
+"""``splatopt bench``: bad sizes, dtypes and output folders are refused before any timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splatopt import bench
+from splatopt.cli import main
+
+TINY = ["--batch", "2", "--length", "8", "--splats", "2", "--dim", "8", "--warmup", "0", "--iters", "1", "--device", "cpu"]
+TINY_LONG = ["--long", "--batch", "1", "--length", "16", "--splats", "4", "--dim", "8", "--warmup", "0", "--iters", "1",
+             "--device", "cpu"]
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("timed before the input was checked")
+
+    monkeypatch.setattr(bench, "_timed", refuse)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--splats", "0"], "splats=0 must lie in 1..length=8"),
+    (["--splats", "-2"], "splats=-2 must lie in 1..length=8"),
+    (["--splats", "20"], "splats=20 must lie in 1..length=8"),
+    (["--dim", "0"], "dim=0 must be >= 1"),
+    (["--batch", "0"], "batch=0 must be >= 1"),
+    (["--length", "0"], "length=0 must be >= 1"),
+    (["--iters", "0"], "iters=0 must be >= 1"),
+    (["--warmup", "-1"], "warmup=-1 must be >= 0"),
+    (["--dtype", "bogus"], "dtype='bogus': choose one of float32, float64, bfloat16, float16"),
+    (["--dtype", "float16"], "dtype='float16' does not run on the CPU"),
+    (["--dtype", "bfloat16"], "dtype='bfloat16' does not run on the CPU"),
+])
+def test_bench_refuses_bad_sizes_and_dtypes_before_timing(bad, message, tmp_path, no_timing, capsys):
+    assert main(["bench", *TINY, "--paths", "eager", *bad, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"splatopt: error: {message}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--iters", "0"], "iters=0 must be >= 1"),
+    (["--dim", "0"], "dim=0 must be >= 1"),
+    (["--batch", "0"], "batch=0 must be >= 1"),
+    (["--dtype", "bogus"], "dtype='bogus': choose one of"),
+])
+def test_long_bench_refuses_bad_sizes_and_dtypes_before_timing(bad, message, tmp_path, no_timing, capsys):
+    assert main(["bench", *TINY_LONG, *bad, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"splatopt: error: {message}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sub", [[], ["x"]])
+def test_bench_refuses_a_file_as_out_folder_before_timing(sub, tmp_path, no_timing, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    out = taken.joinpath(*sub)
+    assert main(["bench", *TINY, "--paths", "eager", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"splatopt: error: --out {out} cannot be a folder")
+
+
+def test_bench_writes_json_for_valid_tiny_sizes(tmp_path, capsys):
+    assert main(["bench", *TINY, "--paths", "eager", "--out", str(tmp_path / "new")]) == 0
+    (path,) = (tmp_path / "new").iterdir()
+    result = json.loads(path.read_text())
+    assert result["config"]["splats"] == 2 and "eager" in result["results"]
