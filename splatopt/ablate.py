@@ -90,11 +90,20 @@ def _check_name(key: str, where: str) -> None:
 def _check_values(settings: dict) -> None:
     """Check the values fit resolves by name before it fits: ``init`` and ``density`` (a name, or a
     table such as ``{ name = "budget", relocate_fraction = 0.05 }`` whose fields must be the
-    strategy's), and ``basis``. Raises what fit would raise, at parse time."""
+    strategy's), ``basis``, ``kernel``, ``mode``, ``objective`` and the ``optimizer.*`` fields.
+    Raises what fit would raise, at parse time, so a study never fails in its middle on a typo."""
     from .basis import BASES
     from .density import resolve_density
     from .init import resolve_initializer
+    from .objectives import Objective
+    from .render import KERNELS, MODES
 
+    for key, valid in (("kernel", KERNELS), ("mode", MODES)):
+        if key in settings and settings[key] not in valid:
+            raise ValueError(f"{key}={settings[key]!r}: choose one of {tuple(valid)}")
+    if "objective" in settings:
+        Objective.parse(settings["objective"])
+    _optimizer(settings)
     if "init" in settings and isinstance(settings["init"], (str, dict)) and settings["init"] != "learned":
         resolve_initializer(settings["init"])  # "learned" is chosen by the study's model, in fit
     if "density" in settings and isinstance(settings["density"], (str, dict)):
@@ -111,9 +120,9 @@ def _check_corpus(corpus: str, source: str) -> None:
     if corpus.endswith((".txt", ".jsonl")) or Path(corpus).is_file():
         return
     name, _, split = corpus.partition(":")
-    if name not in ("stdlib", "licenses") or (split and split not in SPLITS) or (name == "licenses" and split):
+    if name not in ("stdlib", "stdlib-live", "licenses") or (split and split not in SPLITS) or (name == "licenses" and split):
         raise ValueError(f"{source}: corpus = {corpus!r}: use " + ", ".join(f'"stdlib:{s}"' for s in SPLITS)
-                         + ', "licenses", or a path to a .txt / .jsonl file')
+                         + ' (or "stdlib-live:SPLIT", this interpreter\'s docstrings), "licenses", or a path to a .txt / .jsonl file')
 
 
 def _optimizer(settings: dict) -> InnerOptimizer:

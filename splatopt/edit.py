@@ -195,6 +195,17 @@ def edit(
         raise ValueError("give either new_text or edits, not both and not neither")
     if choose not in ("objective", "accuracy"):
         raise ValueError(f"choose={choose!r}: use 'objective' or 'accuracy'")
+    owned = sorted({"n_splats", "init", "frozen", "frozen_steps", "frozen_moves", "frozen_v_tolerance"} & set(fit_options))
+    if owned:
+        raise ValueError(f"edit sets {owned} itself (the budget, the warm start and the frozen far splats); "
+                         "use spawn_density, hold_budget, local, freeze_steps, far_moves and far_tolerance instead")
+    if spawn_density is not None and not spawn_density > 0:
+        raise ValueError(f"spawn_density={spawn_density}: give new splats per inserted token (> 0), or None for the old fit's")
+    if not freeze_sigma >= 0:
+        raise ValueError(f"freeze_sigma={freeze_sigma}: give a distance from the edit in splat widths (>= 0)")
+    if (fit_options.get("varpro") or fit_options.get("density") not in (None, "none")) and (fresh_start or fresh_near):
+        # the second starts re-fit with solved embeddings at a fixed count, which neither combines with
+        raise ValueError("varpro and density re-fit only the warm start: pass fresh_start=False and fresh_near=False with them")
     if isinstance(learned_optimizer, dict):
         unknown = set(learned_optimizer) - set(InnerOptimizer.__dataclass_fields__)
         if unknown:

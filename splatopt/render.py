@@ -14,6 +14,7 @@ This dense path builds the coefficients A [B, L, N]; for long texts ``render_loc
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ NORMALIZED_EPS = 1e-6
 
 def _positions(length_or_positions, B: int, like: Tensor) -> Tensor:
     """[B, L] float positions from an int L, a [L] tensor or a [B, L] tensor."""
+    scalar_tensor = isinstance(length_or_positions, Tensor) and length_or_positions.ndim == 0
+    if isinstance(length_or_positions, numbers.Integral) or (scalar_tensor and not length_or_positions.is_floating_point()):
+        length_or_positions = int(length_or_positions)  # numpy and torch integers are lengths too
     if isinstance(length_or_positions, int):
         if length_or_positions < 1:
             raise ValueError(f"render length must be >= 1, got {length_or_positions}")
@@ -81,6 +85,8 @@ def splat_weights(
     mu, sigma, weight = active_geometry(splats)
     g = kernel_values(pos, mu, sigma, kernel)
     if truncate is not None:
+        if not (isinstance(truncate, numbers.Real) and truncate > 0):  # nan and negatives would cut off everything or nothing
+            raise ValueError(f"truncate={truncate!r}: give a cut-off in widths > 0 (e.g. 4), or None for none")
         far = (pos[:, :, None] - mu[:, None, :]).abs() > truncate * sigma[:, None, :]
         g = g.masked_fill(far, 0.0)
     a = g * weight[:, None, :]

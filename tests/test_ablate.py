@@ -168,6 +168,10 @@ mobile = {}
     ('corpus = "stdlib:test"\nprompts = 4\n[factors.method]\nx = { density = "adaptve" }', r"density='adaptve'"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors.method]\nx = { basis = "fft" }', r"basis='fft'"),
     ('corpus = "stdlib:valid"\nprompts = 4', r"corpus = 'stdlib:valid'.*stdlib:validation"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = ["gaussian", "box"]', r"kernel='box'"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nmode = ["additiv"]', r"mode='additiv'"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nobjective = ["mse+cee"]', r"cee"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.schedule = ["cosin"]', r"cosin"),
 ])
 def test_bad_studies_are_refused_with_the_key_and_the_fix(text, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -563,3 +563,20 @@ def test_spawned_splats_give_way_before_a_far_splat_is_pruned_for_the_budget():
     torch.testing.assert_close(warm.v[0, kept_far], old.v[0, kept_far])
     loose_warm, _, loose = _warm_start(old, old_ids, new_ids, target, "gaussian", "additive", 3.0, 0.1, hold_budget=False)
     assert loose["splats"] == 16 and loose["budget"] == 5  # every old splat and one per inserted span
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_splats=4), r"edit sets \['n_splats'\] itself"),
+    (dict(init="grid"), r"edit sets \['init'\] itself"),
+    (dict(spawn_density=0.0), "spawn_density=0.0"),
+    (dict(freeze_sigma=-1.0), "freeze_sigma=-1.0"),
+    (dict(varpro=True), "pass fresh_start=False and fresh_near=False"),
+    (dict(density="budget"), "pass fresh_start=False and fresh_near=False"),
+])
+def test_bad_edit_options_are_refused_before_any_refit(fitted, monkeypatch, kwargs, message):
+    import importlib
+
+    edit_module = importlib.import_module("splatopt.edit")  # splatopt.edit is also the function's name
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: pytest.fail("re-fitted before checking the options"))
+    with pytest.raises(ValueError, match=message):
+        splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=2, progress=False, **kwargs)

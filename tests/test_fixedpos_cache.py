@@ -118,3 +118,16 @@ def test_read_safetensors_names_a_missing_or_corrupt_file(tmp_path):
     bad.write_bytes(b"\xff" * 40)
     with pytest.raises(ValueError, match="bad.safetensors is corrupt"):
         cache.read_safetensors(bad)
+
+
+def test_atomic_writes_get_the_usual_permissions_not_owner_only(tmp_path):
+    import os
+
+    from fixedpos.cache import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "run.safetensors", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.safetensors").stat().st_mode & 0o777 == 0o644

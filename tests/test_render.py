@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate
 
-from splatopt import KERNELS, MODES, SplatSet, kernel_values, render, splat_weights
+from splatopt import KERNELS, MODES, GridInit, SplatSet, kernel_values, render, splat_weights
 from splatopt.render import NORMALIZED_EPS
 from splatopt.splats import SIGMA_MAX, SIGMA_MIN
 
@@ -297,3 +297,15 @@ def test_active_splat_with_extreme_width_has_finite_gradients(kernel, log_sigma)
     (grad,) = torch.autograd.grad(field.sum(), live)
     assert torch.isfinite(grad).all()
     assert grad[0, 1] == 0  # clamped: no gradient through the bound
+
+
+def test_render_takes_numpy_and_torch_integer_lengths_and_refuses_a_bad_cutoff():
+    import numpy as np
+
+    field, mask = torch.randn(2, 8, 4), torch.ones(2, 8, dtype=torch.bool)
+    splats = GridInit()(field, mask, torch.tensor([2, 3]))
+    for length in (np.int64(8), torch.tensor(8)):
+        assert torch.equal(render(splats, length), render(splats, 8))
+    for cutoff in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="truncate="):
+            render(splats, 8, truncate=cutoff)
