@@ -75,4 +75,7 @@ def load(
         layer = DEFAULT_LAYER
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int, not {type(layer).__name__}")
+    from .head import resolve_recipe
+
+    resolve_recipe(head)  # an unknown recipe is named now, not at the first decode
     return _load_cached(str(name), layer, head, window, train_head_if_missing)

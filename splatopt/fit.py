@@ -217,7 +217,7 @@ class FitResult:
                 extra[name] = getattr(self, name)
         extra.update({f"history.{k}": v for k, v in self.history.items()})
         extra.update({f"trajectory.{k}": v for k, v in self.trajectory.items()})
-        for name in ("floats_per_token", "n_terms"):
+        for name in ("floats_per_token", "n_terms", "skipped_steps"):
             if getattr(self, name) is not None:
                 extra[name] = getattr(self, name)
         extra.update({f"density.{k}": v for k, v in (self.density or {}).items()})
@@ -254,6 +254,7 @@ class FitResult:
             encode_seconds=float(meta.get("encode_seconds", 0.0)), config=meta.get("config", {}),
             input_texts=meta.get("texts"), offsets=extra.get("offsets"), basis=meta.get("basis", "splats"),
             coefficients=coefficients, floats_per_token=extra.get("floats_per_token"), n_terms=extra.get("n_terms"),
+            skipped_steps=extra.get("skipped_steps"),
             density=series("density.") or None,
         )
 

@@ -225,7 +225,8 @@ def load_learned(model) -> LearnedInitializer:
     name, layer, model_hash = getattr(model, "name", None), getattr(model, "layer", None), getattr(model, "model_hash", None)
     path = shipped_path(name, layer)
     if not path.is_file():
-        shipped = sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors")) if SHIPPED_DIR.is_dir() else []
+        # the Fisher files beside them are not initializers
+        shipped = sorted(p.stem for p in SHIPPED_DIR.glob("*.safetensors") if not p.stem.endswith(".fisher")) if SHIPPED_DIR.is_dir() else []
         raise ValueError(f"init='learned': no initializer is shipped for model {name!r} layer {layer} (shipped: {shipped}); "
                          "meta-train one with `splatopt meta-train --config CFG` and pass init=LearnedInitializer.load(PATH)")
     init = LearnedInitializer.load(path)

@@ -120,7 +120,7 @@ def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
     back = FitResult.load(path, expect_model_hash=model.model_hash)
     assert torch.equal(back.splats.mu, result.splats.mu.cpu()) and torch.equal(back.ids, result.ids.cpu())
     assert back.texts == result.texts and back.input_texts == list(short_prompts[:2])
-    assert back.config["steps"] == 5
+    assert back.config["steps"] == 5 and torch.equal(back.skipped_steps, result.skipped_steps.cpu())
     with pytest.raises(ValueError, match="fitted with model"):
         FitResult.load(path, expect_model_hash="0" * 64)
 

@@ -132,3 +132,10 @@ def test_info_refuses_empty_text(text, capsys):
     assert cli.main(["info", "--text", text]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("fixedpos: error: --text is empty") and captured.out == ""
+
+
+def test_load_names_an_unknown_head_recipe_at_once():
+    import fixedpos
+
+    with pytest.raises(ValueError, match="unknown head recipe 'bogus'"):
+        fixedpos.load(head="bogus")
