@@ -135,7 +135,11 @@ def load_text_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark is not text
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus file {path} is not UTF-8 (byte {err.start} is {err.object[err.start]:#04x}): "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -186,6 +190,8 @@ def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, mi
     Passages longer than ``max_tokens`` are cut at the last whole word that fits, so prompts are real
     text (the evaluation protocol of DESIGN.md: L <= 64). Deterministic in ``seed``.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # a slice by n would take the whole corpus
+        raise ValueError(f"sample_prompts: n={n!r} must be an int >= 1 (prompts to draw)")
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     out: list[str] = []
     for i in order:

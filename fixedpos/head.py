@@ -166,6 +166,7 @@ def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: t
     return torch.cat(feats), torch.cat(targets)
 
 
+@torch.enable_grad()  # it may be first called from inside a fit's no_grad (a head trained on first use)
 def train_head(
     model,
     texts: Sequence[str],

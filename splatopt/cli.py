@@ -292,16 +292,40 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def _with_overrides(config: dict, assignments: list[str]) -> dict:
+    """``config`` with each ``KEY=VALUE`` set; a dotted key sets one field of a table and keeps the others.
+
+    VALUE is read as TOML (``0.1``, ``true``, ``[0.25, 0.5]``, ``"text"``); what TOML cannot read is
+    taken as a string, since the shell strips the quotes of ``corpus="stdlib:train"``.
+    """
+    import copy
+    import tomllib
+
+    config = copy.deepcopy(config)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {assignment!r}: write KEY=VALUE, e.g. --set outer_steps=200 or --set inner_optimizer.lr_mu=0.1")
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *tables, field = key.strip().split(".")
+        where = config
+        for table in tables:
+            where = where.setdefault(table, {})
+            if not isinstance(where, dict):
+                raise ValueError(f"--set {assignment!r}: {table!r} is not a table of the config")
+        where[field] = value
+    return config
+
+
 def cmd_meta_train(args) -> int:
     from splatopt import meta
 
     cfg = meta.MetaConfig.from_toml(args.config)
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    if overrides:
-        import tomllib
-
-        cfg = meta.MetaConfig.from_dict({**cfg.to_dict(), **tomllib.loads("\n".join(f"{k} = {v}" for k, v in overrides.items()))},
-                                        f"{args.config} with --set")
+    if args.set:
+        cfg = meta.MetaConfig.from_dict(_with_overrides(cfg.to_dict(), args.set), f"{args.config} with --set")
     net = meta.train(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {args.device}; "
@@ -465,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a file where a folder goes, and the like
         print(f"splatopt: error: {err}", file=sys.stderr)
         return 2
 

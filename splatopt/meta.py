@@ -37,8 +37,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass, field as dc_field, fields, replace
 from pathlib import Path
 
@@ -114,6 +118,37 @@ class MetaConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        # types first: a string "10" or a float width would otherwise fail after the data is encoded
+        kinds = {str: ("corpus", "model", "mode", "objective", "loss_over", "eval_corpus"),
+                 bool: ("learn_lr", "checkpoint_inner", "amp", "tensorboard"), dict: ("inner_optimizer",),
+                 int: ("prompts", "min_tokens", "max_tokens", "width", "heads", "layers", "inner_steps", "truncate_k",
+                       "curriculum", "outer_steps", "batch", "warmup", "seed", "log_every", "checkpoint_every",
+                       "eval_every", "eval_prompts"),
+                 float: ("lr", "lr_scale_lr", "weight_decay", "clip")}
+        for kind, names in kinds.items():
+            for name in names:
+                value = getattr(self, name)
+                ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                if kind is float:
+                    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if not ok:
+                    raise ValueError(f"{name}={value!r} must be {dict([(float, 'a finite number'), (int, 'an int')]).get(kind, 'a ' + kind.__name__)}")
+        for name, value in (("layer", self.layer), ("time_limit_s", self.time_limit_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name}={value!r} must be a number, or left out")
+        for name in ("width", "heads", "layers", "min_tokens", "truncate_k", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup", "curriculum", "eval_every", "lr_scale_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr", "clip"):  # a clip <= 0 would scale the outer gradient by a negative factor, or by zero
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.max_tokens < self.min_tokens:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= min_tokens={self.min_tokens}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s={self.time_limit_s} must be > 0, or left out for no limit")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
         if self.loss_over not in ("final", "mean"):
@@ -152,6 +187,9 @@ class MetaConfig:
             raise ValueError(f"{where}: unknown keys {unknown}; the keys are {sorted(known)}")
         raw = dict(raw)
         if "fractions" in raw:
+            if not isinstance(raw["fractions"], (list, tuple)) or not all(
+                    isinstance(f, (int, float)) and not isinstance(f, bool) for f in raw["fractions"]):
+                raise ValueError(f"{where}: fractions={raw['fractions']!r} must be a list of N/L values, e.g. [0.125, 0.25, 0.5]")
             raw["fractions"] = tuple(float(f) for f in raw["fractions"])
         return cls(**raw)
 
@@ -386,6 +424,12 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     if bank is None:
         texts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus, "train"), cfg.prompts,
                                         cfg.max_tokens, cfg.min_tokens, seed=cfg.seed)
+        if len(texts) < cfg.batch:
+            raise ValueError(f"corpus {cfg.corpus} gives only {len(texts)} prompts of {cfg.min_tokens}..{cfg.max_tokens} "
+                             f"tokens, fewer than one batch of {cfg.batch}: use a larger corpus or a smaller batch")
+        if len(texts) < cfg.prompts and rank == 0:  # "prompts" is a cap; the shipped run's corpus gives 7555 of 16384
+            warnings.warn(f"corpus {cfg.corpus} gives {len(texts)} prompts of {cfg.min_tokens}..{cfg.max_tokens} tokens, "
+                          f"fewer than prompts = {cfg.prompts}: meta-training on those {len(texts)}", stacklevel=2)
         bank = encode_bank(model, texts, device, progress=progress and rank == 0)
     torch.manual_seed(cfg.seed)  # the network's own initialization: identical on every rank
     net = LearnedInitializer(
@@ -427,7 +471,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     step = start
     # skipped outer steps (non-finite gradient): in a row, and since the last log row; checkpointed
     nonfinite_in_row, skipped_since_log = nonfinite.get("in_row", 0), nonfinite.get("since_log", 0)
-    for step in bar:
+    interrupt = _DeferredInterrupt()
+    for step in interrupt.guard(bar):
         idx = torch.randint(len(bank.texts), (cfg.batch * world,), generator=generator)[rank * cfg.batch : (rank + 1) * cfg.batch]
         frac = cfg.fractions[int(torch.randint(len(cfg.fractions), (1,), generator=generator))]
         target, mask, ids = bank.batch(idx.to(bank.field.device))
@@ -460,7 +505,7 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
                 f"consecutive steps. They were skipped, so the weights are those from before them, but no initializer was "
                 f"written. Start a new run (another --out) with lower inner learning rates ([inner_optimizer]), a lower "
                 f"outer lr or clip, or mode = \"truncated\"")
-        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - began > cfg.time_limit_s
+        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - began > cfg.time_limit_s or interrupt.requested
         if world > 1:  # every rank must stop at the same step
             flag = torch.tensor([float(out_of_time)], device=device)
             torch.distributed.all_reduce(flag)
@@ -469,6 +514,9 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
             save_checkpoint(ckpt_path, net, opt, generator, done, cfg, time.perf_counter() - began,
                             {"in_row": nonfinite_in_row, "since_log": skipped_since_log})
         if out_of_time:
+            if interrupt.requested and rank == 0:
+                print(f"meta-train: interrupted; checkpoint at outer step {done} written, --resume continues from it",
+                      file=sys.stderr)
             break
     net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
     net.meta["wall_s"] = round(time.perf_counter() - began, 1)
@@ -484,6 +532,32 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     if writer is not None:
         writer.close()
     return net.eval()
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during meta-training ends the current outer step, writes a checkpoint and the initializer
+    (as the time limit does) instead of losing the steps since the last checkpoint; a second Ctrl-C
+    interrupts at once. Only the main thread can take signals: elsewhere Ctrl-C acts as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def guard(self, steps):
+        if threading.current_thread() is not threading.main_thread():
+            yield from steps
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, previous)  # the second one is not deferred
+
+        signal.signal(signal.SIGINT, request)
+        try:
+            yield from steps
+        finally:
+            if signal.getsignal(signal.SIGINT) is request:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device,

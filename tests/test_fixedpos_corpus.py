@@ -207,3 +207,19 @@ def test_a_corrupt_or_missing_snapshot_says_how_to_recover(tmp_path, monkeypatch
             corpus.stdlib_passages(min_words=3)
     finally:
         corpus.stdlib_passages.cache_clear()
+
+
+def test_a_corpus_file_that_is_not_utf8_is_named_and_a_byte_order_mark_is_dropped(tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt is not UTF-8 \(byte 3 is 0xe9\)"):
+        fixedpos.load_text_file(latin)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfFirst line.\nSecond line.\n")
+    assert fixedpos.load_text_file(bom) == ["First line.", "Second line."]
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_sample_prompts_refuses_fewer_than_one_prompt_instead_of_taking_all(minilm, n):
+    with pytest.raises(ValueError, match=f"n={n} must be an int >= 1"):
+        fixedpos.sample_prompts(minilm, ["a passage of quite a few words to sample from here."], n)

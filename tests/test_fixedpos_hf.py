@@ -238,6 +238,15 @@ def test_train_head_is_reproducible_with_the_same_seed(tiny_bert):
     assert not torch.equal(h3.trainable_state()["up.weight"], s1["up.weight"])
 
 
+def test_a_head_trained_on_first_use_inside_a_fits_no_grad_is_the_same_head(tiny_bert, tiny_dirs):
+    """fit decodes under no_grad, and a local encoder's head is trained at its first decode."""
+    model = _load(tiny_dirs["bert"], 2)
+    with torch.no_grad():
+        head, _ = fixedpos.train_head(model, TEXTS, TINY_RECIPE, device="cpu", progress=False, log=lambda s: None)
+    field = torch.randn(5, 32)
+    assert torch.equal(head(field), tiny_bert.head(field))
+
+
 def test_train_head_returns_a_frozen_head_and_describes_it(tiny_bert):
     head, meta = fixedpos.train_head(
         tiny_bert, TEXTS, dataclasses.replace(TINY_RECIPE, negatives=16), device="cpu", progress=False, log=lambda s: None

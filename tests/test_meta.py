@@ -198,6 +198,31 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypa
     torch.testing.assert_close(loaded.log_lr_scale, resumed.log_lr_scale)
 
 
+def test_ctrl_c_ends_the_step_writes_a_checkpoint_and_resume_matches_the_whole_run(tmp_path, model, bank, monkeypatch):
+    import os
+    import signal
+
+    whole = meta.train(tiny_config(), tmp_path / "whole", model=model, bank=bank, device="cpu", progress=False)
+    original, calls = meta._outer_step, []
+
+    def press_ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as a real Ctrl-C would
+        return original(*args, **kwargs)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        patch.setattr(meta, "_outer_step", press_ctrl_c_in_step_2)
+        cut = meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler, "the Ctrl-C handler is put back"
+    assert len(calls) == 2 and cut.meta["outer_steps_done"] == 2
+    assert (tmp_path / "cut" / "initializer.safetensors").is_file()
+    resumed = meta.train(tiny_config(), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=name)
+
+
 def test_memory_does_not_grow_over_outer_steps(tmp_path, model, bank, monkeypatch):
     """Each outer step's unrolled graph must be freed before the next one: no loss tensor survives its step."""
     alive_at_next_call = []
@@ -242,6 +267,29 @@ def test_config_errors_name_the_key(tmp_path):
         meta.MetaConfig(inner_optimizer={"lr_muu": 0.1})
     shipped = meta.MetaConfig.from_toml(ROOT / "splatopt" / "initializers" / "minilm-l6-layer2.toml")
     assert shipped.model == "minilm-l6" and shipped.layer == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"clip": -1.0}, "clip=-1.0 must be > 0"), ({"lr_scale_lr": -1.0}, "lr_scale_lr=-1.0 must be >= 0"),
+    ({"time_limit_s": "10"}, "time_limit_s='10' must be a number"), ({"lr": "0.1"}, "lr='0.1' must be a finite number"),
+    ({"learn_lr": "false"}, "learn_lr='false' must be a bool"), ({"width": 16.0}, "width=16.0 must be an int"),
+    ({"heads": 0}, "heads=0 must be >= 1"), ({"min_tokens": 9, "max_tokens": 8}, "max_tokens=8 must be >= min_tokens=9"),
+    ({"fractions": 0.5}, "fractions=0.5 must be a list"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_named_before_any_work(override, message):
+    with pytest.raises(ValueError, match=message):
+        meta.MetaConfig.from_dict({**meta.MetaConfig().to_dict(), **override})
+
+
+def test_cli_set_overrides_one_field_of_a_table_and_reads_bare_strings():
+    from splatopt.cli import _with_overrides
+
+    config = {"corpus": "stdlib:train", "inner_optimizer": {"embeddings": "solve", "lr_mu": 0.05}}
+    out = _with_overrides(config, ["inner_optimizer.lr_mu=0.1", "corpus=stdlib:validation", "fractions=[0.25, 0.5]"])
+    assert out == {"corpus": "stdlib:validation", "inner_optimizer": {"embeddings": "solve", "lr_mu": 0.1}, "fractions": [0.25, 0.5]}
+    assert config["inner_optimizer"]["lr_mu"] == 0.05  # the loaded config is left as it was
+    with pytest.raises(ValueError, match="write KEY=VALUE"):
+        _with_overrides(config, ["lr"])
 
 
 def test_learned_initializer_file_roundtrip_and_corrupt_file(tmp_path):
