@@ -307,9 +307,21 @@ def _levels(name: str, levels, where: str) -> list[tuple[Any, dict]]:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a results.jsonl (or of the results.jsonl in a folder); a truncated last line is dropped with a warning."""
+    """Rows of a results.jsonl (or of the results.jsonl in a folder); a truncated last line is dropped with a warning.
+
+    Only the rows of the study beside it (``study.toml``, as :func:`run` writes it) are returned: after
+    ``--force`` the file still holds an earlier study's rows, which :func:`run` leaves out too.
+    """
     path = Path(path)
-    return _read_results(path / "results.jsonl" if path.is_dir() else path)[0]
+    results = path / "results.jsonl" if path.is_dir() else path
+    if not results.is_file():
+        raise FileNotFoundError(f"no results file {results}: run the study with splatopt ablate STUDY --out {results.parent}")
+    rows = _read_results(results)[0]
+    study_file = results.parent / "study.toml"
+    if study_file.is_file():
+        keys = {c.key for c in Study.load(study_file).cells()}
+        rows = [r for r in rows if r["cell"] in keys]
+    return rows
 
 
 def _read_results(path: Path) -> tuple[list[dict], int]:

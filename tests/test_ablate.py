@@ -217,6 +217,7 @@ def test_resuming_into_another_studys_folder_is_refused_unless_forced(tmp_path, 
     assert len(rows) == 1 and rows[0]["prompts"] == 2
     assert (out / "study.toml").read_text() == other.read_text()
     assert len((out / "results.jsonl").read_text().splitlines()) == 2, "the old row is kept in the file"
+    assert ablate.read_rows(out) == rows, "but read_rows leaves it out, as run does"
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
