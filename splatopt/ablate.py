@@ -103,6 +103,13 @@ def _check_values(settings: dict) -> None:
             raise ValueError(f"{key}={settings[key]!r}: choose one of {tuple(valid)}")
     if "objective" in settings:
         Objective.parse(settings["objective"])
+    if "steps" in settings and (isinstance(settings["steps"], bool) or not isinstance(settings["steps"], int) or settings["steps"] < 0):
+        raise ValueError(f"steps={settings['steps']!r}: give an int >= 0")
+    n = settings.get("n_splats", 1)
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not (n >= 1 if isinstance(n, int) else 0 < n <= 1):
+        raise ValueError(f"n_splats={n!r}: give a count >= 1 or a fraction of L in (0, 1]")
+    if "layer" in settings and (isinstance(settings["layer"], bool) or not isinstance(settings["layer"], int) or settings["layer"] < 0):
+        raise ValueError(f"layer={settings['layer']!r}: give an int >= 0 (0 = embeddings)")
     _optimizer(settings)
     if "init" in settings and isinstance(settings["init"], (str, dict)) and settings["init"] != "learned":
         resolve_initializer(settings["init"])  # "learned" is chosen by the study's model, in fit
@@ -476,6 +483,11 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
         if stale:
             warnings.warn(f"{results}: {stale} row(s) belong to no cell of this study (an earlier study, --force); they are left out")
         todo = [c for c in cells if c.key not in done]
+        for name, layer in dict.fromkeys((c.settings.get("model", fixedpos.DEFAULT_MODEL), c.settings.get("layer")) for c in todo):
+            try:  # every field model the study needs, before the first cell: a bad layer fails now, not midway
+                fixedpos.load(name, layer=layer)
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                raise ValueError(f"{study.source}: model = {name!r}, layer = {layer!r}: {err}") from None
         prompt_cache: dict[tuple, list[list[str]]] = {}
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="ablate", unit="cell", disable=not progress)
         for cell in todo:

@@ -166,7 +166,12 @@ def cmd_edit(args) -> int:
         options["learned_optimizer"] = _json_object(args.learned_optimizer, "--learned-optimizer",
                                                     "picked, meta-trained, or InnerOptimizer fields as a JSON object")
     fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
-    result = splatopt.edit(args.file, args.text, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
+    model = None
+    if args.model:
+        import fixedpos
+
+        model = fixedpos.load(args.model, layer=splatopt.FitResult.load(args.file).config.get("layer"))
+    result = splatopt.edit(args.file, args.text, model=model, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
                            fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)
@@ -182,7 +187,7 @@ def cmd_edit(args) -> int:
     if args.plot:
         import fixedpos
 
-        model = fixedpos.load(result.config["model"], layer=result.config["layer"])
+        model = model or fixedpos.load(result.config["model"], layer=result.config["layer"])
         series = edit_trajectory_series(splatopt.FitResult.load(args.file), result, model)
         print("wrote " + ", ".join(map(str, save_figure(edit_trajectory_figure(series), args.plot))))
     return 0
@@ -384,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="re-fit a saved fit to an edited text, warm-started from its splats")
     p.add_argument("file", help="a saved one-prompt fit (splatopt fit --out)")
     p.add_argument("text", help="the edited text")
+    p.add_argument("--model", default=None,
+                   help="the fit's model, for a local encoder folder the file names only by its base name (default: the fit's)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--freeze-steps", type=int, default=0, help="with --free: keep splats far from the edit fixed for these first steps")
     p.add_argument("--free", action="store_true",

@@ -169,6 +169,9 @@ mobile = {}
     ('corpus = "stdlib:test"\nprompts = 4\n[factors.method]\nx = { basis = "fft" }', r"basis='fft'"),
     ('corpus = "stdlib:valid"\nprompts = 4', r"corpus = 'stdlib:valid'.*stdlib:validation"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = ["gaussian", "box"]', r"kernel='box'"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nsteps = [2, -1]', r"steps=-1"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nn_splats = [0.25, 0]', r"n_splats=0"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nlayer = [2, "3"]', r"layer='3'"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nmode = ["additiv"]', r"mode='additiv'"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nobjective = ["mse+cee"]', r"cee"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.schedule = ["cosin"]', r"cosin"),
@@ -295,3 +298,11 @@ def test_the_readme_example_study_parses():
     section = (ROOT / "README.md").read_text().split("## Ablation studies", 1)[1]
     study = ablate.Study.parse(section.split("```toml\n", 1)[1].split("```", 1)[0], source="README.md")
     assert len(study.cells()) == 2 * 2 * 2 * 3
+
+
+def test_a_layer_the_model_lacks_fails_before_the_first_cell(tmp_path, corpus_file):
+    study = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\n[base]\nsteps = 0\nrecord_every = 0\n'
+                                  '[factors]\nlayer = [2, 7]\n')
+    with pytest.raises(ValueError, match=r"layer = 7: layer=7 is out of range"):
+        ablate.run(study, tmp_path / "out", progress=False, device="cpu")
+    assert not (tmp_path / "out" / "results.jsonl").exists() or not (tmp_path / "out" / "results.jsonl").read_text()

@@ -370,3 +370,22 @@ def test_cli_train_head_writes_a_head_that_load_then_finds(tiny_dirs, tmp_path, 
     assert meta["roundtrip"] and {"accuracy", "tokens"} <= meta["roundtrip"][0].keys()
     field = model.encode(model.tokenize("the value of a list."))
     assert model.decode(field).shape == (1, field.shape[1], model.vocab_size)
+
+
+def test_cli_edit_refits_a_local_encoders_fit_given_its_folder(tiny_bert, tiny_dirs, tmp_path, monkeypatch):
+    """A fit file names a local encoder by its folder's base name only: --model points edit at it."""
+    import splatopt
+    from fixedpos.head import RECIPES
+    from splatopt.cli import main
+
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path / "cache"))
+    head_path = fixedpos.cache_dir() / "heads" / head_filename(tiny_bert.model_hash, 2, RECIPES["standard"])
+    save_head(tiny_bert.head, head_path, {"model_hash": tiny_bert.model_hash, "layer": 2})
+    model = fixedpos.load(str(tiny_dirs["bert"]), layer=2)
+    fitted = splatopt.fit([TEXTS[0]], model, n_splats=2, steps=2, device="cpu", progress=False)
+    path = fitted.save(tmp_path / "fit.safetensors")
+    monkeypatch.chdir(tmp_path)  # not the encoder's parent folder
+    args = ["edit", str(path), "the value of a string is returned.", "--steps", "2", "--device", "cpu", "--quiet"]
+    assert main(args) == 2, "without --model the base name alone does not find the encoder"
+    assert main(args + ["--model", str(tiny_dirs["bert"]), "--out", str(tmp_path / "edited.safetensors")]) == 0
+    assert splatopt.FitResult.load(tmp_path / "edited.safetensors").input_texts == ["the value of a string is returned."]
