@@ -383,7 +383,9 @@ def _claim(out: Path, study: Study, force: bool) -> None:
             previous = None
         if previous == study.spec:
             return
-        if not force:
+        results = out / "results.jsonl"
+        has_results = results.exists() and results.stat().st_size > 0  # a study that failed before its first cell has none
+        if not force and has_results:
             changed = sorted(k for k in set(study.spec) | set(previous or {}) if (previous or {}).get(k) != study.spec.get(k))
             raise ValueError(
                 f"{out} holds results of a different study ({path} differs in {changed or 'its text'}); use another --out, "
@@ -508,9 +510,16 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
     """A dict per configuration (rows with equal levels), first-seen order: its levels, ``n`` (rows:
     seeds x prompt sets), and per metric ``<m>_mean`` and ``<m>_ci95``, the half-width of the 95 %
     Student-t interval (None for one row). Rows without a metric (or with None) are left out of its
-    mean; metrics no row has are not reported."""
+    mean; of the default metrics, those no row has are not reported; a metric asked for by name that
+    no row has is an error (a misspelt name would otherwise vanish from the summary)."""
     from scipy import stats
 
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics={metrics!r}: give a tuple of row keys, e.g. ({metrics!r},)")
+    missing = [m for m in metrics if m not in DEFAULT_METRICS and rows and all(row.get(m) is None for row in rows)]
+    if missing:
+        numeric = sorted(k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ValueError(f"metrics {missing} are in no row; the rows' numeric keys are {numeric}")
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(json.dumps(row["levels"], sort_keys=True), []).append(row)

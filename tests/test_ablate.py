@@ -255,6 +255,10 @@ def test_summary_of_one_replicate_has_no_interval():
     assert summary[0] == {"kernel": "erf", "n": 1, "token_accuracy_mean": 0.5, "token_accuracy_ci95": None,
                           "cosine_mean": 0.9, "cosine_ci95": None}
     assert "| erf | 1 | 0.5 ± n/a | 0.9 ± n/a |" in ablate.markdown_table(summary)
+    with pytest.raises(ValueError, match=r"metrics \['tokn_accuracy'\] are in no row.*'token_accuracy'"):
+        ablate.summarize(rows, metrics=("tokn_accuracy",))
+    with pytest.raises(TypeError, match=r"give a tuple"):
+        ablate.summarize(rows, metrics="token_accuracy")
 
 
 def test_to_dataframe_needs_pandas_only_when_called():
@@ -306,3 +310,12 @@ def test_a_layer_the_model_lacks_fails_before_the_first_cell(tmp_path, corpus_fi
     with pytest.raises(ValueError, match=r"layer = 7: layer=7 is out of range"):
         ablate.run(study, tmp_path / "out", progress=False, device="cpu")
     assert not (tmp_path / "out" / "results.jsonl").exists() or not (tmp_path / "out" / "results.jsonl").read_text()
+
+
+def test_a_study_that_failed_before_its_first_cell_can_be_corrected_in_place(tmp_path, corpus_file):
+    out = tmp_path / "out"
+    broken = write_study(tmp_path, 'corpus = "missing.txt"\nprompts = 2\n[base]\nsteps = 0\nrecord_every = 0\n')
+    with pytest.raises(FileNotFoundError):
+        ablate.run(broken, out, progress=False, device="cpu")
+    fixed = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\n[base]\nsteps = 0\nrecord_every = 0\n')
+    assert len(ablate.run(fixed, out, progress=False, device="cpu")) == 1, "no --force needed: there were no results"
