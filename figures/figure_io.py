@@ -44,7 +44,10 @@ def load_json(pattern: str) -> dict:
 def read_json(path: Path) -> dict:
     """A results file's JSON, gzipped (``.gz``) or not."""
     data = path.read_bytes()
-    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+    try:
+        return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+    except (json.JSONDecodeError, gzip.BadGzipFile, EOFError) as err:  # EOFError: a truncated .gz
+        raise ValueError(f"{path} is damaged ({err}): restore it with git checkout, or re-run the command in its header") from None
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -458,6 +458,11 @@ def fit(
     if basis == "fixed-grid" and not isinstance(initializer, GridInit):
         raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if isinstance(initializer, LearnedInitializer):
+        trained_for = (initializer.meta.get("model_hash"), initializer.meta.get("layer"))
+        if model is not None and (trained_for[0] not in (None, model.model_hash) or trained_for[1] not in (None, model.layer)):
+            raise ValueError(f"this learned initializer was meta-trained on model {initializer.meta.get('model')} layer "
+                             f"{trained_for[1]}, not {model.name} layer {model.layer}: its starts fit that field only; "
+                             "use that model and layer, or meta-train one for this layer")
         initializer.to(device)  # a network initializer runs where the fit runs
         if optimizer == "picked":
             if initializer.picked_optimizer is None:

@@ -317,6 +317,15 @@ def test_fit_with_a_learned_initializer_uses_its_inner_optimizer(tmp_path, model
     torch.testing.assert_close(learned0.splats.v, grid.splats.v, rtol=1e-4, atol=1e-5)  # untrained: the grid
 
 
+def test_a_learned_initializer_is_refused_for_a_layer_it_was_not_meta_trained_on(model):
+    import fixedpos
+
+    shipped = splatopt.learned.load_learned(model)
+    with pytest.raises(ValueError, match="meta-trained on model minilm-l6 layer 2, not minilm-l6 layer 3"):
+        splatopt.fit("Return the sum of a and b.", fixedpos.load(layer=3), n_splats=0.5, steps=1, init=shipped,
+                     device="cpu", progress=False)
+
+
 def test_init_learned_for_a_model_without_a_shipped_initializer_says_how_to_get_one(model):
     from splatopt.learned import load_learned
 

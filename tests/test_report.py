@@ -150,3 +150,10 @@ def test_gzipped_results_are_found_and_read_like_plain_ones(tmp_path, monkeypatc
     assert figure_io.load_json("both.json") == {"rows": ["plain"]}  # a plain file wins over its gzipped twin
     with pytest.raises(FileNotFoundError, match="missing.json"):
         figure_io.load_json("missing.json")
+
+
+@pytest.mark.parametrize("name, content", [("cut.json", b'{"rows": [1, 2'), ("cut.json.gz", b"\x1f\x8b\x08\x00trunc")])
+def test_a_damaged_results_file_is_named(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{name} is damaged"):
+        figure_io.read_json(tmp_path / name)
