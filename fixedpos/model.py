@@ -98,6 +98,9 @@ class FieldModel:
         full = min(max_len, tok_max) - 2
         if window is None:
             window = full
+        if full < 8:  # a window must hold a prompt of the evaluation's shortest length
+            raise ValueError(f"{name} takes {full + 2} positions, {full} tokens besides its two special ones: "
+                             "fixedpos needs an encoder with at least 10 positions")
         if not 8 <= window <= full:
             raise ValueError(f"window={window} must lie in 8..{full} for {name}")
         if overlap is None:

@@ -172,6 +172,9 @@ class Study:
     @classmethod
     def load(cls, path: str | Path) -> Study:
         path = Path(path)
+        if path.is_dir():
+            hint = f"; {path / 'study.toml'} is the copy a run keeps there" if (path / "study.toml").is_file() else ""
+            raise ValueError(f"{path} is a folder: give a study file (.toml){hint}")
         if not path.is_file():
             raise FileNotFoundError(f"study file {path} does not exist")
         return cls.parse(path.read_text(encoding="utf-8"), source=str(path))
@@ -545,19 +548,20 @@ def markdown_table(summary: list[dict]) -> str:
     """The summary as a Markdown table: the levels, n, and "mean ± ci" per metric (n/a: one replicate)."""
     if not summary:
         return "(no rows)\n"
-    keys = list(summary[0])
-    factors = keys[: keys.index("n")]
+    # rows of different studies may have different factors and metrics: the union, in first-seen order
+    keys = list(dict.fromkeys(k for entry in summary for k in entry))
+    factors = list(dict.fromkeys(k for entry in summary for k in list(entry)[: list(entry).index("n")]))
     metrics = [k.removesuffix("_mean") for k in keys if k.endswith("_mean")]
 
     def cell(entry: dict, m: str) -> str:
-        mean, ci = entry[f"{m}_mean"], entry[f"{m}_ci95"]
+        mean, ci = entry.get(f"{m}_mean"), entry.get(f"{m}_ci95")
         if mean is None:
             return "n/a"
         return f"{mean:.4g} ± " + ("n/a" if ci is None else f"{ci:.2g}")
 
     lines = ["| " + " | ".join(factors + ["n"] + metrics) + " |", "|" + "---|" * len(factors) + "---:|" * (1 + len(metrics))]
     for entry in summary:
-        lines.append("| " + " | ".join([str(entry[f]) for f in factors] + [str(entry["n"])] + [cell(entry, m) for m in metrics]) + " |")
+        lines.append("| " + " | ".join([str(entry.get(f, "–")) for f in factors] + [str(entry["n"])] + [cell(entry, m) for m in metrics]) + " |")
     return "\n".join(lines) + "\n"
 
 

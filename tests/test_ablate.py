@@ -259,6 +259,15 @@ def test_summary_of_one_replicate_has_no_interval():
         ablate.summarize(rows, metrics=("tokn_accuracy",))
     with pytest.raises(TypeError, match=r"give a tuple"):
         ablate.summarize(rows, metrics="token_accuracy")
+    mixed = summary + ablate.summarize([{"levels": {"mode": "normalized"}, "cosine": 0.7}])  # two studies' factors
+    table = ablate.markdown_table(mixed)
+    assert "| kernel | mode | n |" in table and "| – | normalized | 1 | n/a | 0.7 ± n/a |" in table
+
+
+def test_a_folder_given_as_the_study_points_at_its_study_file(tmp_path):
+    (tmp_path / "study.toml").write_text('corpus = "stdlib:test"\nprompts = 4\n')
+    with pytest.raises(ValueError, match=r"is a folder: give a study file .*study.toml is the copy"):
+        ablate.Study.load(tmp_path)
 
 
 def test_to_dataframe_needs_pandas_only_when_called():

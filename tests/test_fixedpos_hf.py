@@ -41,8 +41,9 @@ def _wordpiece(specials: list[str], unk: str):
     return tok
 
 
-def build_tiny_encoder(kind: str, out: Path) -> Path:
-    """A randomly initialised 2-layer encoder (d = 32) and its fast tokenizer, written without network."""
+def build_tiny_encoder(kind: str, out: Path, positions: int = 64) -> Path:
+    """A randomly initialised 2-layer encoder (d = 32) and its fast tokenizer, written without network.
+    positions: the BERT's max_position_embeddings."""
     import transformers as tf
 
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def build_tiny_encoder(kind: str, out: Path) -> Path:
         V = tok.get_vocab_size()
         if kind == "bert":
             cfg = tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+                                intermediate_size=64, max_position_embeddings=positions, pad_token_id=0)
             model = tf.BertModel(cfg, add_pooling_layer=False)
         else:
             cfg = tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
@@ -162,6 +163,12 @@ def test_local_encoder_layer_out_of_range(tiny_dirs):
         _load(tiny_dirs["bert"], 3)
     with pytest.raises(ValueError, match="out of range"):
         _load(tiny_dirs["distilbert"], -1)
+
+
+def test_an_encoder_with_too_few_positions_for_a_prompt_is_refused_saying_so(tmp_path):
+    folder = build_tiny_encoder("bert", tmp_path / "short", positions=8)
+    with pytest.raises(ValueError, match="takes 8 positions, 6 tokens besides its two special ones"):
+        fixedpos.load(str(folder), layer=1, train_head_if_missing=False)
 
 
 def test_local_folder_without_config_is_refused(tmp_path):
