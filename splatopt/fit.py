@@ -475,12 +475,8 @@ def fit(
         raise ValueError(f"optimizer={optimizer!r}: 'picked' names the optimizer shipped beside a learned initializer "
                          "(init='learned'); otherwise pass an InnerOptimizer, a dict of its fields, or None")
     if isinstance(optimizer, dict):  # a config file's spelling: fields over the optimizer fit would use otherwise
-        unknown = set(optimizer) - set(InnerOptimizer.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"optimizer: unknown InnerOptimizer fields {sorted(unknown)}; "
-                             f"the fields are {sorted(InnerOptimizer.__dataclass_fields__)}")
         base = initializer.inner_optimizer() if isinstance(initializer, LearnedInitializer) else InnerOptimizer()
-        optimizer = InnerOptimizer(**{**base.to_dict(), **optimizer})
+        optimizer = base.with_fields(optimizer)
     optimizer = optimizer or InnerOptimizer()
     metric = resolve_metric(optimizer, model, device, dtype)  # [d, d] or None: read before any work
     if varpro and metric is not None:

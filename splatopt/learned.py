@@ -211,11 +211,8 @@ def load_picked_optimizer(path: str | Path) -> InnerOptimizer:
     if not isinstance(doc, dict) or doc.get("format") != 1 or not isinstance(doc.get("optimizer"), dict):
         raise ValueError(f"{path}: expected a JSON object with format 1 and an 'optimizer' object of InnerOptimizer "
                          "fields; restore it from the repository")
-    unknown = set(doc["optimizer"]) - set(InnerOptimizer.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{path}: unknown InnerOptimizer fields {sorted(unknown)}")
     try:
-        return InnerOptimizer(**doc["optimizer"])
+        return InnerOptimizer().with_fields(doc["optimizer"], "its optimizer")
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err
 

@@ -14,7 +14,7 @@ model). Prompts are independent: clipping and NaN guards act per prompt, never a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -132,6 +132,15 @@ class InnerOptimizer:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_fields(self, fields: dict, what: str = "optimizer") -> "InnerOptimizer":
+        """This optimizer with ``fields`` (field name -> value, a config file's spelling) replaced;
+        ValueError naming ``what`` for a name that is not a field, or for a bad value."""
+        unknown = set(fields) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{what}: unknown InnerOptimizer fields {sorted(unknown)}; the fields are "
+                             f"{sorted(self.__dataclass_fields__)}")
+        return replace(self, **fields)
 
 
 def target_rms(target: Tensor, mask: Tensor) -> Tensor:
