@@ -120,9 +120,18 @@ class FitResult:
             out["token_accuracy_pooled"] = float((self.token_accuracy * tok).sum() / tok.sum())
         return out
 
-    def select(self, index: Sequence[int]) -> "FitResult":
-        """The prompts ``index`` (a list of prompt numbers, repeats allowed), every per-prompt field with them."""
-        idx = torch.as_tensor(list(index), dtype=torch.long)
+    def select(self, index: int | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
+        """The prompts ``index`` (a prompt number, a list or tensor of them, repeats allowed, or a [B]
+        bool mask), every per-prompt field with them; the batch dimension is kept."""
+        B = self.mask.shape[0]
+        if isinstance(index, int) or (isinstance(index, Tensor) and index.ndim == 0):
+            index = [int(index)]
+        flags = torch.as_tensor(index if isinstance(index, Tensor) else list(index))
+        if flags.dtype == torch.bool:  # a mask, not the prompt numbers 1 and 0
+            if flags.shape != (B,):
+                raise IndexError(f"select: a bool mask needs one entry per prompt ({B}), not {tuple(flags.shape)}")
+            flags = flags.nonzero().flatten()
+        idx = flags.long().cpu()
         if len(idx) == 0 or int(idx.min()) < -self.mask.shape[0] or int(idx.max()) >= self.mask.shape[0]:
             raise IndexError(f"select({list(index)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
         on = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731

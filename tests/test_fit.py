@@ -338,6 +338,10 @@ def test_concatenated_results_are_the_prompts_of_each_in_order(model, short_prom
     for name, t in short_one.splats.params().items():
         torch.testing.assert_close(back.splats.params()[name][:, :N], t)
     assert not back.splats.mask[:, N:].any()
+    for same in (2, -1, torch.tensor(2), [False, False, True], torch.tensor([False, False, True])):
+        assert back.input_texts == both.select(same).input_texts, same  # a mask is not the prompt numbers 0 and 1
+    with pytest.raises(IndexError, match="one entry per prompt"):
+        both.select([True, False])
     for key in ("token_accuracy", "field_error", "cosine"):
         torch.testing.assert_close(getattr(back, key), getattr(short_one, key))
     torch.testing.assert_close(back.history["loss"], short_one.history["loss"])
