@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -26,6 +27,14 @@ class Objective:
     cosine: float = 0.0
     ce: float = 1.0
 
+    def __post_init__(self) -> None:
+        weights = asdict(self)
+        bad = {k: w for k, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
+        if bad:  # a negative weight maximises its term; inf or NaN make every step NaN
+            raise ValueError(f"weights {bad}: each must be a finite number >= 0")
+        if not any(weights.values()):
+            raise ValueError("every weight is 0, so there is nothing to fit; give e.g. 'mse+ce'")
+
     @classmethod
     def parse(cls, spec: "str | Objective | dict") -> "Objective":
         """From an Objective, a dict, or a string such as ``"mse+ce"``, ``"mse"``, ``"0.5*mse+ce+0.1*cosine"``."""
@@ -35,14 +44,23 @@ class Objective:
             unknown = set(spec) - {"mse", "cosine", "ce"}
             if unknown:
                 raise ValueError(f"objective {spec!r}: unknown terms {sorted(map(str, unknown))}; the terms are mse, cosine, ce")
-            return cls(**{k: float(spec.get(k, 0.0)) for k in ("mse", "cosine", "ce")})
+            try:
+                return cls(**{k: float(spec.get(k, 0.0)) for k in ("mse", "cosine", "ce")})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"objective {spec!r}: {err}") from None
         weights = {"mse": 0.0, "cosine": 0.0, "ce": 0.0}
         for term in str(spec).replace(" ", "").split("+"):
             m = re.fullmatch(r"(?:([0-9.eE-]+)\*)?(mse|cosine|ce)", term)
             if not m:
                 raise ValueError(f"objective {spec!r}: cannot read term {term!r}; write e.g. 'mse+ce' or '0.5*mse+ce'")
-            weights[m.group(2)] += float(m.group(1) or 1.0)
-        return cls(**weights)
+            try:
+                weights[m.group(2)] += float(m.group(1) or 1.0)
+            except ValueError:
+                raise ValueError(f"objective {spec!r}: {m.group(1)!r} in term {term!r} is not a number") from None
+        try:
+            return cls(**weights)
+        except ValueError as err:
+            raise ValueError(f"objective {spec!r}: {err}") from None
 
     @property
     def needs_decoder(self) -> bool:
