@@ -25,8 +25,28 @@ class Initializer(Protocol):
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet: ...
 
 
+def check_layout(mask: Tensor, n_splats: Tensor, target: Tensor | None = None) -> None:
+    """What every initializer assumes, checked once per call (fit() ensures it; hand-built inputs may not):
+    mask [B, L] bool and right-padded (a prompt's tokens first), ``target`` [B, L, d], and ``n_splats``
+    [B] counts with 1 <= n_b <= L_b. Raises an error naming the input."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] == 0:
+        raise TypeError(f"mask must be a bool tensor [B >= 1, L], not {getattr(mask, 'dtype', type(mask).__name__)} "
+                        f"{tuple(getattr(mask, 'shape', ()))}")
+    if target is not None and tuple(target.shape[:2]) != tuple(mask.shape):
+        raise ValueError(f"target {tuple(target.shape)} and mask {tuple(mask.shape)} disagree on [B, L]")
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # the geometry is laid out on positions 0..L_b - 1
+        raise ValueError("mask must be right-padded: each row True for its tokens, then False (no holes, no left padding)")
+    if not isinstance(n_splats, Tensor) or tuple(n_splats.shape) != (mask.shape[0],) or n_splats.is_floating_point():
+        raise TypeError(f"n_splats must be an integer tensor [B={mask.shape[0]}] of counts, not "
+                        f"{tuple(getattr(n_splats, 'shape', ())) or type(n_splats).__name__} (fit() also takes fractions and ints)")
+    lengths = mask.sum(-1).to(n_splats.device)
+    if bool(((n_splats < 1) | (n_splats > lengths)).any()):
+        raise ValueError(f"n_splats {n_splats.tolist()} must lie in 1..L for each prompt (L = {lengths.tolist()})")
+
+
 def grid_geometry(mask: Tensor, n_splats: Tensor, sigma_scale: float, jitter: float, generator) -> tuple[Tensor, Tensor, Tensor]:
     """Evenly spaced centres mu [B, N], log widths [B, N] and slot mask [B, N] for each prompt's length."""
+    check_layout(mask, n_splats)
     lengths = mask.sum(-1).to(torch.float32)  # [B]
     n = n_splats.to(lengths.device)
     N = int(n.max())
@@ -44,6 +64,16 @@ def grid_geometry(mask: Tensor, n_splats: Tensor, sigma_scale: float, jitter: fl
     return mu, log_sigma, slot_mask
 
 
+def _check_grid_fields(init) -> None:
+    """sigma_scale > 0, jitter in [0, 1] (of a spacing), weight in (0, 1) (a logit is taken)."""
+    if not (isinstance(init.sigma_scale, (int, float)) and math.isfinite(init.sigma_scale) and init.sigma_scale > 0):
+        raise ValueError(f"{type(init).__name__}(sigma_scale={init.sigma_scale!r}): widths in spacings must be > 0")
+    if not (isinstance(init.jitter, (int, float)) and 0 <= init.jitter <= 1):
+        raise ValueError(f"{type(init).__name__}(jitter={init.jitter!r}): give a fraction of the spacing in [0, 1]")
+    if not (isinstance(init.weight, (int, float)) and 0 < init.weight < 1):
+        raise ValueError(f"{type(init).__name__}(weight={init.weight!r}): a splat weight lies strictly between 0 and 1")
+
+
 @dataclass(frozen=True)
 class GridInit:
     """Evenly spaced splats, width ``sigma_scale`` x spacing, weight 1/2, embeddings by least squares.
@@ -56,7 +86,11 @@ class GridInit:
     jitter: float = 0.0
     weight: float = 0.5
 
+    def __post_init__(self) -> None:
+        _check_grid_fields(self)
+
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+        check_layout(mask, n_splats, target)
         mu, log_sigma, slot_mask = grid_geometry(mask, n_splats, self.sigma_scale, self.jitter, generator)
         logit = torch.full_like(mu, math.log(self.weight / (1 - self.weight)))
         v0 = torch.zeros(*mu.shape, target.shape[-1], device=target.device, dtype=target.dtype)
@@ -78,7 +112,11 @@ class TokenInit:
     jitter: float = 0.0
     weight: float = 0.5
 
+    def __post_init__(self) -> None:
+        _check_grid_fields(self)
+
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+        check_layout(mask, n_splats, target)
         mu, log_sigma, slot_mask = grid_geometry(mask, n_splats, self.sigma_scale, self.jitter, generator)
         lengths = mask.sum(-1, keepdim=True)
         idx = mu.round().long().clamp(min=0).minimum(lengths - 1).clamp(min=0)
@@ -140,6 +178,8 @@ def resolve_initializer(init, model=None) -> Initializer:
         if init not in INITIALIZERS:
             raise ValueError(f"init={init!r}: choose one of {sorted(INITIALIZERS) + ['learned']}, a learned initializer file (CLI) or an initializer object")
         return INITIALIZERS[init]()
+    if isinstance(init, type):
+        raise TypeError(f"init={init.__name__}: pass an initializer object, e.g. {init.__name__}(), not the class")
     if callable(init):
         return init
     raise TypeError(f"init must be a name or a callable initializer, not {type(init).__name__}")

@@ -169,3 +169,32 @@ def test_a_warm_start_with_a_nan_in_an_active_splat_is_refused_before_the_fit(na
     with pytest.raises(ValueError, match=f"NaN or inf in {name}"):
         fit(Targets(field, mask), init=WarmStart(splats), objective="mse", steps=2, device="cpu", progress=False)
 
+
+
+@pytest.mark.parametrize("init", [GridInit(), TokenInit()])
+@pytest.mark.parametrize("case, error, message", [
+    ("left padded", ValueError, "right-padded"), ("too many splats", ValueError, r"must lie in 1..L"),
+    ("no splats", ValueError, r"must lie in 1..L"), ("int counts", TypeError, "integer tensor"),
+    ("short mask", ValueError, "disagree on"), ("float mask", TypeError, "bool tensor"),
+])
+def test_initializers_refuse_layouts_they_would_misplace_splats_on(init, case, error, message):
+    target, mask, n = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.tensor([2, 2])
+    mask[1, 3:] = False
+    bad = {"left padded": (target, mask.flip(1), n), "too many splats": (target, mask, torch.tensor([2, 4])),
+           "no splats": (target, mask, torch.tensor([0, 2])), "int counts": (target, mask, 2),
+           "short mask": (target, mask[:, :4], n), "float mask": (target, mask.float(), n)}[case]
+    with pytest.raises(error, match=message):
+        init(*bad)
+
+
+@pytest.mark.parametrize("fields, message", [(dict(weight=1.0), "weight=1.0"), (dict(weight=0), "weight=0"),
+                                             (dict(sigma_scale=-1), "sigma_scale=-1"), (dict(jitter=2), "jitter=2")])
+def test_grid_fields_that_give_nan_or_inf_splats_are_refused(fields, message):
+    for kind in (GridInit, TokenInit):
+        with pytest.raises(ValueError, match=message):
+            kind(**fields)
+
+
+def test_the_initializer_class_instead_of_an_object_is_named():
+    with pytest.raises(TypeError, match=r"pass an initializer object, e.g. GridInit\(\)"):
+        resolve_initializer(GridInit)
