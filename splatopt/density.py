@@ -143,6 +143,15 @@ def _scattered(valid: Tensor, idx: Tensor) -> Tensor:
     return torch.zeros_like(valid).scatter(1, idx, valid)
 
 
+def _check_schedule(strategy) -> None:
+    """``start`` >= 0 and ``interval`` >= 1 steps (ints), ``stop_fraction`` of the fit in [0, 1]."""
+    for name, least in (("start", 0), ("interval", 1)):
+        value = getattr(strategy, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{type(strategy).__name__}: {name}={value!r} must be an int >= {least} (steps)")
+    if not 0 <= strategy.stop_fraction <= 1:
+        raise ValueError(f"{type(strategy).__name__}: stop_fraction={strategy.stop_fraction} must lie in [0, 1] (of the fit)")
+
 @dataclass(frozen=True)
 class AdaptiveDensity:
     """3DGS adaptive density control, batched (see module docstring).
@@ -171,12 +180,18 @@ class AdaptiveDensity:
     reset_weight: float = 0.1
 
     def __post_init__(self) -> None:
+        _check_schedule(self)
         if not 0 < self.initial_fraction <= 1:
             raise ValueError(f"initial_fraction={self.initial_fraction} must lie in (0, 1]")
-        if self.interval < 1 or self.start < 0:
-            raise ValueError(f"interval={self.interval} must be >= 1 and start={self.start} >= 0")
         if not 0 < self.split_offset < 1:
             raise ValueError(f"split_offset={self.split_offset} must lie in (0, 1) (children inside the parent's width)")
+        if not (isinstance(self.weight_reset_every, int) and self.weight_reset_every >= 0):
+            raise ValueError(f"weight_reset_every={self.weight_reset_every!r} must be an int >= 0 (0: never)")
+        if not 0 < self.reset_weight < 1:  # a logit is taken
+            raise ValueError(f"reset_weight={self.reset_weight} must lie strictly between 0 and 1")
+        for name in ("grad_ratio", "split_sigma", "clone_offset", "prune_weight", "prune_width"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
     def initial_counts(self, caps: Tensor) -> Tensor:
         return (caps.float() * self.initial_fraction).ceil().long().clamp(min=1)
@@ -239,6 +254,15 @@ class BudgetDensity:
     dead_weight: float = 0.02
     relocate_fraction: float = 0.0
     new_sigma: float = 0.7
+
+    def __post_init__(self) -> None:
+        _check_schedule(self)
+        if not 0 <= self.relocate_fraction <= 1:
+            raise ValueError(f"relocate_fraction={self.relocate_fraction} must lie in [0, 1]")
+        if not self.new_sigma > 0:  # its log is taken
+            raise ValueError(f"new_sigma={self.new_sigma} must be > 0 (tokens)")
+        if not self.dead_weight >= 0:
+            raise ValueError(f"dead_weight={self.dead_weight} must be >= 0")
 
     def initial_counts(self, caps: Tensor) -> Tensor:
         return caps

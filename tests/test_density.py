@@ -164,3 +164,17 @@ def test_density_names_dicts_and_errors():
     with pytest.raises(ValueError, match="needs basis='splats'"):
         splatopt.fit(splatopt.Targets(torch.randn(1, 8, 4)), n_splats=2, steps=1, objective="mse", basis="dct",
                      density="adaptive", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "budget", "interval": 0}, "interval=0 must be an int >= 1"),
+    ({"name": "budget", "interval": 1.5}, "interval=1.5 must be an int"),
+    ({"name": "budget", "new_sigma": 0}, "new_sigma=0 must be > 0"),
+    ({"name": "budget", "relocate_fraction": 2}, "relocate_fraction=2 must lie in"),
+    ({"name": "budget", "stop_fraction": -1}, "stop_fraction=-1 must lie in"),
+    ({"name": "adaptive", "reset_weight": 1.0}, "reset_weight=1.0 must lie strictly between"),
+    ({"name": "adaptive", "weight_reset_every": -1}, "weight_reset_every=-1"),
+])
+def test_strategy_fields_that_would_divide_by_zero_or_do_nothing_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_density(spec)
