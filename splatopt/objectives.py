@@ -156,6 +156,9 @@ def objective_terms(
     decoder exposes its parts, else False. ce_impl: with fused_ce, linear_cross_entropy's ``impl``
     ("fused" one-sweep kernel or "chunked"; None: its default).
     """
+    if field.shape != target.shape or tuple(mask.shape) != tuple(target.shape[:2]):  # broadcasting would hide it
+        raise ValueError(f"field {tuple(field.shape)}, target {tuple(target.shape)} and mask {tuple(mask.shape)} "
+                         "must agree: field and target [B, L, d], mask [B, L]")
     terms: dict[str, Tensor] = {}
     loss = field.new_zeros(field.shape[0])
     if objective.mse:

@@ -206,3 +206,9 @@ def test_cross_entropy_objective_gradients_match_finite_differences():
     field = (target + 0.1).requires_grad_(True)
     obj = Objective.parse("mse+ce+0.5*cosine")
     assert torch.autograd.gradcheck(lambda f: objective_terms(obj, f, target, mask, ids, decode)[0], (field,), eps=1e-6, atol=1e-6)
+
+
+def test_objective_terms_refuse_batches_that_would_broadcast():
+    target, mask = torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"field \(1, 4, 8\), target \(3, 4, 8\)"):
+        objective_terms(Objective.parse("mse"), torch.randn(1, 4, 8), target, mask)
