@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,8 @@ class FieldModel:
         """
         if isinstance(texts, str):
             texts = [texts]
+        if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise TypeError(f"texts must be a str or a list of str, not {type(texts).__name__}")
         texts = list(texts)
         if not texts:
             raise ValueError("texts is empty: pass at least one string")
@@ -170,7 +172,10 @@ class FieldModel:
         """Texts from ids [B, L] (or [L]); positions where mask [B, L] is False are skipped."""
         if ids.dim() == 1:
             ids = ids[None]
-            mask = None if mask is None else mask[None]
+            mask = None if mask is None or mask.dim() != 1 else mask[None]
+        if ids.dim() != 2 or (mask is not None and tuple(mask.shape) != tuple(ids.shape)):
+            raise ValueError(f"detokenize: ids {tuple(ids.shape)} must be [B, L] (or [L]) and the mask the same shape, "
+                             f"not {None if mask is None else tuple(mask.shape)}")
         rows = ids.detach().cpu().tolist()
         keep = mask.detach().cpu().tolist() if mask is not None else [[True] * ids.shape[1]] * ids.shape[0]
         out = []
@@ -221,6 +226,8 @@ class FieldModel:
         sees at least ``overlap`` tokens of context on both sides. ``max_tokens`` bounds the tokens
         encoded at once (memory).
         """
+        if not isinstance(batch, TokenBatch):
+            raise TypeError(f"encode takes a TokenBatch, not {type(batch).__name__}: model.encode(model.tokenize(texts))")
         device = batch.ids.device
         self.encoder.to(device)
         lengths = batch.lengths.tolist()

@@ -365,3 +365,15 @@ def test_field_model_rejects_bad_window_and_overlap(minilm):
         FieldModel(enc, tok, layer=2, name="x", model_hash="0" * 64, window=600)
     with pytest.raises(ValueError, match="overlap=32"):  # half the window: windows would not advance
         FieldModel(enc, tok, layer=2, name="x", model_hash="0" * 64, window=64, overlap=32)
+
+
+def test_tokenize_encode_and_detokenize_name_inputs_of_the_wrong_kind(minilm):
+    with pytest.raises(TypeError, match="not bytes"):
+        minilm.tokenize(b"abc")
+    with pytest.raises(TypeError, match="encode takes a TokenBatch"):
+        minilm.encode(["hi"])
+    batch = minilm.tokenize(["hello world", "a"])
+    with pytest.raises(ValueError, match="the mask the same shape"):
+        minilm.detokenize(batch.ids, batch.mask[:, :1])
+    assert minilm.detokenize(batch.ids, batch.mask) == ["hello world", "a"]
+    assert minilm.detokenize(batch.ids[0], batch.mask[0]) == ["hello world"]
