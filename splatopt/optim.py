@@ -78,6 +78,11 @@ class InnerOptimizer:
     metric_damping: float = 1.0
 
     def __post_init__(self) -> None:
+        numbers = ("lr_mu", "lr_log_sigma", "lr_weight", "lr_v", "mu_decay", "final_lr_factor", "decay_fraction", "beta1",
+                   "beta2", "eps", "eps_root", "solve_ridge", "metric_damping") + (("clip",) if self.clip is not None else ())
+        for name in numbers:  # a string from a config would otherwise fail in a comparison below, unnamed
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
         for name in ("lr_mu", "lr_log_sigma", "lr_weight", "lr_v"):
@@ -96,7 +101,7 @@ class InnerOptimizer:
         for name in ("eps", "eps_root"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
-        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+        if isinstance(self.warmup, bool) or not (isinstance(self.warmup, int) and self.warmup >= 0):
             raise ValueError(f"warmup={self.warmup!r} must be an int >= 0 (steps)")
         if self.embeddings not in EMBEDDINGS:
             raise ValueError(f"embeddings={self.embeddings!r}: choose one of {EMBEDDINGS}")

@@ -94,6 +94,8 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
     label the position axis, so one sees which splat ends up covering which words.
     """
     traj = result.trajectory
+    if not -len(result.mask) <= prompt < len(result.mask):
+        raise IndexError(f"prompt={prompt}: this result holds prompts 0..{len(result.mask) - 1}")
     if not traj:
         raise ValueError(f"this {result.basis} fit recorded no splat trajectory (a fixed basis does not move its terms; "
                          "for splats, fit with record_every > 0)")

@@ -99,8 +99,12 @@ class SplatSet:
 
     def select(self, index) -> "SplatSet":
         """Prompts ``index`` (int, slice or index tensor), keeping the batch dimension."""
+        if isinstance(index, Tensor) and index.ndim == 0:
+            index = int(index)
         if isinstance(index, int):
-            i = range(self.batch_size)[index]  # negative indices count from the end; IndexError if out of range
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(f"select({index}): this set holds prompts 0..{self.batch_size - 1}")
+            i = range(self.batch_size)[index]  # negative indices count from the end
             index = slice(i, i + 1)
         return replace(self, mask=self.mask[index], **{k: t[index] for k, t in self.params().items()})
 
@@ -113,6 +117,10 @@ class SplatSet:
     @staticmethod
     def cat(sets: list["SplatSet"]) -> "SplatSet":
         """Concatenate along the batch, padding capacities with inactive slots."""
+        if not sets:
+            raise ValueError("SplatSet.cat needs at least one set")
+        if len({s.dim for s in sets}) > 1:
+            raise ValueError(f"SplatSet.cat: the sets' embeddings have different widths d {sorted({s.dim for s in sets})}")
         N = max(s.capacity for s in sets)
 
         def pad(t: Tensor, fill=0.0) -> Tensor:

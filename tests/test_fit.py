@@ -284,6 +284,10 @@ def test_field_and_curve_figures_render(tmp_path, model, short_prompts):
     paths = save_figure(field_figure(target, rendered), tmp_path / "field.png", ["pdf"])
     paths += save_figure(curves_figure({"grid": result.history}), tmp_path / "curves.svg")
     assert [p.suffix for p in paths] == [".png", ".pdf", ".svg"] and all(p.stat().st_size > 2000 for p in paths)
+    from splatopt.plot import trajectory_figure
+
+    with pytest.raises(IndexError, match=r"prompt=5: this result holds prompts 0..1"):
+        trajectory_figure(result, prompt=5)
 
 
 @pytest.mark.parametrize("options", [{}, {"optimizer": splatopt.InnerOptimizer(embeddings="solve")},

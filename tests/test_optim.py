@@ -253,6 +253,9 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
         {"beta2": -0.1},
         {"eps": -1e-8},
         {"clip": 0.0},
+        {"lr_mu": "0.1"},
+        {"lr_v": None},
+        {"warmup": True},
     ],
     ids=lambda kw: next(iter(kw)) + "=" + str(next(iter(kw.values()))),
 )

@@ -259,3 +259,18 @@ def test_file_metadata_is_json(tmp_path):
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert header["__metadata__"]["format"] == "splatopt.splats"
     assert json.loads(header["__metadata__"]["meta"]) == {"texts": ["a"]}
+
+
+def test_select_and_cat_name_what_is_wrong():
+    from splatopt import GridInit
+
+    field, mask = torch.randn(2, 6, 4), torch.ones(2, 6, dtype=torch.bool)
+    s = GridInit()(field, mask, torch.tensor([2, 3]))
+    assert torch.equal(s.select(torch.tensor(1)).mu, s.select(1).mu)
+    with pytest.raises(IndexError, match=r"select\(5\): this set holds prompts 0..1"):
+        s.select(5)
+    other = GridInit()(torch.randn(1, 6, 5), mask[:1], torch.tensor([2]))
+    with pytest.raises(ValueError, match="different widths d"):
+        SplatSet.cat([s, other])
+    with pytest.raises(ValueError, match="at least one set"):
+        SplatSet.cat([])
