@@ -71,6 +71,10 @@ def main() -> None:
                         help="objective of the old and cold fits, and of the warm re-fits unless a variant names its own "
                              "(edit() re-fits on the old fit's objective): e.g. ce, to compare like with like")
     parser.add_argument("--split", default="test", help="corpus split of the prompts (select on validation)")
+    parser.add_argument("--same-budget-cold", action="store_true",
+                        help="also fit each edited text cold at the splat count its re-fit ended with, per variant "
+                             "(row cold_same_budget_final): the like-for-like budget where a variant does not hold "
+                             "the density budget (hold_budget=false)")
     parser.add_argument("--out", default="figures/data/edit_acceptance.json")
     args = parser.parse_args()
 
@@ -125,6 +129,14 @@ def main() -> None:
                 "far_pruned_for_budget": record.get("far_pruned_for_budget", 0),
                 "start_initializer": record.get("start_initializer"), "starts_tried": record.get("starts_tried", 1),
             })
+        if args.same_budget_cold:
+            # the cold fit given the re-fit's own splat count, prompt by prompt (no text holds more
+            # splats than tokens, edit() keeps that too); equal counts fit exactly like the cold fit above
+            counts = [int(c) for c in w.splats.counts]
+            same = splatopt.fit(list(edited), model, steps=args.steps, record_every=0, **{**common, "n_splats": counts})
+            for b in range(len(prompts)):
+                rows[-len(prompts) + b].update(cold_same_budget_final=float(same.token_accuracy[b]),
+                                               cold_same_budget_splats=int(same.splats.counts[b]))
         print(f"{variant}: done {len(prompts)} edits, {time.perf_counter() - t0:.1f} s", flush=True)
 
     summary = {}
@@ -160,6 +172,8 @@ def main() -> None:
             "cold_cosine_mean": sum(r["cold_cosine"] for r in rs) / len(rs),
             "warm_cosine_mean": sum(r["warm_cosine"] for r in rs) / len(rs),
         }
+        if args.same_budget_cold:
+            summary[variant]["cold_same_budget_final_mean"] = sum(r["cold_same_budget_final"] for r in rs) / len(rs)
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
         "device": device_label(args.device),

@@ -170,7 +170,8 @@ def edit(
     Measured (papers/report.md, section 3.3): at N = L/4, 60 steps after a 300-step fit, with the
     budget held, the re-fit ends -0.23 +- 0.21 points from the cold fit's token accuracy on 800
     test-split edits (-0.14 +- 0.26 on 800 validation ones): the goal is not met. Without holding
-    it (half the re-fits then had an extra splat) +0.25 +- 0.32 and +0.07 +- 0.23; the warm start
+    it (half the re-fits then had an extra splat) +0.25 +- 0.32 and +0.07 +- 0.23, but against a cold fit
+    given the same splats -0.11 +- 0.14 and -0.16 +- 0.18 (figures/data/edit_budget_own/); the warm start
     alone was at -0.83 +- 0.43 (400 test edits, extra splats too). At the budget, the freeze is what costs it: with
     local=False +0.18 +- 0.14 on test (far embeddings then change by a median 18 %); frozen but re-fitted for 300
     steps, -0.06 +- 0.19, still below the cold fit in deletions that keep a far splat (figures/data/edit_budget_*/).
