@@ -352,7 +352,7 @@ def test_ddp_on_two_gloo_processes_keeps_ranks_in_step(tmp_path):
                    "log_every = 1\ncheckpoint_every = 3\nwarmup = 1\nmax_tokens = 24\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "splatopt.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "splatopt",
          "meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"],
         capture_output=True, text=True, env=env, timeout=300,
     )

@@ -26,3 +26,33 @@ def test_readme_main_command_runs_the_demo(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "splatopt-demo.png").stat().st_size > 10_000
     result = FitResult.load(tmp_path / "splatopt-demo.safetensors")
     assert int(result.splats.mask.sum()) == 8  # "fits 8 splats to a 30-token sample text"
+
+
+def test_readme_python_api_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's first Python block (fit, the result's fields, save, render) runs unchanged, and
+    the shapes its comments promise hold: a stale name or signature in the README fails here."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```python\n")[1].split("```")[0]
+    assert "splatopt.fit(" in block and "result.save(" in block
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    result, field = scope["result"], scope["field"]
+    B = len(result.input_texts)
+    assert result.token_accuracy.shape == result.field_error.shape == result.cosine.shape == (B,)
+    assert result.history["token_accuracy"].shape[1] == B
+    assert result.trajectory["mu"].shape[1:] == result.splats.mu.shape  # [S, B, N]
+    assert field.shape == (B, 40, scope["model"].dim)
+    assert (tmp_path / "run.safetensors").is_file()
+
+
+def test_both_commands_run_as_python_modules():
+    """``python -m splatopt`` and ``python -m fixedpos`` are the console scripts (for a venv whose
+    bin/ is not on PATH, and for ``torchrun -m``)."""
+    import subprocess
+    import sys
+
+    for package in ("splatopt", "fixedpos"):
+        out = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"usage: {package} ")
