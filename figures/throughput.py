@@ -17,37 +17,46 @@ from figure_io import COLUMN, data_paths, house_style, save
 
 DATA_FILES = ["bench/step-*.json"]  # one inner step; long-* and e2e-* runs are other benchmarks
 OBJECTIVE_NAMES = {"mse": "MSE", "mse+ce": "MSE + CE"}
-PATH_COLORS = {"eager": "tab:gray", "compile": "tab:blue"}
+# one fixed colour per path (Okabe-Ito, colour-blind safe); eager, the reference, grey
+PATH_COLORS = {"eager": "0.6", "compile": "#0072B2", "fused": "#D55E00", "graph": "#CC79A7", "fused_ce": "#E69F00",
+               "chunked_ce": "#009E73"}
 
 
 def main():
     runs = [json.loads(p.read_text()) for p in data_paths(DATA_FILES[0])]
     runs.sort(key=lambda r: (r["config"]["objective"], r["config"]["batch"], list(r["results"])))
-    bars = []  # (configuration label, path, result), one horizontal bar each, grouped by configuration
+    rows = []  # top to bottom: a header per run (its configuration), then one bar per path it timed
     for run in runs:
         c = run["config"]
-        label = f"{OBJECTIVE_NAMES.get(c['objective'], c['objective'])}, B={c['batch']}"
-        bars += [(label, path, res) for path, res in run["results"].items()]
-    paths = list(dict.fromkeys(path for _, path, _ in bars))
-    colors = {path: PATH_COLORS.get(path, f"C{k + 2}") for k, path in enumerate(paths)}
+        rows.append((f"{OBJECTIVE_NAMES.get(c['objective'], c['objective'])}, B = {c['batch']}", None, None))
+        rows += [(path, path, res) for path, res in run["results"].items()]
+    bars = [res for _, _, res in rows if res]
     with house_style():
-        fig, ax = plt.subplots(figsize=(COLUMN, 0.6 + 0.2 * len(bars)))
-        y = np.arange(len(bars))[::-1]
-        for yi, (label, path, res) in zip(y, bars):
-            ax.barh(yi, res["prompt_steps_per_s"], 0.75, color=colors[path])
+        fig, ax = plt.subplots(figsize=(COLUMN, 0.6 + 0.13 * len(rows)))
+        fig.subplots_adjust(left=0.3, right=0.93)  # the headers and path names fit within the column
+        y = np.arange(len(rows))[::-1]
+        for yi, (label, path, res) in zip(y, rows):
+            if res is None:  # the run's header, left-aligned in its own row
+                ax.text(0.0, yi - 0.1, label, transform=ax.get_yaxis_transform(), ha="right", va="center",
+                        fontsize=6.5, fontweight="bold")
+                continue
+            ax.barh(yi, res["prompt_steps_per_s"], 0.8, color=PATH_COLORS.get(path, "0.3"))
             speedup = f", ×{res['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in res and path != "eager" else ""
-            ax.text(res["prompt_steps_per_s"] * 1.15, yi, f"{res['step_ms']:.3g} ms{speedup}", va="center", fontsize=5.5)
+            ax.text(res["prompt_steps_per_s"] * 1.15, yi, f"{res['step_ms']:.3g} ms{speedup}", va="center", fontsize=6)
         ax.set_xscale("log")
-        top = max(res["prompt_steps_per_s"] for _, _, res in bars)
-        low = min(res["prompt_steps_per_s"] for _, _, res in bars)
-        ax.set_xlim(10 ** np.floor(np.log10(low) - 0.2), top * 12)
-        ax.set_yticks(y, [f"{label}  {path}" for label, path, _ in bars], fontsize=5.5)
-        ax.set_xlabel("prompt-steps / s (L=64, N=16)")
+        top = max(res["prompt_steps_per_s"] for res in bars)
+        low = min(res["prompt_steps_per_s"] for res in bars)
+        ax.set_xlim(10 ** np.floor(np.log10(low) - 0.2), top * 15)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ticks = [(yi, label) for yi, (label, _, res) in zip(y, rows) if res]
+        ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
+        ax.tick_params(axis="y", length=0)
+        ax.set_xlabel("prompt-steps / s (log scale; L = 64, N = 16)")
         devices = sorted({run["device"] for run in runs})
-        ax.set_title(f"{', '.join(devices)}, d={runs[0]['config']['dim']}; paths of a row group ran together", fontsize=6)
+        ax.set_title(f"{', '.join(devices)}, d = {runs[0]['config']['dim']}; a group is one run:\n"
+                     "ms per step, speed-up over its eager", fontsize=6.5)
         ax.grid(axis="x", lw=0.3, alpha=0.4)
     return save(fig, "throughput")
-
 
 if __name__ == "__main__":
     main()
