@@ -230,6 +230,7 @@ class FitResult:
             if getattr(self, name) is not None:
                 extra[name] = getattr(self, name)
         extra.update({f"density.{k}": v for k, v in (self.density or {}).items()})
+        extra.update(_edit_start_tensors(self.edit))  # the rest of each edit record is in config["edit"]
         meta = {"config": self.config, "texts": self.input_texts, "decoded": self.texts, "basis": self.basis,
                 "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds}
         if self.splats is None:  # a fixed basis: coefficients, no splats
@@ -263,9 +264,37 @@ class FitResult:
             encode_seconds=float(meta.get("encode_seconds", 0.0)), config=meta.get("config", {}),
             input_texts=meta.get("texts"), offsets=extra.get("offsets"), basis=meta.get("basis", "splats"),
             coefficients=coefficients, floats_per_token=extra.get("floats_per_token"), n_terms=extra.get("n_terms"),
-            skipped_steps=extra.get("skipped_steps"),
+            skipped_steps=extra.get("skipped_steps"), edit=_loaded_edit(meta.get("config", {}).get("edit"), extra),
             density=series("density.") or None,
         )
+
+
+def _edit_start_tensors(edit: dict | list[dict] | None) -> dict[str, Tensor]:
+    """The start splats of an edit result's records as file tensors: ``edit_start.<param>`` [B, N', (d)]
+    (each record's SplatSet [1, N'_b], padded with inactive slots) and ``edit_start.capacity`` [B], N'_b.
+
+    Only the start splats: the records' plain fields are saved in ``config["edit"]``.
+    """
+    records = edit if isinstance(edit, list) else [edit]
+    starts = [r.get("start_splats") if isinstance(r, dict) else None for r in records]
+    if not all(isinstance(s, SplatSet) for s in starts):  # not an edit result, or records without their starts
+        return {}
+    joined = SplatSet.cat([s.to("cpu") for s in starts])
+    return {**{f"edit_start.{k}": t for k, t in joined.params().items()}, "edit_start.mask": joined.mask,
+            "edit_start.capacity": torch.tensor([s.capacity for s in starts])}
+
+
+def _loaded_edit(records: dict | list | None, extra: dict[str, Tensor]) -> dict | list[dict] | None:
+    """A loaded result's ``edit``: the records of ``config["edit"]`` (a dict for one prompt, a list for a
+    batch), each with its ``start_splats`` [1, N'_b] again where the file holds them (on the CPU, as edit gives them)."""
+    if records is None or "edit_start.mask" not in extra:
+        return records
+    rows = records if isinstance(records, list) else [records]
+    params = {k: extra[f"edit_start.{k}"].cpu() for k in ("mu", "log_sigma", "weight_logit", "v")}
+    mask, capacity = extra["edit_start.mask"].cpu().bool(), extra["edit_start.capacity"].tolist()
+    out = [{**r, "start_splats": SplatSet(mask=mask[b : b + 1, :n], **{k: t[b : b + 1, :n] for k, t in params.items()})}
+           for b, (r, n) in enumerate(zip(rows, capacity))]
+    return out if isinstance(records, list) else out[0]
 
 
 def _plain_n_splats(n_splats):

@@ -130,6 +130,26 @@ def test_edit_round_trips_through_a_saved_file(tmp_path, fitted):
     assert result.edit["script"][1][0] == "replace"
 
 
+def test_a_saved_edit_result_keeps_its_edit_records_and_start_splats(tmp_path, fitted):
+    from splatopt.plot import edit_trajectory_series
+
+    one = splatopt.edit(fitted, TEXT.replace("list", "tuple"), steps=2, progress=False)
+    back = splatopt.FitResult.load(one.save(tmp_path / "edited.safetensors"))
+    assert isinstance(back.edit, dict) and back.edit["script"] == one.edit["script"]
+    assert {k: v for k, v in back.edit.items() if k != "start_splats"} == one.config["edit"]
+    for k, t in one.edit["start_splats"].params().items():
+        assert torch.equal(back.edit["start_splats"].params()[k], t), k
+    assert edit_trajectory_series(fitted, back) == edit_trajectory_series(fitted, one)  # a loaded edit plots
+    two = splatopt.fit([TEXT, "Compute the mean of a list of numbers."], n_splats=0.5, steps=2, device="cpu", progress=False)
+    many = splatopt.edit(two, [TEXT.replace("list", "tuple"), "Compute the mean of the numbers."], steps=2, progress=False)
+    back = splatopt.FitResult.load(many.save(tmp_path / "many.safetensors"))
+    assert isinstance(back.edit, list) and len(back.edit) == 2
+    for b in range(2):  # each prompt's start keeps its own capacity, not the padded one
+        assert back.edit[b]["start_splats"].capacity == many.edit[b]["start_splats"].capacity
+        assert torch.equal(back.edit[b]["start_splats"].mu, many.edit[b]["start_splats"].mu)
+        assert back.edit[b]["transported"] == many.edit[b]["transported"]
+
+
 def test_bad_edit_requests_raise_clear_errors(model, fitted):
     two = splatopt.fit([TEXT, "Another text here."], model, n_splats=0.5, steps=1, device="cpu", progress=False)
     with pytest.raises(ValueError, match="one-prompt"):
