@@ -19,11 +19,19 @@ from splatopt.plot import mean_ci95
 
 DATA_FILES = ["edit_second_starts.json", "edit_budget/test_seed0.json"]
 RENAMED = {"edit_budget/test_seed0.json": {"default": "held-budget"}}  # its variants, named apart from the first file's
+# legend order of the variants recorded with extra splats (a two-column legend fills by column)
 VARIANT_NAMES = {
-    "held-budget": "default: the cold fit's budget", "default": "learned + grid starts, by accuracy (extra splats)",
-    "warm-only": "warm start alone",
+    "held-budget": "default: the cold fit's budget", "default": "learned + grid starts, by accuracy",
+    "learned-near-accuracy": "learned starts, by accuracy", "warm-only": "warm start alone",
     "grid-objective": "grid start, by objective", "grid-accuracy": "grid start, by accuracy",
-    "learned-near-accuracy": "learned starts, by accuracy", "default-free": "default, far splats free",
+    "default-free": "default, far splats free",
+}
+# Okabe-Ito colours (colour-blind safe) and a marker each; the default at the cold fit's budget, the
+# one the report's goal is about, in blue and drawn thicker
+STYLES = {
+    "held-budget": ("#0072B2", "o"), "default": ("#D55E00", "s"), "learned-near-accuracy": ("#CC79A7", "P"),
+    "warm-only": ("#E69F00", "^"), "grid-objective": ("#009E73", "v"), "grid-accuracy": ("#56B4E9", "D"),
+    "default-free": ("#7f4f24", "X"),
 }
 WHOLE_RUN = ["held-budget", "default", "warm-only"]  # drawn over all steps on the left
 
@@ -45,7 +53,9 @@ def main():
     cold_final = runs[0]["summary"]["default"]["cold_final_mean"]
     cold_steps = runs[0]["summary"]["default"]["cold_steps"]
     warm_steps = max(curves[WHOLE_RUN[0]][0])
-    colors = {v: f"C{i}" for i, v in enumerate(curves)}
+    curves = {v: curves[v] for v in VARIANT_NAMES if v in curves}
+    colors = {v: STYLES[v][0] for v in curves}
+    width = lambda v: 1.4 if v == "held-budget" else 0.9  # noqa: E731
     with house_style():
         fig, (ax_all, ax_end) = plt.subplots(1, 2, figsize=(COLUMN, 2.3), gridspec_kw={"wspace": 0.3, "width_ratios": [1, 1.15]})
         for ax in (ax_all, ax_end):
@@ -57,7 +67,7 @@ def main():
         ax_all.plot([s for s, _ in shown], [100 * a for _, a in shown], color="0.5", ls=":", lw=1.0, label="cold from scratch")
         for variant in WHOLE_RUN:
             steps, mean, half = curves[variant]
-            ax_all.plot(steps, 100 * mean, color=colors[variant], label=VARIANT_NAMES.get(variant, variant))
+            ax_all.plot(steps, 100 * mean, color=colors[variant], lw=width(variant), label=VARIANT_NAMES.get(variant, variant))
             ax_all.fill_between(steps, 100 * (mean - half), 100 * (mean + half), color=colors[variant], alpha=0.2, lw=0)
         ax_all.set_ylabel("token accuracy (%)")
         ax_all.set_xlim(0, warm_steps)
@@ -66,17 +76,26 @@ def main():
         for k, (variant, (steps, mean, half)) in enumerate(curves.items()):
             keep = [i for i, s in enumerate(steps) if s >= start]
             xs = [steps[i] for i in keep]
-            ax_end.plot(xs, 100 * mean[keep], color=colors[variant], marker="o", ms=2,
+            ax_end.plot(xs, 100 * mean[keep], color=colors[variant], marker=STYLES[variant][1], ms=2.5, lw=width(variant),
                         label=VARIANT_NAMES.get(variant, variant))
             ax_end.errorbar([warm_steps + (k + 2) * dodge], 100 * mean[keep][-1:], yerr=100 * half[keep][-1:],
-                            color=colors[variant], marker="o", ms=2, capsize=1.2, lw=0.7)
+                            color=colors[variant], marker=STYLES[variant][1], ms=2.5, capsize=1.2, lw=0.7)
         ax_end.set_xlim(start - 1, warm_steps + (len(curves) + 3) * dodge)
         ax_end.set_xticks(range(start, warm_steps + 1, 10))
-        ax_end.set_title(f"from step {start}; step {warm_steps} ± 95 % CI", fontsize=7)
-        ax_all.set_title(f"{runs[0]['n']} edited prompts", fontsize=7)
-        handles, labels = ax_all.get_legend_handles_labels()
-        handles, labels = handles[:1] + ax_end.get_legend_handles_labels()[0], labels[:1] + ax_end.get_legend_handles_labels()[1]
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.03), ncol=2)
+        ax_end.set_title(f"steps {start}–{warm_steps}; at {warm_steps} ± 95 % CI", fontsize=7)
+        ax_all.set_title(f"{runs[0]['n']} {runs[0]['split']} edits, N = L/{round(1 / runs[0]['n_splats'])}", fontsize=7)
+        # two legends: what holds the cold fit's budget, then the variants recorded with extra splats
+        by_label = dict(zip(*reversed(ax_end.get_legend_handles_labels())))
+        cold_handle = ax_all.get_legend_handles_labels()[0][0]
+        budget = fig.legend([cold_handle, by_label[VARIANT_NAMES["held-budget"]]],
+                            ["cold from scratch", VARIANT_NAMES["held-budget"]], loc="upper center",
+                            bbox_to_anchor=(0.5, -0.04), ncol=2, handlelength=1.8)
+        fig.canvas.draw()
+        below = budget.get_window_extent().transformed(fig.transFigure.inverted()).y0
+        extra = [label for v, label in VARIANT_NAMES.items() if v in curves and v != "held-budget"]
+        fig.legend([by_label[label] for label in extra], extra, loc="upper center", bbox_to_anchor=(0.5, below + 0.02), ncol=2,
+                   handlelength=1.8, columnspacing=0.8, title="recorded with extra splats (before the budget was held):",
+                   title_fontsize=6.5)
     return save(fig, "edit_warm_curves")
 
 
