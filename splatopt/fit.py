@@ -234,7 +234,8 @@ class FitResult:
         meta = {"config": self.config, "texts": self.input_texts, "decoded": self.texts, "basis": self.basis,
                 "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds}
         if self.splats is None:  # a fixed basis: coefficients, no splats
-            tensors = {"coefficients": self.coefficients.float(), **{f"extra.{k}": v for k, v in extra.items()}}
+            coefficients = self.coefficients.to(torch.promote_types(self.coefficients.dtype, torch.float32))  # as SplatSet.save
+            tensors = {"coefficients": coefficients, **{f"extra.{k}": v for k, v in extra.items()}}
             write_safetensors(Path(path), tensors, {"format": BASIS_FORMAT, "meta": json.dumps(meta, sort_keys=True)})
             return Path(path)
         return SplatSet(**self.splats.params(), mask=self.splats.mask, meta={**self.splats.meta, **meta}).save(path, extra)

@@ -138,7 +138,8 @@ class SplatSet:
     def save(self, path: str | Path, extra_tensors: dict[str, Tensor] | None = None) -> Path:
         """Write ``path`` (safetensors + JSON metadata) atomically: a temporary file, then a rename."""
         path = Path(path)
-        tensors = {k: t.float() for k, t in self.params().items()}
+        # at least float32 (half precision widened), never narrowed: a float64 fit must load back as it was fitted
+        tensors = {k: t.to(torch.promote_types(t.dtype, torch.float32)) for k, t in self.params().items()}
         tensors["mask"] = self.mask
         for k, t in (extra_tensors or {}).items():
             tensors[f"extra.{k}"] = t

@@ -125,6 +125,16 @@ def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
         FitResult.load(path, expect_model_hash="0" * 64)
 
 
+@pytest.mark.parametrize("basis", ["splats", "dct"])
+def test_a_float64_fit_loads_back_in_float64(tmp_path, basis):
+    field = torch.randn(2, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = fit(Targets(field), n_splats=3, steps=2, objective="mse", basis=basis, dtype=torch.float64, device="cpu",
+                 progress=False)
+    back = FitResult.load(result.save(tmp_path / "run.safetensors"))
+    saved = back.coefficients if basis == "dct" else back.splats.v
+    assert saved.dtype == torch.float64 and torch.equal(saved, result.coefficients if basis == "dct" else result.splats.v)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
