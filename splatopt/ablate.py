@@ -573,7 +573,10 @@ def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...
     table = markdown_table(summary)
     buffer = io.StringIO()
     if summary:
-        writer = csv.DictWriter(buffer, fieldnames=list(summary[0]), lineterminator="\n")
+        # rows of different studies may have different factors: the union, factors first (as markdown_table)
+        factors = dict.fromkeys(k for entry in summary for k in list(entry)[: list(entry).index("n")])
+        columns = list(dict.fromkeys([*factors, "n", *(k for entry in summary for k in entry)]))
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(summary)
     atomic_write_bytes(Path(out_dir) / "summary.md", table.encode("utf-8"))

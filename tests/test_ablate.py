@@ -264,6 +264,14 @@ def test_summary_of_one_replicate_has_no_interval():
     assert "| kernel | mode | n |" in table and "| – | normalized | 1 | n/a | 0.7 ± n/a |" in table
 
 
+def test_summary_files_take_rows_whose_factors_differ(tmp_path):
+    rows = [{"levels": {"kernel": "erf"}, "cosine": 0.9}, {"levels": {"mode": "normalized"}, "cosine": 0.7}]
+    ablate.write_summary(rows, tmp_path, metrics=("cosine",))
+    with (tmp_path / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["kernel"], r["mode"], r["cosine_mean"]) for r in table] == [("erf", "", "0.9"), ("", "normalized", "0.7")]
+
+
 def test_a_folder_given_as_the_study_points_at_its_study_file(tmp_path):
     (tmp_path / "study.toml").write_text('corpus = "stdlib:test"\nprompts = 4\n')
     with pytest.raises(ValueError, match=r"is a folder: give a study file .*study.toml is the copy"):
