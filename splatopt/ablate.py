@@ -366,12 +366,24 @@ def _parse_row(line: bytes, where: str) -> dict:
 
 def _append_row(path: Path, row: dict) -> dict:
     """Append ``row`` as one line, flushed and fsynced; return it as a resume would read it back."""
-    line = json.dumps(row, default=str)
+    line = json.dumps(_finite_or_null(row), default=str, allow_nan=False)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     return json.loads(line)
+
+
+def _finite_or_null(value):
+    """``value`` with NaN and infinite floats as None, in nested dicts and lists: Python's json writes them
+    as NaN and Infinity, which are not JSON, and other readers (jq, R, pandas' strict parsers) refuse the line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _claim(out: Path, study: Study, force: bool) -> None:
@@ -512,26 +524,27 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
 def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[dict]:
     """A dict per configuration (rows with equal levels), first-seen order: its levels, ``n`` (rows:
     seeds x prompt sets), and per metric ``<m>_mean`` and ``<m>_ci95``, the half-width of the 95 %
-    Student-t interval (None for one row). Rows without a metric (or with None) are left out of its
-    mean; of the default metrics, those no row has are not reported; a metric asked for by name that
-    no row has is an error (a misspelt name would otherwise vanish from the summary)."""
+    Student-t interval (None for one row). Rows without a metric are left out of its mean; a null
+    (results.jsonl's NaN or infinity: a diverged fit) makes it NaN rather than vanish. Of the default
+    metrics, those no row has are not reported; a metric asked for by name that no row has is an
+    error (a misspelt name would otherwise vanish from the summary)."""
     from scipy import stats
 
     if isinstance(metrics, str):
         raise TypeError(f"metrics={metrics!r}: give a tuple of row keys, e.g. ({metrics!r},)")
-    missing = [m for m in metrics if m not in DEFAULT_METRICS and rows and all(row.get(m) is None for row in rows)]
+    missing = [m for m in metrics if m not in DEFAULT_METRICS and rows and all(m not in row for row in rows)]
     if missing:
         numeric = sorted(k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise ValueError(f"metrics {missing} are in no row; the rows' numeric keys are {numeric}")
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(json.dumps(row["levels"], sort_keys=True), []).append(row)
-    present = [m for m in metrics if any(row.get(m) is not None for row in rows)]
+    present = [m for m in metrics if any(m in row for row in rows)]
     out = []
     for group in groups.values():
         entry = {**group[0]["levels"], "n": len(group)}
         for m in present:
-            values = [float(row[m]) for row in group if row.get(m) is not None]
+            values = [math.nan if row[m] is None else float(row[m]) for row in group if m in row]
             n = len(values)
             mean = sum(values) / n if n else None
             if n > 1:

@@ -264,6 +264,22 @@ def test_summary_of_one_replicate_has_no_interval():
     assert "| kernel | mode | n |" in table and "| – | normalized | 1 | n/a | 0.7 ± n/a |" in table
 
 
+def test_results_rows_are_strict_json_and_a_diverged_replicate_shows_in_the_mean(tmp_path):
+    path = tmp_path / "results.jsonl"
+    for seed, error in ((0, 0.25), (1, float("nan")), (2, float("inf"))):
+        ablate._append_row(path, {"cell": str(seed), "levels": {"kernel": "erf"}, "seed": seed, "field_error": error,
+                                  "settings": {"optimizer.clip": float("inf")}, "cosine": 0.5})
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]  # what jq or R would read
+    assert [r["field_error"] for r in rows] == [0.25, None, None] and rows[0]["settings"] == {"optimizer.clip": None}
+    entry = ablate.summarize(ablate.read_rows(path), metrics=("field_error", "cosine"))[0]
+    assert entry["n"] == 3 and entry["cosine_mean"] == 0.5
+    assert entry["field_error_mean"] != entry["field_error_mean"], "a NaN replicate must not vanish from the mean"
+
+
 def test_summary_files_take_rows_whose_factors_differ(tmp_path):
     rows = [{"levels": {"kernel": "erf"}, "cosine": 0.9}, {"levels": {"mode": "normalized"}, "cosine": 0.7}]
     ablate.write_summary(rows, tmp_path, metrics=("cosine",))
