@@ -24,7 +24,8 @@ def main():
     rows = [r for run in runs for r in run["rows"] if r["variant"] == VARIANT]
     fig = recovery_figure([r["edit_tokens"] for r in rows], [r["steps_to_recover"] for r in rows],
                           max(rows[0]["steps"]), ops=[r["op"] for r in rows])
-    fig.axes[0].set_title(f"{len(rows)} edited prompts, N = L/{round(1 / data['n_splats'])}, default re-fit at the cold fit's budget", fontsize=7)
+    fig.axes[0].set_title(f"{len(rows)} {data['split']} edits, N = L/{round(1 / data['n_splats'])}, re-fit at the cold fit's budget",
+                          fontsize=7, pad=2)
     return save(fig, "edit_recovery")
 
 

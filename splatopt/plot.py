@@ -28,9 +28,10 @@ from matplotlib.transforms import offset_copy
 COLUMN = 3.4
 PAGE = 7.0
 STYLE_FILE = Path(__file__).with_name("splatopt.mplstyle")
-# edit-script spans: what the old tokens lose (red) and the new text gains (orange)
-SPAN_COLORS = {"equal": "0.85", "delete": "tab:red", "insert": "tab:orange", "replace": "tab:purple"}
-SPAWNED_COLOR = "tab:orange"
+# edit-script spans: what the old tokens lose (vermillion) and the new text gains (orange); Okabe-Ito
+# colours, told apart with colour-blind vision too, and the same edit kinds in every figure
+SPAN_COLORS = {"equal": "0.85", "delete": "#D55E00", "insert": "#E69F00", "replace": "#CC79A7"}
+SPAWNED_COLOR = SPAN_COLORS["insert"]
 PRUNED_COLOR = "0.45"
 
 
@@ -288,7 +289,8 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
                 ax_fit.axhspan(i1 - 0.5, i2 - 0.5, color=SPAN_COLORS[tag], alpha=0.12, lw=0)
             if tag in ("insert", "replace"):
                 ax_refit.axhspan(j1 - 0.5, j2 - 0.5, color=SPAN_COLORS[tag], alpha=0.12, lw=0)
-        colors = dict(zip(transported, plt.cm.viridis(np.linspace(0.05, 0.9, max(len(transported), 1)))))
+        # viridis stops at 0.8: its yellow end, faded further by a light splat's opacity, is barely visible on white
+        colors = dict(zip(transported, plt.cm.viridis(np.linspace(0.05, 0.8, max(len(transported), 1)))))
         for slot in transported:
             _draw_splat(ax_fit, f_steps, f_mu[:, slot], f_sigma[:, slot], f_w[:, slot], colors[slot], slot, edges=False, band=0.5)
             ax_edit.plot([0, 1], [f_mu[-1, slot], warm_mu[slot]], color=colors[slot], lw=1.2, gid=f"transport {slot}")
@@ -368,12 +370,14 @@ def recovery_figure(
     y = np.where(np.isnan(steps), failed_row, steps)
     x = group + np.random.default_rng(0).uniform(-0.3, 0.3, len(sizes))
     kinds = np.asarray(ops) if ops is not None else np.full(len(sizes), "edit")
-    op_colors = {"insert": "tab:orange", "delete": "tab:red", "replace": "tab:purple", "edit": "tab:blue"}
+    op_colors = {**SPAN_COLORS, "edit": "#0072B2"}
+    op_markers = {"insert": "^", "delete": "v", "replace": "o"}  # shape as well as colour tells the kinds apart
     with house_style():
         fig, ax = plt.subplots(figsize=(width, height))
         for kind in dict.fromkeys(kinds.tolist()):
             pick = kinds == kind
-            ax.scatter(x[pick], y[pick], s=5, lw=0, alpha=0.6, color=op_colors.get(kind), label=kind, gid=f"edits {kind}")
+            ax.scatter(x[pick], y[pick], s=6, lw=0, alpha=0.65, color=op_colors.get(kind), marker=op_markers.get(kind, "o"),
+                       label=kind, gid=f"edits {kind}")
         for g in range(len(labels)):
             members = group == g
             if members.any():
@@ -388,5 +392,8 @@ def recovery_figure(
         ax.set_xlabel("edit size (tokens)")
         ax.set_ylabel("re-fit steps to recover")
         if ops is not None:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), handletextpad=0.1, markerscale=2)
+            # under the x label, in one row: beside the axes it widened the figure past one column
+            below = offset_copy(ax.transAxes, fig=fig, y=-26, units="points")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=3, handletextpad=0.1,
+                      markerscale=2, columnspacing=1.5)
     return fig
