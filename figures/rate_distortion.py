@@ -139,8 +139,8 @@ def main():
         ncol = max(len(mobile), len(fixed))
         mobile, fixed = mobile + [Line2D([], [], alpha=0)] * (ncol - len(mobile)), fixed + [Line2D([], [], alpha=0)] * (ncol - len(fixed))
         handles = [h for pair in zip(mobile, fixed) for h in pair]
-        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.99), ncol=ncol, handlelength=2.4,
-                   columnspacing=1.5)
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.99), ncol=ncol, handlelength=1.9,
+                   columnspacing=0.7, handletextpad=0.5)
     return save(fig, "rate_distortion")
 
 
