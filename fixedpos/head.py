@@ -253,7 +253,8 @@ def find_or_train_head(model, recipe: str | HeadRecipe = "standard", train_if_mi
 
 
 def token_accuracy(model, texts: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
-    """Round-trip token accuracy of ``argmax decode(encode(x))`` over every token of ``texts``."""
+    """Round-trip token accuracy of ``argmax decode(encode(x))`` over every token of ``texts``:
+    ``{"accuracy": correct / tokens (a fraction in [0, 1]), "tokens": tokens scored, "texts": len(texts)}``."""
     correct = total = 0
     for i in range(0, len(texts), batch_size):
         batch = model.tokenize(texts[i : i + batch_size], device=device)

@@ -31,9 +31,13 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
+    from fixedpos import FieldModel
 
 from .fit import FitResult, _resolve_counts, fit, resolve_device
 from .init import WarmStart, grid_geometry, resolve_initializer
@@ -99,7 +103,7 @@ def edit(
     result: FitResult | str | Path,
     new_text: str | list[str] | None = None,
     edits: list | None = None,
-    model=None,
+    model: FieldModel | None = None,
     steps: int = 60,
     freeze_steps: int = 0,
     freeze_sigma: float = 3.0,

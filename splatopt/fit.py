@@ -16,10 +16,13 @@ import numbers
 import time
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
+    from fixedpos import FieldModel
 
 from fixedpos.cache import read_safetensors, write_safetensors
 
@@ -65,18 +68,22 @@ class FitResult:
     """What ``fit`` returns; per-prompt tensors are in the caller's prompt order.
 
     splats: the fitted SplatSet (B prompts, capacity max N); None for the "dct" and "segments"
-    bases, whose coefficients [B, K, d] are in ``coefficients``. ids, mask: [B, L] target tokens.
-    texts: decoded texts of the rendered fields. token_accuracy, field_error (relative MSE),
-    cosine: [B]. history: ``step`` [S] and per-prompt metrics [S, B] at recorded steps.
-    trajectory: ``step`` [S], ``mu``/``sigma``/``weight`` [S, B, N] at recorded steps.
-    seconds: wall time of the fit (inner loops and final metrics); encode_seconds: of the target.
+    bases, whose coefficients [B, K, d] are in ``coefficients``. ids, mask: [B, L] target tokens
+    (ids None for a bare field fitted without a decoder). texts: decoded texts of the rendered
+    fields (None without a decoder); input_texts: the texts fitted (None for fields); offsets:
+    [B, L, 2] their tokens' character spans. token_accuracy (a fraction in [0, 1]), field_error
+    (relative MSE), cosine: [B]. history: ``step`` [S] and per-prompt metrics [S, B] at recorded
+    steps. trajectory: ``step`` [S], ``mu``/``sigma`` (tokens) and ``weight`` [S, B, N] at recorded
+    steps, NaN in inactive slots. seconds: wall time of the fit (inner loops and final metrics);
+    encode_seconds: of the target. config: fit's resolved settings (JSON). edit: for a result of
+    :func:`splatopt.edit`, its records (a dict, or a list with one per prompt; see ``edit``).
     skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
     basis: "splats" or a fixed basis. floats_per_token: [B] floats the representation stores per
     token (d + 3 per active splat, d per fixed-basis term). density: [B] counts of the density
     strategy's events ("cloned", "split", "pruned", "relocated"). n_terms: [B] active splats or basis terms.
     """
 
-    splats: SplatSet
+    splats: SplatSet | None
     ids: Tensor | None
     mask: Tensor
     texts: list[str] | None
@@ -241,7 +248,7 @@ class FitResult:
         return SplatSet(**self.splats.params(), mask=self.splats.mask, meta={**self.splats.meta, **meta}).save(path, extra)
 
     @classmethod
-    def load(cls, path: str | Path, device=None, expect_model_hash: str | None = None) -> "FitResult":
+    def load(cls, path: str | Path, device: str | torch.device | None = None, expect_model_hash: str | None = None) -> "FitResult":
         """Read a file written by :meth:`save` (refuses corrupt or mismatched files, see ``SplatSet.load``)."""
         tensors, header = read_safetensors(Path(path), "fit result file")
         if header.get("format") == BASIS_FORMAT:
@@ -384,7 +391,7 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
 
 def fit(
     texts_or_fields: str | Sequence[str] | Tensor | Targets,
-    model=None,
+    model: FieldModel | None = None,
     n_splats: float | int | Sequence[int] = 0.5,
     steps: int = 300,
     objective: str | Objective = "mse+ce",

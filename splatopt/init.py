@@ -22,6 +22,10 @@ from .splats import SplatSet
 
 @runtime_checkable
 class Initializer(Protocol):
+    """Proposes the first splats: ``init(target [B, L, d], mask [B, L] bool (right-padded), n_splats [B]
+    long (1 <= n_b <= L_b), generator or None) -> SplatSet`` of capacity max(n_splats), ``mask[b, :n_b]``
+    active; centres and widths in tokens. GridInit, TokenInit, WarmStart and the learned initializer are ones."""
+
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet: ...
 
 

@@ -56,3 +56,20 @@ def test_both_commands_run_as_python_modules():
         out = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"usage: {package} ")
+
+
+def test_every_public_class_and_function_has_its_own_docstring_and_fit_result_hints_allow_none():
+    import inspect
+    import typing
+
+    import fixedpos
+    import splatopt
+
+    for package in (splatopt, fixedpos):
+        for name in package.__all__:
+            obj = getattr(package, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                # a class without one shows its base's (Protocol's "Base class for protocol classes")
+                assert obj.__doc__ and obj.__doc__.strip(), f"{package.__name__}.{name} has no docstring of its own"
+    hints = typing.get_type_hints(splatopt.FitResult)
+    assert type(None) in typing.get_args(hints["splats"]), "a fixed-basis fit holds splats=None"
