@@ -1560,25 +1560,34 @@ class PendingSection:
     expected: str  # where its data file(s) will be, relative to the repository
     find: Callable[[], list[Path]]
     render: Callable[[list[Path]], str] = rows_section
-    figures: tuple[str, ...] = field(default=())  # figures/<name>.png included when present
+    figures: tuple[tuple[str, str], ...] = field(default=())  # (figures/<name>.png, its caption), included when present
 
 
 def _glob(pattern: str) -> Callable[[], list[Path]]:
     return lambda: sorted(figure_io.DATA.glob(pattern))
 
 
+LEARNED_INIT_CAPTION = (
+    "*Figure 8. Token accuracy (left) and relative field error (right) against inner steps at N = L/4, 512 prompts "
+    "per corpus (stdlib test solid, licences dashed), a separate fit per step budget: the grid start with the default "
+    "update, and the meta-learned start with the update it was meta-trained through, with the picked momenta, and "
+    "with Adam in the decoder's Fisher metric. The dotted line is the grid start's accuracy after 300 steps on the "
+    "test split, the bar that 10 steps should reach (`python figures/learned_init.py`).*")
+
+
 PENDING_SECTIONS = [
     PendingSection("meta_init", "Meta-learned initialization",
                    "token accuracy against inner steps for the learned initializer vs the grid initializer",
                    "figures/data/ablations/learned_init*/ and learned_momentum_*/results.jsonl and figures/data/meta/", meta_init_paths,
-                   meta_init_section, figures=("learned_init",)),
+                   meta_init_section, figures=(("learned_init", LEARNED_INIT_CAPTION),)),
     PendingSection("fused_kernels", "Fused kernels",
                    "inner-step time of fused render and projection + cross-entropy kernels against the eager and compiled paths",
                    "figures/data/bench/step-*.json (paths other than eager / compile), long-*.json and e2e-*.json", fused_kernel_paths, fused_kernel_section),
     PendingSection("ablations", "Ablations",
                    "the studies in figures/studies/ (kernel and mode, objective weights, layer, mobility, init steps, "
                    "and the density and baseline studies of section 3.5)",
-                   "figures/data/ablations/<study>/results.jsonl", ablation_paths, ablation_section, figures=("ablations",)),
+                   "figures/data/ablations/<study>/results.jsonl", ablation_paths, ablation_section,
+                   figures=(("ablations", "*Figure 9. The ablation studies of this section.*"),)),
 ]
 
 
@@ -1589,7 +1598,7 @@ def pending_section(section: PendingSection) -> str:
     if not paths:
         return head + f"{NOT_MEASURED} Planned: {section.planned}. The build fills this section from `{section.expected}`."
     body = section.render(paths)
-    pictures = [f"![{section.title}](../figures/{name}.png)" for name in section.figures
+    pictures = [f"![{section.title}](../figures/{name}.png)\n\n{caption}" for name, caption in section.figures
                 if (figure_io.FIGURES / f"{name}.png").exists()]
     return head + body + "".join(f"\n\n{p}" for p in pictures)
 
