@@ -4,7 +4,7 @@ Data: figures/data/bench/step-*.json (``splatopt bench``: one inner step = rende
 Adam, paths timed in the same run). One horizontal bar per (configuration, path), grouped by
 configuration (objective, batch B; L = 64, N = 16, d = 384, fp32, on the device named); each bar is
 labelled with its milliseconds per step and its speed-up over eager (where eager ran: at B = 2048 the
-materialized logits of the decode-aware step would not be worth timing, so only the chunked path ran).
+materialized logits of the decode-aware step would not be worth timing, so only the fused cross-entropy path ran).
 """
 
 from __future__ import annotations
