@@ -48,6 +48,9 @@ LONG_LENGTH = 1024
 # bytes of one dense coefficient tensor A [B, L, N] that varpro may build per chunk: its kernel
 # evaluation and the solve's backward keep several such tensors, and the local renderer has no A
 VARPRO_MAX_BYTES = 2**30
+# FitResult fields (file names of its extra tensors) that fit keeps on the CPU whatever the device: load
+# puts them there too, or FitResult.cat of a loaded result and a new fit mixes devices
+HOST_SIDE = ("history.", "trajectory.", "density.", "n_terms", "skipped_steps", "floats_per_token", "edit_start.")
 
 
 @dataclass
@@ -253,11 +256,14 @@ class FitResult:
         tensors, header = read_safetensors(Path(path), "fit result file")
         if header.get("format") == BASIS_FORMAT:
             splats, meta = None, json.loads(header.get("meta", "{}"))
-            extra = {k.removeprefix("extra."): t.to(device) if device else t for k, t in tensors.items() if k.startswith("extra.")}
+            extra = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
             coefficients = tensors["coefficients"].to(device) if device else tensors["coefficients"]
         else:
-            splats, extra = SplatSet.load(path, device=device, expect_model_hash=expect_model_hash)
+            splats, extra = SplatSet.load(path, expect_model_hash=expect_model_hash)
             meta, coefficients = splats.meta, None
+            splats = splats.to(device) if device else splats
+        if device:  # where fit leaves them: the host-side counters, series and edit starts stay on the CPU
+            extra = {k: t if k.startswith(HOST_SIDE) else t.to(device) for k, t in extra.items()}
         if "token_mask" not in extra:
             raise ValueError(f"{path} holds splats but no fit result (no token mask); load it with SplatSet.load")
         missing = [k for k in ("field_error", "cosine") if k not in extra]

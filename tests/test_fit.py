@@ -125,6 +125,17 @@ def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
         FitResult.load(path, expect_model_hash="0" * 64)
 
 
+def test_a_result_loaded_onto_a_device_keeps_its_counters_on_the_cpu_as_fit_does(tmp_path, model, short_prompts):
+    # fit keeps n_terms, skipped_steps, floats_per_token and density counts on the CPU; a result loaded
+    # with device="cuda" must too, or FitResult.cat of it and a new fit fails ("meta": any non-CPU device)
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=2, density="adaptive", device="cpu", progress=False)
+    back = FitResult.load(result.save(tmp_path / "run.safetensors"), device="meta")
+    assert back.splats.mu.device.type == "meta" and back.field_error.device.type == "meta"
+    for name in ("n_terms", "skipped_steps", "floats_per_token"):
+        assert getattr(back, name).device.type == "cpu", name
+    assert all(t.device.type == "cpu" for t in back.density.values())
+
+
 @pytest.mark.parametrize("basis", ["splats", "dct"])
 def test_a_float64_fit_loads_back_in_float64(tmp_path, basis):
     field = torch.randn(2, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
