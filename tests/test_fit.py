@@ -136,6 +136,16 @@ def test_a_result_loaded_onto_a_device_keeps_its_counters_on_the_cpu_as_fit_does
     assert all(t.device.type == "cpu" for t in back.density.values())
 
 
+@pytest.mark.cuda
+def test_a_result_loaded_onto_cuda_concatenates_with_a_new_cuda_fit(tmp_path, model, short_prompts):
+    first = fit(short_prompts[:1], model, n_splats=0.5, steps=2, density="adaptive", device="cuda", progress=False)
+    loaded = FitResult.load(first.save(tmp_path / "run.safetensors"), device="cuda")
+    second = fit(short_prompts[1:2], model, n_splats=0.5, steps=2, density="adaptive", device="cuda", progress=False)
+    both = FitResult.cat([loaded, second])
+    assert both.splats.mu.device.type == "cuda" and both.token_accuracy.shape == (2,)
+    assert torch.equal(both.token_accuracy.cpu(), torch.cat([first.token_accuracy, second.token_accuracy]).cpu())
+
+
 @pytest.mark.parametrize("basis", ["splats", "dct"])
 def test_a_float64_fit_loads_back_in_float64(tmp_path, basis):
     field = torch.randn(2, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
