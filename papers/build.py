@@ -1433,6 +1433,48 @@ def meta_init_section(paths: list[Path]) -> str:
         f"matrix and the MSE's Hessian, a [2d, 2d] solve per step; `{newton['command']}`, {newton['device']}) decode "
         f"{pct(gn)} after {newton['steps']} steps ({pct(gn_ce)} on the cross-entropy alone) against {pct(adam_k)} for the "
         f"picked Adam on the same prompts: these prompts need a better start, not a better step.")
+    precision_path = figure_io.DATA / "meta" / "start_precision_two_splat_cpu.json"
+    precision = json.loads(precision_path.read_text())
+    acc_p = precision["token_accuracy"]
+    picked_key, gentle_key = (next(k for k in acc_p["learned start"] if k.startswith(p)) for p in ("10 steps, picked (", "10 steps, picked, every"))
+    exact, moved = acc_p["converged, embeddings moved by 0%"], [acc_p[f"converged, embeddings moved by {e}%"] for e in (10, 20, 40)]
+    own_geometry = acc_p["learned geometry, converged embeddings"]
+    claim(exact[picked_key] < exact["0 steps"] - 0.03 and exact[gentle_key] > 0.97,
+          "the picked update loses a converged two-splat fit within 10 steps, the same update at a quarter of its rates keeps it")
+    claim(min(m[gentle_key] for m in moved) > 0.95 > acc_p["learned start"][picked_key] > acc_p["learned start"][gentle_key]
+          and moved[-1]["0 steps"] <= acc_p["learned start"]["0 steps"] + 0.01,
+          "from embeddings moved 40 % at random the gentle update reaches 95 %, from the learned start, no better decoded, it does not")
+    claim(own_geometry[gentle_key] > 0.95, "the learned start's geometry with the converged embeddings is finished by the gentle update")
+    distill = {k: json.loads((figure_io.DATA / "meta" / f"{k}.json").read_text()) for k in ("distill_l2", "distill_fisher_ce")}
+    d_acc = {k: v["token_accuracy"] for k, v in distill.items()}
+    distance_key = "distilled, embedding distance to the converged fit (median, relative)"
+    shipped10 = d_acc["distill_l2"]["shipped, picked x1.0, 10 steps"][0]
+    best_distilled = max(v[k][0] for v in d_acc.values() for k in v if k.startswith("distilled") and k.endswith("10 steps"))
+    claim(best_distilled < shipped10, "no distilled start beats the shipped one after 10 steps, at any rate scale")
+    claim(d_acc["distill_l2"][distance_key] < 0.4, "the plainly distilled start lies within 40 % of the converged embeddings")
+    momenta_text += (
+        f"\n- **How close a start must be, and why plain closeness is not enough.** On the two-splat prompts "
+        f"({precision['prompts']}; `{reproduce_command(precision['command'], precision_path)}`, {precision['device']}): from the "
+        f"converged 300-step fit itself ({pct(exact['0 steps'])}), 10 steps of the picked update fall to {pct(exact[picked_key])}, while "
+        f"the same update with every rate ×0.25 keeps {pct(exact[gentle_key])}. With each converged embedding moved by 10, 20 or 40 % "
+        f"of its norm in a random direction, the gentle update reaches {', '.join(pct(m[gentle_key]) for m in moved)}; at 40 % the "
+        f"start decodes no better than the learned one ({pct(moved[-1]['0 steps'])} against {pct(acc_p['learned start']['0 steps'])}), "
+        f"from which the gentle update reaches only {pct(acc_p['learned start'][gentle_key])} (the picked one "
+        f"{pct(acc_p['learned start'][picked_key])}). The learned start's own centres, widths and weights with the converged embeddings "
+        f"reach {pct(own_geometry[gentle_key])}: the embeddings decide. Taught the converged embeddings directly "
+        f"(`scripts/probe_distill_init.py`: {distill['distill_l2']['train_prompts']} training prompts fitted 300 steps each from the "
+        f"grid, then the shipped network trained to reproduce each slot's converged splat; one {distill['distill_l2']['device']}), the "
+        f"start lands a median {100 * d_acc['distill_l2'][distance_key]:.0f} % of the converged norm away on the validation fits, "
+        f"inside that radius, yet decodes {pct(d_acc['distill_l2']['distilled, picked x1.0, 0 steps'][0])} at 0 steps and "
+        f"{pct(d_acc['distill_l2']['distilled, picked x1.0, 10 steps'][0])} after 10 picked steps "
+        f"({pct(d_acc['distill_l2']['distilled, picked x0.25, 10 steps'][0])} with the gentle ones), against "
+        f"{pct(shipped10)} for the shipped start (512 validation prompts); measured in the decoder's Fisher metric with the "
+        f"decoder's cross-entropy added, {pct(d_acc['distill_fisher_ce']['distilled, picked x1.0, 0 steps'][0])} and "
+        f"{pct(d_acc['distill_fisher_ce']['distilled, picked x1.0, 10 steps'][0])}. A random error of that size cost the "
+        f"two-splat prompts little, so the network's error must lie mostly along the directions the decoder reads. Commands: "
+        f"`{distill['distill_l2']['command']}` and `{distill['distill_fisher_ce']['command']}` (wall-time limited, so the "
+        f"step count depends on the device: {distill['distill_l2']['distillation_steps']} and "
+        f"{distill['distill_fisher_ce']['distillation_steps']} steps).")
     text = (
         f"The shipped initializer was meta-trained for {log[-1]['step']} outer steps of {cfg['batch']} prompts "
         f"({cfg['corpus']}, N/L drawn from {sorted(set(cfg['fractions']))}), K = {cfg['inner_steps']} inner steps, "
