@@ -9,6 +9,8 @@ against a pinned SHA-256, and it is extracted once into the user cache (temporar
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -114,6 +116,33 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
+
+
+def strict_json(value, **dumps_options) -> str:
+    """``json.dumps(value)`` with NaN and infinite floats, in nested dicts and lists, written as null:
+    Python writes them as NaN and Infinity, which are not JSON, and other readers (jq, R, strict
+    parsers) refuse the file. ``dumps_options`` go to ``json.dumps`` (``indent``, ``default``, ...)."""
+    def finite_or_null(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite_or_null(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite_or_null(x) for x in v]
+        return v
+
+    return json.dumps(finite_or_null(value), allow_nan=False, **dumps_options)
+
+
+def append_json_line(path: Path, row: dict, **dumps_options) -> str:
+    """Append ``row`` to the JSON-lines file ``path`` as one :func:`strict_json` line, flushed and
+    fsynced (a crash loses at most the line being written); returns the line."""
+    line = strict_json(row, **dumps_options)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return line
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

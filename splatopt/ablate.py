@@ -36,7 +36,6 @@ import io
 import itertools
 import json
 import math
-import os
 import platform
 import time
 import tomllib
@@ -365,25 +364,10 @@ def _parse_row(line: bytes, where: str) -> dict:
 
 
 def _append_row(path: Path, row: dict) -> dict:
-    """Append ``row`` as one line, flushed and fsynced; return it as a resume would read it back."""
-    line = json.dumps(_finite_or_null(row), default=str, allow_nan=False)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    return json.loads(line)
+    """Append ``row`` as one strict-JSON line (NaN and inf as null), fsynced; return it as a resume would read it back."""
+    from fixedpos.cache import append_json_line
 
-
-def _finite_or_null(value):
-    """``value`` with NaN and infinite floats as None, in nested dicts and lists: Python's json writes them
-    as NaN and Infinity, which are not JSON, and other readers (jq, R, pandas' strict parsers) refuse the line."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
+    return json.loads(append_json_line(path, row, default=str))
 
 
 def _claim(out: Path, study: Study, force: bool) -> None:

@@ -40,7 +40,6 @@ target (>= 99 % pooled token accuracy in <= 60 s).
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import time
@@ -49,6 +48,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
+from fixedpos.cache import atomic_write_bytes, strict_json
 
 from .graphs import AdamLoop
 from .init import GridInit, TokenInit
@@ -549,6 +550,6 @@ def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: s
     prefix = "long" if result.get("bench") == "long" else "step"
     name = name or f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
     path = Path(out_dir) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    # atomic: an interrupted write must not leave a truncated JSON where a good one stood
+    atomic_write_bytes(path, strict_json(result, indent=1).encode())
     return path

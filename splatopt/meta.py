@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fixedpos.cache import atomic_write_bytes, read_safetensors, write_safetensors
+from fixedpos.cache import append_json_line, atomic_write_bytes, read_safetensors, write_safetensors
 
 from .fisher import resolve_metric
 from .learned import Architecture, LearnedInitializer
@@ -487,13 +487,13 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         give_up = nonfinite_in_row >= NONFINITE_LIMIT
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps or give_up):
             # a skipped step's loss may be NaN or inf: written as null, which strict JSON readers accept
-            row = {"step": done, **{k: _finite_or_none(float(v)) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log,
+            row = {"step": done, **{k: float(v) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log,
                    "horizon": K, "fraction": frac, "lr": outer_lr(cfg, step), "lr_scales": net.log_lr_scale.detach().exp().tolist(),
                    "elapsed_s": round(time.perf_counter() - began, 3)}
             skipped_since_log = 0
             if evaluator is not None and done % cfg.eval_every == 0:
                 row.update(evaluator(net))
-            _append_jsonl(log_path, row)
+            append_json_line(log_path, row)
             if writer is not None:
                 for k, v in row.items():
                     if isinstance(v, (int, float)) and k != "step":
@@ -609,17 +609,6 @@ class _Evaluator:
             out[f"val_token_accuracy_{steps}"] = float(r.token_accuracy.mean())
         net.train(was_training)
         return out
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _truncate_log(path: Path, step: int) -> None:

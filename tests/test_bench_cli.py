@@ -67,3 +67,18 @@ def test_bench_writes_json_for_valid_tiny_sizes(tmp_path, capsys):
     (path,) = (tmp_path / "new").iterdir()
     result = json.loads(path.read_text())
     assert result["config"]["splats"] == 2 and "eager" in result["results"]
+
+
+def test_saved_bench_json_is_strict_json_with_a_diverged_time_as_null(tmp_path):
+    # Python's json writes NaN / Infinity, which jq, R and browsers refuse; a diverged or unmeasured
+    # figure must read back as null instead
+    result = {"config": {"objective": "mse", "batch": 2, "length": 8, "splats": 2, "dim": 4}, "device_type": "cpu",
+              "results": {"eager": {"ms": float("nan"), "speedup": float("inf"), "samples": [1.0, float("-inf")]}}}
+    path = bench.save_bench(result, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    back = json.loads(path.read_text(), parse_constant=refuse)
+    assert back["results"]["eager"] == {"ms": None, "speedup": None, "samples": [1.0, None]}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written through a temporary file, none left over

@@ -164,7 +164,7 @@ def tiny_config(**over):
 
 def train_until_killed_at_step_3(monkeypatch, cfg, out, model, bank) -> None:
     """Meta-train into ``out`` and kill the run as it logs step 3 (after the step-2 checkpoint)."""
-    original = meta._append_jsonl
+    original = meta.append_json_line
 
     def crash_at_step_3(path, row):
         if row["step"] == 3:
@@ -172,7 +172,7 @@ def train_until_killed_at_step_3(monkeypatch, cfg, out, model, bank) -> None:
         original(path, row)
 
     with monkeypatch.context() as patch:
-        patch.setattr(meta, "_append_jsonl", crash_at_step_3)
+        patch.setattr(meta, "append_json_line", crash_at_step_3)
         with pytest.raises(KeyboardInterrupt):
             meta.train(cfg, out, model=model, bank=bank, device="cpu", progress=False)
 
