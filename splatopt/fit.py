@@ -285,28 +285,39 @@ class FitResult:
 
 def _edit_start_tensors(edit: dict | list[dict] | None) -> dict[str, Tensor]:
     """The start splats of an edit result's records as file tensors: ``edit_start.<param>`` [B, N', (d)]
-    (each record's SplatSet [1, N'_b], padded with inactive slots) and ``edit_start.capacity`` [B], N'_b.
+    (each record's SplatSet [1, N'_b], padded with inactive slots) and ``edit_start.capacity`` [B], N'_b,
+    -1 for a prompt without a start (FitResult.cat of an edit and a plain fit: its record is None).
 
     Only the start splats: the records' plain fields are saved in ``config["edit"]``.
     """
     records = edit if isinstance(edit, list) else [edit]
     starts = [r.get("start_splats") if isinstance(r, dict) else None for r in records]
-    if not all(isinstance(s, SplatSet) for s in starts):  # not an edit result, or records without their starts
+    present = [s for s in starts if isinstance(s, SplatSet)]
+    if not present:  # not an edit result, or records without their starts
         return {}
-    joined = SplatSet.cat([s.to("cpu") for s in starts])
+    d, dtype = present[0].dim, present[0].mu.dtype
+    none = SplatSet(mu=torch.zeros(1, 0, dtype=dtype), log_sigma=torch.zeros(1, 0, dtype=dtype),
+                    weight_logit=torch.zeros(1, 0, dtype=dtype), v=torch.zeros(1, 0, d, dtype=dtype),
+                    mask=torch.zeros(1, 0, dtype=torch.bool))
+    joined = SplatSet.cat([s.to("cpu") if isinstance(s, SplatSet) else none for s in starts])
     return {**{f"edit_start.{k}": t for k, t in joined.params().items()}, "edit_start.mask": joined.mask,
-            "edit_start.capacity": torch.tensor([s.capacity for s in starts])}
+            "edit_start.capacity": torch.tensor([s.capacity if isinstance(s, SplatSet) else -1 for s in starts])}
 
 
 def _loaded_edit(records: dict | list | None, extra: dict[str, Tensor]) -> dict | list[dict] | None:
     """A loaded result's ``edit``: the records of ``config["edit"]`` (a dict for one prompt, a list for a
-    batch), each with its ``start_splats`` [1, N'_b] again where the file holds them (on the CPU, as edit gives them)."""
-    if records is None or "edit_start.mask" not in extra:
-        return records
+    batch; copies, not the config's own), each with its ``start_splats`` [1, N'_b] again where the file
+    holds them (on the CPU, as edit gives them)."""
+    if records is None:
+        return None
     rows = records if isinstance(records, list) else [records]
-    params = {k: extra[f"edit_start.{k}"].cpu() for k in ("mu", "log_sigma", "weight_logit", "v")}
-    mask, capacity = extra["edit_start.mask"].cpu().bool(), extra["edit_start.capacity"].tolist()
-    out = [{**r, "start_splats": SplatSet(mask=mask[b : b + 1, :n], **{k: t[b : b + 1, :n] for k, t in params.items()})}
+    if "edit_start.mask" in extra:
+        params = {k: extra[f"edit_start.{k}"].cpu() for k in ("mu", "log_sigma", "weight_logit", "v")}
+        mask, capacity = extra["edit_start.mask"].cpu().bool(), extra["edit_start.capacity"].tolist()
+    else:  # written before the start splats were saved
+        capacity = [-1] * len(rows)
+    out = [r if not isinstance(r, dict) else dict(r) if n < 0 else
+           {**r, "start_splats": SplatSet(mask=mask[b : b + 1, :n], **{k: t[b : b + 1, :n] for k, t in params.items()})}
            for b, (r, n) in enumerate(zip(rows, capacity))]
     return out if isinstance(records, list) else out[0]
 

@@ -237,6 +237,9 @@ def edit_trajectory_series(before, after, model=None) -> dict:
     """
     if getattr(after, "edit", None) is None:
         raise ValueError("`after` has no edit record: pass the FitResult that splatopt.edit returned")
+    if isinstance(after.edit, dict) and "start_splats" not in after.edit:
+        raise ValueError("`after`'s edit record has no start splats (a file saved before FitResult.save kept them): "
+                         "pass the FitResult that splatopt.edit returned, or a file saved by this version")
     if before.mask.shape[0] != 1:
         raise ValueError(f"`before` must be the one-prompt fit that was edited, not {before.mask.shape[0]} prompts")
     warm = after.edit["start_splats"].to("cpu")

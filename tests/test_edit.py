@@ -150,6 +150,36 @@ def test_a_saved_edit_result_keeps_its_edit_records_and_start_splats(tmp_path, f
         assert back.edit[b]["transported"] == many.edit[b]["transported"]
 
 
+def test_a_saved_edit_joined_with_a_plain_fit_keeps_the_edit_start_splats(tmp_path, model):
+    # FitResult.cat of an edit result and a fit that is no edit gives records [record, None]: the
+    # edit's start splats must survive save/load, not be dropped because the other prompt has none
+    plain = splatopt.fit([TEXT], model, n_splats=0.5, steps=2, device="cpu", progress=False)
+    edited = splatopt.edit(plain, TEXT.replace("list", "tuple"), steps=2, progress=False)
+    both = splatopt.FitResult.cat([edited, plain])
+    back = splatopt.FitResult.load(both.save(tmp_path / "both.safetensors"))
+    assert back.edit[1] is None and back.config["edit"][1] is None
+    assert torch.equal(back.edit[0]["start_splats"].mu, edited.edit["start_splats"].mu)
+    assert back.edit[0] is not back.config["edit"][0]  # the records are the result's own, not the config's
+    again = splatopt.FitResult.load(splatopt.FitResult.cat([plain, edited]).save(tmp_path / "again.safetensors"))
+    assert again.edit[0] is None and torch.equal(again.edit[1]["start_splats"].v, edited.edit["start_splats"].v)
+
+
+def test_an_edit_file_saved_without_start_splats_loads_its_records_and_refuses_to_plot_clearly(tmp_path, fitted):
+    # files written before the start splats were saved hold config["edit"] alone: the records load,
+    # and edit_trajectory_series says what is missing instead of raising KeyError('start_splats')
+    from fixedpos.cache import read_safetensors, write_safetensors
+    from splatopt.plot import edit_trajectory_series
+
+    one = splatopt.edit(fitted, TEXT.replace("list", "tuple"), steps=2, progress=False)
+    path = one.save(tmp_path / "edited.safetensors")
+    tensors, header = read_safetensors(path)
+    write_safetensors(path, {k: t for k, t in tensors.items() if not k.startswith("extra.edit_start.")}, header)
+    back = splatopt.FitResult.load(path)
+    assert back.edit == one.config["edit"] and back.edit is not back.config["edit"]
+    with pytest.raises(ValueError, match="no start splats"):
+        edit_trajectory_series(fitted, back)
+
+
 def test_bad_edit_requests_raise_clear_errors(model, fitted):
     two = splatopt.fit([TEXT, "Another text here."], model, n_splats=0.5, steps=1, device="cpu", progress=False)
     with pytest.raises(ValueError, match="one-prompt"):
