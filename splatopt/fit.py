@@ -257,12 +257,12 @@ class FitResult:
         if header.get("format") == BASIS_FORMAT:
             splats, meta = None, json.loads(header.get("meta", "{}"))
             extra = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
-            coefficients = tensors["coefficients"].to(device) if device else tensors["coefficients"]
+            coefficients = tensors["coefficients"].to(device) if device is not None else tensors["coefficients"]
         else:
             splats, extra = SplatSet.load(path, expect_model_hash=expect_model_hash)
             meta, coefficients = splats.meta, None
-            splats = splats.to(device) if device else splats
-        if device:  # where fit leaves them: the host-side counters, series and edit starts stay on the CPU
+            splats = splats.to(device) if device is not None else splats
+        if device is not None:  # where fit leaves them: the host-side counters, series and edit starts stay on the CPU
             extra = {k: t if k.startswith(HOST_SIDE) else t.to(device) for k, t in extra.items()}
         if "token_mask" not in extra:
             raise ValueError(f"{path} holds splats but no fit result (no token mask); load it with SplatSet.load")

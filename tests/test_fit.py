@@ -156,6 +156,20 @@ def test_a_float64_fit_loads_back_in_float64(tmp_path, basis):
     assert saved.dtype == torch.float64 and torch.equal(saved, result.coefficients if basis == "dct" else result.splats.v)
 
 
+@pytest.mark.parametrize("basis", ["splats", "dct"])
+def test_load_moves_to_a_device_given_as_an_index_too(tmp_path, basis):
+    # device=0 is cuda:0, as fit takes it: a falsy index must not leave the result silently on the CPU
+    field = torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(0))
+    path = fit(Targets(field), n_splats=3, steps=1, objective="mse", basis=basis, device="cpu", progress=False).save(tmp_path / "r")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):  # no accelerator: refused, as fit(device=0) refuses
+            FitResult.load(path, device=0)
+        return
+    back = FitResult.load(path, device=0)
+    assert back.field_error.device == torch.device("cuda", 0)
+    assert (back.coefficients if basis == "dct" else back.splats.mu).device == torch.device("cuda", 0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
