@@ -500,7 +500,8 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
             done[cell.key] = _append_row(results, _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device))
             bar.update()
         bar.close()
-        ordered = [done[c.key] for c in cells]
+        # the cells' own levels: results.jsonl writes an infinite level (optimizer.clip = inf) as null
+        ordered = [{**done[c.key], "levels": c.levels} for c in cells]
         write_summary(ordered, out)
     return ordered
 

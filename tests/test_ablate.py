@@ -280,6 +280,19 @@ def test_results_rows_are_strict_json_and_a_diverged_replicate_shows_in_the_mean
     assert entry["field_error_mean"] != entry["field_error_mean"], "a NaN replicate must not vanish from the mean"
 
 
+def test_an_infinite_level_keeps_its_label_though_results_jsonl_writes_it_as_null(tmp_path, corpus_file):
+    # optimizer.clip = inf (no clipping) is a valid level; strict JSON writes it as null, but the
+    # returned rows and summary.md must still name the configuration inf, not None, fresh and resumed
+    study_path = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\nmax_tokens = 16\n'
+                             '[base]\nn_splats = 0.25\nsteps = 1\nobjective = "mse"\nrecord_every = 0\n'
+                             '[factors]\noptimizer.clip = [1.0, inf]\n')
+    out = tmp_path / "out"
+    for _ in range(2):  # the run, then a resume that reads every row back from results.jsonl
+        rows = ablate.run(study_path, out, progress=False, device="cpu")
+        assert [row["levels"]["optimizer.clip"] for row in rows] == [1.0, float("inf")]
+        assert "| inf |" in (out / "summary.md").read_text() and "None" not in (out / "summary.md").read_text()
+
+
 def test_summary_files_take_rows_whose_factors_differ(tmp_path):
     rows = [{"levels": {"kernel": "erf"}, "cosine": 0.9}, {"levels": {"mode": "normalized"}, "cosine": 0.7}]
     ablate.write_summary(rows, tmp_path, metrics=("cosine",))
