@@ -328,8 +328,9 @@ def read_rows(path: str | Path) -> list[dict]:
     rows = _read_results(results)[0]
     study_file = results.parent / "study.toml"
     if study_file.is_file():
-        keys = {c.key for c in Study.load(study_file).cells()}
-        rows = [r for r in rows if r["cell"] in keys]
+        # the cells' own levels too: strict JSON writes an infinite level (optimizer.clip = inf) as null
+        levels = {c.key: c.levels for c in Study.load(study_file).cells()}
+        rows = [{**r, "levels": levels[r["cell"]]} for r in rows if r["cell"] in levels]
     return rows
 
 

@@ -280,7 +280,7 @@ def test_results_rows_are_strict_json_and_a_diverged_replicate_shows_in_the_mean
     assert entry["field_error_mean"] != entry["field_error_mean"], "a NaN replicate must not vanish from the mean"
 
 
-def test_an_infinite_level_keeps_its_label_though_results_jsonl_writes_it_as_null(tmp_path, corpus_file):
+def test_an_infinite_level_keeps_its_label_in_run_and_read_rows_though_results_jsonl_writes_null(tmp_path, corpus_file):
     # optimizer.clip = inf (no clipping) is a valid level; strict JSON writes it as null, but the
     # returned rows and summary.md must still name the configuration inf, not None, fresh and resumed
     study_path = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\nmax_tokens = 16\n'
@@ -291,6 +291,7 @@ def test_an_infinite_level_keeps_its_label_though_results_jsonl_writes_it_as_nul
         rows = ablate.run(study_path, out, progress=False, device="cpu")
         assert [row["levels"]["optimizer.clip"] for row in rows] == [1.0, float("inf")]
         assert "| inf |" in (out / "summary.md").read_text() and "None" not in (out / "summary.md").read_text()
+    assert sorted(row["levels"]["optimizer.clip"] for row in ablate.read_rows(out)) == [1.0, float("inf")]
 
 
 def test_summary_files_take_rows_whose_factors_differ(tmp_path):
