@@ -36,7 +36,7 @@ def main():
         fig.subplots_adjust(left=0.3, right=0.93)  # the headers and path names fit within the column
         y = np.arange(len(rows))[::-1]
         for yi, (label, path, res) in zip(y, rows):
-            if res is None:  # the run's header, left-aligned in its own row
+            if res is None:  # the run's header in its own row, ending at the axis like the path names
                 ax.text(0.0, yi - 0.1, label, transform=ax.get_yaxis_transform(), ha="right", va="center",
                         fontsize=6.5, fontweight="bold")
                 continue
