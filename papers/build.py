@@ -5,8 +5,8 @@
 Every ``{{name}}`` in the template is filled from ``report_values()``: numbers computed from the
 recorded results (figures/data/*.json, the shipped decoder heads' metadata) and settings read from
 the code's defaults, never typed by hand. ``{{section:KEY}}`` places one of ``PENDING_SECTIONS``:
-work whose results are not recorded yet. Such a section renders "not yet measured" until its data
-file exists, and then the section's renderer fills it from that file. The build fails if a
+a section generated whole from its results files (section 4 of the report). Such a section renders
+"not yet measured" while its data files are missing, and the section's renderer fills it from them. The build fails if a
 placeholder has no value, if a pending section is missing from the template, or if the text
 references a figure that does not exist.
 """
