@@ -366,6 +366,23 @@ def _resolve_counts(n_splats, lengths: Tensor) -> Tensor:
     return counts
 
 
+def _check_ids(ids, mask: Tensor, model) -> Tensor:
+    """``Targets.ids``, checked: an integer tensor of the mask's shape [B, L], token ids of ``model``'s
+    vocabulary at every valid position (the cross-entropy would otherwise fail deep in torch)."""
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        what = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"ids must be a [B, L] integer tensor of token ids, not {what}")
+    if ids.shape != mask.shape:
+        raise ValueError(f"ids has shape {tuple(ids.shape)} but the field is {tuple(mask.shape)} positions: give one token id per position")
+    vocab = getattr(model, "vocab_size", None)
+    valid = ids.to(mask.device)[mask]
+    if len(valid) and (int(valid.min()) < 0 or (vocab is not None and int(valid.max()) >= vocab)):
+        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+        raise ValueError(f"ids holds token id {bad}, outside {getattr(model, 'name', 'the model')}'s vocabulary 0.."
+                         f"{'V-1' if vocab is None else vocab - 1}: give the model's token ids")
+    return ids.long()
+
+
 def _prepare_targets(texts_or_fields, model, device, dtype):
     """(field [B, L, d], mask, ids or None, input texts or None, offsets or None, encode seconds)."""
     started = time.perf_counter()
@@ -379,7 +396,15 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
             raise ValueError(f"a target field must be [B, L, d]; got shape {tuple(t.field.shape)}")
         if not t.field.is_floating_point():
             raise TypeError(f"a target field must be floating point, not {t.field.dtype}")
+        if 0 in t.field.shape:
+            raise ValueError(f"the given field has shape {tuple(t.field.shape)}: it needs at least one prompt, position and "
+                             "feature (B, L, d >= 1)")
         field = t.field.to(device=device, dtype=dtype)
+        if t.mask is not None and not isinstance(t.mask, Tensor):
+            raise TypeError(f"mask must be a [B, L] bool tensor, not {type(t.mask).__name__}")
+        if t.mask is not None and t.mask.dtype != torch.bool and not ((t.mask == 0) | (t.mask == 1)).all():
+            # .bool() would read 0.5, 2 or NaN as a valid position
+            raise ValueError(f"mask is {t.mask.dtype} with values other than 0 and 1: give a bool tensor (True = a valid position)")
         mask = torch.ones(field.shape[:2], dtype=torch.bool, device=device) if t.mask is None else t.mask.to(device).bool()
         if mask.shape != field.shape[:2]:
             raise ValueError(f"mask has shape {tuple(mask.shape)} but the field is {tuple(field.shape[:2])} positions")
@@ -395,15 +420,48 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
             raise ValueError(f"the given field holds NaN or inf at prompt {b}, position {pos}: clean the field first")
         if model is not None and field.shape[-1] != model.dim:
             raise ValueError(f"the given field has width {field.shape[-1]} but {model.name} has d={model.dim}")
-        ids = None if t.ids is None else t.ids.to(device)
+        ids = None if t.ids is None else _check_ids(t.ids, mask, model).to(device)
         # where, not multiply: NaN in padding must not leak into the fit
         return torch.where(mask[..., None], field, torch.zeros_like(field)), mask, ids, None, None, time.perf_counter() - started
+    if hasattr(texts_or_fields, "__array__"):  # a NumPy array would be read as a list of texts
+        raise TypeError(f"a target field must be a torch.Tensor [B, L, d], not {type(texts_or_fields).__name__}: "
+                        "convert it with torch.as_tensor")
     texts = list(texts_or_fields)
     if model is None:
         raise ValueError("fitting texts needs a model")
     batch = model.tokenize(texts, device=device)
     field = model.encode(batch, dtype=dtype)
     return field, batch.mask, batch.ids, texts, batch.offsets, time.perf_counter() - started
+
+
+def check_options(**options) -> None:
+    """Check the values of ``fit``'s plain options that are given (by keyword, fit's names): types and
+    ranges, with a ValueError (TypeError for seed) naming the option and what it takes. ``fit`` calls
+    it first; an ablation study calls it on every configuration before its first cell."""
+    flags = ("varpro", "progress", "frozen_moves")
+    choices = {"kernel": KERNELS, "mode": MODES, "basis": BASES}
+    for name, value in options.items():
+        if name in choices and value not in choices[name]:
+            raise ValueError(f"{name}={value!r}: choose one of {tuple(choices[name])}")
+        elif name in ("steps", "record_every", "frozen_steps") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name}={value!r} must be an int >= 0")
+        elif name == "truncate" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                           or not 0 < value < math.inf):
+            raise ValueError(f"truncate={value!r} must be a finite number of sigmas > 0, or None")
+        elif name == "batch_size" and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"batch_size={value!r}: give the prompts per chunk as an int >= 1 (or None for about 16k tokens)")
+        elif name in flags and not isinstance(value, bool):
+            # a string "false" is truthy: it would silently turn the option on
+            raise ValueError(f"{name}={value!r}: give True or False")
+        elif name in ("fused_ce", "fused", "cuda_graphs") and value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: give True (insist), False (never) or None (where it pays off)")
+        elif name == "frozen_v_tolerance" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf):
+            raise ValueError(f"frozen_v_tolerance={value!r}: give a fraction >= 0 of each frozen embedding's norm")
+        elif name == "dtype" and value not in (torch.float32, torch.float64):
+            # the least-squares solves (grid init, solved embeddings) have no half-precision kernels
+            raise ValueError(f"dtype={value}: fit runs in torch.float32 (the default) or torch.float64")
+        elif name == "seed" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"seed={value!r}: give an int")
 
 
 def fit(
@@ -486,18 +544,10 @@ def fit(
     True = insist (ValueError saying why it cannot); False = launch every step. Either way the loop takes its learning rates from a device table, so the results
     are the same bits; the choice made is ``config["cuda_graphs"]``.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps={steps!r} must be an int >= 0")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    if record_every < 0:
-        raise ValueError(f"record_every={record_every} must be >= 0")
-    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, (int, float)) or not 0 < truncate < math.inf):
-        raise ValueError(f"truncate={truncate!r} must be a finite number of sigmas > 0, or None")
-    if basis not in BASES:
-        raise ValueError(f"basis={basis!r}: choose one of {BASES}")
+    check_options(steps=steps, kernel=kernel, mode=mode, record_every=record_every, truncate=truncate, basis=basis,
+                  varpro=varpro, progress=progress, frozen_steps=frozen_steps, frozen_moves=frozen_moves,
+                  frozen_v_tolerance=frozen_v_tolerance, fused_ce=fused_ce, fused=fused, cuda_graphs=cuda_graphs,
+                  batch_size=batch_size, dtype=dtype, seed=seed)
     strategy = resolve_density(density)
     if basis != "splats" and not isinstance(strategy, NoDensify):
         raise ValueError(f"density={density!r} needs basis='splats': a fixed basis has nothing to clone, split or move")
@@ -507,11 +557,6 @@ def fit(
     if basis in ("dct", "segments") and init != "grid":
         raise ValueError(f"basis={basis!r} takes no init: its coefficients start at the least-squares optimum")
     device = resolve_device(device)
-    if dtype not in (torch.float32, torch.float64):
-        # the least-squares solves (grid init, solved embeddings) have no half-precision kernels
-        raise ValueError(f"dtype={dtype}: fit runs in torch.float32 (the default) or torch.float64")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed={seed!r}: give an int")
     is_field = isinstance(texts_or_fields, (Tensor, Targets))
     if model is None and (not is_field or objective.needs_decoder or init == "learned"):
         import fixedpos
@@ -550,8 +595,6 @@ def fit(
         what = "varpro=True" if varpro else f"density={density!r}"
         raise ValueError(f"the optimizer's embeddings='solve' solves for the embeddings at a fixed count; it does not "
                          f"combine with {what}: use embeddings='adam'")
-    if not 0 <= frozen_v_tolerance < math.inf:
-        raise ValueError(f"frozen_v_tolerance={frozen_v_tolerance}: give a fraction >= 0 of each frozen embedding's norm")
     if solve and frozen_v_tolerance > 0:
         raise ValueError("frozen_v_tolerance bounds Adam's steps on frozen embeddings; embeddings='solve' holds them "
                          "exactly instead: use embeddings='adam' or frozen_v_tolerance=0")
@@ -566,10 +609,15 @@ def fit(
     lengths = mask.sum(-1)
     counts = terms_for_budget(basis, _resolve_counts(n_splats, lengths.cpu()), lengths.cpu(), field.shape[-1])
     B = field.shape[0]
+    if isinstance(initializer, WarmStart) and initializer.splats.batch_size != B:
+        raise ValueError(f"init=WarmStart holds splats of {initializer.splats.batch_size} prompts but {B} are fitted: "
+                         "give one start per prompt, in the prompts' order")
+    if frozen is not None and not (isinstance(frozen, Tensor) and frozen.dtype == torch.bool and frozen.dim() == 2
+                                   and frozen.shape[0] == B):
+        what = f"a {frozen.dtype} tensor of shape {tuple(frozen.shape)}" if isinstance(frozen, Tensor) else type(frozen).__name__
+        raise ValueError(f"frozen is {what}: give a [B, N] bool tensor, B = {B} prompts, True for each splat slot to hold")
     if batch_size is None:
         batch_size = max(1, 16384 // field.shape[1])
-    elif not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size={batch_size!r}: give the prompts per chunk as an int >= 1 (or None for about 16k tokens)")
     order = torch.argsort(lengths.cpu(), stable=True)
     if truncate is None and basis == "splats" and int(lengths.max()) > LONG_LENGTH:
         truncate = DEFAULT_TRUNCATE

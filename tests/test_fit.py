@@ -206,6 +206,41 @@ def test_bad_fields_raise_clear_errors(model):
         fit(Targets(torch.randn(1, 4, model.dim), torch.zeros(1, 4, dtype=torch.bool)), model, steps=1, device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("targets, message", [
+    (lambda d: Targets(torch.randn(2, 6, d), None, torch.zeros(2, 5, dtype=torch.long)), r"ids has shape \(2, 5\) but the field is \(2, 6\)"),
+    (lambda d: Targets(torch.randn(2, 6, d), None, torch.zeros(2, 6)), "ids must be a .B, L. integer tensor"),
+    (lambda d: Targets(torch.randn(2, 6, d), None, torch.full((2, 6), 10**6)), "token id 1000000, outside minilm-l6's vocabulary"),
+    (lambda d: Targets(torch.randn(2, 6, d), None, torch.full((2, 6), -5)), "token id -5, outside"),
+    (lambda d: Targets(torch.randn(2, 6, d), torch.full((2, 6), 0.5)), "values other than 0 and 1: give a bool tensor"),
+    (lambda d: Targets(torch.randn(2, 6, d), torch.full((2, 6), float("nan"))), "values other than 0 and 1"),
+    (lambda d: torch.randn(0, 6, d), r"shape \(0, 6, 384\): it needs at least one prompt"),
+    (lambda d: torch.randn(2, 6, d).numpy(), "not ndarray: convert it with torch.as_tensor"),
+])
+def test_bad_target_ids_masks_and_empty_fields_are_named_before_the_fit(model, targets, message):
+    """Wrong ids used to fail inside the cross-entropy (shape, dtype or index errors from torch), a
+    float mask of 0.5 or NaN was silently read as all valid, an empty batch failed in max()."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit(targets(model.dim), model, n_splats=2, steps=1, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(record_every="5"), "record_every='5' must be an int >= 0"),
+    (dict(record_every=2.5), "record_every=2.5 must be an int >= 0"),
+    (dict(varpro="no"), "varpro='no': give True or False"),
+    (dict(fused_ce="no"), "fused_ce='no': give True"),
+    (dict(frozen_steps=-2), "frozen_steps=-2 must be an int >= 0"),
+    (dict(frozen=torch.ones(1, 2)), "frozen is a torch.float32 tensor .* give a .B, N. bool tensor"),
+    (dict(frozen=torch.ones(3, 2, dtype=torch.bool)), r"shape \(3, 2\): give a \[B, N\] bool tensor, B = 1"),
+    (dict(init=splatopt.WarmStart(splatopt.SplatSet(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, 1, 384),
+                                                      torch.ones(2, 1, dtype=torch.bool)))), "WarmStart holds splats of 2 prompts but 1"),
+])
+def test_bad_fit_option_types_are_named_instead_of_failing_deep_or_silently(kwargs, message):
+    """These were a raw TypeError from a comparison or range(), a truthy string taken as True, a
+    negative frozen_steps ignored, a float frozen mask failing at ~, a WarmStart of the wrong batch an IndexError."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit(torch.randn(1, 6, 384), n_splats=1, steps=1, objective="mse", device="cpu", progress=False, **kwargs)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(model):
     with pytest.raises(ValueError, match="CUDA is not available"):
