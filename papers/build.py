@@ -298,6 +298,7 @@ def edit_values() -> dict[str, str]:
         "traj_transported": str(len(traj["transported"])), "traj_pruned": str(len(traj["pruned"])),
         "traj_spawned": str(len(traj["spawned"])), "traj_steps": str(traj["steps"]), "traj_refit_steps": str(traj["refit_steps"]),
         "traj_acc_before": pct(traj["accuracy_before"], 0), "traj_acc_after": pct(traj["accuracy_after"], 0),
+        "traj_acc_default": pct(traj["accuracy_default_edit"], 0), "traj_acc_cold": pct(traj["accuracy_cold"], 0),
         "traj_inserted": traj["edits"][0][2].strip(), "traj_command": traj["command"],
         "traj_deleted": traj["old_text"][traj["edits"][1][0] : traj["edits"][1][1]].strip(),
     }
@@ -1122,7 +1123,9 @@ def reproduce_values() -> dict[str, str]:
                 command = (f"splatopt bench --batch {c['batch']} --length {c['length']} --splats {c['splats']} --dim {c['dim']} "
                            f"--objective {c['objective']} --dtype {c['dtype']} --paths {' '.join(data['results'])} "
                            f"--out {relative(path.parent)}")
-        rows.append([f"`{relative(path)}`", f"`{command}`", data.get("device", "–")])
+        # a file of several runs (long_fit_memory.py: one per objective) keeps the device in each run
+        devices = {data["device"]} if "device" in data else {v["device"] for v in data.values() if isinstance(v, dict) and "device" in v}
+        rows.append([f"`{relative(path)}`", f"`{command}`", ", ".join(sorted(devices)) or "–"])
     from splatopt import ablate
 
     for path in ablation_paths():
@@ -1235,20 +1238,31 @@ def meta_init_section(paths: list[Path]) -> str:
             for corpus, c in curves.items() for init in ("grid", "learned", "momenta", "metric")]
     log = [json.loads(line) for line in (figure_io.DATA / "meta" / "metrics.jsonl").read_text().splitlines()]
     cfg = json.loads((figure_io.DATA / "meta" / "config.json").read_text())
+    # the metrics log keeps every log_every-th step; the initializer's own metadata has the count and time
+    from splatopt.learned import LearnedInitializer, shipped_path
+
+    shipped_meta = LearnedInitializer.load(shipped_path("minilm-l6", 2)).meta
+    claim(abs(shipped_meta["wall_s"] - log[-1]["elapsed_s"]) < 10, "the shipped initializer is the run whose metrics are recorded")
     bar = test[("grid", 300)]["token_accuracy"]
     at10 = test[("learned", 10)]["token_accuracy"]
     learned_steps = sorted(k for (init, k) in test if init == "learned")
     matched = [k for k in learned_steps if test[("learned", k)]["token_accuracy"] >= bar]
     below = max(k for k in learned_steps if k < min(matched))
     claim(at10 < bar, "learned init + 10 steps stays below the grid's 300-step accuracy")
-    # budgets added later ran on another GPU than the first ones: say which ran where
-    by_device: dict[str, set] = {}
-    for c in curves.values():
-        for (_, k), r in c.items():
-            by_device.setdefault(r["device_name"], set()).add(k)
-    first = test[("grid", 300)]["device_name"]
-    devices_note = "".join(f" (budgets {', '.join(map(str, sorted(ks)))} on one {d}, the rest on one {first})"
-                           for d, ks in sorted(by_device.items()) if d != first)
+    # budgets added later ran on another GPU than the first ones: say, per kind of row, which ran where
+    row_notes = []
+    for init in ("grid", "learned", "momenta", "metric"):
+        by_device: dict[str, set] = {}
+        for c in curves.values():
+            for (i, k), r in c.items():
+                if i == init:
+                    by_device.setdefault(r["device_name"], set()).add(k)
+        if not by_device:
+            continue
+        most = max(by_device, key=lambda d: (len(by_device[d]), d))
+        others = "".join(f"budgets {', '.join(map(str, sorted(ks)))} on one {d}, " for d, ks in sorted(by_device.items()) if d != most)
+        row_notes.append(f"{label[init]} rows: {others}{'the rest' if others else 'all'} on one {most}")
+    devices_note = f" ({'; '.join(row_notes)})"
     gain_test = at10 - test[("grid", 10)]["token_accuracy"]
     gain_ood = ood[("learned", 10)]["token_accuracy"] - ood[("grid", 10)]["token_accuracy"]
     claim(gain_test > 0 and gain_ood > 0, "the learned start beats the grid at 10 steps on both corpora")
@@ -1476,10 +1490,10 @@ def meta_init_section(paths: list[Path]) -> str:
         f"step count depends on the device: {distill['distill_l2']['distillation_steps']} and "
         f"{distill['distill_fisher_ce']['distillation_steps']} steps).")
     text = (
-        f"The shipped initializer was meta-trained for {log[-1]['step']} outer steps of {cfg['batch']} prompts "
+        f"The shipped initializer was meta-trained for {shipped_meta['outer_steps_done']} outer steps of {cfg['batch']} prompts "
         f"({cfg['corpus']}, N/L drawn from {sorted(set(cfg['fractions']))}), K = {cfg['inner_steps']} inner steps, "
         f"mode `{cfg['mode']}`, outer loss averaged over the steps (`loss_over = \"{cfg['loss_over']}\"`), in "
-        f"{log[-1]['elapsed_s']:.0f} s on one {test[('learned', 10)]['device_name']}; the learned inner learning-rate scales "
+        f"{shipped_meta['wall_s']:.0f} s on one {test[('learned', 10)]['device_name']}; the learned inner learning-rate scales "
         f"(position, width, weight, embedding) ended at {', '.join(f'{x:.2f}' for x in log[-1]['lr_scales'])}. "
         f"Token accuracy (%) at N = L/4 after each number of inner steps (a separate fit per budget), "
         f"{test[('grid', 0)]['prompts']} prompts per corpus{devices_note}. "
