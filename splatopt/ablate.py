@@ -56,6 +56,9 @@ RUNNER_ARGS = ("texts_or_fields", "seed", "device", "progress", "optimizer", "fr
 STUDY_KEYS = ("description", "corpus", "prompts", "max_tokens", "min_tokens", "prompt_sets", "seeds",
               "resample_prompts", "base", "factors")
 DEFAULT_METRICS = ("token_accuracy", "field_error", "cosine", "seconds", "floats_per_token")
+# fit options whose values splatopt.fit.check_options checks: a study checks them all before its first cell
+CHECKED_OPTIONS = ("steps", "kernel", "mode", "record_every", "truncate", "basis", "varpro", "frozen_moves",
+                   "frozen_v_tolerance", "fused_ce", "fused", "cuda_graphs", "batch_size", "dtype")
 
 
 def setting_names() -> list[str]:
@@ -73,6 +76,9 @@ def _flatten(table: dict, where: str) -> dict:
     for key, value in table.items():
         if key == "optimizer" and isinstance(value, dict):
             flat.update({f"optimizer.{k}": v for k, v in value.items()})
+        elif key == "optimizer":
+            raise ValueError(f"{where}: optimizer = {value!r}: set the inner optimizer's fields one by one, e.g. "
+                             "optimizer.lr_mu = 0.2 (the fields are InnerOptimizer's)")
         else:
             flat[key] = value
     for key in flat:
@@ -89,33 +95,38 @@ def _check_name(key: str, where: str) -> None:
 def _check_values(settings: dict) -> None:
     """Check the values fit resolves by name before it fits: ``init`` and ``density`` (a name, or a
     table such as ``{ name = "budget", relocate_fraction = 0.05 }`` whose fields must be the
-    strategy's), ``basis``, ``kernel``, ``mode``, ``objective`` and the ``optimizer.*`` fields.
+    strategy's), ``objective``, ``model`` and the ``optimizer.*`` fields; and fit's plain options
+    (``steps``, ``kernel``, ``mode``, ``basis``, ``dtype``, ``record_every``, ...) with fit's own checks.
     Raises what fit would raise, at parse time, so a study never fails in its middle on a typo."""
-    from .basis import BASES
     from .density import resolve_density
     from .init import resolve_initializer
+    from .fit import check_options
     from .objectives import Objective
-    from .render import KERNELS, MODES
 
-    for key, valid in (("kernel", KERNELS), ("mode", MODES)):
-        if key in settings and settings[key] not in valid:
-            raise ValueError(f"{key}={settings[key]!r}: choose one of {tuple(valid)}")
+    # fit's own checks of its plain options (types and ranges; a TOML dtype read as _fit_cell reads it)
+    check_options(**{k: (_dtype(v) if k == "dtype" else v) for k, v in settings.items() if k in CHECKED_OPTIONS})
     if "objective" in settings:
         Objective.parse(settings["objective"])
-    if "steps" in settings and (isinstance(settings["steps"], bool) or not isinstance(settings["steps"], int) or settings["steps"] < 0):
-        raise ValueError(f"steps={settings['steps']!r}: give an int >= 0")
     n = settings.get("n_splats", 1)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not (n >= 1 if isinstance(n, int) else 0 < n <= 1):
         raise ValueError(f"n_splats={n!r}: give a count >= 1 or a fraction of L in (0, 1]")
     if "layer" in settings and (isinstance(settings["layer"], bool) or not isinstance(settings["layer"], int) or settings["layer"] < 0):
         raise ValueError(f"layer={settings['layer']!r}: give an int >= 0 (0 = embeddings)")
     _optimizer(settings)
-    if "init" in settings and isinstance(settings["init"], (str, dict)) and settings["init"] != "learned":
+    if "init" in settings and settings["init"] != "learned":
         resolve_initializer(settings["init"])  # "learned" is chosen by the study's model, in fit
-    if "density" in settings and isinstance(settings["density"], (str, dict)):
+    if "density" in settings:
         resolve_density(settings["density"])
-    if "basis" in settings and settings["basis"] not in BASES:
-        raise ValueError(f"basis={settings['basis']!r}: choose one of {BASES}")
+    if "model" in settings and not isinstance(settings["model"], str):
+        raise ValueError(f"model={settings['model']!r}: give a model name (\"minilm-l6\") or a local encoder folder as a string")
+
+
+def _dtype(value) -> torch.dtype:
+    """A study's dtype setting (TOML names it: "float64") as the torch dtype fit takes."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype = {value!r} is not a torch dtype; write \"float32\" or \"float64\"")
+    return dtype
 
 
 def _check_corpus(corpus: str, source: str) -> None:
@@ -357,7 +368,7 @@ def _read_results(path: Path) -> tuple[list[dict], int]:
 def _parse_row(line: bytes, where: str) -> dict:
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # bytes that are not UTF-8 JSON (json guesses UTF-16 from some)
         row = None
     if not isinstance(row, dict) or "cell" not in row:
         raise ValueError(f"{where} is not a result row; the file is damaged: move it away or delete that line")
@@ -385,6 +396,9 @@ def _claim(out: Path, study: Study, force: bool) -> None:
             return
         results = out / "results.jsonl"
         has_results = results.exists() and results.stat().st_size > 0  # a study that failed before its first cell has none
+        if not force and has_results and previous is None:
+            raise ValueError(f"{path} is not valid TOML, so the study whose results {out} holds is unknown; restore it, "
+                             "use another --out, or pass --force (force=True) to run this study there")
         if not force and has_results:
             changed = sorted(k for k in set(study.spec) | set(previous or {}) if (previous or {}).get(k) != study.spec.get(k))
             raise ValueError(
@@ -414,10 +428,8 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
     from . import __version__
 
     kwargs = {k: v for k, v in cell.settings.items() if k not in ("layer", "model") and not k.startswith("optimizer.")}
-    if "dtype" in kwargs:  # TOML names a dtype: "float64"
-        kwargs["dtype"] = getattr(torch, str(kwargs["dtype"]), None)
-        if not isinstance(kwargs["dtype"], torch.dtype):
-            raise ValueError(f"dtype = {cell.settings['dtype']!r} is not a torch dtype; write \"float32\" or \"float64\"")
+    if "dtype" in kwargs:
+        kwargs["dtype"] = _dtype(kwargs["dtype"])
     try:
         # no optimizer.* setting: fit's own choice (the default, or a learned initializer's meta-trained one)
         optimizer = _optimizer(cell.settings) if any(k.startswith("optimizer.") for k in cell.settings) else None
@@ -462,6 +474,8 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
 
     study = study if isinstance(study, Study) else Study.load(study)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for results.jsonl and the summaries")
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".lock").open("w") as lock:
         try:
@@ -522,6 +536,9 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
     if missing:
         numeric = sorted(k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
         raise ValueError(f"metrics {missing} are in no row; the rows' numeric keys are {numeric}")
+    unlabelled = next((i for i, row in enumerate(rows) if not isinstance(row, dict) or "levels" not in row), None)
+    if unlabelled is not None:
+        raise ValueError(f"rows[{unlabelled}] has no 'levels' (factor -> level): give rows as run() or read_rows() return them")
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(json.dumps(row["levels"], sort_keys=True), []).append(row)

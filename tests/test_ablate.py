@@ -181,6 +181,47 @@ def test_bad_studies_are_refused_with_the_key_and_the_fix(text, message):
         ablate.Study.parse(text, source="bad.toml")
 
 
+@pytest.mark.parametrize("setting, message", [
+    ('dtype = "float17"', r"dtype = 'float17' is not a torch dtype"),
+    ('dtype = "float16"', r"dtype=torch.float16: fit runs in torch.float32"),
+    ('record_every = "5"', r"record_every='5' must be an int >= 0"),
+    ("batch_size = 0", r"batch_size=0"),
+    ("truncate = -1.0", r"truncate=-1.0"),
+    ('varpro = "yes"', r"varpro='yes': give True or False"),
+    ('fused_ce = "no"', r"fused_ce='no'"),
+    ("init = 3", r"init must be a name"),
+    ("density = 3", r"density must be a name"),
+    ("model = 3", r"model=3: give a model name"),
+    ("optimizer = 3", r"optimizer = 3: set the inner optimizer's fields one by one"),
+])
+def test_a_bad_value_in_any_level_is_refused_when_the_study_is_read_not_at_its_cell(setting, message):
+    """These passed Study.parse and failed at their cell's fit (dtype) or silently ran (varpro = "yes"
+    is truthy), after every earlier cell of the grid had been fitted."""
+    text = f'corpus = "stdlib:test"\nprompts = 4\n[factors.variant]\nplain = {{}}\nbad = {{ {setting} }}\n'
+    with pytest.raises((ValueError, TypeError), match=message):
+        ablate.Study.parse(text, source="bad.toml")
+
+
+def test_a_results_file_that_is_not_utf8_or_a_study_copy_that_is_not_toml_is_named(tmp_path, corpus_file):
+    """A results.jsonl row of non-UTF-8 bytes raised a bare UnicodeDecodeError; an unreadable study.toml
+    beside results was reported as a different study differing in every key."""
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'\xff\xfe{"cell": "a"}\n{"cell": "b"}\n')
+    with pytest.raises(ValueError, match=r"results.jsonl:1 is not a result row"):
+        ablate.read_rows(path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.toml").write_text("garbage [[[")
+    (out / "results.jsonl").write_text(json.dumps({"cell": "feedfacefeedface", "levels": {}}) + "\n")
+    study = write_study(tmp_path, STUDY.format(corpus=corpus_file))
+    with pytest.raises(ValueError, match=r"study.toml is not valid TOML, so the study whose results .* is unknown"):
+        ablate.run(study, out, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"--out .*study.toml is a file: give a folder"):
+        ablate.run(study, study, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"rows\[0\] has no 'levels'"):
+        ablate.summarize([{"cell": "x", "token_accuracy": 1.0}])
+
+
 def test_levels_may_set_init_and_density_as_tables():
     text = """
 corpus = "stdlib:validation"
