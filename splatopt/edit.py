@@ -48,23 +48,42 @@ from .splats import SplatSet
 
 
 def apply_char_edits(text: str, edits: list[tuple[int, int, str]]) -> str:
-    """Apply ``(start, end, replacement)`` edits, given in offsets of ``text``; spans must not overlap."""
-    spans = sorted(edits, key=lambda e: e[0])
-    for (s0, e0, _), (s1, _, _) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise ValueError(f"edits overlap: ({s0}, {e0}) and one starting at {s1}")
-    for start, end, new in reversed(spans):
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= len(text)):
-            raise ValueError(f"edit ({start}, {end}) lies outside the text's {len(text)} characters")
+    """Apply ``(start, end, replacement)`` edits, given in offsets of ``text`` (end exclusive), in any
+    order; spans must not overlap (insertions at one offset are applied in the order given)."""
+    if not isinstance(edits, (list, tuple)):
+        raise TypeError(f"edits={edits!r}: give a list of (start, end, replacement) edits in character offsets of the old text")
+    for k, e in enumerate(edits):
+        if not (isinstance(e, (list, tuple)) and len(e) == 3):
+            raise ValueError(f"edits[{k}]={e!r}: an edit is (start, end, replacement): character offsets of the old "
+                             "text (end exclusive) and the str that replaces them")
+        start, end, new = e
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+            raise TypeError(f"edits[{k}]={tuple(e)!r}: start and end must be int character offsets")
         if not isinstance(new, str):
-            raise TypeError(f"edit ({start}, {end}) has a replacement of type {type(new).__name__}, not str")
+            raise TypeError(f"edits[{k}]: edit ({start}, {end}) has a replacement of type {type(new).__name__}, not str")
+        if start > end:
+            raise ValueError(f"edits[{k}]: edit ({start}, {end}) has start > end: give (start, end) with start <= end "
+                             "(end exclusive; start == end inserts)")
+        if not 0 <= start <= end <= len(text):
+            raise ValueError(f"edits[{k}]: edit ({start}, {end}) lies outside the text's {len(text)} characters "
+                             f"(offsets 0..{len(text)})")
+    spans = sorted(edits, key=lambda e: (e[0], e[1]))
+    for (s0, e0, _), (s1, e1, _) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"edits overlap: ({s0}, {e0}) and ({s1}, {e1}); merge them into one edit")
+    for start, end, new in reversed(spans):
         text = text[:start] + new + text[end:]
     return text
 
 
 def _is_char_edit(item) -> bool:
     """Whether ``item`` is one ``(start, end, replacement)`` edit rather than a list of them."""
-    return isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[2], str)
+    return isinstance(item, (list, tuple)) and len(item) == 3 and not isinstance(item[0], (list, tuple))
+
+
+def _is_edit_list(item) -> bool:
+    """Whether ``item`` is one prompt's list of edits (its entries are sequences), not one edit."""
+    return isinstance(item, (list, tuple)) and all(isinstance(e, (list, tuple)) for e in item)
 
 
 def edit_script(old_ids: list[int], new_ids: list[int]) -> list[tuple[str, int, int, int, int]]:
@@ -204,7 +223,7 @@ def edit(
     if owned:
         raise ValueError(f"edit sets {owned} itself (the budget, the warm start and the frozen far splats); "
                          "use spawn_density, hold_budget, local, freeze_steps, far_moves and far_tolerance instead")
-    if spawn_density is not None and not spawn_density > 0:
+    if spawn_density is not None and not 0 < spawn_density < math.inf:
         raise ValueError(f"spawn_density={spawn_density}: give new splats per inserted token (> 0), or None for the old fit's")
     if not freeze_sigma >= 0:
         raise ValueError(f"freeze_sigma={freeze_sigma}: give a distance from the edit in splat widths (>= 0)")
@@ -222,7 +241,8 @@ def edit(
     if edits is not None and _is_char_edit(edits):
         raise ValueError(f"edits={edits!r} is one edit; give a list of them: [{tuple(edits)!r}]")
     # one prompt's edits are (start, end, text) triples, a batch's are lists of them (JSON gives lists for both)
-    batched = isinstance(new_text, (list, tuple)) or (edits is not None and len(edits) > 0 and not _is_char_edit(edits[0]))
+    batched = isinstance(new_text, (list, tuple)) or (edits is not None and isinstance(edits, (list, tuple)) and len(edits) > 0
+                                                      and _is_edit_list(edits[0]))
     B = result.mask.shape[0]
     if not batched and B != 1:
         raise ValueError(f"edit of one text takes a one-prompt result; this one has {B} prompts "
@@ -232,11 +252,20 @@ def edit(
         per_prompt = edits if batched else [edits]
         if len(per_prompt) != B:
             raise ValueError(f"edits has {len(per_prompt)} edit lists for {B} prompts: give one list per prompt")
-        new_texts = [apply_char_edits(t, e) for t, e in zip(old_texts, per_prompt)]
+        new_texts = []
+        for b, (t, e) in enumerate(zip(old_texts, per_prompt)):
+            try:
+                new_texts.append(apply_char_edits(t, e))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"prompt {b}'s {err}" if batched else str(err)) from None
     else:
         new_texts = list(new_text) if batched else [new_text]
         if len(new_texts) != B:
             raise ValueError(f"new_text has {len(new_texts)} texts for {B} prompts: give one new text per prompt")
+    for b, t in enumerate(new_texts):
+        if isinstance(t, str) and not t.strip():
+            raise ValueError(f"the edit leaves prompt {b}'s text empty{' (whitespace only)' if t else ''}: nothing to re-fit; "
+                             "keep some text (fit a new text from scratch with splatopt.fit)")
     if model is None:
         import fixedpos
 

@@ -12,6 +12,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -237,6 +238,14 @@ def edit_trajectory_series(before, after, model=None) -> dict:
     """
     if getattr(after, "edit", None) is None:
         raise ValueError("`after` has no edit record: pass the FitResult that splatopt.edit returned")
+    if isinstance(after.edit, list):  # a batched edit's records: one prompt's, as select([b]) leaves it
+        if len(after.edit) != 1:
+            raise ValueError(f"`after` holds {len(after.edit)} prompts' edit records: pass one edited prompt and the fit "
+                             "it came from, e.g. after.select([b]) and before.select([b])")
+        if after.edit[0] is None:
+            raise ValueError("`after`'s prompt has no edit record (a plain fit joined to an edit by FitResult.cat): "
+                             "pass a prompt that splatopt.edit returned")
+        after = replace(after, edit=after.edit[0])
     if isinstance(after.edit, dict) and "start_splats" not in after.edit:
         raise ValueError("`after`'s edit record has no start splats (a file saved before FitResult.save kept them): "
                          "pass the FitResult that splatopt.edit returned, or a file saved by this version")

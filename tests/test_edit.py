@@ -105,6 +105,45 @@ def test_char_edits_given_as_json_lists_are_one_prompts_edits_and_a_bare_edit_is
         splatopt.edit(fitted, edits=(start, start + 3, "fresh"), steps=0, progress=False)
 
 
+@pytest.mark.parametrize("edits, error, message", [
+    ([(10, 5, "x")], ValueError, r"edits\[0\]: edit \(10, 5\) has start > end"),
+    ([(1.0, 2, "x")], TypeError, r"start and end must be int character offsets"),
+    ([(True, 2, "x")], TypeError, r"start and end must be int character offsets"),
+    ([(1, 2, None)], TypeError, r"replacement of type NoneType, not str"),
+    ([(1, 2)], ValueError, r"edits\[0\]=\(1, 2\): an edit is \(start, end, replacement\)"),
+    ([(5, 9, "X"), (0, 6, "Y")], ValueError, r"edits overlap: \(0, 6\) and \(5, 9\)"),
+    ("abc", TypeError, r"edits='abc': give a list of \(start, end, replacement\) edits"),
+    ([(0, len(TEXT), "   ")], ValueError, r"the edit leaves prompt 0's text empty \(whitespace only\)"),
+])
+def test_malformed_char_edits_name_the_edit_and_the_fix(fitted, monkeypatch, edits, error, message):
+    """start > end and a float offset were reported as lying outside the text, True was read as 1, a
+    None replacement or a two-field edit raised "'int' object is not subscriptable", a string was
+    taken as three edit lists, and an edit leaving blank text failed in the tokenizer as 'texts[0]'."""
+    import importlib
+
+    edit_module = importlib.import_module("splatopt.edit")
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: pytest.fail("re-fitted a malformed edit"))
+    with pytest.raises(error, match=message):
+        splatopt.edit(fitted, edits=edits, steps=0, progress=False)
+
+
+def test_char_edits_apply_in_any_order_and_an_insertion_may_open_a_replaced_span():
+    assert apply_char_edits(TEXT, [(20, 21, "X"), (0, 1, "Y")]) == "Y" + TEXT[1:20] + "X" + TEXT[21:]
+    # an insertion at 5 and a replacement of 5..7 touch but do not overlap, whichever comes first
+    assert apply_char_edits(TEXT, [(5, 7, "Y"), (5, 5, "X")]) == TEXT[:5] + "XY" + TEXT[7:]
+    assert apply_char_edits(TEXT, [(5, 5, "A"), (5, 5, "B")]) == TEXT[:5] + "AB" + TEXT[5:]
+
+
+def test_a_bad_edit_of_one_prompt_in_a_batch_names_that_prompt(model, monkeypatch):
+    import importlib
+
+    two = splatopt.fit([TEXT, "Another text here."], model, n_splats=0.5, steps=0, device="cpu", progress=False)
+    edit_module = importlib.import_module("splatopt.edit")
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: pytest.fail("re-fitted a malformed edit"))
+    with pytest.raises(ValueError, match=r"prompt 1's edits\[0\]: edit \(3, 99\) lies outside the text's 18 characters"):
+        splatopt.edit(two, edits=[[(0, 6, "Give")], [(3, 99, "x")]], steps=0, progress=False)
+
+
 def test_edit_refuses_a_model_at_another_layer_and_a_fixed_basis_fit(model, fitted):
     import fixedpos
 
@@ -619,6 +658,7 @@ def test_spawned_splats_give_way_before_a_far_splat_is_pruned_for_the_budget():
     (dict(n_splats=4), r"edit sets \['n_splats'\] itself"),
     (dict(init="grid"), r"edit sets \['init'\] itself"),
     (dict(spawn_density=0.0), "spawn_density=0.0"),
+    (dict(spawn_density=math.inf), "spawn_density=inf"),
     (dict(freeze_sigma=-1.0), "freeze_sigma=-1.0"),
     (dict(varpro=True), "pass fresh_start=False and fresh_near=False"),
     (dict(density="budget"), "pass fresh_start=False and fresh_near=False"),

@@ -80,6 +80,22 @@ def test_edit_trajectory_series_from_a_real_edit_round_trips_through_json(model)
         edit_trajectory_series(before, before)
 
 
+def test_edit_trajectory_series_takes_one_prompt_of_a_batched_edit_and_names_select_for_more(model):
+    """A batched edit's records are a list: the series raised "list indices must be integers" even for
+    the one prompt select([b]) leaves."""
+    import splatopt
+    from splatopt.plot import edit_trajectory_series
+
+    texts = ["Return the sum of a and b.", "Another short prompt here."]
+    before = splatopt.fit(texts, model, n_splats=0.5, steps=2, device="cpu", progress=False)
+    after = splatopt.edit(before, ["Return the sum of a and c.", "Another short prompt there."], steps=1, progress=False,
+                          fresh_start=False, fresh_near=False)
+    series = edit_trajectory_series(before.select([1]), after.select([1]), model)
+    assert series["new_text"] == "Another short prompt there." and series["old_text"] == texts[1]
+    with pytest.raises(ValueError, match=r"`after` holds 2 prompts' edit records: .*after.select\(\[b\]\)"):
+        edit_trajectory_series(before.select([0]), after)
+
+
 def test_recovery_figure_has_one_point_per_prompt():
     sizes = [1, 1, 2, 3, 4, 5, 8, 12, 27]
     steps = [0, 20, None, 35, 60, None, 15, 40, None]
