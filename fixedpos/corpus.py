@@ -175,6 +175,17 @@ def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
     raise ValueError(f"unknown corpus {name!r}: use 'stdlib', 'stdlib-live', 'licenses', or a path to a .txt / .jsonl file")
 
 
+def check_corpus_spec(spec) -> None:
+    """ValueError unless ``spec`` names a corpus as :func:`load_corpus_spec` reads it: ``stdlib:SPLIT``
+    with a known split, ``licenses``, or a .txt / .jsonl path (read when used). Nothing is read."""
+    if isinstance(spec, str) and (spec.endswith((".txt", ".jsonl")) or Path(spec).is_file()):
+        return
+    name, _, split = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if name not in ("stdlib", "stdlib-live", "licenses") or (split and split not in SPLITS) or (name == "licenses" and split):
+        raise ValueError(f"{spec!r}: use " + ", ".join(f'"stdlib:{s}"' for s in SPLITS)
+                         + ' (or "stdlib-live:SPLIT", this interpreter\'s docstrings), "licenses", or a path to a .txt / .jsonl file')
+
+
 def load_corpus_spec(spec: str, default_split: str = "validation") -> list[str]:
     """Passages of a corpus named as the command lines name it: ``stdlib:SPLIT`` (``stdlib`` alone means
     ``default_split``), ``licenses``, or a ``.txt`` / ``.jsonl`` path."""

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from fixedpos.corpus import check_corpus_spec
+
 from .bench import device_label
 from .fit import fit
 from .optim import InnerOptimizer
@@ -127,19 +129,6 @@ def _dtype(value) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype = {value!r} is not a torch dtype; write \"float32\" or \"float64\"")
     return dtype
-
-
-def _check_corpus(corpus: str, source: str) -> None:
-    """``stdlib:SPLIT`` with a known split (stdlib:validation for selection studies, stdlib:test for
-    reported results), ``licenses``, or a .txt / .jsonl path (read when the study runs)."""
-    from fixedpos.corpus import SPLITS
-
-    if corpus.endswith((".txt", ".jsonl")) or Path(corpus).is_file():
-        return
-    name, _, split = corpus.partition(":")
-    if name not in ("stdlib", "stdlib-live", "licenses") or (split and split not in SPLITS) or (name == "licenses" and split):
-        raise ValueError(f"{source}: corpus = {corpus!r}: use " + ", ".join(f'"stdlib:{s}"' for s in SPLITS)
-                         + ' (or "stdlib-live:SPLIT", this interpreter\'s docstrings), "licenses", or a path to a .txt / .jsonl file')
 
 
 def _optimizer(settings: dict) -> InnerOptimizer:
@@ -235,7 +224,10 @@ class Study:
         )
         if study.min_tokens > study.max_tokens:
             raise ValueError(f"{source}: min_tokens = {study.min_tokens} exceeds max_tokens = {study.max_tokens}")
-        _check_corpus(study.corpus, source)
+        try:
+            check_corpus_spec(study.corpus)
+        except ValueError as err:
+            raise ValueError(f"{source}: corpus = {err}") from None
         for levels, settings in study.configurations().items():
             try:
                 _optimizer(settings)  # optimizer values are checked now, not after hours of fitting

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from fixedpos.cache import append_json_line, atomic_write_bytes, read_safetensors, write_safetensors
+from fixedpos.corpus import check_corpus_spec
 
 from .fisher import resolve_metric
 from .learned import Architecture, LearnedInitializer
@@ -166,6 +167,13 @@ class MetaConfig:
             InnerOptimizer(**self.inner_optimizer)
         except TypeError as err:
             raise ValueError(f"inner_optimizer={self.inner_optimizer!r}: {err}; its keys are InnerOptimizer's fields") from err
+        # the objective and the corpora too: train() reads them only after encoding the training prompts
+        Objective.parse(self.objective)
+        for name in ("corpus", "eval_corpus"):
+            try:
+                check_corpus_spec(getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"{name}={err}") from None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "MetaConfig":
@@ -349,7 +357,15 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
     tensors, header = read_safetensors(path, "meta-training checkpoint")
     if header.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a meta-training checkpoint (format {header.get('format')!r})")
-    saved = json.loads(header["config"])
+    try:
+        saved = json.loads(header["config"])
+        step, elapsed = int(header["step"]), float(header.get("elapsed_s", "0"))
+        groups, nonfinite = json.loads(header["param_groups"]), json.loads(header.get("nonfinite", "{}"))
+        if not isinstance(saved, dict) or "rng.data" not in tensors:
+            raise ValueError("no config object or data generator state")
+    except (KeyError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is a damaged meta-training checkpoint ({type(err).__name__}: {err}); move it away "
+                         "to start the run over, or use another --out") from None
     changed = sorted(k for k, v in cfg.to_dict().items()
                      if saved.get(k) != v and k not in ("outer_steps", "time_limit_s", "log_every", "checkpoint_every"))
     if changed:
@@ -361,10 +377,10 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
         if k.startswith("opt."):
             name, key = k.removeprefix("opt.").rsplit(".", 1)
             opt.state[params[name]][key] = t if key == "step" else t.to(device)
-    for group, saved_group in zip(opt.param_groups, json.loads(header["param_groups"])):
+    for group, saved_group in zip(opt.param_groups, groups):
         group.update(saved_group)
     generator.set_state(tensors["rng.data"])
-    return int(header["step"]), float(header.get("elapsed_s", "0")), json.loads(header.get("nonfinite", "{}"))
+    return step, elapsed, nonfinite
 
 
 # ---------------------------------------------------------------------------- the outer loop

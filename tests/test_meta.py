@@ -275,10 +275,27 @@ def test_config_errors_name_the_key(tmp_path):
     ({"learn_lr": "false"}, "learn_lr='false' must be a bool"), ({"width": 16.0}, "width=16.0 must be an int"),
     ({"heads": 0}, "heads=0 must be >= 1"), ({"min_tokens": 9, "max_tokens": 8}, "max_tokens=8 must be >= min_tokens=9"),
     ({"fractions": 0.5}, "fractions=0.5 must be a list"),
+    # read by train() only after the training prompts were encoded (minutes), now at once
+    ({"objective": "mse+cee"}, "cannot read term 'cee'"), ({"eval_corpus": "stdlib:valid"}, "eval_corpus='stdlib:valid': use .*stdlib:validation"),
+    ({"corpus": "stdlb:train"}, "corpus='stdlb:train': use"),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_named_before_any_work(override, message):
     with pytest.raises(ValueError, match=message):
         meta.MetaConfig.from_dict({**meta.MetaConfig().to_dict(), **override})
+
+
+@pytest.mark.parametrize("header", [{}, {"config": "{not json", "step": "2", "param_groups": "[]"}])
+def test_resuming_from_a_damaged_checkpoint_names_the_file_and_the_fix(tmp_path, model, bank, header):
+    """A checkpoint of the right format but without its config or with broken JSON raised a bare
+    KeyError or JSONDecodeError."""
+    from fixedpos.cache import write_safetensors
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_safetensors(out / "checkpoint.safetensors", {"rng.data": torch.Generator().get_state()},
+                      {"format": meta.CHECKPOINT_FORMAT, **header})
+    with pytest.raises(ValueError, match=r"checkpoint.safetensors is a damaged meta-training checkpoint .*move it away"):
+        meta.train(tiny_config(), out, resume=True, model=model, bank=bank, device="cpu", progress=False)
 
 
 def test_cli_set_overrides_one_field_of_a_table_and_reads_bare_strings():
