@@ -255,7 +255,15 @@ class FitResult:
         """Read a file written by :meth:`save` (refuses corrupt or mismatched files, see ``SplatSet.load``)."""
         tensors, header = read_safetensors(Path(path), "fit result file")
         if header.get("format") == BASIS_FORMAT:
-            splats, meta = None, json.loads(header.get("meta", "{}"))
+            try:
+                splats, meta = None, json.loads(header.get("meta", "{}"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"fit result file {path} has corrupt metadata ({err}): it is damaged") from None
+            if not isinstance(meta, dict) or "coefficients" not in tensors:
+                raise ValueError(f"fit result file {path} is a fixed-basis fit without its "
+                                 f"{'coefficients' if isinstance(meta, dict) else 'metadata object'}: it is damaged")
+            if not torch.isfinite(tensors["coefficients"]).all():
+                raise ValueError(f"fit result file {path}: tensor coefficients holds NaN or infinite values")
             extra = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
             coefficients = tensors["coefficients"].to(device) if device is not None else tensors["coefficients"]
         else:
@@ -270,6 +278,18 @@ class FitResult:
         if missing or not isinstance(meta.get("config", {}), dict):
             what = f"lacks the tensors {missing}" if missing else "has a config that is not a JSON object"
             raise ValueError(f"fit result file {path} {what}: it is damaged or was not written by FitResult.save")
+        # per-prompt tensors must agree with the splats (or coefficients): a mismatch fails much later, or never
+        B = (splats.mu if splats is not None else coefficients).shape[0]
+        mask = extra["token_mask"]
+        shapes = {"token_mask": (mask.shape, (B, mask.shape[-1]) if mask.dim() == 2 else (B, "L")),
+                  **{k: (extra[k].shape, (B,)) for k in ("field_error", "cosine", "token_accuracy") if k in extra},
+                  **{k: (extra[k].shape, tuple(mask.shape)) for k in ("ids",) if k in extra}}
+        wrong = [f"{k} {tuple(got)} (expected {tuple(want)})" for k, (got, want) in shapes.items() if tuple(got) != tuple(want)]
+        wrong += [f"{k} is {extra[k].dtype}" for k in ("field_error", "cosine", "token_accuracy") if k in extra
+                  and not extra[k].is_floating_point()]
+        if wrong:
+            raise ValueError(f"fit result file {path} holds {B} prompts but {', '.join(wrong)}: it is damaged or was not "
+                             "written by FitResult.save")
         series = lambda prefix: {k.removeprefix(prefix): v.cpu() for k, v in extra.items() if k.startswith(prefix)}  # noqa: E731
         return cls(
             splats=splats, ids=extra.get("ids"), mask=extra["token_mask"].bool(), texts=meta.get("decoded"),

@@ -506,3 +506,49 @@ def test_a_fit_file_with_missing_metrics_or_a_bad_config_is_refused_naming_it(tm
     write_safetensors(path, tensors, header)
     with pytest.raises(ValueError, match="run.safetensors .*damaged or was not written by FitResult.save"):
         FitResult.load(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("token_mask of another batch", r"holds 2 prompts but token_mask \(1, \d+\) \(expected \(2, \d+\)\)"),
+    ("field_error of another batch", r"holds 2 prompts but field_error \(1,\) \(expected \(2,\)\)"),
+    ("integer field_error", r"holds 2 prompts but field_error is torch.int32"),
+])
+def test_a_fit_file_whose_per_prompt_tensors_disagree_with_its_splats_is_refused(tmp_path, damage, message):
+    """Such a file loaded, and summary() or select() failed later (or reported the wrong prompts)."""
+    from fixedpos.cache import read_safetensors, write_safetensors
+
+    path = fit(torch.randn(2, 6, 384), n_splats=2, steps=1, objective="mse", device="cpu", progress=False).save(tmp_path / "run.safetensors")
+    tensors, header = read_safetensors(path)
+    if damage == "token_mask of another batch":
+        tensors["extra.token_mask"] = tensors["extra.token_mask"][:1].clone()
+    elif damage == "field_error of another batch":
+        tensors["extra.field_error"] = tensors["extra.field_error"][:1].clone()
+    else:
+        tensors["extra.field_error"] = tensors["extra.field_error"].to(torch.int32)
+    write_safetensors(path, tensors, header)
+    with pytest.raises(ValueError, match="run.safetensors " + message):
+        FitResult.load(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no coefficients", "fixed-basis fit without its coefficients"),
+    ("corrupt metadata", "has corrupt metadata"),
+    ("NaN coefficients", "coefficients holds NaN"),
+])
+def test_a_damaged_fixed_basis_fit_file_is_refused_naming_it(tmp_path, damage, message):
+    """A fixed-basis file without coefficients raised KeyError, one with broken metadata a bare
+    JSONDecodeError, and NaN coefficients loaded (splat files refuse all three)."""
+    from fixedpos.cache import read_safetensors, write_safetensors
+
+    path = fit(torch.randn(1, 8, 384), n_splats=2, steps=0, objective="mse", basis="dct", device="cpu",
+               progress=False).save(tmp_path / "dct.safetensors")
+    tensors, header = read_safetensors(path)
+    if damage == "no coefficients":
+        del tensors["coefficients"]
+    elif damage == "corrupt metadata":
+        header["meta"] = "{not json"
+    else:
+        tensors["coefficients"] = tensors["coefficients"] * float("nan")
+    write_safetensors(path, tensors, header)
+    with pytest.raises(ValueError, match="dct.safetensors.* " + message):
+        FitResult.load(path)
