@@ -40,6 +40,7 @@ target (>= 99 % pooled token accuracy in <= 60 s).
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 import time
@@ -166,6 +167,9 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     peak_tflops: its peak dense bf16 TFLOP/s for ``tensor_core_fraction`` (default: ``PEAK_BF16_FLOPS``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name, peak in (("peak_gbs", peak_gbs), ("peak_tflops", peak_tflops)):
+        if peak is not None and not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak > 0):
+            raise ValueError(f"{name}={peak!r}: the device's peak must be a finite number > 0 (or leave it out to look it up by the device name)")
     unknown = set(paths) - {"eager", "compile", "fused", "graph", "fused_ce", "chunked_ce"}
     if unknown:
         raise ValueError(f"bench paths {sorted(unknown)}: choose among eager, compile, fused, graph, fused_ce, chunked_ce")

@@ -21,7 +21,10 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's own message lists its device types but not the option
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def _or(value, default):
@@ -47,6 +50,9 @@ def _check_outputs(args) -> None:
         raise ValueError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'run.safetensors'}")
     if getattr(args, "plot", None):
         check_figure_path(args.plot)
+        if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records none
+            raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records none; "
+                             "give --record-every 5 (or leave it out)")
 
 
 def _json_object(text: str, option: str, accepted: str) -> dict:

@@ -102,6 +102,9 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
         raise ValueError(f"this {result.basis} fit recorded no splat trajectory (a fixed basis does not move its terms; "
                          "for splats, fit with record_every > 0)")
     steps = traj["step"].numpy()
+    if len(steps) < 2:
+        raise ValueError(f"this fit recorded its splats at {len(steps)} step(s) only, no trajectory to draw; "
+                         "fit with record_every > 0 (e.g. record_every=5)")
     mu = traj["mu"][:, prompt].numpy()
     sigma = traj["sigma"][:, prompt].numpy()
     weight = traj["weight"][:, prompt].numpy()
@@ -155,6 +158,11 @@ def _token_axis(ax, tokens: Sequence[str], L: int, right: bool = False) -> None:
 
 def field_figure(target: torch.Tensor, rendered: torch.Tensor, tokens: Sequence[str] | None = None, dims: int = 64, width: float = PAGE):
     """Target and rendered field of one prompt side by side as heatmaps ([L, d] each), and their difference."""
+    if target.dim() != 2 or rendered.shape != target.shape:
+        raise ValueError(f"field_figure: target {tuple(target.shape)} and rendered {tuple(rendered.shape)} must be one prompt's "
+                         "fields of the same shape [L, d]; pass e.g. result.target[b, result.mask[b]] and the same rows rendered")
+    if tokens is not None and len(tokens) != target.shape[0]:
+        raise ValueError(f"field_figure: {len(tokens)} tokens for a field of {target.shape[0]} positions")
     t = target.detach().float().cpu().numpy()[:, :dims]
     r = rendered.detach().float().cpu().numpy()[:, :dims]
     vmax = float(np.abs(t).max()) or 1.0
@@ -182,6 +190,10 @@ def mean_ci95(values) -> tuple[np.ndarray, np.ndarray]:
 
 def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_accuracy", "field_error"), width: float = COLUMN):
     """Metric vs inner step, mean over prompts with a 95 % confidence band, one line per named run."""
+    drawn = {m for hist in histories.values() for m in hist if m != "step"}
+    missing = [m for m in metrics if m not in drawn]
+    if missing:  # an empty panel would look like a run that recorded nothing
+        raise ValueError(f"curves_figure: no run recorded {missing}; the runs hold {sorted(drawn)}")
     with house_style():
         fig, axes = plt.subplots(len(metrics), 1, figsize=(width, 1.5 * len(metrics) + 0.3), sharex=True, squeeze=False)
         for ax, metric in zip(axes[:, 0], metrics):

@@ -34,6 +34,10 @@ def no_timing(monkeypatch):
     (["--dtype", "bogus"], "dtype='bogus': choose one of float32, float64, bfloat16, float16"),
     (["--dtype", "float16"], "dtype='float16': the step bench starts from the grid initializer"),
     (["--dtype", "bfloat16"], "dtype='bfloat16': the step bench starts from the grid initializer"),
+    (["--peak-gbs", "-1"], "peak_gbs=-1.0: the device's peak must be a finite number > 0"),
+    (["--peak-tflops", "0"], "peak_tflops=0.0: the device's peak must be a finite number > 0"),
+    (["--peak-gbs", "nan"], "peak_gbs=nan: the device's peak must be a finite number > 0"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
 ])
 def test_bench_refuses_bad_sizes_and_dtypes_before_timing(bad, message, tmp_path, no_timing, capsys):
     assert main(["bench", *TINY, "--paths", "eager", *bad, "--out", str(tmp_path)]) == 2

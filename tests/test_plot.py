@@ -118,3 +118,41 @@ def test_mean_ci95_and_curves_figure():
     hist = {"step": torch.tensor([0, 5]), "token_accuracy": torch.tensor(values)}
     fig = curves_figure({"a": hist, "b": hist}, metrics=("token_accuracy",))
     assert len(fig.axes[0].lines) == 2
+
+
+def test_curves_figure_refuses_a_metric_no_run_recorded():
+    """An unknown metric name drew an empty panel, as if the runs had recorded nothing."""
+    hist = {"step": torch.tensor([0, 5]), "token_accuracy": torch.ones(2, 3)}
+    with pytest.raises(ValueError, match=r"no run recorded \['token_acc'\]; the runs hold \['token_accuracy'\]"):
+        curves_figure({"a": hist}, metrics=("token_acc",))
+
+
+def test_field_figure_refuses_fields_of_other_shapes_or_token_counts():
+    from splatopt.plot import field_figure
+
+    target = torch.zeros(5, 8)
+    with pytest.raises(ValueError, match=r"target \(5, 8\) and rendered \(4, 8\) must be one prompt's fields"):
+        field_figure(target, torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"target \(1, 5, 8\)"):
+        field_figure(target[None], target[None])
+    with pytest.raises(ValueError, match="3 tokens for a field of 5 positions"):
+        field_figure(target, target, tokens=["a", "b", "c"])
+
+
+def test_trajectory_figure_of_a_fit_recorded_at_one_step_names_record_every(model):
+    """record_every=0 keeps the splats of one step: the plot had a singular x axis and one dot per splat."""
+    import splatopt
+    from splatopt.plot import trajectory_figure
+
+    result = splatopt.fit("Return the sum of a and b.", model, n_splats=0.5, steps=2, record_every=0, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"recorded its splats at 1 step\(s\) only.*record_every > 0"):
+        trajectory_figure(result)
+
+
+def test_cli_refuses_plot_with_record_every_0_before_fitting(monkeypatch, tmp_path, capsys):
+    import splatopt
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the plot"))
+    assert main(["fit", "Some text.", "--record-every", "0", "--plot", str(tmp_path / "t.png"), "--device", "cpu"]) == 2
+    assert "--record-every 0 records none" in capsys.readouterr().err
