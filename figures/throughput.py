@@ -3,8 +3,7 @@
 Data: figures/data/bench/step-*.json (``splatopt bench``: one inner step = render + loss + backward +
 Adam, paths timed in the same run). One horizontal bar per (configuration, path), grouped by
 configuration (objective, batch B; L = 64, N = 16, d = 384, fp32, on the device named); each bar is
-labelled with its milliseconds per step and its speed-up over eager (where eager ran: at B = 2048 the
-materialized logits of the decode-aware step would not be worth timing, so only the fused cross-entropy path ran).
+labelled with its milliseconds per step and its speed-up over eager, timed in the same run.
 """
 
 from __future__ import annotations
@@ -22,9 +21,17 @@ PATH_COLORS = {"eager": "0.6", "compile": "#0072B2", "fused": "#D55E00", "graph"
                "chunked_ce": "#009E73"}
 
 
+def short_device(name: str) -> str:
+    """'NVIDIA H200' -> 'H200': the GPU model without the vendor."""
+    return name.removeprefix("NVIDIA ").split(" ")[0]
+
+
 def main():
     runs = [json.loads(p.read_text()) for p in data_paths(DATA_FILES[0])]
     runs.sort(key=lambda r: (r["config"]["objective"], r["config"]["batch"], list(r["results"])))
+    devices = sorted({run["device"] for run in runs})
+    # with runs from several GPUs the title names the one most ran on and the runs made elsewhere
+    most = max(devices, key=lambda d: sum(run["device"] == d for run in runs))
     rows = []  # top to bottom: a header per run (its configuration), then one bar per path it timed
     for run in runs:
         c = run["config"]
@@ -52,8 +59,10 @@ def main():
         ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
         ax.tick_params(axis="y", length=0)
         ax.set_xlabel("prompt-steps / s (log scale; L = 64, N = 16)")
-        devices = sorted({run["device"] for run in runs})
-        ax.set_title(f"{', '.join(devices)}, d = {runs[0]['config']['dim']}; a group is one run:\n"
+        others = "; ".join(f"{OBJECTIVE_NAMES.get(r['config']['objective'], r['config']['objective'])}, B = {r['config']['batch']}: "
+                           f"{short_device(r['device'])}" for r in runs if r["device"] != most)
+        on = short_device(most) + (f" ({others})" if others else "")
+        ax.set_title(f"{on}, d = {runs[0]['config']['dim']}; a group is one run:\n"
                      "ms per step, speed-up over its eager", fontsize=6.5)
         ax.grid(axis="x", lw=0.3, alpha=0.4)
     return save(fig, "throughput")
