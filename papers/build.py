@@ -1429,6 +1429,14 @@ def meta_init_section(paths: list[Path]) -> str:
         + f": the best weighting at 10 steps ({best10}) gains {100 * (w10[best10] - w10['mse+ce']):.2f} points (at 20 steps "
         f"{best20} gains {100 * (w20[best20] - w20['mse+ce']):.2f}), and only a heavier field term moves the figure, "
         f"down: what the 10 steps miss is not a matter of the objective.")
+    warm = json.loads((figure_io.DATA / "ablations" / "learned_warmup_selection" / "selection.json").read_text())
+    claim(warm["pick"] == metric_pick["pick"], "no warm-up beats the picked metric update on validation")
+    warm_others = [v for m, v in warm["validation_mean"].items() if m != warm["pick"]]
+    momenta_text += (
+        f" A learning-rate warm-up, which keeps Adam's first steps small, does not help either "
+        f"(`learned_warmup_selection.toml`, 2 × 256 validation prompts): 2 or 3 warm-up steps, with the embedding rate "
+        f"as picked or raised, average {pct(min(warm_others), 2)} to {pct(max(warm_others), 2)} over 10 and 20 steps "
+        f"against {pct(warm['validation_mean'][warm['pick']], 2)} for the pick without one.")
     by_n_path = figure_io.DATA / "meta" / "by_splat_count.json"
     by_n = json.loads(by_n_path.read_text())
     runs_n = by_n["results"]

@@ -2,6 +2,7 @@
 
     python scripts/select_learned_momentum.py                                        # Adam momenta
     python scripts/select_learned_momentum.py --name learned_metric --budgets 10 20   # the Fisher metric
+    python scripts/select_learned_momentum.py --name learned_warmup --budgets 10 20   # a warm-up for it
 
 Reads the results of figures/studies/<name>_selection.toml (validation, N = L/4; learned_momentum:
 10 and 30 steps, learned_metric: 10 and 20), ranks the learned start's configurations by mean
@@ -25,7 +26,8 @@ from select_small_budget import toml_value
 from splatopt import ablate
 
 STEPS = {"learned_momentum": [0, 1, 2, 3, 5, 10, 20, 30, 40, 50, 60, 70, 80, 100, 300],
-         "learned_metric": [0, 1, 2, 3, 5, 10, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 40, 50, 60, 80, 100, 300]}
+         "learned_metric": [0, 1, 2, 3, 5, 10, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 40, 50, 60, 80, 100, 300],
+         "learned_warmup": [0, 1, 2, 3, 5, 10, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 40, 50, 60, 80, 100, 300]}
 TESTS = {  # stem suffix: (corpus, prompts), as the studies whose grid rows the picks pair with
     "test": ("stdlib:test", 512),
     "ood": ("licenses", 512),
@@ -57,7 +59,8 @@ def main() -> None:
     Path(results, "selection.json").write_text(json.dumps(
         {"criterion": f"mean token accuracy over {' and '.join(map(str, SHORT))} inner steps and 2 x 256 validation prompts, N = L/4",
          "validation_mean": short, "pick": pick}, indent=1))
-    what = "inner Adam momenta" if args.name == "learned_momentum" else "inner update in the decoder's Fisher metric"
+    what = {"learned_momentum": "inner Adam momenta", "learned_metric": "inner update in the decoder's Fisher metric",
+            "learned_warmup": "learning-rate warm-up of the inner update in the decoder's Fisher metric"}[args.name]
     for suffix, (corpus, prompts) in TESTS.items():
         stem = f"{args.name}_{suffix}"
         text = "\n".join([
