@@ -93,9 +93,29 @@ class SplatSet:
     def detach(self) -> "SplatSet":
         return replace(self, **{k: t.detach() for k, t in self.params().items()})
 
-    def to(self, device=None, dtype=None) -> "SplatSet":
+    def to(self, *args, device=None, dtype=None) -> "SplatSet":
+        """The splats on ``device`` and/or in floating ``dtype``, given as ``torch.Tensor.to`` takes them:
+        ``to("cuda")``, ``to(torch.float64)``, ``to("cuda", torch.float64)`` or by keyword. The mask
+        stays bool."""
+        for arg in args:
+            if isinstance(arg, torch.dtype) and dtype is None:
+                dtype = arg
+            elif isinstance(arg, (str, torch.device, int)) and not isinstance(arg, bool) and device is None:
+                device = arg
+            else:
+                given = ", ".join([*map(repr, args)] + [f"{k}={v!r}" for k, v in (("device", device), ("dtype", dtype)) if v is not None])
+                raise TypeError(f"SplatSet.to({given}): give a device (str, torch.device or index), a dtype, or one "
+                                "of each, positional or as device=/dtype=, each once")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"SplatSet.to(dtype={dtype!r}): splats' parameters are floating point; give a torch dtype "
+                            "such as torch.float32")
+        if isinstance(device, str):
+            try:
+                device = torch.device(device)
+            except RuntimeError:
+                raise ValueError(f"SplatSet.to: device={device!r} is not a device; give e.g. 'cpu' or 'cuda:0'") from None
         moved = {k: t.to(device=device, dtype=dtype) for k, t in self.params().items()}
-        return replace(self, mask=self.mask.to(device), **moved)
+        return replace(self, mask=self.mask.to(device=device), **moved)
 
     def select(self, index) -> "SplatSet":
         """Prompts ``index`` (int, slice or index tensor), keeping the batch dimension."""

@@ -73,6 +73,25 @@ def test_views_of_a_splatset():
     assert live.mu.requires_grad and not live.detach().mu.requires_grad
 
 
+def test_to_takes_a_device_or_dtype_positionally_like_tensor_to():
+    """SplatSet.to(torch.float16) passed the dtype as the device and raised a raw TypeError from
+    torch; a non-float dtype would have cast the parameters to integers."""
+    s = random_splats(B=2, N=3, d=4)
+    for moved in (s.to(torch.float64), s.to("cpu", torch.float64), s.to(torch.device("cpu"), dtype=torch.float64),
+                  s.to(device="cpu", dtype=torch.float64)):
+        assert moved.mu.dtype == moved.v.dtype == torch.float64 and moved.mask.dtype == torch.bool
+        torch.testing.assert_close(moved.v, s.v.double())
+    assert s.to("cpu").mu.dtype == torch.float32 and s.to("cpu").mask.device.type == "cpu"
+    for args, kwargs, message in [((torch.long,), {}, "dtype=torch.int64.*floating point"),
+                                  ((), {"dtype": "float16"}, "dtype='float16'.*torch dtype"),
+                                  ((torch.float16,), {"dtype": torch.float32}, "each once"),
+                                  ((1.5,), {}, r"SplatSet.to\(1.5\): give a device")]:
+        with pytest.raises(TypeError, match=message):
+            s.to(*args, **kwargs)
+    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+        s.to("gpu0")
+
+
 def test_sigma_is_clamped_to_its_bounds():
     log_sigma = torch.tensor([[-1e4, math.log(SIGMA_MIN) - 1, 0.0, math.log(3.0), math.log(SIGMA_MAX) + 1, 1e4]], dtype=torch.float64)
     s = SplatSet(torch.zeros(1, 6, dtype=torch.float64), log_sigma, torch.zeros(1, 6, dtype=torch.float64),
