@@ -536,7 +536,8 @@ def fit(
     generator. device: default cuda if available. record_every: history/trajectory period
     (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
-    steps (warm-started editing keeps splats far from an edit fixed while the edit settles).
+    steps (warm-started editing keeps splats far from an edit fixed while the edit settles); N is
+    the fit's slot count: the largest ``n_splats``, or the WarmStart's capacity if that is larger.
     frozen_moves: frozen splats still translate (their centres move; width, weight and embedding
     are held). frozen_v_tolerance: frozen splats' embeddings may change too, by at most this
     fraction of their starting norm (projected back after every step; 0 holds them; the inner loop
@@ -632,10 +633,13 @@ def fit(
     if isinstance(initializer, WarmStart) and initializer.splats.batch_size != B:
         raise ValueError(f"init=WarmStart holds splats of {initializer.splats.batch_size} prompts but {B} are fitted: "
                          "give one start per prompt, in the prompts' order")
-    if frozen is not None and not (isinstance(frozen, Tensor) and frozen.dtype == torch.bool and frozen.dim() == 2
-                                   and frozen.shape[0] == B):
+    # the slots every prompt's splats live in: its budget, or the warm start's capacity if larger
+    capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
+    if frozen is not None and not (isinstance(frozen, Tensor) and frozen.dtype == torch.bool and frozen.shape == (B, capacity)):
+        # a wider mask used to be cut to the slots in use, silently dropping what it held there
         what = f"a {frozen.dtype} tensor of shape {tuple(frozen.shape)}" if isinstance(frozen, Tensor) else type(frozen).__name__
-        raise ValueError(f"frozen is {what}: give a [B, N] bool tensor, B = {B} prompts, True for each splat slot to hold")
+        raise ValueError(f"frozen is {what}: give a [B, N] bool tensor, B = {B} prompts, N = {capacity} slots (the "
+                         "largest n_splats, or the warm start's capacity if larger), True for each splat slot to hold")
     if batch_size is None:
         batch_size = max(1, 16384 // field.shape[1])
     order = torch.argsort(lengths.cpu(), stable=True)
@@ -643,7 +647,6 @@ def fit(
         truncate = DEFAULT_TRUNCATE
     if varpro or solve:
         _check_varpro_memory(lengths.cpu()[order], counts[order], batch_size, field.element_size())
-    capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
     fused = _resolve_fused(fused, device, objective, kernel, mode, truncate, varpro or solve, basis, dtype, capacity)
     # a relative MSE alone, without clipping or density control (both need whole gradients between
     # backward and Adam): the fused step updates as it differentiates, no gradient ever stored
@@ -908,7 +911,7 @@ def _fit_chunk(
             traj["weight"].append(masked(s.weight))
 
     ctx = DensityContext(counts, lengths, kernel, mode, position_error, residual)
-    if frozen is not None:
+    if frozen is not None:  # fit's [B, N] mask, to this chunk's slots (slots past them exist for none of its prompts)
         frozen = torch.nn.functional.pad(frozen, (0, slot_mask.shape[1] - frozen.shape[1]))[:, : slot_mask.shape[1]]
     held = frozen if solve and frozen is not None and frozen_steps > 0 else None  # slots whose embeddings the solve keeps
     # the groups frozen slots keep (the offset lives on tokens, not slots: the solve holds frozen slots' embeddings instead)

@@ -241,6 +241,20 @@ def test_bad_fit_option_types_are_named_instead_of_failing_deep_or_silently(kwar
         fit(torch.randn(1, 6, 384), n_splats=1, steps=1, objective="mse", device="cpu", progress=False, **kwargs)
 
 
+def test_a_frozen_mask_of_another_slot_count_than_the_fit_is_refused():
+    """A frozen mask wider than the fit's slots was silently cut to them (its extra columns dropped),
+    a narrower one padded; both now name the expected [B, N]. The exact shape still fits."""
+    field = torch.randn(2, 6, 8)
+    common = dict(n_splats=[2, 3], steps=1, objective="mse", device="cpu", progress=False, frozen_steps=1)
+    for n in (2, 5):
+        with pytest.raises(ValueError, match=rf"shape \(2, {n}\): give a \[B, N\] bool tensor, B = 2 prompts, N = 3 slots"):
+            fit(field, frozen=torch.ones(2, n, dtype=torch.bool), **common)
+    frozen = torch.tensor([[True, False, False], [False, False, True]])
+    start = fit(field, **{**common, "steps": 0})
+    held = fit(field, frozen=frozen, init=splatopt.WarmStart(start.splats), **common)
+    torch.testing.assert_close(held.splats.mu[frozen & start.splats.mask], start.splats.mu[frozen & start.splats.mask])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(model):
     with pytest.raises(ValueError, match="CUDA is not available"):

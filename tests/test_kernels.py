@@ -259,9 +259,9 @@ def test_fit_with_the_fused_loss_follows_the_pytorch_fit(model, short_prompts, o
 
 
 def test_fit_fused_keeps_frozen_slots_and_density_control(model, short_prompts):
-    frozen = torch.zeros(2, 10, dtype=torch.bool)
-    frozen[:, :2] = True
     start = _fit(short_prompts[:2], model, False, steps=0)
+    frozen = torch.zeros_like(start.splats.mask)  # [B, N]: the fit's slots
+    frozen[:, :2] = True
     held = _fit(short_prompts[:2], model, True, steps=6, frozen=frozen, frozen_steps=6)
     torch.testing.assert_close(held.splats.mu[:, :2], start.splats.mu[:, :2])  # the frozen slots never moved
     assert not torch.equal(held.splats.mu[:, 2:], start.splats.mu[:, 2:])
@@ -592,9 +592,9 @@ def test_fused_fit_with_frozen_splats_that_may_move(model, short_prompts):
     """frozen_moves needs held parameter groups, which the fused step does not have: with frozen
     slots the fit steps in PyTorch (the frozen centres move, the embeddings stay), and with none
     frozen_moves changes nothing and the fused step runs."""
-    frozen = torch.zeros(2, 10, dtype=torch.bool)
-    frozen[:, :2] = True
     start = _fit(short_prompts[:2], model, False, steps=0)
+    frozen = torch.zeros_like(start.splats.mask)  # [B, N]: the fit's slots
+    frozen[:, :2] = True
     moved = _fit(short_prompts[:2], model, None, steps=4, frozen=frozen, frozen_steps=4, frozen_moves=True)
     held = frozen[:, : start.splats.capacity] & start.splats.mask
     assert not torch.equal(moved.splats.mu[held], start.splats.mu[held])
