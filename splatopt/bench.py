@@ -53,7 +53,7 @@ import torch
 from fixedpos.cache import atomic_write_bytes, strict_json
 
 from .graphs import AdamLoop
-from .init import GridInit, TokenInit
+from .init import GridInit, TokenInit, resolve_initializer
 from .objectives import Objective, objective_terms
 from .optim import InnerOptimizer, adam_init, adam_step
 from .render import render
@@ -433,6 +433,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_e2e_sizes(cfg: E2EBenchConfig) -> None:
+    """Refuse sizes no fit of the e2e bench can take, before the prompts are sampled and encoded (seconds
+    to minutes): each with fit's own rule (``check_options``, ``_resolve_counts``, ``Objective.parse``)."""
+    from fixedpos.corpus import check_corpus_spec
+
+    from .fit import _resolve_counts, check_options
+
+    if isinstance(cfg.prompts, bool) or not isinstance(cfg.prompts, int) or cfg.prompts < 1 or not cfg.steps:
+        raise ValueError(f"e2e bench: prompts={cfg.prompts!r} must be an int >= 1 and steps={cfg.steps} non-empty")
+    if isinstance(cfg.max_tokens, bool) or not isinstance(cfg.max_tokens, int) or cfg.max_tokens < 8:
+        raise ValueError(f"e2e bench: max_tokens={cfg.max_tokens!r} (--length) must be an int >= 8: prompts are cut from "
+                         "passages of at least 8 tokens")
+    for name, value in [("steps", k) for k in cfg.steps] + [("warmup_steps", cfg.warmup_steps)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"e2e bench: {name}={value!r} must be an int >= 0")
+    check_options(batch_size=cfg.batch_size, seed=cfg.seed)  # fit's names and rules
+    try:
+        _resolve_counts(cfg.splats_fraction, torch.tensor([cfg.max_tokens]))  # fit's n_splats rule
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"e2e bench: splats_fraction (--splats-fraction) is fit's n_splats; {err}") from None
+    Objective.parse(cfg.objective)
+    check_corpus_spec(cfg.corpus)
+
+
 def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None, model=None,
                   fused: bool | None = None, cuda_graphs: bool | None = None) -> dict:
     """Fit ``cfg.prompts`` real prompts end to end for each step budget; a JSON-able dict.
@@ -453,9 +477,9 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
     from .fit import Targets, fit
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.prompts < 1 or not cfg.steps or min(cfg.steps) < 0:
-        raise ValueError(f"e2e bench: prompts={cfg.prompts} must be >= 1 and steps={cfg.steps} non-empty, each >= 0")
+    _check_e2e_sizes(cfg)
     model = model if model is not None else fixedpos.load()
+    resolve_initializer(cfg.init, model)  # a bad init (or no learned one for this model) before sampling, not after
     started = time.perf_counter()
     distinct = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus), cfg.prompts,
                                        max_tokens=cfg.max_tokens, seed=cfg.seed)

@@ -57,6 +57,42 @@ def test_long_bench_refuses_bad_sizes_and_dtypes_before_timing(bad, message, tmp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--splats-fraction", "2"], "splats_fraction (--splats-fraction) is fit's n_splats; n_splats=2.0: a fraction"),
+    (["--splats-fraction", "0"], "splats_fraction (--splats-fraction) is fit's n_splats; n_splats=0.0"),
+    (["--length", "4"], "max_tokens=4 (--length) must be an int >= 8"),
+    (["--steps", "10", "-1"], "steps=-1 must be an int >= 0"),
+    (["--warmup", "-1"], "warmup_steps=-1 must be an int >= 0"),
+    (["--batch-size", "0"], "batch_size=0: give the prompts per chunk"),
+    (["--prompts", "0"], "prompts=0 must be an int >= 1"),
+    (["--objective", "bogus"], "bogus"),
+    (["--corpus", "stdlib:bogus"], "bogus"),
+])
+def test_e2e_bench_refuses_bad_sizes_before_sampling_prompts(bad, message, tmp_path, monkeypatch, capsys):
+    """--splats-fraction 2 (and the others) used to be refused by fit, only after the prompts were
+    sampled and encoded (about 4 s at the defaults, minutes at 10k prompts on a CPU)."""
+    import fixedpos
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded the model or sampled prompts before the input was checked")
+
+    monkeypatch.setattr(fixedpos, "load", refuse)
+    monkeypatch.setattr(fixedpos, "sample_prompts", refuse)
+    assert main(["bench", "--e2e", "--device", "cpu", *bad, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splatopt: error: ") and message in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_e2e_bench_refuses_a_bad_init_before_sampling_prompts(model, monkeypatch):
+    """--init bogus was refused by fit, only after the prompts were sampled and encoded."""
+    import fixedpos
+
+    monkeypatch.setattr(fixedpos, "sample_prompts", lambda *a, **k: pytest.fail("sampled before checking init"))
+    with pytest.raises(ValueError, match="init='bogus': choose one of"):
+        bench.run_e2e_bench(bench.E2EBenchConfig(prompts=2, init="bogus"), "cpu", model=model)
+
+
 @pytest.mark.parametrize("sub", [[], ["x"]])
 def test_bench_refuses_a_file_as_out_folder_before_timing(sub, tmp_path, no_timing, capsys):
     taken = tmp_path / "results"
