@@ -57,6 +57,7 @@ from .optim import InnerOptimizer
 RUNNER_ARGS = ("texts_or_fields", "seed", "device", "progress", "optimizer", "frozen", "frozen_steps")
 STUDY_KEYS = ("description", "corpus", "prompts", "max_tokens", "min_tokens", "prompt_sets", "seeds",
               "resample_prompts", "base", "factors")
+ROW_START = b'{"cell": '  # how every results.jsonl row begins (_fit_cell puts the key first, json.dumps' separators)
 DEFAULT_METRICS = ("token_accuracy", "field_error", "cosine", "seconds", "floats_per_token")
 # fit options whose values splatopt.fit.check_options checks: a study checks them all before its first cell
 CHECKED_OPTIONS = ("steps", "kernel", "mode", "record_every", "truncate", "basis", "varpro", "frozen_moves",
@@ -338,7 +339,8 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def _read_results(path: Path) -> tuple[list[dict], int]:
-    """(rows, bytes of the file that hold whole rows). Only the last line may be cut short (a killed write)."""
+    """(rows, bytes of the file that hold whole rows). Only the last line may be cut short (a killed write),
+    and only a line that begins as a row does (``ROW_START``) is taken for one; other text is refused."""
     if not path.exists():
         return [], 0
     data = path.read_bytes()
@@ -353,8 +355,23 @@ def _read_results(path: Path) -> tuple[list[dict], int]:
         rows.append(_parse_row(tail, f"{path}: last line"))
         return rows, len(data)  # a whole row whose newline was not written: kept, run() adds the newline
     except ValueError:
-        warnings.warn(f"{path}: dropping a truncated last line ({len(tail)} bytes); its cell runs again")
-        return rows, len(body) + len(newline)
+        # only a write cut short is dropped: the start of a row as _append_row writes it. Anything else
+        # (other text, or a whole JSON value that is not a row) says the file is not this study's results,
+        # and truncating it would destroy someone else's data
+        if not _is_json(tail) and (tail.startswith(ROW_START) or ROW_START.startswith(tail)):
+            warnings.warn(f"{path}: dropping a truncated last line ({len(tail)} bytes); its cell runs again")
+            return rows, len(body) + len(newline)
+        raise ValueError(f"{path}: its last line is neither a result row nor the start of one (a row cut short by a "
+                         f"killed write begins {ROW_START.decode()}); it is not an ablation's results file, or it is "
+                         "damaged: use another --out, or move the file away") from None
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _parse_row(line: bytes, where: str) -> dict:
@@ -434,6 +451,7 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
         metrics.setdefault("floats_per_token", float(torch.as_tensor(floats, dtype=torch.float64).mean()))
     run_device = torch.device(result.config.get("device", "cpu"))
     return {
+        # "cell" first: every row begins ROW_START (how a resume tells a row cut short from other text)
         "cell": cell.key, "levels": cell.levels, "seed": cell.seed, "prompt_set": cell.prompt_set,
         **metrics, "encode_seconds": round(result.encode_seconds, 3),
         "settings": cell.settings, "config": result.config, "corpus": study.corpus, "prompt_seed": cell.prompt_seed,

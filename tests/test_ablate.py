@@ -279,6 +279,28 @@ def test_a_damaged_row_before_the_last_is_an_error(tmp_path):
     assert [r["cell"] for r in ablate.read_rows(tmp_path)] == ["a", "b"]
 
 
+@pytest.mark.parametrize("text", ["garbage with no newline", '{"name": "someone else\'s file"}', "[1, 2", '{"cel}'])
+def test_a_last_line_that_is_not_the_start_of_a_row_is_refused_not_truncated(tmp_path, text):
+    """A results.jsonl whose unterminated last line was not a row cut short (plain text, a whole JSON
+    value of another kind) was taken for a killed write and truncated away on resume: someone else's
+    file destroyed. Now it is refused, naming the file, and left as it was."""
+    study_path = write_study(tmp_path, 'corpus = "stdlib:test"\nprompts = 2\n[base]\nsteps = 0\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.toml").write_bytes(study_path.read_bytes())  # the same study: a resume
+    results = out / "results.jsonl"
+    for before in ("", '{"cell": "a"}\n'):
+        results.write_text(before + text)
+        with pytest.raises(ValueError, match=r"results.jsonl: its last line is neither a result row nor the start of one"):
+            ablate.run(study_path, out, progress=False, device="cpu")
+        assert results.read_text() == before + text
+    for cut in ('{"cell": "0123", "lev', '{"ce'):  # a killed write: dropped with a warning, as before
+        (tmp_path / "cut").mkdir(exist_ok=True)  # no study.toml beside it: all rows are read
+        (tmp_path / "cut" / "results.jsonl").write_text('{"cell": "a"}\n' + cut)
+        with pytest.warns(UserWarning, match="dropping a truncated last line"):
+            assert [r["cell"] for r in ablate.read_rows(tmp_path / "cut")] == ["a"]
+
+
 def test_prompt_sets_are_disjoint_and_a_short_corpus_is_refused(model, corpus_file):
     study = ablate.Study.parse(f'corpus = "{corpus_file}"\nprompts = 5\nprompt_sets = 3\nmax_tokens = 16\n')
     sets = ablate._prompt_sets(study, model, 0)
