@@ -34,16 +34,22 @@ def picked_optimizer() -> tuple[str, InnerOptimizer]:
     return name, InnerOptimizer(**method["optimizer"])
 
 
+def validation_setup(n_prompts: int, device: str):
+    """What the issue-5 probes share: (model, n_prompts stdlib:validation prompts (seed 0, L <= 64; never
+    the test split), the picked update's name and InnerOptimizer, the shipped initializer on ``device``)."""
+    model = fixedpos.load()
+    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec("stdlib:validation"), n_prompts, max_tokens=64, seed=0)
+    name, optimizer = picked_optimizer()
+    return model, prompts, name, optimizer, load_learned(model).to(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="figures/data/meta/by_splat_count.json")
     args = parser.parse_args()
-    model = fixedpos.load()
-    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec("stdlib:validation"), args.prompts, max_tokens=64, seed=0)
-    name, optimizer = picked_optimizer()
-    learned = load_learned(model).to(args.device)
+    model, prompts, name, optimizer, learned = validation_setup(args.prompts, args.device)
     runs = {f"learned, {name}, {k} steps": dict(init=learned, optimizer=optimizer, steps=k) for k in (10, 20, 25)}
     runs["grid, default Adam, 300 steps"] = dict(init="grid", optimizer=None, steps=300)
     out = {}

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-import fixedpos
 import splatopt
 from splatopt.bench import device_label
-from splatopt.learned import LearnedInitializer, load_learned
+from splatopt.learned import LearnedInitializer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_by_splat_count import picked_optimizer  # noqa: E402
+from eval_by_splat_count import validation_setup  # noqa: E402
 
 BUDGETS = [0, 10, 20]
 
@@ -38,10 +37,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    model = fixedpos.load()
-    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec("stdlib:validation"), args.prompts, max_tokens=64, seed=0)
-    name, picked = picked_optimizer()
-    shipped = load_learned(model).to(args.device)
+    model, prompts, name, picked, shipped = validation_setup(args.prompts, args.device)
     candidate = LearnedInitializer.load(args.initializer, device=args.device).eval().requires_grad_(False)
     scale_v = float(candidate.log_lr_scale.exp()[3])
     own = candidate.inner_optimizer(replace(picked, lr_mu=0.1, lr_log_sigma=0.05, lr_weight=0.05, lr_v=picked.lr_v / scale_v))

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-import fixedpos
 import splatopt
 from splatopt.bench import device_label
-from splatopt.learned import load_learned
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_by_splat_count import picked_optimizer  # noqa: E402
+from eval_by_splat_count import validation_setup  # noqa: E402
 
 OBJECTIVES = ["mse+ce", "mse+3*ce", "mse+10*ce", "ce", "0.3*mse+ce", "3*mse+ce"]
 BUDGETS = [10, 20]
@@ -37,10 +35,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="figures/data/meta/objective_weights.json")
     args = parser.parse_args()
-    model = fixedpos.load()
-    prompts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec("stdlib:validation"), args.prompts, max_tokens=64, seed=0)
-    name, optimizer = picked_optimizer()
-    learned = load_learned(model).to(args.device)
+    model, prompts, name, optimizer, learned = validation_setup(args.prompts, args.device)
     results = {}
     for objective in OBJECTIVES:
         for steps in BUDGETS:
