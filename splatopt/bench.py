@@ -41,6 +41,7 @@ target (>= 99 % pooled token accuracy in <= 60 s).
 from __future__ import annotations
 
 import math
+import numbers
 import platform
 import re
 import time
@@ -435,10 +436,10 @@ def _sync(device: torch.device) -> None:
 
 def _check_e2e_sizes(cfg: E2EBenchConfig) -> None:
     """Refuse sizes no fit of the e2e bench can take, before the prompts are sampled and encoded (seconds
-    to minutes): each with fit's own rule (``check_options``, ``_resolve_counts``, ``Objective.parse``)."""
+    to minutes): fit's rules where fit has one (``check_options``, ``Objective.parse``)."""
     from fixedpos.corpus import check_corpus_spec
 
-    from .fit import _resolve_counts, check_options
+    from .fit import check_options
 
     if isinstance(cfg.prompts, bool) or not isinstance(cfg.prompts, int) or cfg.prompts < 1 or not cfg.steps:
         raise ValueError(f"e2e bench: prompts={cfg.prompts!r} must be an int >= 1 and steps={cfg.steps} non-empty")
@@ -449,10 +450,15 @@ def _check_e2e_sizes(cfg: E2EBenchConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"e2e bench: {name}={value!r} must be an int >= 0")
     check_options(batch_size=cfg.batch_size, seed=cfg.seed)  # fit's names and rules
-    try:
-        _resolve_counts(cfg.splats_fraction, torch.tensor([cfg.max_tokens]))  # fit's n_splats rule
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"e2e bench: splats_fraction (--splats-fraction) is fit's n_splats; {err}") from None
+    # The bench takes a fraction only (fit's n_splats also takes counts, which this message must not offer).
+    fraction = cfg.splats_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+        raise ValueError(f"e2e bench: splats_fraction={fraction!r} (--splats-fraction) is the number of splats as a "
+                         "fraction of each prompt's length and must lie in (0, 1], e.g. 0.25 for N = L/4")
+    for name, value, ok, rule in (("target_accuracy", cfg.target_accuracy, lambda x: 0 <= x <= 1, "in [0, 1]"),
+                                  ("target_seconds", cfg.target_seconds, lambda x: x > 0, "> 0")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+            raise ValueError(f"e2e bench: {name}={value!r} must be a number {rule}")
     Objective.parse(cfg.objective)
     check_corpus_spec(cfg.corpus)
 

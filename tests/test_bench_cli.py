@@ -58,8 +58,9 @@ def test_long_bench_refuses_bad_sizes_and_dtypes_before_timing(bad, message, tmp
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--splats-fraction", "2"], "splats_fraction (--splats-fraction) is fit's n_splats; n_splats=2.0: a fraction"),
-    (["--splats-fraction", "0"], "splats_fraction (--splats-fraction) is fit's n_splats; n_splats=0.0"),
+    (["--splats-fraction", "2"], "splats_fraction=2.0 (--splats-fraction) is the number of splats as a fraction"),
+    (["--splats-fraction", "0"], "splats_fraction=0.0 (--splats-fraction) is the number of splats as a fraction"),
+    (["--splats-fraction", "nan"], "splats_fraction=nan (--splats-fraction)"),
     (["--length", "4"], "max_tokens=4 (--length) must be an int >= 8"),
     (["--steps", "10", "-1"], "steps=-1 must be an int >= 0"),
     (["--warmup", "-1"], "warmup_steps=-1 must be an int >= 0"),
@@ -82,6 +83,18 @@ def test_e2e_bench_refuses_bad_sizes_before_sampling_prompts(bad, message, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("splatopt: error: ") and message in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field, value", [("target_accuracy", 1.5), ("target_accuracy", float("nan")),
+                                          ("target_seconds", 0), ("target_seconds", "60"), ("splats_fraction", 2)])
+def test_e2e_bench_config_refuses_targets_it_cannot_judge_before_sampling_prompts(field, value, monkeypatch):
+    """A target accuracy of 1.5 or a time limit of 0 s made every run 'miss its target' after minutes of
+    fitting; an int splats_fraction of 2 was offered fit's advice to 'use an int for a count'."""
+    import fixedpos
+
+    monkeypatch.setattr(fixedpos, "sample_prompts", lambda *a, **k: pytest.fail("sampled before checking the config"))
+    with pytest.raises(ValueError, match=f"e2e bench: {field}="):
+        bench.run_e2e_bench(bench.E2EBenchConfig(prompts=2, **{field: value}), "cpu", model=object())
 
 
 def test_e2e_bench_refuses_a_bad_init_before_sampling_prompts(model, monkeypatch):
