@@ -48,6 +48,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -59,6 +60,9 @@ from .objectives import Objective, objective_terms
 from .optim import InnerOptimizer, adam_init, adam_step
 from .render import render
 from .render_local import DEFAULT_TILE, DEFAULT_TRUNCATE, plan_tiles, render_local
+
+if TYPE_CHECKING:
+    from .kernels import FusedAdamLoop
 
 
 # peak HBM bandwidth, GB/s, by a substring of torch.cuda.get_device_name (first match wins)
@@ -223,8 +227,9 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
     else:
         fused_step = False
 
-    results = {}
+    results: dict[str, dict[str, Any]] = {}  # path -> its JSON record
     for path in paths:
+        fn: Callable[..., torch.Tensor]
         if path == "compile":
             fn = torch.compile(loss_fn)
         elif path == "fused" or (path == "graph" and fused_field):
@@ -238,8 +243,9 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         holder = {"params": params, "state": state}
         per_call = 2 if path == "graph" else 1  # a graph replays two steps (the loops' unroll)
         total = per_call * (cfg.warmup + 3 * cfg.iters)
-        loop = None
+        loop: FusedAdamLoop | AdamLoop | None = None
         if path in ("fused", "graph") and fused_step:
+            assert coef is not None  # computed above whenever fused_step
             loop = FusedAdamLoop(params, state, splats.mask, target, mask, coef, opt, total, v_scale,
                                  cuda_graphs=path == "graph",
                                  config={"precision": cfg.fused_precision} if cfg.fused_precision else None)
@@ -354,9 +360,10 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
         "local": lambda s: render_local(s, cfg.length, cfg.kernel, cfg.mode, cfg.truncate, cfg.tile),
     }
     cuda = device.type == "cuda"
-    results, fields = {}, {}
+    results: dict[str, dict[str, Any]] = {}  # path -> its JSON record
+    fields: dict[str, torch.Tensor] = {}
     for path in paths:
-        holder = {"params": {k: t.detach().clone() for k, t in splats.params().items()}}
+        holder: dict[str, dict] = {"params": {k: t.detach().clone() for k, t in splats.params().items()}}
         holder["state"] = adam_init(holder["params"])
 
         def step():
@@ -384,8 +391,8 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
         results[path] = {
             "step_ms": seconds * 1e3,
             "prompt_steps_per_s": cfg.batch / seconds,
-            "peak_memory_gb": peak / 1e9 if cuda else None,
-            "step_memory_gb": (peak - held) / 1e9 if cuda else None,
+            "peak_memory_gb": peak / 1e9 if peak is not None else None,  # None: not CUDA
+            "step_memory_gb": (peak - held) / 1e9 if peak is not None else None,
         }
     if "step_ms" in results.get("dense", {}) and "step_ms" in results.get("local", {}):
         results["local"]["speedup_vs_dense"] = results["dense"]["step_ms"] / results["local"]["step_ms"]
@@ -502,14 +509,14 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
     _sync(device)
     encode_s = time.perf_counter() - started
 
-    kw = dict(n_splats=cfg.splats_fraction, objective=cfg.objective, init=cfg.init, seed=cfg.seed, device=device,
-              record_every=0, progress=False, batch_size=cfg.batch_size, fused=fused,
-              cuda_graphs=cuda_graphs)
+    kw: dict[str, Any] = dict(n_splats=cfg.splats_fraction, objective=cfg.objective, init=cfg.init, seed=cfg.seed,
+                              device=device, record_every=0, progress=False, batch_size=cfg.batch_size, fused=fused,
+                              cuda_graphs=cuda_graphs)
     warmup_s = None
     if cfg.warmup_steps:
         w = min(cfg.prompts, cfg.batch_size or 16384 // targets.field.shape[1])
         started = time.perf_counter()
-        fit(Targets(targets.field[:w], targets.mask[:w], targets.ids[:w]), model, steps=cfg.warmup_steps, **kw)
+        fit(Targets(targets.field[:w], batch.mask[:w], batch.ids[:w]), model, steps=cfg.warmup_steps, **kw)
         _sync(device)
         warmup_s = time.perf_counter() - started
 
@@ -525,6 +532,7 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
         _sync(device)
         wall = time.perf_counter() - started
         summary = result.summary()
+        assert result.token_accuracy is not None  # fit with a model decodes: it scores every prompt
         acc = result.token_accuracy.float().cpu()
         pooled = summary["token_accuracy_pooled"]
         runs.append({

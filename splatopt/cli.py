@@ -95,6 +95,7 @@ def cmd_fit(args) -> int:
     if not texts:
         raise ValueError("give a text to fit, or --file with one text per line")
     model = fixedpos.load(args.model, layer=args.layer)
+    optimizer: str | dict | None
     if args.optimizer == "picked":  # the one shipped beside the learned initializer (--init learned)
         optimizer = "picked"
     else:
@@ -133,6 +134,8 @@ def cmd_show(args) -> int:
     _print_result(result, None)
     s = result.splats
     if s is None:  # a fixed basis: coefficients only
+        # FitResult.load refuses a fixed-basis file without coefficients; fit gives every basis floats_per_token
+        assert result.coefficients is not None and result.floats_per_token is not None
         print(f"{result.basis} basis: coefficients {tuple(result.coefficients.shape)}, "
               f"{float(result.floats_per_token.mean()):.1f} floats per token")
         return 0
@@ -182,6 +185,7 @@ def cmd_edit(args) -> int:
                            fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)
     e = result.edit
+    assert isinstance(e, dict)  # one new text (args.text): one edit record
     print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
     print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
           f"({e.get('splats', '?')} splats, a cold fit's budget {e.get('budget', '?')}), "

@@ -16,7 +16,7 @@ and :class:`splatopt.kernels.FusedAdamLoop` for its fused MSE step; both capture
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -26,7 +26,8 @@ from .optim import GROUPS, InnerOptimizer, adam_step
 
 def learning_rate_table(optimizer: InnerOptimizer, total: int) -> Tensor:
     """[total, 4] float64 (CPU): ``optimizer.learning_rates(i, total)`` per step, in ``GROUPS`` order (v before the target RMS)."""
-    return torch.tensor([[float(optimizer.learning_rates(i, total, 1.0)[k]) for k in GROUPS] for i in range(total)],
+    unit = torch.ones((), dtype=torch.float64)  # v's factor: 1 in float64, so v's rate is the host's float exactly
+    return torch.tensor([[float(optimizer.learning_rates(i, total, unit)[k]) for k in GROUPS] for i in range(total)],
                         dtype=torch.float64).reshape(total, len(GROUPS))
 
 
@@ -76,8 +77,9 @@ class AdamLoop:
         self.gradients, self.optimizer, self.v_scale, self.metric = gradients, optimizer, v_scale, metric
         self.step, self.total, self.cuda_graphs, self.unroll = 0, steps, cuda_graphs, unroll
         self.params = {k: t.detach().clone() for k, t in params.items()}
-        self.state = {"m": {k: state["m"][k].clone() for k in params}, "v": {k: state["v"][k].clone() for k in params},
-                      "t": torch.tensor(float(state["t"]), dtype=torch.float64, device=dev)}
+        self.state: dict[str, Any] = {"m": {k: state["m"][k].clone() for k in params},
+                                      "v": {k: state["v"][k].clone() for k in params},
+                                      "t": torch.tensor(float(state["t"]), dtype=torch.float64, device=dev)}
         self.skipped = torch.zeros(v_scale.shape[0], dtype=torch.long, device=dev)
         self._table = learning_rate_table(optimizer, max(steps, 1)).to(device=dev, dtype=torch.float32)
         self._counter = torch.zeros(1, dtype=torch.long, device=dev)
@@ -85,7 +87,7 @@ class AdamLoop:
 
     def _one(self, free: Tensor | None = None, held: tuple[str, ...] = GROUPS) -> None:
         row = self._table[self._counter][0]
-        lrs = {k: row[i] * self.v_scale if k == "v" else row[i] for i, k in enumerate(GROUPS)}
+        lrs: dict[str, Tensor | float] = {k: row[i] * self.v_scale if k == "v" else row[i] for i, k in enumerate(GROUPS)}
         if free is not None:
             f = free.to(row.dtype)
             lrs = {k: lr * (f[..., None] if k == "v" else f) if k in held else lr for k, lr in lrs.items()}

@@ -128,7 +128,7 @@ class _Launcher:
         self.bad = torch.empty(B, self.S, device=dev, dtype=torch.float32)
         self.skipped = torch.empty(B, device=dev, dtype=torch.uint8)
 
-    def __call__(self, old: tuple[dict, dict, dict], new: tuple[dict, dict, dict], free: Tensor | None) -> Tensor:
+    def __call__(self, old: tuple[dict[str, Tensor], ...], new: tuple[dict[str, Tensor], ...], free: Tensor | None) -> Tensor:
         """Step from ``old`` (params, first, second moments) into ``new``; returns the [B] uint8 skip flags."""
         from .triton_step import step_geometry_kernel, step_v_kernel
 

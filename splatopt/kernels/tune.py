@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args.precision = args.precision or "ieee"
     B, L, N, D = args.batch, args.length, args.splats, args.dim
     g = torch.Generator(device="cuda").manual_seed(0)
-    params = [torch.rand(B, N, device="cuda", generator=g) * (L - 1), torch.full((B, N), 0.5, device="cuda"),
-              torch.zeros(B, N, device="cuda"), torch.randn(B, N, D, device="cuda", generator=g)]
-    params = [t.requires_grad_(True) for t in params]
+    # a 4-tuple, so that fused_field_terms(*params, ...) reads as its mu, log_sigma, weight_logit, v
+    params = (torch.rand(B, N, device="cuda", generator=g) * (L - 1), torch.full((B, N), 0.5, device="cuda"),
+              torch.zeros(B, N, device="cuda"), torch.randn(B, N, D, device="cuda", generator=g))
+    for t in params:
+        t.requires_grad_(True)
     slot_mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
     target = torch.randn(B, L, D, device="cuda", generator=g).to(getattr(torch, args.dtype))
     token_mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
@@ -178,7 +180,7 @@ def _sweep(todo: list[dict], default: dict, run, matches, do_bench) -> list[dict
     A row per configuration ({config, ms, matches_default, default} or {config, error}), printed as it
     goes: a sweep cut short still reports.
     """
-    rows = []
+    rows: list[dict] = []
     for config in todo:
         try:
             ok = matches(config)
