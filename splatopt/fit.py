@@ -619,6 +619,11 @@ def fit(
     if solve and frozen_v_tolerance > 0:
         raise ValueError("frozen_v_tolerance bounds Adam's steps on frozen embeddings; embeddings='solve' holds them "
                          "exactly instead: use embeddings='adam' or frozen_v_tolerance=0")
+    if solve and basis != "splats" and frozen is not None and frozen_steps > 0:
+        # the solve holds frozen splats' embeddings only: a fixed basis's frozen terms were re-solved
+        # anyway, and the fit crashed where the freeze ended
+        raise ValueError(f"basis={basis!r} with embeddings='solve' solves for every coefficient at every step: it cannot "
+                         "hold frozen terms; use embeddings='adam' (which holds them), or no frozen")
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
     if metric is not None and metric.shape[-1] != field.shape[-1]:
         raise ValueError(f"optimizer.metric={optimizer.metric!r} is a Fisher for d={metric.shape[-1]}, but the field has "
