@@ -33,6 +33,8 @@ SHIPPED_DIR = Path(__file__).parent / "heads"
 class DecoderHead(nn.Module):
     """Tied decoder head. field [..., d] -> logits [..., V]."""
 
+    embeddings: Tensor  # [V, d] a buffer (register_buffer below): declared for the type checker
+
     def __init__(self, word_embeddings: Tensor, hidden: int | None = None) -> None:
         super().__init__()
         V, d = word_embeddings.shape

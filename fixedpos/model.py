@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +77,9 @@ class FieldModel:
         window: int | None = None,
         overlap: int | None = None,
     ) -> None:
-        n_layers = int(encoder.config.num_hidden_layers if hasattr(encoder.config, "num_hidden_layers") else encoder.config.n_layers)
+        # a transformers model: nn.Module's stubs type its config and get_input_embeddings as Tensor | Module
+        hf: Any = encoder
+        n_layers = int(hf.config.num_hidden_layers if hasattr(hf.config, "num_hidden_layers") else hf.config.n_layers)
         if not isinstance(layer, int) or not 0 <= layer <= n_layers:
             raise ValueError(f"layer={layer!r} is out of range: {name} has layers 0..{n_layers} (0 = embeddings)")
         encoder.eval().requires_grad_(False)
@@ -87,9 +89,9 @@ class FieldModel:
         self.n_layers = n_layers
         self.name = name
         self.model_hash = model_hash
-        self.dim = int(encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim)
-        self.vocab_size = int(encoder.get_input_embeddings().weight.shape[0])
-        max_len = int(getattr(encoder.config, "max_position_embeddings", 512))
+        self.dim = int(hf.config.hidden_size if hasattr(hf.config, "hidden_size") else hf.config.dim)
+        self.vocab_size = int(hf.get_input_embeddings().weight.shape[0])
+        max_len = int(getattr(hf.config, "max_position_embeddings", 512))
         pos_emb = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
         if isinstance(pos_emb, nn.Embedding) and pos_emb.padding_idx is not None:
             # RoBERTa-style positions start at padding_idx + 1 (514 table entries for 512 tokens)
@@ -118,7 +120,7 @@ class FieldModel:
             owner, attr = stack
             setattr(owner, attr, nn.ModuleList(list(getattr(owner, attr))[:layer]))
         self._head: DecoderHead | None = None
-        self._head_loader = None
+        self._head_loader: Callable[[FieldModel], DecoderHead] | None = None  # fixedpos.load attaches one
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.unk_id = tokenizer.unk_token_id
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
@@ -195,7 +197,8 @@ class FieldModel:
     @property
     def word_embeddings(self) -> Tensor:
         """[V, d] the encoder's frozen input word-embedding matrix (the tied heads score against it)."""
-        return self.encoder.get_input_embeddings().weight
+        hf: Any = self.encoder  # a transformers model (see __init__)
+        return hf.get_input_embeddings().weight
 
     # ------------------------------------------------------------------ field
     def _window_plan(self, lengths: list[int]) -> list[tuple[int, int, int, int, int]]:

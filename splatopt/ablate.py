@@ -501,7 +501,7 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
                 handle.seek(max(whole - 1, 0))
                 if whole and handle.read(1) != b"\n":
                     handle.write(b"\n")
-        done = {}
+        done: dict[str, dict] = {}  # cell key -> its row
         for row in rows:
             done.setdefault(row["cell"], row)
         cells = study.cells()
@@ -560,7 +560,7 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
             values = [math.nan if row[m] is None else float(row[m]) for row in group if m in row]
             n = len(values)
             mean = sum(values) / n if n else None
-            if n > 1:
+            if mean is not None and n > 1:
                 sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
                 ci = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
             else:

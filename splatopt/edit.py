@@ -31,7 +31,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of i
     from fixedpos import FieldModel
 
 from .fit import FitResult, _resolve_counts, fit, resolve_device
-from .init import WarmStart, grid_geometry, resolve_initializer
+from .init import Initializer, WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
@@ -86,7 +86,12 @@ def _is_edit_list(item) -> bool:
     return isinstance(item, (list, tuple)) and all(isinstance(e, (list, tuple)) for e in item)
 
 
-def edit_script(old_ids: list[int], new_ids: list[int]) -> list[tuple[str, int, int, int, int]]:
+Opcode = tuple[Literal["replace", "delete", "insert", "equal"], int, int, int, int]
+# a start to re-fit: (prompt, splats [1, N'], far [N'] bool, label, initializer name or None)
+Start = tuple[int, SplatSet, Tensor, str, str | None]
+
+
+def edit_script(old_ids: list[int], new_ids: list[int]) -> list[Opcode]:
     """Opcodes ``(tag, i1, i2, j1, j2)``: old tokens [i1, i2) become new tokens [j1, j2)."""
     return difflib.SequenceMatcher(None, old_ids, new_ids, autojunk=False).get_opcodes()
 
@@ -259,7 +264,8 @@ def edit(
             except (TypeError, ValueError) as err:
                 raise type(err)(f"prompt {b}'s {err}" if batched else str(err)) from None
     else:
-        new_texts = list(new_text) if batched else [new_text]
+        assert new_text is not None  # new_text or edits, checked above
+        new_texts = list(new_text) if isinstance(new_text, (list, tuple)) else [new_text]  # as batched reads it
         if len(new_texts) != B:
             raise ValueError(f"new_text has {len(new_texts)} texts for {B} prompts: give one new text per prompt")
     for b, t in enumerate(new_texts):
@@ -310,7 +316,8 @@ def edit(
     initializers = _second_start_initializers(fresh_init, model, device)
     # each group: (starts, the inner optimizer they re-fit with); a start: (prompt, splats [1, N'],
     # far [N'], label, initializer name)
-    groups = [([(b, warms[b], fars[b], "warm", None) for b in range(B)], fit_options["optimizer"])]
+    warm_starts: list[Start] = [(b, warms[b], fars[b], "warm", None) for b in range(B)]
+    groups: list[tuple[list[Start], InnerOptimizer]] = [(warm_starts, fit_options["optimizer"])]
     # a second start must be able to differ from the warm one: a text with far splats and no near
     # one (unchanged, or every near splat pruned) keeps its warm start alone
     lone = [b for b in range(B) if fresh_start and not bool(fars[b].any())]
@@ -318,7 +325,7 @@ def edit(
     # the residual of the far splats is what the near ones must render only where fields add
     near = near if fresh_near and mode == "additive" else []
     for name, initializer in initializers:
-        second_starts = []
+        second_starts: list[Start] = []
         if lone:  # one call for every prompt: the initializer is batched over masks
             idx = torch.tensor(lone, device=device)
             L_max = int(batch.mask[idx].sum(-1).max())
@@ -352,7 +359,8 @@ def edit(
     groups = [(g, opt) for g, opt in groups if g]
     new = FitResult.cat([refit(g, opt) for g, opt in groups]) if len(groups) > 1 else refit(*groups[0])
     every = [(*c, opt) for g, opt in groups for c in g]
-    rows, starts, labels, sources, optimizers = ([c[i] for c in every] for i in (0, 1, 3, 4, 5))
+    rows, starts, labels = [c[0] for c in every], [c[1] for c in every], [c[3] for c in every]
+    sources, optimizers = [c[4] for c in every], [c[5] for c in every]
     loss = new.history["loss"][-1].cpu()
     accuracy = new.token_accuracy.cpu() if choose == "accuracy" and new.token_accuracy is not None else None
     keep = choose_starts(rows, loss, accuracy)
@@ -407,10 +415,11 @@ def choose_starts(rows: list[int], loss: Tensor, accuracy: Tensor | None) -> lis
     return keep
 
 
-def _second_start_initializers(fresh_init, model, device) -> list[tuple[str, object]]:
+def _second_start_initializers(fresh_init, model, device) -> list[tuple[str, Initializer]]:
     """(name, initializer) for each of ``fresh_init``; "auto": the learned initializer shipped for
     ``model`` (when one is, and was meta-trained for these weights) and the grid."""
     if isinstance(fresh_init, str) and fresh_init == "auto":
+        learned: list[tuple[str, Initializer]]
         try:
             learned = [("learned", load_learned(model))]
         except ValueError:  # none shipped for this model and layer, or not for these weights
@@ -565,8 +574,8 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
     n_new = sum(counts)
     d = old.dim
 
-    def cat(a: Tensor, b: Tensor) -> Tensor:
-        return torch.cat([a, b]) if n_new else a
+    def cat(a: Tensor, b: Tensor | None) -> Tensor:  # b: None where nothing was spawned
+        return torch.cat([a, b]) if n_new and b is not None else a
 
     all_mu = cat(mu.to(dtype), torch.cat(spawned_mu).to(dtype) if n_new else None)
     all_ls = cat(sigma.log().to(dtype), torch.cat(spawned_ls).to(dtype) if n_new else None)

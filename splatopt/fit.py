@@ -16,7 +16,7 @@ import numbers
 import time
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -79,7 +79,8 @@ class FitResult:
     steps. trajectory: ``step`` [S], ``mu``/``sigma`` (tokens) and ``weight`` [S, B, N] at recorded
     steps, NaN in inactive slots. seconds: wall time of the fit (inner loops and final metrics);
     encode_seconds: of the target. config: fit's resolved settings (JSON). edit: for a result of
-    :func:`splatopt.edit`, its records (a dict, or a list with one per prompt; see ``edit``).
+    :func:`splatopt.edit`, its records (a dict, or a list with one per prompt; see ``edit``; None for a
+    prompt of a plain fit that :meth:`cat` joined to an edit's).
     skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
     basis: "splats" or a fixed basis. floats_per_token: [B] floats the representation stores per
     token (d + 3 per active splat, d per fixed-basis term). density: [B] counts of the density
@@ -100,7 +101,7 @@ class FitResult:
     config: dict = dc_field(default_factory=dict)
     input_texts: list[str] | None = None
     offsets: Tensor | None = None
-    edit: dict | list[dict] | None = None
+    edit: dict | list[dict] | list[dict | None] | None = None
     skipped_steps: Tensor | None = None
     basis: str = "splats"
     coefficients: Tensor | None = None
@@ -114,7 +115,7 @@ class FitResult:
             "prompts": int(self.mask.shape[0]),
             "tokens": int(self.mask.sum()),
             "basis": self.basis,
-            "terms": int(self.n_terms.sum()) if self.n_terms is not None else int(self.splats.counts.sum()),
+            "terms": int(self._terms().sum()),
             "splats": int(self.splats.counts.sum()) if self.splats is not None else 0,
             "field_error": float(self.field_error.mean()),
             "cosine": float(self.cosine.mean()),
@@ -130,6 +131,13 @@ class FitResult:
             out["token_accuracy_pooled"] = float((self.token_accuracy * tok).sum() / tok.sum())
         return out
 
+    def _terms(self) -> Tensor:
+        """[B] active splats or basis terms (a file written before n_terms: the splats' counts)."""
+        if self.n_terms is not None:
+            return self.n_terms
+        assert self.splats is not None, "a fixed basis's result always holds n_terms"
+        return self.splats.counts
+
     def select(self, index: int | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
         """The prompts ``index`` (a prompt number, a list or tensor of them, repeats allowed, or a [B]
         bool mask), every per-prompt field with them; the batch dimension is kept."""
@@ -144,17 +152,18 @@ class FitResult:
         idx = flags.long().cpu()
         if len(idx) == 0 or int(idx.min()) < -self.mask.shape[0] or int(idx.max()) >= self.mask.shape[0]:
             raise IndexError(f"select({list(index)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
-        on = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
+        take = lambda t: t[idx.to(t.device)]  # noqa: E731
+        on = lambda t: None if t is None else take(t)  # noqa: E731
         rows = lambda items: None if items is None else [items[i] for i in idx.tolist()]  # noqa: E731
         series = lambda d: {k: v if k == "step" else v[:, idx.to(v.device)] for k, v in d.items()}  # noqa: E731
         return replace(
             self, splats=None if self.splats is None else self.splats.select(idx.to(self.splats.mu.device)),
-            ids=on(self.ids), mask=on(self.mask), texts=rows(self.texts), token_accuracy=on(self.token_accuracy),
-            field_error=on(self.field_error), cosine=on(self.cosine), history=series(self.history),
+            ids=on(self.ids), mask=take(self.mask), texts=rows(self.texts), token_accuracy=on(self.token_accuracy),
+            field_error=take(self.field_error), cosine=take(self.cosine), history=series(self.history),
             trajectory=series(self.trajectory), input_texts=rows(self.input_texts), offsets=on(self.offsets),
             edit=rows(self.edit) if isinstance(self.edit, list) else self.edit, skipped_steps=on(self.skipped_steps),
             coefficients=on(self.coefficients), floats_per_token=on(self.floats_per_token),
-            density=None if self.density is None else {k: on(t) for k, t in self.density.items()}, n_terms=on(self.n_terms),
+            density=None if self.density is None else {k: take(t) for k, t in self.density.items()}, n_terms=on(self.n_terms),
             config={**self.config, **{k: rows(self.config[k]) for k in ("n_splats", "edit") if isinstance(self.config.get(k), list)}},
         )
 
@@ -205,13 +214,16 @@ class FitResult:
             if key != "edit" and all(v == values[0] and not isinstance(v, list) for v in values):
                 return values[0]
             if key == "n_splats":
-                return [int(n) for r in results for n in (r.n_terms if r.n_terms is not None else r.splats.counts).tolist()]
+                return [int(n) for r in results for n in r._terms().tolist()]
             return [x for r, v in zip(results, values) for x in (v if isinstance(v, list) else [v] * r.mask.shape[0])]
 
         rows = lambda name: None if any(getattr(r, name) is None for r in results) else [x for r in results for x in getattr(r, name)]  # noqa: E731
-        K = max(r.coefficients.shape[1] for r in results) if first.coefficients is not None else 0
+        K = max(r.coefficients.shape[1] for r in results if r.coefficients is not None) if first.coefficients is not None else 0
+        densities = [r.density for r in results if r.density is not None]
+        # one basis: every result holds splats where the first does
+        splats = None if first.splats is None else [cast(SplatSet, r.splats).to(first.splats.mu.device) for r in results]
         return replace(
-            first, splats=None if first.splats is None else SplatSet.cat([r.splats.to(first.splats.mu.device) for r in results]),
+            first, splats=None if splats is None else SplatSet.cat(splats),
             ids=joined(lambda r: r.ids, pad_tokens), mask=joined(lambda r: r.mask, pad_tokens), texts=rows("texts"),
             token_accuracy=joined(lambda r: r.token_accuracy), field_error=joined(lambda r: r.field_error),
             cosine=joined(lambda r: r.cosine), history=series("history", False), trajectory=series("trajectory", True),
@@ -223,7 +235,7 @@ class FitResult:
             skipped_steps=joined(lambda r: r.skipped_steps),
             coefficients=joined(lambda r: r.coefficients, lambda t: torch.nn.functional.pad(t, (0, 0, 0, K - t.shape[1]))) if K else None,
             floats_per_token=joined(lambda r: r.floats_per_token), n_terms=joined(lambda r: r.n_terms),
-            density=None if any(r.density is None for r in results) else {k: torch.cat([r.density[k] for r in results]) for k in first.density},
+            density=None if len(densities) < len(results) else {k: torch.cat([d[k] for d in densities]) for k in densities[0]},
             config={**first.config, "n_splats": per_prompt("n_splats"),
                     **({"edit": per_prompt("edit")} if any("edit" in r.config for r in results) else {})},
         )
@@ -244,6 +256,7 @@ class FitResult:
         meta = {"config": self.config, "texts": self.input_texts, "decoded": self.texts, "basis": self.basis,
                 "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds}
         if self.splats is None:  # a fixed basis: coefficients, no splats
+            assert self.coefficients is not None, "a fixed basis's result always holds its coefficients"
             coefficients = self.coefficients.to(torch.promote_types(self.coefficients.dtype, torch.float32))  # as SplatSet.save
             tensors = {"coefficients": coefficients, **{f"extra.{k}": v for k, v in extra.items()}}
             write_safetensors(Path(path), tensors, {"format": BASIS_FORMAT, "meta": json.dumps(meta, sort_keys=True)})
@@ -303,7 +316,7 @@ class FitResult:
         )
 
 
-def _edit_start_tensors(edit: dict | list[dict] | None) -> dict[str, Tensor]:
+def _edit_start_tensors(edit: dict | list[dict] | list[dict | None] | None) -> dict[str, Tensor]:
     """The start splats of an edit result's records as file tensors: ``edit_start.<param>`` [B, N', (d)]
     (each record's SplatSet [1, N'_b], padded with inactive slots) and ``edit_start.capacity`` [B], N'_b,
     -1 for a prompt without a start (FitResult.cat of an edit and a plain fit: its record is None).
@@ -324,7 +337,7 @@ def _edit_start_tensors(edit: dict | list[dict] | None) -> dict[str, Tensor]:
             "edit_start.capacity": torch.tensor([s.capacity if isinstance(s, SplatSet) else -1 for s in starts])}
 
 
-def _loaded_edit(records: dict | list | None, extra: dict[str, Tensor]) -> dict | list[dict] | None:
+def _loaded_edit(records: dict | list | None, extra: dict[str, Tensor]) -> dict | list[dict | None] | None:
     """A loaded result's ``edit``: the records of ``config["edit"]`` (a dict for one prompt, a list for a
     batch; copies, not the config's own), each with its ``start_splats`` [1, N'_b] again where the file
     holds them (on the CPU, as edit gives them)."""
@@ -332,7 +345,8 @@ def _loaded_edit(records: dict | list | None, extra: dict[str, Tensor]) -> dict 
         return None
     rows = records if isinstance(records, list) else [records]
     if "edit_start.mask" in extra:
-        params = {k: extra[f"edit_start.{k}"].cpu() for k in ("mu", "log_sigma", "weight_logit", "v")}
+        # Any: mypy cannot tell that these names, passed as SplatSet(**params), leave out its dict field meta
+        params: dict[str, Any] = {k: extra[f"edit_start.{k}"].cpu() for k in ("mu", "log_sigma", "weight_logit", "v")}
         mask, capacity = extra["edit_start.mask"].cpu().bool(), extra["edit_start.capacity"].tolist()
     else:  # written before the start splats were saved
         capacity = [-1] * len(rows)
@@ -361,9 +375,10 @@ def _resolve_counts(n_splats, lengths: Tensor) -> Tensor:
     if getattr(n_splats, "ndim", None) == 0:
         n_splats = n_splats.item()  # a 0-d numpy array or tensor: one number for every prompt
     if isinstance(n_splats, numbers.Real) and not isinstance(n_splats, numbers.Integral):
-        if not 0 < n_splats <= 1:
+        fraction = float(n_splats)
+        if not 0 < fraction <= 1:
             raise ValueError(f"n_splats={n_splats}: a fraction of the prompt length must lie in (0, 1]; use an int for a count")
-        return (lengths.float() * float(n_splats)).round().long().clamp(min=1)
+        return (lengths.float() * fraction).round().long().clamp(min=1)
     if isinstance(n_splats, numbers.Integral):
         counts = torch.full((B,), int(n_splats), dtype=torch.long)
     else:
@@ -619,6 +634,11 @@ def fit(
     if solve and frozen_v_tolerance > 0:
         raise ValueError("frozen_v_tolerance bounds Adam's steps on frozen embeddings; embeddings='solve' holds them "
                          "exactly instead: use embeddings='adam' or frozen_v_tolerance=0")
+    if solve and basis != "splats" and frozen is not None and frozen_steps > 0:
+        # the solve holds frozen splats' embeddings only: a fixed basis's frozen terms were re-solved
+        # anyway, and the fit crashed where the freeze ended
+        raise ValueError(f"basis={basis!r} with embeddings='solve' solves for every coefficient at every step: it cannot "
+                         "hold frozen terms; use embeddings='adam' (which holds them), or no frozen")
     field, mask, ids, input_texts, offsets, encode_s = _prepare_targets(texts_or_fields, model, device, dtype)
     if metric is not None and metric.shape[-1] != field.shape[-1]:
         raise ValueError(f"optimizer.metric={optimizer.metric!r} is a Fisher for d={metric.shape[-1]}, but the field has "
@@ -655,12 +675,12 @@ def fit(
     # the fused step's Adam runs in the field's own coordinates: a metric needs the PyTorch step
     fused_step = (fused and not objective.cosine and optimizer.clip is None and isinstance(strategy, NoDensify)
                   and not partly_frozen and metric is None)
-    host_free = _host_free_blocker(device, varpro or solve, strategy, frozen is not None and frozen_v_tolerance > 0, truncate)
-    if cuda_graphs and host_free is not None:
-        raise ValueError(f"cuda_graphs=True but {host_free}; pass cuda_graphs=None or False")
+    blocker = _host_free_blocker(device, varpro or solve, strategy, frozen is not None and frozen_v_tolerance > 0, truncate)
+    if cuda_graphs and blocker is not None:
+        raise ValueError(f"cuda_graphs=True but {blocker}; pass cuda_graphs=None or False")
     # on CUDA the loop runs from the device's learning-rate table whether or not it is captured, so
     # cuda_graphs changes the speed, never the bits
-    host_free, cuda_graphs = host_free is None, host_free is None and cuda_graphs is not False
+    host_free, cuda_graphs = blocker is None, blocker is None and cuda_graphs is not False
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": _plain_n_splats(n_splats),
@@ -709,7 +729,7 @@ def fit(
     pred = per("pred") if decode is not None else None
     history = _merge_series([ch["history"] for ch in chunks], inverse)
     trajectory = _merge_series([ch["trajectory"] for ch in chunks], inverse, pad_splats=True)
-    texts = model.detokenize(pred, mask) if pred is not None else None
+    texts = model.detokenize(pred, mask) if pred is not None and model is not None else None  # pred: model decoded it
     return FitResult(
         splats=splats, ids=ids, mask=mask, texts=texts,
         token_accuracy=per("token_accuracy") if decode is not None else None,
@@ -739,6 +759,7 @@ def _resolve_fused(fused: bool | None, device: torch.device, objective: Objectiv
     """
     if fused is False:
         return False
+    reason: str | None
     if basis != "splats":
         reason = f"basis={basis!r} renders a fixed design matrix, not splats"
     elif varpro:
@@ -931,7 +952,8 @@ def _fit_chunk(
                 loss, _ = objective_terms(objective, fld, target, mask, ids, decode, fused_ce)
             return dict(zip(live, torch.autograd.grad(loss.sum(), list(live.values()))))
 
-    loop = None  # or a loop that runs from one record (or the freeze's end) to the next without the host
+    # None, or a loop that runs from one record (or the freeze's end) to the next without the host
+    loop: FusedAdamLoop | AdamLoop | None = None
     if fused_step:
         loop = FusedAdamLoop(params, state, slot_mask, target, mask, mse_coefficients(target, mask, objective),
                              optimizer, steps, v_scale, cuda_graphs=cuda_graphs)
@@ -966,6 +988,7 @@ def _fit_chunk(
             # the freeze ends: the solve takes every slot, from an offset that gives back the current embeddings
             with torch.no_grad():
                 s_now, _ = current(params)
+                assert s_now is not None  # held is for splats: fit refuses frozen terms of a fixed basis with the solve
                 a_now = splat_weights(s_now, L, kernel, mode, truncate)
                 params["offset"] = offset_for(a_now, s_now.v, target, mask, slot_mask, ridge)
             held = None
@@ -979,7 +1002,7 @@ def _fit_chunk(
         final, fld = current(params)
         if basis != "splats" and solve:
             params = {"v": solve_embeddings(design, target, params["offset"], mask, slot_mask, ridge)}
-        out = {
+        out: dict[str, Any] = {
             "field_error": relative_mse(fld, target, mask).float(),
             "cosine": mean_cosine(fld, target, mask).float(),
             "skipped_steps": skipped_total,
@@ -994,7 +1017,7 @@ def _fit_chunk(
                                      params["v"] * slot_mask[..., None], slot_mask)
         else:
             out["coefficients"] = params["v"] * slot_mask[..., None]
-        if strategy is not None:
+        if density_state is not None:  # a density strategy ran
             out["density"] = {k: density_state[k] for k in ("cloned", "split", "pruned", "relocated") if k in density_state}
         if decode is not None:
             logits = decode(fld)
@@ -1020,4 +1043,5 @@ def _with_capacity(splats: SplatSet, capacity: int) -> SplatSet:
     if extra <= 0:
         return splats
     pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))  # noqa: E731
-    return replace(splats, mask=pad(splats.mask), **{k: pad(t) for k, t in splats.params().items()})
+    padded: dict[str, Any] = {k: pad(t) for k, t in splats.params().items()}  # Any: as in SplatSet.with_params
+    return replace(splats, mask=pad(splats.mask), **padded)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -149,7 +149,7 @@ class WarmStart:
         return self.splats.to(target.device, target.dtype)
 
 
-INITIALIZERS = {"grid": GridInit, "tokens": TokenInit}
+INITIALIZERS: dict[str, Callable[..., Initializer]] = {"grid": GridInit, "tokens": TokenInit}  # name -> class
 
 
 def resolve_initializer(init, model=None) -> Initializer:

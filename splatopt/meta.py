@@ -462,13 +462,14 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         groups.append({"params": [net.log_lr_scale], "base_lr": cfg.lr_scale_lr, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start, elapsed, nonfinite = 0, 0.0, {}
+    start, elapsed = 0, 0.0
+    nonfinite: dict[str, int] = {}
     if resume:
         start, elapsed, nonfinite = load_checkpoint(ckpt_path, net, opt, generator, cfg)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
         _truncate_log(log_path, start)
-    module = net
+    module: torch.nn.Module = net  # or its DistributedDataParallel wrapper
     if world > 1:
         module = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     writer = None
@@ -622,6 +623,7 @@ class _Evaluator:
         for steps in (0, self.cfg.inner_steps):
             r = fit(Targets(b.field.float(), b.mask, b.ids), self.model, n_splats=0.25, steps=steps, init=net,
                     objective=self.cfg.objective, device=self.device, record_every=0, progress=False)
+            assert r.token_accuracy is not None  # fit decodes with self.model, and the bank holds the token ids
             out[f"val_token_accuracy_{steps}"] = float(r.token_accuracy.mean())
         net.train(was_training)
         return out

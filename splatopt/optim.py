@@ -154,8 +154,9 @@ def target_rms(target: Tensor, mask: Tensor) -> Tensor:
     return ((torch.where(mask[..., None], target, 0.0) ** 2).sum((1, 2)) / (tok.sum((1, 2)) * target.shape[-1])).sqrt()[:, None, None]
 
 
-def adam_init(params: dict[str, Tensor]) -> dict[str, Tensor | dict]:
-    """Adam state: first and second moments (zeros like each parameter) and a step count."""
+def adam_init(params: dict[str, Tensor]) -> dict:
+    """Adam state: first and second moments (zeros like each parameter) and a step count:
+    ``{"m": {name: Tensor}, "v": {name: Tensor}, "t": int}``."""
     return {
         "m": {k: torch.zeros_like(p) for k, p in params.items()},
         "v": {k: torch.zeros_like(p) for k, p in params.items()},
@@ -190,14 +191,15 @@ def adam_step(
     for k, g in grads.items():
         finite = torch.isfinite(g).flatten(1).all(1)
         ok = finite if ok is None else ok & finite
+    assert ok is not None, "adam_step needs at least one gradient"  # every caller steps at least one group
     new_p, new_m, new_v = {}, {}, {}
     for k, p in params.items():
         g = grads[k]
         keep = ok.view((-1,) + (1,) * (g.dim() - 1))
         g = torch.where(keep, g, torch.zeros_like(g))
-        whiten = metric is not None and k in FIELD_GROUPS
-        if whiten:
-            g = g @ metric
+        whiten = metric if k in FIELD_GROUPS else None  # the metric R, for the field-space groups only
+        if whiten is not None:
+            g = g @ whiten
         if cfg.clip is not None:
             g = g * (cfg.clip / (_per_prompt_norm(g) + 1e-12)).clamp(max=1.0)
         m = b1 * state["m"][k] + (1 - b1) * g
@@ -205,8 +207,8 @@ def adam_step(
         m_hat = m / (1 - b1**t)
         v_hat = v / (1 - b2**t)
         update = lrs[k] * m_hat / (torch.sqrt(v_hat + cfg.eps_root) + cfg.eps)
-        if whiten:
-            update = update @ metric
+        if whiten is not None:
+            update = update @ whiten
         new_p[k] = torch.where(keep, p - update, p)
         new_m[k] = torch.where(keep, m, state["m"][k])
         new_v[k] = torch.where(keep, v, state["v"][k])
@@ -252,6 +254,7 @@ def solve_embeddings(
     goal = torch.where(token_mask[..., None], target + offset, 0.0)
     if held is None:
         return closed_form_v(a, goal, token_mask, splat_mask, ridge)
+    assert held_v is not None, "held slots need their embeddings held_v"  # fit passes both or neither
     held = held & splat_mask
     fixed = torch.where(held[..., None], held_v, 0.0).to(a.dtype)
     v = closed_form_v(a, goal - a @ fixed, token_mask, splat_mask & ~held, ridge)

@@ -127,7 +127,7 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
     return fig
 
 
-def _draw_splat(ax, steps, mu, sigma, weight, color, slot: int, edges: bool = True, band: float = 1.0) -> None:
+def _draw_splat(ax, steps, mu, sigma, weight, color, slot: int | np.integer, edges: bool = True, band: float = 1.0) -> None:
     """One splat over steps [S]: its centre mu [S] as a line, a +-sigma band; opacity follows its last weight.
 
     edges: dashed lines at mu +- sigma; band: scales the band's opacity (many wide splats wash out at 1).

@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,10 +89,12 @@ class SplatSet:
         return {"mu": self.mu, "log_sigma": self.log_sigma, "weight_logit": self.weight_logit, "v": self.v}
 
     def with_params(self, params: dict[str, Tensor]) -> "SplatSet":
-        return replace(self, **params)
+        # dict[str, Any] here and below: mypy cannot tell that the tensors' names leave out the dict field meta
+        fields: dict[str, Any] = params
+        return replace(self, **fields)
 
     def detach(self) -> "SplatSet":
-        return replace(self, **{k: t.detach() for k, t in self.params().items()})
+        return self.with_params({k: t.detach() for k, t in self.params().items()})
 
     def to(self, *args, device=None, dtype=None) -> "SplatSet":
         """The splats on ``device`` and/or in floating ``dtype``, given as ``torch.Tensor.to`` takes them:
@@ -114,7 +117,7 @@ class SplatSet:
                 device = torch.device(device)
             except RuntimeError:
                 raise ValueError(f"SplatSet.to: device={device!r} is not a device; give e.g. 'cpu' or 'cuda:0'") from None
-        moved = {k: t.to(device=device, dtype=dtype) for k, t in self.params().items()}
+        moved: dict[str, Any] = {k: t.to(device=device, dtype=dtype) for k, t in self.params().items()}
         return replace(self, mask=self.mask.to(device=device), **moved)
 
     def select(self, index) -> "SplatSet":
@@ -126,13 +129,15 @@ class SplatSet:
                 raise IndexError(f"select({index}): this set holds prompts 0..{self.batch_size - 1}")
             i = range(self.batch_size)[index]  # negative indices count from the end
             index = slice(i, i + 1)
-        return replace(self, mask=self.mask[index], **{k: t[index] for k, t in self.params().items()})
+        taken: dict[str, Any] = {k: t[index] for k, t in self.params().items()}
+        return replace(self, mask=self.mask[index], **taken)
 
     def trimmed(self) -> "SplatSet":
         """Drop trailing slots that no prompt uses."""
         used = self.mask.any(0).nonzero()
         n = int(used.max()) + 1 if len(used) else 0
-        return replace(self, mask=self.mask[:, :n], **{k: t[:, :n] for k, t in self.params().items()})
+        kept: dict[str, Any] = {k: t[:, :n] for k, t in self.params().items()}
+        return replace(self, mask=self.mask[:, :n], **kept)
 
     @staticmethod
     def cat(sets: list["SplatSet"]) -> "SplatSet":

@@ -255,6 +255,26 @@ def test_a_frozen_mask_of_another_slot_count_than_the_fit_is_refused():
     torch.testing.assert_close(held.splats.mu[frozen & start.splats.mask], start.splats.mu[frozen & start.splats.mask])
 
 
+@pytest.mark.parametrize("basis", ["fixed-grid", "dct", "segments"])
+def test_frozen_terms_of_a_fixed_basis_with_solved_embeddings_are_refused(basis):
+    """The solve holds frozen splats' embeddings, not a fixed basis's coefficients: it re-solved them
+    all, and crashed (AttributeError on None) where the freeze ended. Adam holds them, as before."""
+    from splatopt.basis import terms_for_budget
+
+    field = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(0))
+    K = int(terms_for_budget(basis, torch.tensor([4, 4]), torch.tensor([12, 12]), 8).max())
+    frozen = torch.zeros(2, K, dtype=torch.bool)
+    frozen[:, 0] = True
+    common = dict(n_splats=4, steps=4, objective="mse", basis=basis, device="cpu", progress=False, record_every=0,
+                  frozen=frozen, frozen_steps=2)
+    with pytest.raises(ValueError, match="cannot hold frozen terms; use embeddings='adam'"):
+        fit(Targets(field), optimizer=splatopt.InnerOptimizer(embeddings="solve"), **common)
+    start = fit(Targets(field), **{**common, "steps": 0, "frozen": None, "frozen_steps": 0})
+    held = fit(Targets(field), **{**common, "frozen_steps": 4})
+    coefficients = lambda r: r.coefficients if r.coefficients is not None else r.splats.v  # noqa: E731
+    torch.testing.assert_close(coefficients(held)[:, 0], coefficients(start)[:, 0])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(model):
     with pytest.raises(ValueError, match="CUDA is not available"):
