@@ -26,8 +26,7 @@ from .optim import GROUPS, InnerOptimizer, adam_step
 
 def learning_rate_table(optimizer: InnerOptimizer, total: int) -> Tensor:
     """[total, 4] float64 (CPU): ``optimizer.learning_rates(i, total)`` per step, in ``GROUPS`` order (v before the target RMS)."""
-    unit = torch.ones((), dtype=torch.float64)  # v's factor: 1 in float64, so v's rate is the host's float exactly
-    return torch.tensor([[float(optimizer.learning_rates(i, total, unit)[k]) for k in GROUPS] for i in range(total)],
+    return torch.tensor([[float(optimizer.learning_rates(i, total, 1.0)[k]) for k in GROUPS] for i in range(total)],
                         dtype=torch.float64).reshape(total, len(GROUPS))
 
 

@@ -114,8 +114,9 @@ class InnerOptimizer:
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be > 0 (or None: no clipping)")
 
-    def learning_rates(self, step: int, total: int, v_scale: Tensor) -> dict[str, Tensor | float]:
-        """Per-group learning rates at ``step`` of ``total`` (v's is a [B, 1, 1] tensor: lr_v times the target RMS)."""
+    def learning_rates(self, step: int, total: int, v_scale: Tensor | float) -> dict[str, Tensor | float]:
+        """Per-group learning rates at ``step`` of ``total`` (v's is lr_v times ``v_scale``: a [B, 1, 1] tensor of
+        target RMS in a fit, 1.0 for a per-step table)."""
         frac = step / max(total, 1)
         if self.schedule == "constant":
             factor = 1.0
