@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -133,6 +134,8 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fixedpos", description=__doc__)
+    # fixedpos ships inside the splatopt distribution, so it carries that version
+    parser.add_argument("--version", action="version", version=f"fixedpos (splatopt {_distribution_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -163,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the head file (default: the user cache)")
     p.set_defaults(func=cmd_train_head)
     return parser
+
+
+def _distribution_version() -> str:
+    """The installed splatopt distribution's version (fixedpos never imports splatopt)."""
+    try:
+        return importlib.metadata.version("splatopt")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed: run from a source checkout"
 
 
 def main(argv: list[str] | None = None) -> int:

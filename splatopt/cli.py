@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
+
 DEMO_TEXT = (
     "Return a new list containing all items from the iterable in ascending order. "
     "A custom key function can be supplied to customize the sort order."
@@ -360,6 +362,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splatopt", description="Fit Gaussian text splats to prompts.")
+    parser.add_argument("--version", action="version", version=f"splatopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit splats to texts and print the decoded text and metrics")

@@ -586,3 +586,12 @@ def test_a_damaged_fixed_basis_fit_file_is_refused_naming_it(tmp_path, damage, m
     write_safetensors(path, tensors, header)
     with pytest.raises(ValueError, match="dct.safetensors.* " + message):
         FitResult.load(path)
+
+
+def test_cli_version_is_the_package_version(capsys):
+    from splatopt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"splatopt {splatopt.__version__}"

@@ -139,3 +139,12 @@ def test_load_names_an_unknown_head_recipe_at_once():
 
     with pytest.raises(ValueError, match="unknown head recipe 'bogus'"):
         fixedpos.load(head="bogus")
+
+
+def test_version_names_the_distribution_fixedpos_ships_in(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fixedpos (splatopt {importlib.metadata.version('splatopt')})"
