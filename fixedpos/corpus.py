@@ -131,7 +131,9 @@ def license_passages(min_words: int = 6) -> tuple[str, ...]:
 
 
 def load_text_file(path: str | Path) -> list[str]:
-    """Passages of a ``.txt`` file (blank-line separated if it has blank lines, else one per line) or ``.jsonl``."""
+    """Passages of a ``.txt`` file (blank-line separated if it has blank lines, else one per line;
+    whitespace runs collapsed) or ``.jsonl`` (a ``{"text": ...}`` object a line). FileNotFoundError
+    for a missing file; ValueError for a file that is not UTF-8 or a malformed JSONL line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
@@ -162,7 +164,10 @@ def load_text_file(path: str | Path) -> list[str]:
 
 
 def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
-    """Passages of a corpus: ``stdlib`` or ``stdlib-live`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path."""
+    """Passages of a corpus: ``stdlib`` or ``stdlib-live`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path.
+
+    ``split`` selects from the stdlib corpora only (the others are held-out text, returned whole);
+    ValueError for an unknown split or corpus."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {list(SPLITS)}")
     if name in ("stdlib", "stdlib-live"):
@@ -187,8 +192,9 @@ def check_corpus_spec(spec) -> None:
 
 
 def load_corpus_spec(spec: str, default_split: str = "validation") -> list[str]:
-    """Passages of a corpus named as the command lines name it: ``stdlib:SPLIT`` (``stdlib`` alone means
-    ``default_split``), ``licenses``, or a ``.txt`` / ``.jsonl`` path."""
+    """Passages of a corpus named as the command lines name it: ``stdlib:SPLIT`` or
+    ``stdlib-live:SPLIT`` (the name alone means ``default_split``), ``licenses``, or a ``.txt`` /
+    ``.jsonl`` path; errors as :func:`load_corpus`."""
     if Path(spec).is_file():
         return load_text_file(spec)
     name, _, split = spec.partition(":")
@@ -199,7 +205,9 @@ def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, mi
     """Up to ``n`` prompts of ``min_tokens..max_tokens`` tokens cut from ``texts`` at word boundaries.
 
     Passages longer than ``max_tokens`` are cut at the last whole word that fits, so prompts are real
-    text (the evaluation protocol of DESIGN.md: L <= 64). Deterministic in ``seed``.
+    text (the evaluation protocol of DESIGN.md: L <= 64). model: a FieldModel (its tokenizer counts
+    the tokens). Fewer than ``n`` when the passages run out. Deterministic in ``seed``. ValueError
+    for n not an int >= 1.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # a slice by n would take the whole corpus
         raise ValueError(f"sample_prompts: n={n!r} must be an int >= 1 (prompts to draw)")

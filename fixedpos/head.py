@@ -7,7 +7,7 @@ that has never seen a token cannot emit it); scoring through ``E`` lets the head
 and training on random wordpiece sequences as well covers the whole vocabulary's contexts.
 
 ``q`` is a residual MLP on the layer-normalised field. Only ``q`` and ``b`` are trained and saved
-(about 0.6 M floats for d = 384), so heads ship inside the repo.
+(about 0.47 M floats for d = 384, V = 30522), so heads ship inside the repo.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ SHIPPED_DIR = Path(__file__).parent / "heads"
 
 
 class DecoderHead(nn.Module):
-    """Tied decoder head. field [..., d] -> logits [..., V]."""
+    """Tied decoder head. field [..., d] -> logits [..., V].
+
+    word_embeddings: [V, d], the encoder's frozen input embeddings (a buffer, not saved). hidden:
+    the MLP's hidden width (default d). Starts as layer norm then identity (the MLP branch small).
+    """
 
     embeddings: Tensor  # [V, d] a buffer (register_buffer below): declared for the type checker
 
@@ -58,10 +62,12 @@ class DecoderHead(nn.Module):
         return self.linear(x) + self.down(F.gelu(self.up(x)))
 
     def forward(self, field: Tensor) -> Tensor:
+        """Logits [..., V] of a field [..., d], in the features' dtype."""
         q = self.features(field)
         return q @ self.embeddings.to(q.dtype).T + self.bias.to(q.dtype)
 
     def trainable_state(self) -> dict[str, Tensor]:
+        """The state dict without the frozen word embeddings (what a head file stores)."""
         return {k: v for k, v in self.state_dict().items() if k != "embeddings"}
 
 
@@ -90,6 +96,7 @@ class HeadRecipe:
     hidden: int | None = None
 
     def key(self) -> str:
+        """12 hex digits of the SHA-256 of every field: the cache key of heads trained with this recipe."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -177,7 +184,11 @@ def train_head(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[DecoderHead, dict]:
-    """Train a tied head for ``model`` at its layer on ``texts`` with ``recipe`` (seeded, reproducible per device)."""
+    """Train a tied head for ``model`` at its layer on ``texts`` with ``recipe`` (seeded, reproducible per device).
+
+    device: default cuda if available. log: called once with a summary line. Returns (the head, on
+    the CPU, in eval mode without gradients; its metadata: model, layer, recipe, train accuracy...).
+    """
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -233,7 +244,11 @@ def train_head(
 
 
 def find_or_train_head(model, recipe: str | HeadRecipe = "standard", train_if_missing: bool = True, progress: bool = True) -> DecoderHead:
-    """The head for ``model`` at its layer: shipped with the package, else cached, else trained and cached."""
+    """The head for ``model`` at its layer: shipped with the package, else cached, else trained and cached.
+
+    recipe: a name in ``RECIPES`` or a HeadRecipe (ValueError for an unknown name). Without a head
+    and with ``train_if_missing=False``: FileNotFoundError. ValueError for a corrupt head file.
+    """
     recipe = resolve_recipe(recipe)
     fname = head_filename(model.model_hash, model.layer, recipe)
     for path in (SHIPPED_DIR / fname, cache_dir() / "heads" / fname):

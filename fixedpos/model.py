@@ -41,6 +41,7 @@ class TokenBatch:
         return self.mask.sum(-1)
 
     def to(self, device: torch.device | str) -> "TokenBatch":
+        """The same batch with ids, mask and offsets on ``device``."""
         return TokenBatch(self.ids.to(device), self.mask.to(device), self.offsets.to(device), self.texts)
 
     def __len__(self) -> int:
@@ -60,11 +61,14 @@ def _find_layer_stack(encoder: nn.Module) -> tuple[nn.Module, str] | None:
 
 
 class FieldModel:
-    """A frozen fixed-position encoder at one layer, with a decoder head.
+    """A frozen fixed-position encoder at one layer, with a decoder head (build it with ``fixedpos.load``).
 
-    dim: d, the field width. vocab_size: V. layer: 0 = embedding output, k = after block k.
-    window: content tokens per encoder window (the model's maximum length less its two wrappers).
+    dim: d, the field width. vocab_size: V. layer: 0 = embedding output, k = after block k (of
+    n_layers). name, model_hash: the model's display name and the SHA-256 of its weights (what
+    heads, splat files and learned initializers are keyed by). window: content tokens per encoder
+    window, 8 .. the model's maximum length less its two wrappers (default: that maximum).
     overlap: context kept on each side of a seam between windows (default: min(128, (window + 2) // 4)).
+    ValueError for a layer, window or overlap out of range.
     """
 
     def __init__(
@@ -128,7 +132,8 @@ class FieldModel:
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: str | Sequence[str], device: torch.device | str | None = None) -> TokenBatch:
-        """Tokenize texts (no special tokens) into a padded :class:`TokenBatch`.
+        """Tokenize texts (no special tokens) into a right-padded :class:`TokenBatch` ([B, L], on
+        ``device``, default the CPU); a str is one text.
 
         Raises TypeError for non-strings and ValueError for empty or whitespace-only text, NUL bytes
         (the tokenizer would silently drop them and merge their neighbours) and text made only of
@@ -171,7 +176,8 @@ class FieldModel:
         return batch.to(device) if device is not None else batch
 
     def detokenize(self, ids: Tensor, mask: Tensor | None = None) -> list[str]:
-        """Texts from ids [B, L] (or [L]); positions where mask [B, L] is False are skipped."""
+        """B texts from ids [B, L] (or [L]: one text); positions where mask [B, L] is False are
+        skipped; ValueError for other shapes."""
         if ids.dim() == 1:
             ids = ids[None]
             mask = None if mask is None or mask.dim() != 1 else mask[None]
@@ -227,7 +233,7 @@ class FieldModel:
         overlap by ``2 * overlap`` tokens; each position is taken from the window where it lies at
         least ``overlap`` tokens from a cut (seams fall midway between window cuts), so every position
         sees at least ``overlap`` tokens of context on both sides. ``max_tokens`` bounds the tokens
-        encoded at once (memory).
+        encoded at once (memory). TypeError for anything but a TokenBatch.
         """
         if not isinstance(batch, TokenBatch):
             raise TypeError(f"encode takes a TokenBatch, not {type(batch).__name__}: model.encode(model.tokenize(texts))")
@@ -274,6 +280,7 @@ class FieldModel:
         return self._head
 
     def set_head(self, head: "DecoderHead") -> None:
+        """Decode with ``head`` from now on; ValueError if its d or V is not this model's."""
         if head.dim != self.dim or head.vocab_size != self.vocab_size:
             raise ValueError(f"head is for d={head.dim}, V={head.vocab_size}; {self.name} has d={self.dim}, V={self.vocab_size}")
         self._head = head
@@ -290,7 +297,9 @@ class FieldModel:
         return head
 
     def decode(self, field: Tensor) -> Tensor:
-        """Logits [..., L, V] from a field [..., L, d]; differentiable in ``field``, head frozen."""
+        """Logits [..., L, V] from a field [..., L, d], in the head's dtype (float32), on the field's
+        device; differentiable in ``field``, head frozen. TypeError for a non-tensor, ValueError for
+        a width other than d; the head is loaded (or trained, see ``fixedpos.load``) on first use."""
         head = self._head_for(field)
         return head(field.to(head.bias.dtype))
 

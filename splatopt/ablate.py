@@ -171,6 +171,7 @@ class Study:
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
+        """Read and check a study file (see :meth:`parse`); FileNotFoundError if it does not exist."""
         path = Path(path)
         if path.is_dir():
             hint = f"; {path / 'study.toml'} is the copy a run keeps there" if (path / "study.toml").is_file() else ""
@@ -457,7 +458,7 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
         "settings": cell.settings, "config": result.config, "corpus": study.corpus, "prompt_seed": cell.prompt_seed,
         "max_tokens": study.max_tokens, "min_tokens": study.min_tokens,
         "splatopt": __version__, "torch": torch.__version__,
-        # the stdlib corpus is the running interpreter's docstrings: its samples change with the version
+        # the stdlib-live corpus is the running interpreter's docstrings: its samples change with the version
         "python": platform.python_version(),
         "device_name": device_label(run_device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -476,7 +477,7 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     fractions, cosine, seconds of fitting, encode_seconds, prompts, tokens, splats...) and
     floats_per_token where the result has it; ``settings`` (the study's), ``config`` (fit's
     resolved configuration), corpus, prompt_seed, max_tokens, min_tokens, splatopt, torch and
-    python versions (the stdlib corpus is the interpreter's), device_name, and the ``finished`` time.
+    python versions (the stdlib-live corpus is the interpreter's), device_name, and the ``finished`` time.
     """
     from tqdm.auto import tqdm
 

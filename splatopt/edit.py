@@ -146,19 +146,24 @@ def edit(
     progress: bool = True,
     **fit_options,
 ) -> FitResult:
-    """Re-fit ``result`` (a FitResult, or a path to a saved one) to edited texts, warm-started.
+    """Re-fit ``result`` (a FitResult of mobile splats fitted from text, or a path to a saved one) to
+    edited texts, warm-started; returns the re-fit's :class:`FitResult`.
 
     One prompt: give the new text (a str), or ``edits`` as ``(start, end, replacement)`` character
-    spans of the old text. Many prompts at once (one batched re-fit): give a list of new texts, or
-    a list of edit lists, one per prompt of ``result``.
-    steps: re-fit steps. local (default): splats more than ``freeze_sigma`` widths from every edited
-    span neither move nor change during the whole re-fit (far from the edit, a fit keeps its
-    splats); local=False re-fits them too, after ``freeze_steps`` frozen steps. far_moves: frozen
+    spans of the old text (end exclusive). Many prompts at once (one batched re-fit): give a list
+    of new texts, or a list of edit lists, one per prompt of ``result``.
+    model: the old fit's FieldModel (default: ``fixedpos.load`` of the result's model and layer).
+    device: default the result's splats' device. record_every, progress: as :func:`fit`.
+    steps: re-fit steps. local (default): splats more than ``freeze_sigma`` widths (sigmas, >= 0)
+    from every edited span neither move nor change during the whole re-fit (far from the edit, a
+    fit keeps its splats); local=False re-fits them too, after ``freeze_steps`` frozen steps (0:
+    none; local=True takes no freeze_steps). far_moves: frozen
     splats still translate (centres only; width, weight and embedding held). far_tolerance: their
     embeddings may change by at most this fraction of their norm (0: held; starts re-fitted with
     solved embeddings, a learned initializer's, hold them exactly). At 0.04 it changed no prompt's
     final accuracy on 48 validation edits, and lowered the field error a little.
-    spawn_density: new splats per inserted token (default: the prompt's old splats per token).
+    spawn_density: new splats per inserted token, > 0 (default: the old fit's ``n_splats`` where it
+    was a fraction of the length, else the prompt's old splats per token).
     hold_budget (default): the re-fit holds as many splats as a fit from scratch of the new text at
     that density, round(density * L_new) as fit() rounds it: spawned splats first give way to the far
     splats (the largest spans give one up, then the smallest spans lose theirs), then the least
@@ -213,6 +218,12 @@ def edit(
     The returned result's ``edit`` records the script and which old slots were transported, pruned,
     and which new slots were spawned: a dict for one prompt given as a str, a list of such dicts
     (one per prompt) for a batch.
+
+    Raises ValueError, before any fitting, for a fixed-basis result or one fitted from a bare field,
+    both or neither of new_text and edits, a count of texts or edit lists other than the result's
+    prompts, overlapping or out-of-range edits, an edit that leaves a text empty, a model other than
+    the result's, fit options that edit sets itself (n_splats, init, frozen...), or an option out
+    of range; TypeError for malformed edits.
     """
     if isinstance(result, (str, Path)):
         result = FitResult.load(result)

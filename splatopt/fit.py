@@ -55,10 +55,12 @@ HOST_SIDE = ("history.", "trajectory.", "density.", "n_terms", "skipped_steps", 
 
 @dataclass
 class Targets:
-    """Fields to fit when there is no text: field [B, L, d], mask [B, L] bool, ids [B, L] (optional).
+    """Fields to fit when there is no text: field [B, L, d] float, mask [B, L] bool, ids [B, L] long.
 
-    Without ids a cross-entropy objective reads its target tokens off the field with the decoder
-    (argmax of decode(field)).
+    mask: True on valid positions, right-padded (a prompt's positions first); None = every position
+    valid. ids: the target token ids (optional); without them a cross-entropy objective, and the
+    result's token accuracy, read the target tokens off the field with the decoder (argmax of
+    decode(field)). ``fit`` checks all three (ValueError / TypeError naming the problem).
     """
 
     field: Tensor
@@ -71,20 +73,23 @@ class FitResult:
     """What ``fit`` returns; per-prompt tensors are in the caller's prompt order.
 
     splats: the fitted SplatSet (B prompts, capacity max N); None for the "dct" and "segments"
-    bases, whose coefficients [B, K, d] are in ``coefficients``. ids, mask: [B, L] target tokens
-    (ids None for a bare field fitted without a decoder). texts: decoded texts of the rendered
-    fields (None without a decoder); input_texts: the texts fitted (None for fields); offsets:
-    [B, L, 2] their tokens' character spans. token_accuracy (a fraction in [0, 1]), field_error
-    (relative MSE), cosine: [B]. history: ``step`` [S] and per-prompt metrics [S, B] at recorded
-    steps. trajectory: ``step`` [S], ``mu``/``sigma`` (tokens) and ``weight`` [S, B, N] at recorded
-    steps, NaN in inactive slots. seconds: wall time of the fit (inner loops and final metrics);
-    encode_seconds: of the target. config: fit's resolved settings (JSON). edit: for a result of
+    bases, whose coefficients [B, K, d] are in ``coefficients``. ids [B, L] long, mask [B, L] bool:
+    target tokens (ids None for a bare field fitted without a decoder). texts: decoded texts of the
+    rendered fields (None without a decoder); input_texts: the texts fitted (None for fields);
+    offsets: [B, L, 2] long, their tokens' character spans. token_accuracy (a fraction in [0, 1];
+    None without a decoder), field_error (relative MSE), cosine: [B] float. history: ``step`` [S]
+    and per-prompt metrics [S, B] at recorded steps (``loss``, ``field_error``, ``cosine``,
+    ``n_terms``; ``ce`` and ``token_accuracy`` where computed), on the CPU. trajectory: ``step``
+    [S], ``mu``/``sigma`` (tokens) and ``weight`` [S, B, N] at recorded steps, NaN in inactive
+    slots, on the CPU; empty for a fixed basis. seconds: wall time of the fit (inner loops and
+    final metrics); encode_seconds: of the target. config: fit's resolved settings (JSON). edit: for a result of
     :func:`splatopt.edit`, its records (a dict, or a list with one per prompt; see ``edit``; None for a
     prompt of a plain fit that :meth:`cat` joined to an edit's).
     skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
     basis: "splats" or a fixed basis. floats_per_token: [B] floats the representation stores per
     token (d + 3 per active splat, d per fixed-basis term). density: [B] counts of the density
-    strategy's events ("cloned", "split", "pruned", "relocated"). n_terms: [B] active splats or basis terms.
+    strategy's events ("cloned", "split", "pruned", "relocated"; None for a fixed basis). n_terms:
+    [B] active splats or basis terms. The [B] counters are long tensors on the CPU.
     """
 
     splats: SplatSet | None
@@ -110,7 +115,9 @@ class FitResult:
     n_terms: Tensor | None = None
 
     def summary(self) -> dict:
-        """Means over prompts, as plain floats."""
+        """Plain numbers: ``prompts``, ``tokens``, ``basis``, ``terms`` and ``splats`` (totals), means
+        over prompts of ``field_error``, ``cosine``, ``floats_per_token`` and ``token_accuracy`` (with
+        ``token_accuracy_pooled`` over all tokens), each density event's total, and ``seconds``."""
         out = {
             "prompts": int(self.mask.shape[0]),
             "tokens": int(self.mask.sum()),
@@ -241,7 +248,8 @@ class FitResult:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write splats, token ids, metrics, history, trajectory and configuration (safetensors + JSON, atomic)."""
+        """Write splats (or a fixed basis's coefficients), token ids, metrics, history, trajectory, edit
+        records and configuration to ``path`` (safetensors + JSON, atomic); returns the path."""
         extra = {"token_mask": self.mask, "field_error": self.field_error, "cosine": self.cosine}
         for name in ("ids", "offsets", "token_accuracy"):
             if getattr(self, name) is not None:
@@ -265,7 +273,10 @@ class FitResult:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, expect_model_hash: str | None = None) -> "FitResult":
-        """Read a file written by :meth:`save` (refuses corrupt or mismatched files, see ``SplatSet.load``)."""
+        """Read a file written by :meth:`save`, onto ``device`` (default: as stored, the CPU; history,
+        trajectory and counters stay on the CPU, as ``fit`` leaves them). ValueError naming the file
+        for a corrupt or inconsistent file, a bare splat file, or one fitted with another model than
+        ``expect_model_hash`` (see ``SplatSet.load``); FileNotFoundError for a missing file."""
         tensors, header = read_safetensors(Path(path), "fit result file")
         if header.get("format") == BASIS_FORMAT:
             try:
@@ -527,58 +538,79 @@ def fit(
     fused: bool | None = None,
     cuda_graphs: bool | None = None,
 ) -> FitResult:
-    """Fit Gaussian text splats to prompts.
+    """Fit Gaussian text splats to prompts; returns a :class:`FitResult` (per-prompt tensors in the
+    caller's order).
 
     texts_or_fields: a text, a list of texts (tokenized and encoded with ``model``), a field
-    [B, L, d] or :class:`Targets`. model: a ``fixedpos.FieldModel``; None = the embedded default.
-    n_splats: a fraction of each prompt's length (0.5 = L/2), an int for every prompt, or one int
-    per prompt; 1 <= N <= L. steps: inner steps (0 = the initializer's splats). objective: e.g.
-    "mse+ce" (default), "mse", "0.5*mse+ce+cosine". init: "grid", "tokens", "learned" (the
-    meta-trained initializer shipped for ``model``; with ``optimizer=None`` the fit then uses the
-    inner Adam it was meta-trained with), a dict, or an initializer.
+    [B, L, d] float tensor (every position valid) or :class:`Targets` (field, mask, ids).
+    model: a ``fixedpos.FieldModel``; None = ``fixedpos.load()`` (the embedded default) where one
+    is needed (texts, a "ce" term, init="learned"); a field with a field-only objective is then
+    fitted without a decoder (no texts, no token accuracy).
+    n_splats: a fraction in (0, 1] of each prompt's length (0.5 = L/2, rounded, at least 1), an int
+    for every prompt, or one int per prompt; 1 <= N <= L. steps: inner steps (0 = the
+    initializer's splats). objective: a string such as "mse+ce" (default), "mse",
+    "0.5*mse+ce+0.1*cosine", an :class:`Objective` or a dict of its weights. init: "grid",
+    "tokens", "learned" (the meta-trained initializer shipped for ``model``; with
+    ``optimizer=None`` the fit then uses the inner Adam it was meta-trained with), a dict such as
+    ``{"name": "grid", "sigma_scale": 1.0}``, or an initializer object (:class:`Initializer`,
+    e.g. :class:`WarmStart`).
     optimizer: :class:`InnerOptimizer` (learning rates, schedules, clipping), or a dict of its fields
     over the one the fit would use otherwise (a config file's spelling); with a learned
     initializer also "picked", the inner optimizer picked on validation for short budgets that
     ships beside it (the default model's: Adam in the decoder's Fisher metric; at N = L/4, 10
     steps decode 96.5 % of the test split's tokens against 70.9 % with the meta-trained one, and
-    its fits keep a larger field error). kernel: "gaussian"
-    or "erf"; mode: "additive" or "normalized". varpro: embeddings in closed form (least squares
-    on the field) at every step, only the geometry is optimized. truncate: splats contribute nothing
-    beyond ``truncate * sigma`` tokens of their centres, and the inner loop renders with the local
-    renderer (:func:`splatopt.render_local`: O(L·k·d), not O(L·N)); None = untruncated and dense,
-    except for batches with a prompt longer than ``LONG_LENGTH`` tokens, which get ``DEFAULT_TRUNCATE``
-    (the value used is in ``config["truncate"]``). seed: seeds the initializer's
-    generator. device: default cuda if available. record_every: history/trajectory period
-    (0 = only the last step). batch_size: prompts per chunk (default: about 16k tokens a chunk).
+    its fits keep a larger field error). None: ``InnerOptimizer()``, or the learned initializer's.
+    kernel: "gaussian" or "erf"; mode: "additive" or "normalized" (see :func:`splatopt.render`).
+    varpro: embeddings in closed form (least squares on the field) at every step, only the
+    geometry is optimized. truncate: splats contribute nothing beyond ``truncate * sigma`` tokens
+    of their centres (a number > 0, in sigmas), and the inner loop renders with the local renderer
+    (:func:`splatopt.render_local`: O(L·k·d), not O(L·N)); None = untruncated and dense, except
+    for a fit whose longest prompt exceeds ``LONG_LENGTH`` (1024) tokens, which gets
+    ``DEFAULT_TRUNCATE`` (4) (the value used is in ``config["truncate"]``). seed: an int; chunk c's
+    initializer generator is seeded with ``seed + c``. device: default cuda if available. dtype:
+    torch.float32 (default) or torch.float64, the precision of the target and the splats.
+    record_every: history/trajectory period in steps (0 = only the last step). batch_size: prompts
+    per chunk (default: about 16k padded tokens a chunk). progress: a tqdm bar per chunk.
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles); N is
-    the fit's slot count: the largest ``n_splats``, or the WarmStart's capacity if that is larger.
+    the fit's slot count: the largest per-prompt count (of terms, for a fixed basis), or the
+    WarmStart's capacity if that is larger.
     frozen_moves: frozen splats still translate (their centres move; width, weight and embedding
     are held). frozen_v_tolerance: frozen splats' embeddings may change too, by at most this
     fraction of their starting norm (projected back after every step; 0 holds them; the inner loop
     then runs eagerly, neither host-free nor fused).
     basis: "splats" (mobile) or a fixed baseline at an equal float budget: "fixed-grid", "dct",
-    "segments" (see :mod:`splatopt.basis`; ``n_splats`` then sets the budget). density: "none",
-    "adaptive", "budget" or a strategy object (:mod:`splatopt.density`); ``n_splats`` is each
-    prompt's cap on active splats. fused_ce: the cross-entropy term without materialized logits
-    (see :func:`splatopt.objective_terms`): None = on CUDA (bf16 vocabulary products), True =
-    insist, False = the materialized float32 logits (needed to differentiate through the fit).
+    "segments" (see :mod:`splatopt.basis`; ``n_splats`` then sets the budget; no varpro, truncate
+    or density; "dct" and "segments" take init="grid" only). density: "none", "adaptive",
+    "budget", a dict ``{"name": ..., fields}`` or a strategy object (:mod:`splatopt.density`);
+    ``n_splats`` is each prompt's cap on active splats. fused_ce: the cross-entropy term without
+    materialized logits (see :func:`splatopt.objective_terms`): None = on CUDA (bf16 vocabulary
+    products), True = insist, False = the materialized float32 logits (needed to differentiate
+    through the fit).
     fused: the inner step's field loss as one Triton kernel that renders, scores and differentiates
     without writing the field (:func:`splatopt.kernels.fused_field_loss`). None = where it can run
     and pays off: CUDA, a field-only objective (mse / cosine, no ce), basis "splats", kernel
-    "gaussian", mode "additive", no truncation, no varpro, float32, at most ``MAX_SLOTS`` splats per
-    prompt; True = insist (ValueError saying why it cannot; on the CPU it needs TRITON_INTERPRET=1,
-    for tests); False = render with PyTorch. With a relative MSE alone, no clipping and no density
-    control and no metric (``InnerOptimizer.metric``), the whole step (loss, backward and Adam) runs fused in two kernels
-    (:func:`splatopt.kernels.fused_adam_step`, tf32x3 products: float32-accurate). Recorded metrics
-    render with PyTorch either way; the choice made is ``config["fused"]``.
+    "gaussian", mode "additive", no truncation, no varpro or solved embeddings, float32, at most
+    ``MAX_SLOTS`` splats per prompt; True = insist (ValueError saying why it cannot; on the CPU it
+    needs TRITON_INTERPRET=1, for tests); False = render with PyTorch. With a relative MSE alone,
+    no clipping, no density control, no metric (``InnerOptimizer.metric``) and no partly frozen
+    splats (frozen_moves, frozen_v_tolerance), the whole step (loss, backward and Adam) runs fused
+    in two kernels (:func:`splatopt.kernels.fused_adam_step`, tf32x3 products: float32-accurate).
+    Recorded metrics render with PyTorch either way; the choice made is ``config["fused"]``.
     cuda_graphs: the inner loop captured as CUDA graphs and replayed between recorded steps (one
     host call per two steps instead of dozens of launches per step, which is what bounds small
     batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
     for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve"),
-    density control runs or splats are truncated (the local renderer sizes its tiles on the host);
-    True = insist (ValueError saying why it cannot); False = launch every step. Either way the loop takes its learning rates from a device table, so the results
-    are the same bits; the choice made is ``config["cuda_graphs"]``.
+    density control runs, frozen embeddings are projected (frozen_v_tolerance) or splats are
+    truncated (the local renderer sizes its tiles on the host); True = insist (ValueError saying
+    why it cannot); False = launch every step. Either way the loop takes its learning rates from a
+    device table, so the results are the same bits; the choice made is ``config["cuda_graphs"]``.
+
+    Raises, before any fitting, ValueError for an option out of range, an incompatible combination
+    of options, a malformed target (shape, NaN or inf, a mask that is not right-padded, a width
+    other than the model's d, ids outside the vocabulary) or a learned initializer meta-trained for
+    another model or layer; TypeError for a wrong type (seed, init, density, a NumPy array, a
+    non-float field, a non-tensor mask, non-integer ids).
     """
     check_options(steps=steps, kernel=kernel, mode=mode, record_every=record_every, truncate=truncate, basis=basis,
                   varpro=varpro, progress=progress, frozen_steps=frozen_steps, frozen_moves=frozen_moves,

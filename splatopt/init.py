@@ -80,10 +80,14 @@ def _check_grid_fields(init) -> None:
 
 @dataclass(frozen=True)
 class GridInit:
-    """Evenly spaced splats, width ``sigma_scale`` x spacing, weight 1/2, embeddings by least squares.
+    """Evenly spaced splats, width ``sigma_scale`` x spacing, weight ``weight``, embeddings by least squares.
 
-    The embeddings solve the field MSE exactly for the initial geometry (one variable-projection
-    solve), so the fit starts from the best field the grid can render.
+    Prompt b's N_b centres sit at (i + 1/2) s - 1/2 tokens, spacing s = L_b / N_b, each moved by up
+    to ``jitter`` / 2 spacings at random (the generator's; 0 = none). The embeddings solve the
+    field MSE exactly for the initial geometry (one variable-projection solve) under the
+    point-sampled Gaussian, additive render: the initializer is not told the fit's kernel and mode,
+    so only a fit with kernel="gaussian", mode="additive" starts from the best field the grid can
+    render. ValueError for sigma_scale <= 0, jitter outside [0, 1] or weight outside (0, 1).
     """
 
     sigma_scale: float = 0.6
@@ -109,7 +113,7 @@ class TokenInit:
     """Token-anchored splats: centres on evenly chosen token centres, embeddings copied from the target there.
 
     v = target[round(mu)] / weight, so each splat starts as the token under it; the optimizer then
-    learns to cover the neighbours.
+    learns to cover the neighbours. Fields and their checks as :class:`GridInit`.
     """
 
     sigma_scale: float = 0.6
@@ -133,7 +137,9 @@ class TokenInit:
 
 @dataclass(frozen=True)
 class WarmStart:
-    """Start from given splats (e.g. transported through an edit); ``n_splats`` is ignored."""
+    """Start from given splats [B, N] (e.g. transported through an edit), one row per prompt in the
+    prompts' order; ``n_splats`` is ignored. They are moved to the target's device and dtype.
+    ValueError for another B or d than the target's, or NaN / inf in an active splat."""
 
     splats: SplatSet
 
@@ -156,7 +162,8 @@ def resolve_initializer(init, model=None) -> Initializer:
     """An initializer from a name ("grid", "tokens", "learned"), a dict such as ``{"name": "grid",
     "sigma_scale": 1.0}`` or ``{"name": "learned", "path": "init.safetensors"}`` (a study file's
     spelling), or an object implementing the protocol. "learned" is the meta-trained initializer
-    shipped for ``model`` (:func:`splatopt.learned.load_learned`)."""
+    shipped for ``model`` (:func:`splatopt.learned.load_learned`). ValueError for an unknown name or
+    field, or "learned" without a model; TypeError for a class instead of an object, or a non-callable."""
     if isinstance(init, dict):
         options = dict(init)
         name = options.pop("name", None)

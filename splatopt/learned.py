@@ -94,10 +94,15 @@ class _Block(nn.Module):
 class LearnedInitializer(nn.Module):
     """Meta-trained splat initializer (see the module docstring).
 
-    ``init(target [B, L, d], mask [B, L] bool, n_splats [B] long) -> SplatSet`` with capacity
-    max(n_splats), differentiable in the network's parameters (meta-training backpropagates
-    through it); under ``torch.no_grad`` it is an ordinary initializer. ``optimizer``: the inner
-    Adam settings it was meta-trained with. ``meta``: JSON-able provenance (model, layer, config).
+    ``init(target [B, L, d], mask [B, L] bool (right-padded), n_splats [B] long (1 <= n_b <= L_b),
+    generator) -> SplatSet`` [B, max(n_splats)] in the target's dtype, differentiable in the
+    network's parameters (meta-training backpropagates through it); under ``torch.no_grad`` it is
+    an ordinary initializer. It is deterministic (the generator is unused), and d must be
+    ``arch.dim`` (ValueError otherwise). ``optimizer``: the inner Adam settings it was
+    meta-trained with (:meth:`inner_optimizer` adds the learned learning-rate scales).
+    ``picked_optimizer``: the inner optimizer picked on validation that ships beside a shipped
+    initializer (``fit(optimizer="picked")``), or None. ``meta``: JSON-able provenance (model,
+    model_hash, layer, config).
     """
 
     def __init__(self, arch: Architecture, optimizer: InnerOptimizer | None = None, meta: dict | None = None) -> None:
@@ -174,7 +179,9 @@ class LearnedInitializer(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device=None) -> "LearnedInitializer":
-        """Read a file written by :meth:`save`; ValueError naming the file if it is not one."""
+        """Read a file written by :meth:`save` (weights as float32), onto ``device`` if given; ValueError
+        naming the file if it is not one or its weights do not match its architecture,
+        FileNotFoundError if it does not exist. ``picked_optimizer`` stays None (:func:`load_learned` sets it)."""
         tensors, header = read_safetensors(Path(path), "learned initializer")
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a learned initializer (format {header.get('format')!r}, expected {FORMAT!r})")
@@ -193,6 +200,7 @@ class LearnedInitializer(nn.Module):
 
 
 def shipped_path(model_name: str | None, layer: int | None) -> Path:
+    """Where the initializer meta-trained for ``model_name`` at ``layer`` ships (it may not exist)."""
     return SHIPPED_DIR / f"{model_name}-layer{layer}.safetensors"
 
 
@@ -218,7 +226,9 @@ def load_picked_optimizer(path: str | Path) -> InnerOptimizer:
 
 
 def load_learned(model) -> LearnedInitializer:
-    """The shipped initializer meta-trained for ``model`` (its name, layer and weights hash must match)."""
+    """The shipped initializer meta-trained for ``model`` (its name, layer and weights hash must match),
+    in eval mode without gradients, with its ``picked_optimizer`` where one ships; ValueError if none
+    ships for that model and layer, or it was meta-trained for other weights."""
     name, layer, model_hash = getattr(model, "name", None), getattr(model, "layer", None), getattr(model, "model_hash", None)
     path = shipped_path(name, layer)
     if not path.is_file():

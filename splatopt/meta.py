@@ -70,16 +70,25 @@ class MetaConfig:
     """Everything that decides a meta-training run (a TOML file's keys, flat; see ``from_toml``).
 
     Data: ``corpus`` (``stdlib:train``, ``licenses`` or a .txt/.jsonl path), ``prompts`` sampled
-    from it with ``min_tokens..max_tokens`` tokens, ``fractions``: N/L drawn per outer step.
-    Inner: ``inner_steps`` K, ``mode``, ``truncate_k``, ``objective``, ``loss_over`` ("final": the
+    from it with ``min_tokens..max_tokens`` tokens (a cap: a smaller corpus gives fewer, with a
+    warning), ``fractions``: N/L, one drawn per outer step, each in (0, 1]. Field model:
+    ``model`` (a ``fixedpos.load`` name) and ``layer`` (None: its default). Network: ``width``,
+    ``heads`` (dividing width), ``layers`` (:class:`~splatopt.learned.Architecture`).
+    Inner: ``inner_steps`` K, ``mode`` ("full", "first-order", "truncated"), ``truncate_k`` (the
+    exact last steps of "truncated", 1..K), ``objective``, ``inner_optimizer`` (InnerOptimizer
+    fields over its defaults; the table ``[inner_optimizer]`` in TOML), ``loss_over`` ("final": the
     loss after K steps; "mean": mean over steps 0..K), ``learn_lr`` (meta-learn a scale per group
     of the inner learning rates), ``curriculum`` (outer steps over which the horizon grows from 1
     to K; 0 = off), ``checkpoint_inner`` (recompute each inner step's forward in the backward).
-    Outer: ``outer_steps``, ``batch`` (prompts per step and rank), Adam ``lr`` with ``warmup`` and
-    cosine decay (``lr_scale_lr`` for the four learning-rate scales, which need larger moves), ``clip`` (global gradient norm), ``amp`` (bf16 autocast of the network on CUDA;
-    the unrolled fit stays fp32). ``time_limit_s``: stop early (with a checkpoint) after this wall
-    time. Logging: ``log_every`` (JSONL; TensorBoard with ``tensorboard = true``),
-    ``checkpoint_every``, ``eval_every`` on ``eval_prompts`` validation prompts.
+    Outer: ``outer_steps``, ``batch`` (prompts per step and rank), Adam ``lr`` with ``warmup``
+    steps and cosine decay to a tenth (``lr_scale_lr`` for the four learning-rate scales, which
+    need larger moves), ``weight_decay`` (Adam's L2 term, not on the scales), ``clip`` (global
+    gradient norm), ``amp`` (bf16 autocast of the network on CUDA; the unrolled fit stays fp32),
+    ``seed`` (prompt sampling, network initialization, batches). ``time_limit_s``: stop early
+    (with a checkpoint) after this wall time in seconds. Logging: ``log_every`` (JSONL;
+    TensorBoard with ``tensorboard = true``), ``checkpoint_every``, ``eval_every`` (0 = never) on
+    ``eval_prompts`` prompts of ``eval_corpus``. Every value is checked on construction, the
+    corpora's names and the objective included: ValueError naming the key.
     """
 
     corpus: str = "stdlib:train"
@@ -189,6 +198,8 @@ class MetaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> "MetaConfig":
+        """From a dict of ``MetaConfig`` keys (``fractions`` as a list); ValueError naming ``where`` for
+        an unknown key or a bad value."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -202,6 +213,7 @@ class MetaConfig:
         return cls(**raw)
 
     def to_dict(self) -> dict:
+        """The keys as a JSON-able dict (``fractions`` as a list); :meth:`from_dict` reads it back."""
         out = asdict(self)
         out["fractions"] = list(self.fractions)
         return out
@@ -414,11 +426,19 @@ def horizon(cfg: MetaConfig, step: int) -> int:
 def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, model=None, bank: FieldBank | None = None,
           progress: bool = True) -> LearnedInitializer:
     """Meta-train a LearnedInitializer; writes ``out/checkpoint.safetensors``, ``out/metrics.jsonl``,
-    ``out/config.json`` and, at the end, ``out/initializer.safetensors``. Returns the trained initializer.
+    ``out/config.json`` and, at the end (or at the time limit, or after Ctrl-C), ``out/initializer.safetensors``.
+    Returns the trained initializer, in eval mode.
 
-    resume: continue from ``out/checkpoint.safetensors`` (same config; outer_steps may grow).
-    model: a FieldModel (default: ``fixedpos.load(cfg.model, layer=cfg.layer)``). bank: encoded
-    training prompts (default: ``cfg.prompts`` sampled from ``cfg.corpus``).
+    cfg: a :class:`MetaConfig`. out: the run's folder (created). resume: continue from
+    ``out/checkpoint.safetensors`` (the same config, but for outer_steps, which may grow,
+    time_limit_s, log_every and checkpoint_every). device: default cuda if
+    available (under torchrun, each rank's ``LOCAL_RANK`` GPU). model: a FieldModel (default:
+    ``fixedpos.load(cfg.model, layer=cfg.layer)``). bank: encoded training prompts (default:
+    ``cfg.prompts`` sampled from ``cfg.corpus``). progress: a tqdm bar on rank 0.
+    Raises ValueError if ``out`` already holds a run and resume is False, if resume finds no
+    checkpoint or another run's, or if the corpus gives fewer prompts than one batch;
+    RuntimeError after ``NONFINITE_LIMIT`` consecutive outer steps with a non-finite gradient (no
+    initializer is written then).
     """
     import fixedpos
     from tqdm.auto import tqdm

@@ -21,7 +21,12 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Objective:
-    """Weights of the terms of the fitting loss (a weighted sum of per-prompt values)."""
+    """Weights of the terms of the fitting loss, a weighted sum of per-prompt values [B].
+
+    mse: of the relative field MSE. cosine: of 1 - the mean cosine. ce: of the decode-aware
+    cross-entropy (needs a decoder and target ids). The default is "mse+ce". Weights are finite
+    numbers >= 0, not all 0 (ValueError otherwise).
+    """
 
     mse: float = 1.0
     cosine: float = 0.0
@@ -37,7 +42,9 @@ class Objective:
 
     @classmethod
     def parse(cls, spec: "str | Objective | dict") -> "Objective":
-        """From an Objective, a dict, or a string such as ``"mse+ce"``, ``"mse"``, ``"0.5*mse+ce+0.1*cosine"``."""
+        """From an Objective, a dict of weights (``{"mse": 1, "ce": 1}``; missing terms 0), or a string
+        such as ``"mse+ce"``, ``"mse"``, ``"0.5*mse+ce+0.1*cosine"`` (a repeated term adds up).
+        ValueError naming the spec for an unknown term, a bad number or a bad weight."""
         if isinstance(spec, Objective):
             return spec
         if isinstance(spec, dict):
@@ -64,6 +71,7 @@ class Objective:
 
     @property
     def needs_decoder(self) -> bool:
+        """Whether the objective has a cross-entropy term (which needs a decoder and token ids)."""
         return self.ce != 0.0
 
     def __str__(self) -> str:
@@ -71,7 +79,9 @@ class Objective:
 
 
 def relative_mse(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """[B] sum of squared errors over the prompt's tokens over the target's squared norm."""
+    """[B] sum of squared errors over the prompt's tokens over the target's squared norm.
+
+    field, target: [B, L, d]; mask: [B, L] bool (padding may hold anything, NaN included)."""
     # torch.where, not a product with the mask: padding may hold NaN or inf, and 0 * NaN is NaN
     m = mask[..., None]
     err = (torch.where(m, field - target, 0.0) ** 2).sum((1, 2))
@@ -80,14 +90,15 @@ def relative_mse(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 def mean_cosine(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """[B] mean over the prompt's tokens of cos(F_t, T_t)."""
+    """[B] mean over the prompt's tokens of cos(F_t, T_t). field, target: [B, L, d]; mask: [B, L] bool."""
     m = mask[..., None]
     cos = F.cosine_similarity(torch.where(m, field, 0.0), torch.where(m, target, 0.0), dim=-1, eps=1e-8)
     return torch.where(mask, cos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1).to(cos.dtype)
 
 
 def decode_cross_entropy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """[B] mean over the prompt's tokens of the cross-entropy of ``logits [B, L, V]`` against ``ids [B, L]``."""
+    """[B] mean over the prompt's tokens (``mask`` [B, L] bool) of the cross-entropy of ``logits``
+    [B, L, V] against ``ids`` [B, L] long, in nats, computed in at least float32."""
     # at least float32 (bf16 / fp16 logits are upcast; float64 stays float64, no copy of float32 logits);
     # masked positions may hold padding ids outside the vocabulary, and their losses are dropped by where
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -97,7 +108,8 @@ def decode_cross_entropy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 
 
 def token_accuracy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """[B] fraction of the prompt's tokens whose argmax equals the target id."""
+    """[B] float, the fraction in [0, 1] of the prompt's tokens (``mask`` [B, L] bool) whose argmax
+    over ``logits`` [B, L, V] equals the target id in ``ids`` [B, L]."""
     hit = (logits.argmax(-1) == ids) & mask
     return hit.sum(-1).float() / mask.sum(-1).clamp_min(1).float()
 
@@ -143,9 +155,12 @@ def objective_terms(
     fused_ce: bool | None = None,
     ce_impl: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss [B] (weighted sum) and each weighted term's unweighted value [B], by name.
+    """Loss [B] (weighted sum) and each weighted term's unweighted value [B], by name: ``"mse"``
+    (relative MSE), ``"cosine"`` (the mean cosine itself; the loss adds weight x (1 - it)), ``"ce"``.
 
-    Terms with weight 0 are not computed, so a field-only objective never touches the decoder.
+    field, target: [B, L, d]; mask: [B, L] bool; ids: [B, L] long and decode (field -> logits
+    [B, L, V]) for a "ce" term. ValueError if the shapes disagree, or for a "ce" term without ids or
+    decoder. Terms with weight 0 are not computed, so a field-only objective never touches the decoder.
     fused_ce: how the cross-entropy term is computed. False: ``decode(field)`` materializes the
     logits [B, L, V] (the reference; differentiable twice). True: the chunked projection +
     cross-entropy of :func:`splatopt.kernels.linear_cross_entropy` through the decoder's

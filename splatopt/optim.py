@@ -34,13 +34,15 @@ class InnerOptimizer:
     lr_mu: tokens per step. lr_log_sigma, lr_weight: per step in log-width / logit units.
     lr_v: per step, relative to the target's per-dimension RMS. mu_decay: the position learning
     rate decays log-linearly to ``lr_mu * mu_decay`` over the fit (3DGS). schedule: decay of the
-    other groups (cosine to ``final_lr_factor``, linear, constant, or "wsd": constant, then linear
-    to ``final_lr_factor`` over the last ``decay_fraction`` of the steps, "warmup-stable-decay"
-    with its warm-up the separate ``warmup``; decay_fraction is read by "wsd" only). Every
-    schedule is evaluated at ``step / total``, so it reaches ``final_lr_factor`` at step ``total``,
-    one past the last step taken. clip: per-prompt,
-    per-group gradient-norm clip (None: off). warmup: steps of linear learning-rate warm-up (Adam's
-    first steps are full-size whatever the gradient: a warm start wants them small).
+    other groups ("cosine" (default) or "linear" to ``final_lr_factor``, "constant", or "wsd":
+    constant, then linear to ``final_lr_factor`` over the last ``decay_fraction`` of the steps,
+    "warmup-stable-decay" with its warm-up the separate ``warmup``; decay_fraction is read by "wsd"
+    only). Every schedule is evaluated at ``step / total``, so it reaches ``final_lr_factor`` at
+    step ``total``, one past the last step taken. clip: per-prompt, per-group gradient-norm clip
+    (None: off). warmup: steps of linear learning-rate warm-up of every group (Adam's first steps
+    are full-size whatever the gradient: a warm start wants them small).
+    beta1, beta2, eps: Adam's; eps_root: added inside the square root, ``sqrt(v_hat + eps_root)``,
+    so that the step's derivative stays finite (meta-training differentiates through it).
     embeddings: how the embeddings v move. "adam": v is a parameter and Adam moves it. "solve": v
     is the least-squares solution for the target plus a field-space offset [B, L, d], and Adam
     moves the offset (with ``lr_v``, in the same units) and the geometry (variable projection with
@@ -55,7 +57,8 @@ class InnerOptimizer:
     decoder's principal directions, not the field's arbitrary axes: its moments are kept for
     ``g @ R`` and it steps ``update @ R``, R = (F + metric_damping * mean eigenvalue * I)^(-1/2)
     scaled to a mean diagonal of 1 (:func:`splatopt.fisher.whitening`), i.e. Adam on ``x R^-1``.
-    No effect with ``fit(varpro=True)`` (no embedding parameter moves; fit refuses the pair).
+    ``fit(varpro=True)`` refuses a metric other than "identity" (no embedding parameter moves).
+    Every field is checked on construction: ValueError naming the field for a value out of range.
     """
 
     lr_mu: float = 0.1
@@ -137,6 +140,7 @@ class InnerOptimizer:
         }
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-able; ``InnerOptimizer(**d)`` gives the optimizer back)."""
         return asdict(self)
 
     def with_fields(self, fields: dict, what: str = "optimizer") -> "InnerOptimizer":
@@ -180,7 +184,10 @@ def adam_step(
 ) -> tuple[dict[str, Tensor], dict, Tensor]:
     """One functional Adam step. Returns (new params, new state, skipped [B] bool).
 
-    A prompt whose gradient holds NaN or inf is skipped: its parameters and moments stay as they
+    params, grads: name -> tensor [B, ...] (batch first, as ``SplatSet.params()``); state: from
+    :func:`adam_init` or a previous step; lrs: name -> a float or a tensor broadcastable to the
+    parameter (e.g. [B, 1, 1]), as :meth:`InnerOptimizer.learning_rates` gives them. A prompt
+    whose gradient holds NaN or inf is skipped: its parameters and moments stay as they
     were (``skipped`` reports it), and no other prompt is affected. Nothing is updated in place.
     metric: [d, d] symmetric R (``cfg.metric``'s whitening) or None. For the field-space groups
     (``v``, ``offset``) the moments are kept for ``g @ R`` and the step is ``update @ R``: Adam
@@ -219,7 +226,8 @@ def adam_step(
 def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Tensor, ridge: float = 1e-4) -> Tensor:
     """Embeddings v [B, N, d] minimising |A v - T|^2 over the prompt's tokens (variable projection).
 
-    a: [B, L, N] splat coefficients (``render.splat_weights``). target: [B, L, d]. A small ridge,
+    a: [B, L, N] splat coefficients (``render.splat_weights``). target: [B, L, d]. token_mask:
+    [B, L] bool; splat_mask: [B, N] bool. Returns a's dtype. A small ridge,
     relative to the mean diagonal of A^T A, keeps the solve well posed when splats coincide; slots
     with mask False get v = 0; padding slots change nothing (a prompt gets the same v in any batch).
     Differentiable in ``a`` (batched ``torch.linalg.solve_ex``).

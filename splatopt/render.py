@@ -45,7 +45,8 @@ def _positions(length_or_positions, B: int, like: Tensor) -> Tensor:
 
 
 def kernel_values(pos: Tensor, mu: Tensor, sigma: Tensor, kernel: str) -> Tensor:
-    """g [B, L, N] of each splat at each position. pos [B, L]; mu, sigma [B, N] (tokens)."""
+    """g [B, L, N] of each splat at each position, peak 1 for "gaussian" (``kernel``: one of
+    ``KERNELS``; ValueError otherwise). pos [B, L]; mu, sigma [B, N] (tokens)."""
     x = pos[:, :, None] - mu[:, None, :]
     s = sigma[:, None, :]
     if kernel == "gaussian":
@@ -78,7 +79,8 @@ def splat_weights(
     mode: str = "additive",
     truncate: float | None = None,
 ) -> Tensor:
-    """A [B, L, N]: the coefficient of splat i's embedding at position t, so that field = A @ v."""
+    """A [B, L, N]: the coefficient of splat i's embedding at position t, so that field = A @ v
+    (zero columns for inactive slots). Arguments and errors as :func:`render`."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     pos = _positions(length_or_positions, splats.batch_size, splats.mu)
@@ -102,13 +104,15 @@ def render(
     mode: str = "additive",
     truncate: float | None = None,
 ) -> Tensor:
-    """Field [B, L, d] rendered from ``splats`` at token positions.
+    """Field [B, L, d] rendered from ``splats`` at token positions, in the splats' dtype and device.
 
-    length_or_positions: an int L (positions 0..L-1), or float positions [L] or [B, L] (continuous:
-    any real position can be rendered). kernel: "gaussian" (point-sampled) or "erf"
-    (box-integrated over the token). mode: "additive" or "normalized" (partition of unity).
-    truncate: if given, a splat contributes nothing beyond ``truncate * sigma`` of its centre.
-    Inactive slots (mask False) contribute nothing. Differentiable in every splat parameter.
+    length_or_positions: an int L >= 1 (positions 0..L-1), or float positions [L] or [B, L] in
+    tokens (continuous: any real position can be rendered). kernel: "gaussian" (point-sampled) or
+    "erf" (box-integrated over the token). mode: "additive" or "normalized" (partition of unity).
+    truncate: if given (a number > 0, in sigmas), a splat contributes nothing beyond
+    ``truncate * sigma`` tokens of its centre. Inactive slots (mask False) contribute nothing.
+    Differentiable in every splat parameter. ValueError for an unknown kernel or mode, bad
+    positions or a bad truncate.
     """
     a = splat_weights(splats, length_or_positions, kernel, mode, truncate)
     return a @ torch.where(splats.mask[..., None], splats.v, 0.0).to(a.dtype)

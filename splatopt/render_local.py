@@ -166,7 +166,8 @@ def render_local(
     whatever they hold; a NaN in an active slot makes its prompt's field NaN, as in ``render``). length: L >= 1 (an int; positions past a prompt's end are rendered too,
     as ``render`` does). kernel: "gaussian" or "erf"; mode: "additive" or "normalized".
     truncate: k > 0, in sigmas. tile: T tokens per tile (memory and work grow with T + 2·k·sigma).
-    Differentiable in mu, log_sigma, weight_logit and v, twice.
+    Differentiable in mu, log_sigma, weight_logit and v, twice. ValueError for a length that is
+    not an int >= 1, an unknown kernel or mode, a truncate that is not finite and > 0, or a bad tile.
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"render_local renders token centres 0..L-1 and needs an int L >= 1, got {length!r}; "

@@ -31,9 +31,11 @@ SIGMA_MAX = 4096.0
 class SplatSet:
     """Batched splats.
 
-    mu: [B, N] centres in token units. log_sigma: [B, N] log widths (tokens).
-    weight_logit: [B, N], weight = sigmoid(weight_logit) in (0, 1). v: [B, N, d] embeddings.
-    mask: [B, N] bool, active slots. meta: free-form JSON-able metadata carried into files.
+    mu: [B, N] centres in token units. log_sigma: [B, N] log widths (tokens; read clamped to
+    [SIGMA_MIN, SIGMA_MAX]). weight_logit: [B, N], weight = sigmoid(weight_logit) in (0, 1).
+    v: [B, N, d] embeddings. All float, one dtype and device. mask: [B, N] bool, active slots
+    (inactive slots may hold anything and render nothing). meta: free-form JSON-able metadata
+    carried into files. ValueError for shapes that disagree, TypeError for a mask that is not bool.
     """
 
     mu: Tensor
@@ -69,14 +71,17 @@ class SplatSet:
 
     @property
     def batch_size(self) -> int:
+        """B, the number of prompts."""
         return self.mu.shape[0]
 
     @property
     def capacity(self) -> int:
+        """N, the slots per prompt (active or not)."""
         return self.mu.shape[1]
 
     @property
     def dim(self) -> int:
+        """d, the embedding width."""
         return self.v.shape[-1]
 
     @property
@@ -89,11 +94,13 @@ class SplatSet:
         return {"mu": self.mu, "log_sigma": self.log_sigma, "weight_logit": self.weight_logit, "v": self.v}
 
     def with_params(self, params: dict[str, Tensor]) -> "SplatSet":
+        """A copy with some of the four tensors (by the names of :meth:`params`) replaced; mask and meta kept."""
         # dict[str, Any] here and below: mypy cannot tell that the tensors' names leave out the dict field meta
         fields: dict[str, Any] = params
         return replace(self, **fields)
 
     def detach(self) -> "SplatSet":
+        """The same splats, detached from any autograd graph."""
         return self.with_params({k: t.detach() for k, t in self.params().items()})
 
     def to(self, *args, device=None, dtype=None) -> "SplatSet":
@@ -121,7 +128,8 @@ class SplatSet:
         return replace(self, mask=self.mask.to(device=device), **moved)
 
     def select(self, index) -> "SplatSet":
-        """Prompts ``index`` (int, slice or index tensor), keeping the batch dimension."""
+        """Prompts ``index`` (int, slice, list or long / bool index tensor), keeping the batch
+        dimension; IndexError for an int out of range."""
         if isinstance(index, Tensor) and index.ndim == 0:
             index = int(index)
         if isinstance(index, int):
@@ -141,7 +149,8 @@ class SplatSet:
 
     @staticmethod
     def cat(sets: list["SplatSet"]) -> "SplatSet":
-        """Concatenate along the batch, padding capacities with inactive slots."""
+        """Concatenate along the batch, padding capacities with inactive slots (zeros); meta is the
+        first set's. ValueError for no sets or for different widths d."""
         if not sets:
             raise ValueError("SplatSet.cat needs at least one set")
         if len({s.dim for s in sets}) > 1:
@@ -161,7 +170,10 @@ class SplatSet:
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | Path, extra_tensors: dict[str, Tensor] | None = None) -> Path:
-        """Write ``path`` (safetensors + JSON metadata) atomically: a temporary file, then a rename."""
+        """Write ``path`` (safetensors + JSON metadata) atomically: a temporary file, then a rename.
+
+        Parameters are stored in at least float32; ``extra_tensors`` (name -> tensor, e.g. token ids)
+        come back from :meth:`load`. Returns the path."""
         path = Path(path)
         # at least float32 (half precision widened), never narrowed: a float64 fit must load back as it was fitted
         tensors = {k: t.to(torch.promote_types(t.dtype, torch.float32)) for k, t in self.params().items()}
@@ -174,11 +186,12 @@ class SplatSet:
 
     @classmethod
     def load(cls, path: str | Path, device=None, expect_model_hash: str | None = None) -> tuple["SplatSet", dict[str, Tensor]]:
-        """Read a splat file; returns the set and its extra tensors (e.g. token ids).
+        """Read a splat file; returns the set and its extra tensors (e.g. token ids), both on
+        ``device`` (default: the CPU).
 
         Refuses, with a ValueError naming the file, a corrupt file, another format or version,
         inconsistent shapes, non-finite values, or a file made with another model than
-        ``expect_model_hash``.
+        ``expect_model_hash``; FileNotFoundError for a missing file.
         """
         path = Path(path)
         tensors, header = read_safetensors(path, "splat file")

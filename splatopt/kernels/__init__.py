@@ -85,9 +85,12 @@ def field_loss(
     field-only objective ("mse", "cosine", "mse+0.1*cosine"; "ce" needs the unfused path with
     ``objective_terms``). fused: None picks the fused kernel where :func:`available` (and the
     objective has no "ce"), True insists (ValueError saying why it cannot), False renders with
-    PyTorch. The terms of the fused path carry no gradient; its loss does (mu, log_sigma,
-    weight_logit, v), to first order only: differentiating through its gradients
-    (``create_graph=True``, meta-training) raises, so pass fused=False there.
+    PyTorch. kernel, mode, truncate: the rendering (:func:`splatopt.render`); the fused kernel
+    renders only "gaussian", "additive", untruncated. precision: the fused kernel's float32
+    products ("ieee", "tf32x3" or "tf32", see :func:`fused_field_loss`). The terms of the fused
+    path carry no gradient; its loss does (mu, log_sigma, weight_logit, v), to first order only:
+    differentiating through its gradients (``create_graph=True``, meta-training) raises, so pass
+    fused=False there. The "cosine" term is the mean cosine (the loss adds weight x (1 - it)).
     """
     L = target.shape[1]
     if fused is None:
