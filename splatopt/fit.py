@@ -38,7 +38,7 @@ from .objectives import Objective, mean_cosine, objective_terms, relative_mse, t
 from .optim import GROUPS, InnerOptimizer, adam_init, adam_step, closed_form_v, offset_for, solve_embeddings, target_rms
 from .render import KERNELS, MODES, render, splat_weights
 from .render_local import DEFAULT_TRUNCATE, render_local
-from .splats import SplatSet
+from .splats import SplatSet, check_model_hash
 
 
 BASIS_FORMAT = "splatopt.basis-fit"
@@ -288,6 +288,8 @@ class FitResult:
                                  f"{'coefficients' if isinstance(meta, dict) else 'metadata object'}: it is damaged")
             if not torch.isfinite(tensors["coefficients"]).all():
                 raise ValueError(f"fit result file {path}: tensor coefficients holds NaN or infinite values")
+            config = meta.get("config")
+            check_model_hash(path, config if isinstance(config, dict) else {}, expect_model_hash)
             extra = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
             coefficients = tensors["coefficients"].to(device) if device is not None else tensors["coefficients"]
         else:
@@ -438,6 +440,9 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
         texts_or_fields = Targets(texts_or_fields)
     if isinstance(texts_or_fields, Targets):
         t = texts_or_fields
+        if not isinstance(t.field, Tensor):
+            raise TypeError(f"Targets.field must be a [B, L, d] floating-point tensor, not {type(t.field).__name__}: "
+                            "wrap it with torch.as_tensor(..., dtype=torch.float32)")
         if t.field.dim() != 3:
             raise ValueError(f"a target field must be [B, L, d]; got shape {tuple(t.field.shape)}")
         if not t.field.is_floating_point():

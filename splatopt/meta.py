@@ -143,9 +143,10 @@ class MetaConfig:
                     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                 if not ok:
                     raise ValueError(f"{name}={value!r} must be {dict([(float, 'a finite number'), (int, 'an int')]).get(kind, 'a ' + kind.__name__)}")
-        for name, value in (("layer", self.layer), ("time_limit_s", self.time_limit_s)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name}={value!r} must be a number, or left out")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(f"layer={self.layer!r} must be an int (a hidden layer of the model), or left out")
+        if self.time_limit_s is not None and (isinstance(self.time_limit_s, bool) or not isinstance(self.time_limit_s, (int, float))):
+            raise ValueError(f"time_limit_s={self.time_limit_s!r} must be a number, or left out")
         for name in ("width", "heads", "layers", "min_tokens", "truncate_k", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

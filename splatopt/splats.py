@@ -27,6 +27,16 @@ SIGMA_MIN = 0.05  # tokens: below this a splat no longer overlaps even its own t
 SIGMA_MAX = 4096.0
 
 
+def check_model_hash(path: str | Path, meta: dict, expect_model_hash: str | None) -> None:
+    """ValueError when a saved fit's metadata (``model``, ``model_hash``) names other model weights than
+    ``expect_model_hash``; a file that records no hash, or no expectation, passes."""
+    if expect_model_hash is not None and meta.get("model_hash") not in (None, expect_model_hash):
+        raise ValueError(
+            f"{path} was fitted with model {meta.get('model')} ({str(meta.get('model_hash'))[:12]}), "
+            f"not the model given ({expect_model_hash[:12]}); load it with the same model"
+        )
+
+
 @dataclass
 class SplatSet:
     """Batched splats.
@@ -215,11 +225,7 @@ class SplatSet:
         for k, t in splats.params().items():
             if not torch.isfinite(t).all():
                 raise ValueError(f"{path}: tensor {k} holds NaN or infinite values")
-        if expect_model_hash is not None and meta.get("model_hash") not in (None, expect_model_hash):
-            raise ValueError(
-                f"{path} was fitted with model {meta.get('model')} ({str(meta.get('model_hash'))[:12]}), "
-                f"not the model given ({expect_model_hash[:12]}); load it with the same model"
-            )
+        check_model_hash(path, meta, expect_model_hash)
         extras = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
         if device is not None:
             splats = splats.to(device)

@@ -90,6 +90,17 @@ def test_fixed_grid_result_renders_as_splats_and_dct_result_round_trips_through_
     assert torch.equal(back.floats_per_token, dct.floats_per_token) and back.summary()["terms"] == 14
 
 
+@pytest.mark.parametrize("basis", ["dct", "segments"])
+def test_loading_a_fixed_basis_fit_checks_the_model_it_was_fitted_with(basis, tmp_path, model, short_prompts):
+    """FitResult.load(expect_model_hash=...) refused a splat file of another model but loaded a DCT or
+    segments file of any model without a word."""
+    result = splatopt.fit(short_prompts[:1], model, n_splats=0.25, steps=2, basis=basis, device="cpu", progress=False)
+    path = result.save(tmp_path / "basis.safetensors")
+    assert splatopt.FitResult.load(path, expect_model_hash=model.model_hash).basis == basis
+    with pytest.raises(ValueError, match="fitted with model .* load it with the same model"):
+        splatopt.FitResult.load(path, expect_model_hash="0" * 64)
+
+
 def test_bad_basis_settings_are_refused_with_the_fix():
     f = splatopt.Targets(torch.randn(1, 8, 4))
     with pytest.raises(ValueError, match="choose one of"):

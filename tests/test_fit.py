@@ -595,3 +595,9 @@ def test_cli_version_is_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"splatopt {splatopt.__version__}"
+
+
+def test_targets_with_a_list_for_a_field_are_refused_with_a_type_error_naming_the_fix():
+    """A list of lists as Targets.field failed with "'list' object has no attribute 'dim'"."""
+    with pytest.raises(TypeError, match="Targets.field must be a .* tensor, not list: wrap it with torch.as_tensor"):
+        fit(Targets([[[0.0] * 4] * 3]), objective="mse", device="cpu", progress=False)

@@ -275,6 +275,7 @@ def test_config_errors_name_the_key(tmp_path):
     ({"learn_lr": "false"}, "learn_lr='false' must be a bool"), ({"width": 16.0}, "width=16.0 must be an int"),
     ({"heads": 0}, "heads=0 must be >= 1"), ({"min_tokens": 9, "max_tokens": 8}, "max_tokens=8 must be >= min_tokens=9"),
     ({"fractions": 0.5}, "fractions=0.5 must be a list"),
+    ({"layer": 2.5}, r"layer=2.5 must be an int"),  # fixedpos.load refused it only inside train()
     # read by train() only after the training prompts were encoded (minutes), now at once
     ({"objective": "mse+cee"}, "cannot read term 'cee'"), ({"eval_corpus": "stdlib:valid"}, "eval_corpus='stdlib:valid': use .*stdlib:validation"),
     ({"corpus": "stdlb:train"}, "corpus='stdlb:train': use"),
