@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of i
     from fixedpos import FieldModel
 
 from .fit import FitResult, _resolve_counts, fit, resolve_device
-from .init import Initializer, WarmStart, grid_geometry, resolve_initializer
+from .init import GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
@@ -479,6 +479,8 @@ def _fresh_near(warms: list[SplatSet], fars: list[Tensor], target: Tensor, mask:
             window_target[j, : hi - lo + 1] = residual[p, lo : hi + 1]
             window_mask[j, : hi - lo + 1] = True
         counts = torch.tensor([len(slots) for _, slots, _, _ in windows], device=target.device)
+        if isinstance(initializer, GridInit):  # solved for the render the re-fit uses
+            initializer = initializer.for_render(kernel, mode)
         with torch.no_grad():
             proposal = initializer(window_target, window_mask, counts)
         for j, (p, slots, lo, _) in enumerate(windows):

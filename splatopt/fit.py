@@ -636,6 +636,8 @@ def fit(
 
         model = fixedpos.load()
     initializer = resolve_initializer(init, model)
+    if isinstance(initializer, GridInit):  # its least-squares embeddings are solved for this fit's render
+        initializer = initializer.for_render(kernel, mode)
     if basis == "fixed-grid" and not isinstance(initializer, GridInit):
         raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if isinstance(initializer, LearnedInitializer):

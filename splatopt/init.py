@@ -9,14 +9,14 @@ implements the same protocol.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .optim import closed_form_v
-from .render import splat_weights
+from .render import KERNELS, MODES, splat_weights
 from .splats import SplatSet
 
 
@@ -84,18 +84,28 @@ class GridInit:
 
     Prompt b's N_b centres sit at (i + 1/2) s - 1/2 tokens, spacing s = L_b / N_b, each moved by up
     to ``jitter`` / 2 spacings at random (the generator's; 0 = none). The embeddings solve the
-    field MSE exactly for the initial geometry (one variable-projection solve) under the
-    point-sampled Gaussian, additive render: the initializer is not told the fit's kernel and mode,
-    so only a fit with kernel="gaussian", mode="additive" starts from the best field the grid can
-    render. ValueError for sigma_scale <= 0, jitter outside [0, 1] or weight outside (0, 1).
+    field MSE exactly for the initial geometry (one variable-projection solve) under the render
+    ``kernel`` and ``mode`` (None: the fit's, which :func:`splatopt.fit` fills in through
+    :meth:`for_render`; "gaussian" and "additive" when called on its own), so every fit starts from
+    the best field the grid can render. ValueError for sigma_scale <= 0, jitter outside [0, 1],
+    weight outside (0, 1), or an unknown kernel or mode.
     """
 
     sigma_scale: float = 0.6
     jitter: float = 0.0
     weight: float = 0.5
+    kernel: str | None = None
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_grid_fields(self)
+        if self.kernel not in (None, *KERNELS) or self.mode not in (None, *MODES):
+            raise ValueError(f"GridInit(kernel={self.kernel!r}, mode={self.mode!r}): choose kernel from {KERNELS} and "
+                             f"mode from {MODES}, or None for the fit's")
+
+    def for_render(self, kernel: str, mode: str) -> "GridInit":
+        """This grid with its unset (None) kernel and mode taken from a fit's render."""
+        return replace(self, kernel=self.kernel or kernel, mode=self.mode or mode)
 
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
         check_layout(mask, n_splats, target)
@@ -103,7 +113,7 @@ class GridInit:
         logit = torch.full_like(mu, math.log(self.weight / (1 - self.weight)))
         v0 = torch.zeros(*mu.shape, target.shape[-1], device=target.device, dtype=target.dtype)
         splats = SplatSet(mu.to(target.dtype), log_sigma.to(target.dtype), logit.to(target.dtype), v0, slot_mask)
-        a = splat_weights(splats, target.shape[1])
+        a = splat_weights(splats, target.shape[1], self.kernel or "gaussian", self.mode or "additive")
         v = closed_form_v(a, target, mask, slot_mask)
         return splats.with_params({"v": v})
 
