@@ -196,6 +196,24 @@ def solve_values() -> dict[str, str]:
             "solve_gain_30": f"{100 * (acc[('solve', 30)] - acc[('adam', 30)]):.1f}"}
 
 
+def kernel_mode_values() -> dict[str, str]:
+    """Kernel shape x rendering mode at N = L/4 (ablations/kernel_mode: disjoint test prompt sets, no selection)."""
+    rows = study_rows("kernel_mode")
+    acc: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        acc.setdefault((r["levels"]["kernel"], r["levels"]["mode"]), {})[r["prompt_set"]] = r["token_accuracy"]
+    sets = sorted(acc[("gaussian", "additive")])
+    gain = {kernel: [acc[(kernel, "normalized")][k] - acc[(kernel, "additive")][k] for k in sets] for kernel in ("gaussian", "erf")}
+    claim(all(g > 0 for gains in gain.values() for g in gains), "normalized rendering decodes more tokens on every prompt set")
+    kernel_gap = [abs(acc[("erf", m)][k] - acc[("gaussian", m)][k]) for m in ("additive", "normalized") for k in sets]
+    claim(max(kernel_gap) < 0.001, "the erf kernel changes token accuracy by less than 0.1 points")
+    return {"km_sets": str(len(sets)), "km_prompts": str(rows[0]["prompts"]), "km_device": rows[0]["device_name"],
+            "km_additive": pct(mean(acc[("gaussian", "additive")].values()), 2),
+            "km_normalized": pct(mean(acc[("gaussian", "normalized")].values()), 2),
+            "km_gain_range": f"+{100 * min(min(g) for g in gain.values()):.2f} to +{100 * max(max(g) for g in gain.values()):.2f}",
+            "km_kernel_gap": f"{100 * max(kernel_gap):.2f}"}
+
+
 EDIT_FILES = ("edit_acceptance.json", "edit_variants.json", "edit_solve.json")
 
 
@@ -1702,7 +1720,7 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, edit_own_budget_values, edit_conflict_values, solve_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
+    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, edit_own_budget_values, edit_conflict_values, solve_values, kernel_mode_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
                  reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})
