@@ -284,6 +284,28 @@ def edit_trajectory_series(before, after, model=None) -> dict:
     }
 
 
+def _wrapped_title(ax, units: Sequence[str]) -> None:
+    """Set ``ax``'s title to ``units`` joined by spaces, a line break wherever a line would be wider than
+    the axes: a centred title wider than its panel runs over its neighbour's title. A unit is kept
+    whole unless it is wider than the axes by itself (then it breaks at its spaces)."""
+    renderer = ax.figure.canvas.get_renderer()
+    limit = ax.get_window_extent(renderer).width
+    title = ax.title
+
+    def width(text: str) -> float:
+        title.set_text(text)
+        return title.get_window_extent(renderer).width
+
+    words = [w for unit in units for w in ([unit] if width(unit) <= limit else unit.split(" "))]
+    lines: list[str] = []
+    for word in words:
+        if lines and width(f"{lines[-1]} {word}") <= limit:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    title.set_text("\n".join(lines))
+
+
 def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | None = None):
     """A fit, the edit's transport jump, and the re-fit, as three panels sharing the position axis.
 
@@ -347,12 +369,13 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         ax_fit.set_ylabel("position (old tokens)")
         ax_refit.set_ylabel("position (new tokens)", rotation=270, labelpad=9)
         ax_refit.yaxis.set_label_position("right")
-        acc = lambda key: f", acc {series[key]:.0%}" if series.get(key) is not None else ""
-        ax_fit.set_title(f"fit: {len(transported) + len(pruned)} splats, {len(old_tokens)} tokens{acc('accuracy_before')}")
-        ax_edit.set_title("edit")
+        acc = lambda key: [f"acc {series[key]:.0%}"] if series.get(key) is not None else []
+        counts = lambda n, tokens, key: [f"{n} splats,", f"{len(tokens)} tokens" + ("," if acc(key) else ""), *acc(key)]
+        _wrapped_title(ax_fit, ["fit:", *counts(len(transported) + len(pruned), old_tokens, "accuracy_before")])
+        _wrapped_title(ax_edit, ["edit"])
         start, by = series.get("start", "warm"), series.get("start_initializer")
-        fresh = "" if start == "warm" else f" ({start} start{', ' + by if by else ''})"
-        ax_refit.set_title(f"re-fit{fresh}: {len(transported) + len(spawned)} splats, {len(new_tokens)} tokens{acc('accuracy_after')}")
+        fresh = [] if start == "warm" else [f"({start} start{', ' + by if by else ''})"]
+        _wrapped_title(ax_refit, ["re-fit:", *counts(len(transported) + len(spawned), new_tokens, "accuracy_after"), *fresh])
         handles = [
             Line2D([], [], color=plt.cm.viridis(0.5), lw=1.2, label=f"transported ({len(transported)})"),
             Line2D([], [], color=PRUNED_COLOR, lw=1.2, marker="x", label=f"pruned ({len(pruned)})"),

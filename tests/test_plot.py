@@ -62,6 +62,27 @@ def test_edit_trajectory_figure_draws_each_splat_and_each_jump(tmp_path):
     assert all(p.stat().st_size > 2000 for p in paths)
 
 
+@pytest.mark.parametrize("width", [7.0, 3.4])
+def test_edit_trajectory_titles_do_not_run_into_each_other_with_a_long_start_label(width):
+    """A kept fresh start put "re-fit (fresh-near start, grid): ..." over the right panel; centred and wider
+    than the panel, it ran over the middle panel's "edit" (rendered "edre-fit")."""
+    series = _edit_series()
+    series.update(start="fresh-near", start_initializer="grid", old_tokens=[f"t{i}" for i in range(60)],
+                  new_tokens=[f"u{i}" for i in range(62)])
+    fig = edit_trajectory_figure(series, width=width)
+    fig.canvas.draw()
+    titles = [ax.title for ax in fig.axes[:3]]
+    boxes = [t.get_window_extent() for t in titles]
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 <= right.x0, f"titles overlap: {[t.get_text() for t in titles]}"
+    for ax, box in zip(fig.axes[:3], boxes):  # each title stays over its own panel
+        panel = ax.get_window_extent()
+        assert panel.x0 - 0.5 <= box.x0 and box.x1 <= panel.x1 + 0.5
+    text = " ".join(titles[2].get_text().split())
+    assert text == "re-fit: 3 splats, 62 tokens, acc 50% (fresh-near start, grid)"
+    assert titles[1].get_text() == "edit"
+
+
 def test_edit_trajectory_series_from_a_real_edit_round_trips_through_json(model):
     import splatopt
     from splatopt.plot import edit_trajectory_series
