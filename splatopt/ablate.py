@@ -7,6 +7,8 @@ A study is a TOML file:
     seeds = [0, 1, 2]        # the fit's seed; prompts are drawn with seed 0 for every seed,
                              # or with the fit's seed if resample_prompts = true
     prompt_sets = 1          # disjoint prompt sets; each (configuration, seed, set) is one row
+                             # (the default grid start is deterministic: seeds alone repeat one fit,
+                             # so replicate with prompt_sets > 1 or resample_prompts = true)
 
     [base]                   # any keyword of splatopt.fit, plus layer, model (fixedpos.load)
     n_splats = 0.25          # and optimizer.* (InnerOptimizer fields)
@@ -59,6 +61,11 @@ STUDY_KEYS = ("description", "corpus", "prompts", "max_tokens", "min_tokens", "p
               "resample_prompts", "base", "factors")
 ROW_START = b'{"cell": '  # how every results.jsonl row begins (_fit_cell puts the key first, json.dumps' separators)
 DEFAULT_METRICS = ("token_accuracy", "field_error", "cosine", "seconds", "floats_per_token")
+# metrics that measure the run, not the fit: repeats of one fit differ in them, so they do not tell replicates apart
+TIMING_METRICS = ("seconds", "encode_seconds")
+# how to replicate a deterministic fit (the default grid start): what the identical-replicates warning and table say
+REPLICATE_FIX = ('replicate with disjoint prompt sets (prompt_sets = 3, with seeds = [0]), resampled prompts '
+                 '(resample_prompts = true) or a random start (init = { name = "grid", jitter = 0.5 })')
 # fit options whose values splatopt.fit.check_options checks: a study checks them all before its first cell
 CHECKED_OPTIONS = ("steps", "kernel", "mode", "record_every", "truncate", "basis", "varpro", "frozen_moves",
                    "frozen_v_tolerance", "fused_ce", "fused", "cuda_graphs", "batch_size", "dtype")
@@ -89,7 +96,23 @@ def _flatten(table: dict, where: str) -> dict:
     return flat
 
 
+# why a study cannot set fit's RUNNER_ARGS, and what sets them instead
+RUNNER_SET = {
+    "seed": "seeds come from the study's top-level seeds = [0, 1, 2] (a row per seed), not from [base] or a factor",
+    "device": "the device comes from the command line, splatopt ablate STUDY --device cuda (ablate.run(device=...))",
+    "texts_or_fields": "the prompts come from the study's top-level corpus, prompts, prompt_sets, min_tokens and max_tokens",
+    "progress": "the runner sets it (splatopt ablate --quiet hides the progress bar)",
+    "optimizer": "set the inner optimizer's fields one by one, e.g. optimizer.lr_mu = 0.2",
+    "frozen": "freezing splats is for editing (splatopt.edit), which a study does not run",
+    "frozen_steps": "freezing splats is for editing (splatopt.edit), which a study does not run",
+}
+
+
 def _check_name(key: str, where: str) -> None:
+    if key in RUNNER_SET:
+        raise ValueError(f"{where}: {key!r} cannot be set here: {RUNNER_SET[key]}")
+    if key in STUDY_KEYS:
+        raise ValueError(f"{where}: {key!r} is a top-level key of the study: write {key} = ... above [base]")
     valid = setting_names()
     if key not in valid:
         raise ValueError(f"{where}: unknown setting {key!r}; valid settings are: {', '.join(valid)}")
@@ -529,13 +552,24 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
         # the cells' own levels: results.jsonl writes an infinite level (optimizer.clip = inf) as null
         ordered = [{**done[c.key], "levels": c.levels} for c in cells]
         write_summary(ordered, out)
+    summary = summarize(ordered)
+    identical = identical_configurations(summary)
+    if identical:  # one warning per study, naming every such configuration
+        named = (f"all {len(summary)} configurations" if len(identical) == len(summary) and len(summary) > 1
+                 else "configuration(s) " + "; ".join(f"[{c}]" for c in identical))
+        warnings.warn(f"{study.source}: {named} gave identical metrics in every replicate: the fit is deterministic (a start "
+                      f"without randomness, as the default grid's), so seeds {study.seeds} on the same prompts repeat one fit and ± 0 is no "
+                      f"confidence interval; {REPLICATE_FIX}. summary.md marks them (identical replicates)", stacklevel=2)
     return ordered
 
 
 def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[dict]:
     """A dict per configuration (rows with equal levels), first-seen order: its levels, ``n`` (rows:
     seeds x prompt sets), and per metric ``<m>_mean`` and ``<m>_ci95``, the half-width of the 95 %
-    Student-t interval (None for one row). Rows without a metric are left out of its mean; a null
+    Student-t interval (None for one row); for n > 1, ``identical_replicates``: True when every
+    replicate gave the same value of every metric but the timings (TIMING_METRICS), i.e. one
+    deterministic fit repeated, whose interval of 0 is no measure of certainty (see
+    :func:`identical_configurations`). Rows without a metric are left out of its mean; a null
     (results.jsonl's NaN or infinity: a diverged fit) makes it NaN rather than vanish. Of the default
     metrics, those no row has are not reported; a metric asked for by name that no row has is an
     error (a misspelt name would otherwise vanish from the summary)."""
@@ -554,9 +588,12 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
     for row in rows:
         groups.setdefault(json.dumps(row["levels"], sort_keys=True), []).append(row)
     present = [m for m in metrics if any(m in row for row in rows)]
+    compared = [m for m in present if m not in TIMING_METRICS]
     out = []
     for group in groups.values():
         entry = {**group[0]["levels"], "n": len(group)}
+        identical = len(group) > 1 and bool(compared) and all(
+            all(m in row and row[m] is not None and row[m] == group[0].get(m) for row in group) for m in compared)
         for m in present:
             values = [math.nan if row[m] is None else float(row[m]) for row in group if m in row]
             n = len(values)
@@ -567,12 +604,23 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
             else:
                 ci = None
             entry[f"{m}_mean"], entry[f"{m}_ci95"] = mean, ci
+        if len(group) > 1:
+            entry["identical_replicates"] = identical
         out.append(entry)
     return out
 
 
+def identical_configurations(summary: list[dict]) -> list[str]:
+    """The configurations of ``summary`` (from :func:`summarize`) whose replicates all gave identical
+    metrics, as "factor=level, ..." ("base" for a study without factors)."""
+    factors = lambda entry: list(entry)[: list(entry).index("n")]
+    return [", ".join(f"{f}={entry[f]}" for f in factors(entry)) or "base"
+            for entry in summary if entry.get("identical_replicates")]
+
+
 def markdown_table(summary: list[dict]) -> str:
-    """The summary as a Markdown table: the levels, n, and "mean ± ci" per metric (n/a: one replicate)."""
+    """The summary as a Markdown table: the levels, n, and "mean ± ci" per metric (n/a: one replicate;
+    "± 0 (identical replicates)", with a note under the table: replicates that repeated one fit)."""
     if not summary:
         return "(no rows)\n"
     # rows of different studies may have different factors and metrics: the union, in first-seen order
@@ -584,16 +632,22 @@ def markdown_table(summary: list[dict]) -> str:
         mean, ci = entry.get(f"{m}_mean"), entry.get(f"{m}_ci95")
         if mean is None:
             return "n/a"
+        if entry.get("identical_replicates") and m not in TIMING_METRICS:
+            return f"{mean:.4g} ± 0 (identical replicates)"
         return f"{mean:.4g} ± " + ("n/a" if ci is None else f"{ci:.2g}")
 
     lines = ["| " + " | ".join(factors + ["n"] + metrics) + " |", "|" + "---|" * len(factors) + "---:|" * (1 + len(metrics))]
     for entry in summary:
         lines.append("| " + " | ".join([str(entry.get(f, "–")) for f in factors] + [str(entry["n"])] + [cell(entry, m) for m in metrics]) + " |")
+    if any(entry.get("identical_replicates") for entry in summary):
+        lines += ["", "(identical replicates): every replicate of the configuration gave the same metrics, one deterministic "
+                  f"fit repeated, so ± 0 is no confidence interval; {REPLICATE_FIX}."]
     return "\n".join(lines) + "\n"
 
 
 def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
-    """Write out_dir/summary.md and summary.csv (empty CI: one replicate); return the Markdown table."""
+    """Write out_dir/summary.md and summary.csv (empty CI: one replicate; identical_replicates column:
+    True where the replicates repeated one fit); return the Markdown table."""
     from fixedpos.cache import atomic_write_bytes
 
     summary = summarize(rows, metrics)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,22 @@ def test_a_bad_value_in_any_level_is_refused_when_the_study_is_read_not_at_its_c
         ablate.Study.parse(text, source="bad.toml")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[base]\nseed = 1", r"\[base\]: 'seed' cannot be set here: seeds come from the study's top-level seeds = \[0, 1, 2\]"),
+    ("[factors]\nseed = [0, 1]", r"'seed' cannot be set here: seeds come from .*seeds = \["),
+    ('[base]\ndevice = "cuda"', r"'device' cannot be set here: .*--device cuda"),
+    ("[base]\nseeds = [0, 1]", r"'seeds' is a top-level key of the study: write seeds = \.\.\. above \[base\]"),
+    ("[base]\nprogress = false", r"'progress' cannot be set here: .*--quiet"),
+    ("[base]\nfrozen_steps = 3", r"'frozen_steps' cannot be set here: .*splatopt.edit"),
+])
+def test_settings_the_runner_sets_are_refused_with_where_they_come_from(text, message):
+    """seed is one of fit's keywords, so "unknown setting 'seed'" (with a list of valid settings that lacked
+    it) sent the user looking for a typo; the message now says seeds = [...] sets it, and --device the device."""
+    with pytest.raises(ValueError, match=message):
+        ablate.Study.parse(f'corpus = "stdlib:test"\nprompts = 4\n{text}\n', source="bad.toml")
+    assert set(ablate.RUNNER_SET) == set(ablate.RUNNER_ARGS), "every runner argument says what sets it"
+
+
 def test_a_results_file_that_is_not_utf8_or_a_study_copy_that_is_not_toml_is_named(tmp_path, corpus_file):
     """A results.jsonl row of non-UTF-8 bytes raised a bare UnicodeDecodeError; an unreadable study.toml
     beside results was reported as a different study differing in every key."""
@@ -325,6 +342,50 @@ def test_summary_of_one_replicate_has_no_interval():
     mixed = summary + ablate.summarize([{"levels": {"mode": "normalized"}, "cosine": 0.7}])  # two studies' factors
     table = ablate.markdown_table(mixed)
     assert "| kernel | mode | n |" in table and "| – | normalized | 1 | n/a | 0.7 ± n/a |" in table
+
+
+def test_identical_replicates_are_flagged_in_the_summary_not_shown_as_certainty(tmp_path):
+    """The default grid start is deterministic: seeds [0, 1, 2] on one prompt set repeat one fit, and the
+    summary printed "0.5733 ± 0", which reads as certainty. The numbers stay; the table says why."""
+    same = {"token_accuracy": 0.5733, "field_error": 0.1, "cosine": 0.9}
+    rows = [{"levels": {"kernel": "gaussian"}, "seed": s, **same, "seconds": 1.0 + s} for s in range(3)]  # timings differ
+    rows += [{"levels": {"kernel": "erf"}, "seed": s, **same, "token_accuracy": 0.5 + 0.01 * s, "seconds": 1.0} for s in range(3)]
+    rows += [{"levels": {"kernel": "box"}, **same}]
+    summary = ablate.summarize(rows)
+    assert [e.get("identical_replicates") for e in summary] == [True, False, None], "n = 1 has no replicates to compare"
+    assert summary[0]["token_accuracy_mean"] == pytest.approx(0.5733) and summary[0]["token_accuracy_ci95"] == pytest.approx(0)
+    assert ablate.identical_configurations(summary) == ["kernel=gaussian"]
+    table = ablate.markdown_table(summary)
+    assert "| gaussian | 3 | 0.5733 ± 0 (identical replicates) | 0.1 ± 0 (identical replicates) |" in table
+    assert "| erf | 3 | 0.51 ± " in table and "(identical replicates) |" not in table.split("| erf |")[1].split("\n")[0]
+    assert "prompt_sets" in table and "resample_prompts = true" in table and "jitter = 0.5" in table
+    ablate.write_summary(rows, tmp_path)
+    with (tmp_path / "summary.csv").open() as handle:
+        table_rows = list(csv.DictReader(handle))
+    assert [r["identical_replicates"] for r in table_rows] == ["True", "False", ""]
+    assert float(table_rows[0]["token_accuracy_mean"]) == pytest.approx(0.5733)
+    assert ablate.markdown_table(ablate.summarize(rows[3:])).count("identical replicates") == 0
+
+
+def test_a_study_whose_seeds_repeat_one_fit_warns_once_naming_the_fix(tmp_path, corpus_file):
+    text = (f'corpus = "{corpus_file}"\nprompts = 2\nmax_tokens = 16\nseeds = [0, 1]\n'
+            '[base]\nn_splats = 0.25\nsteps = 1\nobjective = "mse"\nrecord_every = 0\n[factors]\nmode = ["additive", "normalized"]\n')
+    study = write_study(tmp_path, text)
+    with pytest.warns(UserWarning) as caught:
+        rows = ablate.run(study, tmp_path / "out", progress=False, device="cpu")
+    warned = [str(w.message) for w in caught if "identical" in str(w.message)]
+    assert len(warned) == 1, "one warning per study"
+    assert "all 2 configurations gave identical metrics" in warned[0] and "seeds [0, 1]" in warned[0]
+    assert "prompt_sets = 3" in warned[0] and "resample_prompts = true" in warned[0] and 'jitter = 0.5' in warned[0]
+    assert rows[0]["token_accuracy"] == rows[1]["token_accuracy"]
+    assert "(identical replicates)" in (tmp_path / "out" / "summary.md").read_text()
+
+    (tmp_path / "sets").mkdir()
+    sets = write_study(tmp_path / "sets", text.replace("seeds = [0, 1]", "seeds = [0]\nprompt_sets = 2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # disjoint prompt sets: the replicates differ, no warning
+        ablate.run(sets, tmp_path / "sets_out", progress=False, device="cpu")
+    assert "identical" not in (tmp_path / "sets_out" / "summary.md").read_text()
 
 
 def test_results_rows_are_strict_json_and_a_diverged_replicate_shows_in_the_mean(tmp_path):
