@@ -455,9 +455,13 @@ def test_shipped_studies_parse_and_dry_run(path, capsys):
         assert (ROOT / study.corpus).is_file()
     else:
         assert study.corpus in ("stdlib:test", "stdlib:validation", "licenses") and study.prompts >= 256
-    if path.stem in ISSUE_STUDIES:  # the issue's studies: test split, 512 prompts, 2-3 seeds, around N = L/4
-        assert study.corpus == "stdlib:test" and study.prompts == 512 and 2 <= len(study.seeds) <= 3
+    if path.stem in ISSUE_STUDIES:  # the issue's studies: test split, 2-3 replicates, around N = L/4
+        assert study.corpus == "stdlib:test" and 2 <= len(study.seeds) * study.prompt_sets <= 3
         assert study.base.get("n_splats") == 0.25
+        # their starts are deterministic (grid or tokens, no jitter, no density): seeds would repeat one fit, so
+        # the replicates are disjoint prompt sets, and 3 sets of 256 prompts fit in stdlib:test's 965 passages
+        assert all("jitter" not in str(s.get("init", "")) and "density" not in s for s in study.configurations().values())
+        assert study.seeds == [0] and study.prompt_sets == 3 and study.prompts == 256
     if path.stem.endswith("_selection"):  # settings are selected on the validation split, never on the test split
         assert study.corpus == "stdlib:validation"
     assert main(["ablate", str(path), "--dry-run"]) == 0
