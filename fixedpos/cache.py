@@ -64,16 +64,18 @@ def minilm_zip_path() -> Path:
     return path
 
 
-def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path) -> Path:
+def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path, force: bool = False) -> Path:
     """Extract ``zip_path`` into ``target`` once, after checking its ``model.safetensors`` hash.
 
     Extraction goes to a temporary sibling folder that is renamed into place, so a crash never
     leaves a half-written model in the cache. An existing ``target`` is trusted, without re-hashing,
-    when its marker file holds the expected hash and its ``model.safetensors`` exists; otherwise it
-    is extracted again. ModelFileError for an unreadable zip or weights with another hash.
+    when its marker file holds the expected hash and its ``model.safetensors`` exists; otherwise, or
+    with ``force`` (a copy found damaged when it was read), it is extracted again. ModelFileError
+    for an unreadable zip or weights with another hash.
     """
     marker = target / ".sha256"
-    if marker.is_file() and marker.read_text().strip() == expected_sha256 and (target / "model.safetensors").is_file():
+    if (not force and marker.is_file() and marker.read_text().strip() == expected_sha256
+            and (target / "model.safetensors").is_file()):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
@@ -106,10 +108,12 @@ def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path) -
     return target
 
 
-def minilm_dir() -> Path:
-    """Folder holding the verified, extracted all-MiniLM-L6-v2 (a Hugging Face model directory)."""
+def minilm_dir(force: bool = False) -> Path:
+    """Folder holding the verified, extracted all-MiniLM-L6-v2 (a Hugging Face model directory);
+    ``force``: extract it again (see :func:`extract_verified_model`)."""
     return extract_verified_model(
-        minilm_zip_path(), MINILM_SAFETENSORS_SHA256, cache_dir() / "models" / f"minilm-l6-{MINILM_SAFETENSORS_SHA256[:12]}"
+        minilm_zip_path(), MINILM_SAFETENSORS_SHA256, cache_dir() / "models" / f"minilm-l6-{MINILM_SAFETENSORS_SHA256[:12]}",
+        force=force,
     )
 
 
@@ -173,7 +177,8 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
 
 
 def read_safetensors(path: Path, what: str = "file") -> tuple[dict, dict[str, str]]:
-    """Tensors and string metadata of a safetensors file; ValueError naming the file if it is corrupt."""
+    """Tensors and string metadata of a safetensors file; ValueError naming the file if it is corrupt,
+    FileNotFoundError if it does not exist, IsADirectoryError (an OSError) if it is a folder."""
     import json
     import struct
 
@@ -181,6 +186,8 @@ def read_safetensors(path: Path, what: str = "file") -> tuple[dict, dict[str, st
     from safetensors.torch import load
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file: give the path of a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     raw = path.read_bytes()

@@ -247,13 +247,23 @@ def find_or_train_head(model, recipe: str | HeadRecipe = "standard", train_if_mi
     """The head for ``model`` at its layer: shipped with the package, else cached, else trained and cached.
 
     recipe: a name in ``RECIPES`` or a HeadRecipe (ValueError for an unknown name). Without a head
-    and with ``train_if_missing=False``: FileNotFoundError. ValueError for a corrupt head file.
+    and with ``train_if_missing=False``: FileNotFoundError. ValueError for a corrupt head file, naming
+    it and the fix (delete a cached head to train it again; reinstall for a damaged shipped one).
     """
     recipe = resolve_recipe(recipe)
     fname = head_filename(model.model_hash, model.layer, recipe)
     for path in (SHIPPED_DIR / fname, cache_dir() / "heads" / fname):
         if path.is_file():
-            head, _ = load_head(path, model.word_embeddings, model.model_hash, model.layer)
+            try:
+                head, _ = load_head(path, model.word_embeddings, model.model_hash, model.layer)
+            except ValueError as err:
+                if path.parent == SHIPPED_DIR:  # part of the installed package
+                    fix = ("the installed package is damaged: reinstall it (pip install --force-reinstall --no-deps "
+                           f"splatopt), or in a source checkout restore the file (git checkout -- fixedpos/heads/{fname})")
+                else:
+                    fix = (f"delete {path}: the head is trained again on first use, or now with `fixedpos train-head "
+                           f"--model {model.name} --layer {model.layer} --recipe {recipe.name}`")
+                raise ValueError(f"{err}; {fix}") from err
             return head
     if not train_if_missing:
         raise FileNotFoundError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from importlib import metadata
 
@@ -114,6 +115,9 @@ def test_safetensors_round_trip_is_atomic_and_keeps_metadata(tmp_path):
 def test_read_safetensors_names_a_missing_or_corrupt_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cache.read_safetensors(tmp_path / "missing.safetensors")
+    # a folder was reported as "does not exist" (splatopt show somedir)
+    with pytest.raises(IsADirectoryError, match=f"fit result file {tmp_path} is a folder, not a file"):
+        cache.read_safetensors(tmp_path, "fit result file")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\xff" * 40)
     with pytest.raises(ValueError, match="bad.safetensors is corrupt"):
@@ -131,3 +135,32 @@ def test_atomic_writes_get_the_usual_permissions_not_owner_only(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "run.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_damaged_cached_default_model_is_extracted_again_with_a_warning(tmp_path, monkeypatch):
+    """The SHA-256 is checked only at extraction: a cached model.safetensors truncated since gave "could not
+    load a Hugging Face encoder from ...: header too small", naming neither the cache nor the fix."""
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path))
+    folder = cache.minilm_dir()
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(4)
+    load = fixedpos._load_cached.__wrapped__  # past the lru cache: this must read the files
+    with pytest.warns(UserWarning, match=rf"cached copy of the default model in {re.escape(str(folder))} is damaged .*extracting it again"):
+        model = load(fixedpos.DEFAULT_MODEL, 2, "standard", None, False)
+    assert fixedpos.sha256_file(weights) == fixedpos.MINILM_SAFETENSORS_SHA256
+    batch = model.tokenize(["Return the sum."])
+    assert (model.decode(model.encode(batch)).argmax(-1) == batch.ids).all()
+
+
+def test_a_damaged_cached_default_model_that_stays_unreadable_names_the_folder_to_delete(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path))
+    folder = cache.minilm_dir()
+
+    def unreadable(path):
+        raise RuntimeError(f"could not load a Hugging Face encoder from {path}: header too small")
+
+    monkeypatch.setattr(fixedpos, "load_hf_encoder", unreadable)
+    with pytest.warns(UserWarning, match="extracting it again"), pytest.raises(ModelFileError) as err:
+        fixedpos._load_cached.__wrapped__(fixedpos.DEFAULT_MODEL, 2, "standard", None, False)
+    assert f"delete {folder} so that it is extracted afresh" in str(err.value) and "pip install --force-reinstall" in str(err.value)

@@ -318,8 +318,21 @@ def test_corrupted_cached_head_is_reported_not_silently_retrained(tiny_bert, tmp
     path = tmp_path / "heads" / head_filename(tiny_bert.model_hash, 2, TINY_RECIPE)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="corrupt") as err:
         find_or_train_head(tiny_bert, TINY_RECIPE, train_if_missing=False)
+    # the file and the fix: deleting it is safe, the head is trained again
+    assert f"{path} is corrupt" in str(err.value) and f"delete {path}: the head is trained again on first use" in str(err.value)
+    assert "fixedpos train-head" in str(err.value)
+
+
+def test_a_damaged_shipped_head_says_to_reinstall(monkeypatch, tmp_path):
+    minilm = fixedpos.load()
+    name = head_filename(minilm.model_hash, 2, fixedpos.RECIPES["standard"])
+    (tmp_path / name).write_bytes((fixedpos.head.SHIPPED_DIR / name).read_bytes()[:1000])  # a copy, truncated
+    monkeypatch.setattr(fixedpos.head, "SHIPPED_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"is corrupt .*the installed package is damaged: reinstall it") as err:
+        find_or_train_head(minilm, "standard", train_if_missing=False)
+    assert f"git checkout -- fixedpos/heads/{name}" in str(err.value)
 
 
 def test_cached_head_is_found_in_the_user_cache(tiny_bert, tmp_path, monkeypatch):
