@@ -21,8 +21,11 @@ def _device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's own message lists its device types but not the option
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def _check_n(n: int) -> None:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layer = DEFAULT_LAYER
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a missing file, a folder where a file goes
         print(f"fixedpos: error: {err}", file=sys.stderr)
         return 2
 

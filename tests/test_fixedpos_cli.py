@@ -61,9 +61,15 @@ def test_roundtrip_with_unknown_corpus_returns_2(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
-def test_cuda_device_without_cuda_exits_with_a_hint():
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        cli.main(["roundtrip", "--n", "2", "--device", "cuda"])
+def test_cuda_device_without_cuda_is_an_error_like_any_other(capsys):
+    """It raised SystemExit: rc 1 and no "fixedpos: error:" prefix, unlike every other error (rc 2)."""
+    assert cli.main(["roundtrip", "--n", "2", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "fixedpos: error: --device cuda: CUDA is not available on this machine; use --device cpu\n"
+
+
+def test_a_device_torch_does_not_know_is_named_with_the_option(capsys):
+    assert cli.main(["info", "--device", "gpu"]) == 2
+    assert "fixedpos: error: --device 'gpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_is_an_argparse_error(capsys):
@@ -117,9 +123,9 @@ def test_roundtrip_all_layers_covers_every_layer_of_the_model(tmp_path, monkeypa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
-def test_info_honours_device():
-    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available"):
-        cli.main(["info", "--device", "cuda"])
+def test_info_honours_device(capsys):
+    assert cli.main(["info", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("fixedpos: error: --device cuda: CUDA is not available")
 
 
 def test_info_refuses_an_unknown_recipe(capsys):
