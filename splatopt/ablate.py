@@ -613,9 +613,11 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
 def identical_configurations(summary: list[dict]) -> list[str]:
     """The configurations of ``summary`` (from :func:`summarize`) whose replicates all gave identical
     metrics, as "factor=level, ..." ("base" for a study without factors)."""
-    factors = lambda entry: list(entry)[: list(entry).index("n")]
-    return [", ".join(f"{f}={entry[f]}" for f in factors(entry)) or "base"
-            for entry in summary if entry.get("identical_replicates")]
+    out = []
+    for entry in (e for e in summary if e.get("identical_replicates")):
+        factors = list(entry)[: list(entry).index("n")]  # summarize puts the levels before n
+        out.append(", ".join(f"{f}={entry[f]}" for f in factors) or "base")
+    return out
 
 
 def markdown_table(summary: list[dict]) -> str:

@@ -370,7 +370,10 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         ax_refit.set_ylabel("position (new tokens)", rotation=270, labelpad=9)
         ax_refit.yaxis.set_label_position("right")
         acc = lambda key: [f"acc {series[key]:.0%}"] if series.get(key) is not None else []
-        counts = lambda n, tokens, key: [f"{n} splats,", f"{len(tokens)} tokens" + ("," if acc(key) else ""), *acc(key)]
+
+        def counts(n: int, tokens: Sequence[str], key: str) -> list[str]:
+            return [f"{n} splats,", f"{len(tokens)} tokens" + ("," if acc(key) else ""), *acc(key)]
+
         _wrapped_title(ax_fit, ["fit:", *counts(len(transported) + len(pruned), old_tokens, "accuracy_before")])
         _wrapped_title(ax_edit, ["edit"])
         start, by = series.get("start", "warm"), series.get("start_initializer")
