@@ -7,10 +7,14 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import __version__
+
+if TYPE_CHECKING:  # fit imports the renderers; a hint needs none of it
+    from .fit import FitResult
 
 DEMO_TEXT = (
     "Return a new list containing all items from the iterable in ascending order. "
@@ -68,6 +72,21 @@ def _json_object(text: str, option: str, accepted: str) -> dict:
     return value
 
 
+FILE_TEXTS = ("one text per line, or, in a file with blank lines, one per blank-line-separated paragraph (its lines "
+              'joined by spaces); a .jsonl file: a {"text": ...} object per line')
+
+
+def _file_texts(path: str) -> list[str]:
+    """The texts of ``--file path`` (see FILE_TEXTS); ValueError naming the option for a file that holds none."""
+    import fixedpos
+
+    texts = fixedpos.load_text_file(path)
+    if not texts:
+        what = 'no line with a non-empty "text"' if Path(path).suffix == ".jsonl" else "no text (it is empty or only whitespace)"
+        raise ValueError(f"--file {path} holds {what}: put the texts in it, {FILE_TEXTS}")
+    return texts
+
+
 def _print_result(result, model) -> None:
     s = result.summary()
     unit = "splats" if s["basis"] == "splats" else f"{s['basis']} terms"
@@ -93,7 +112,7 @@ def cmd_fit(args) -> int:
     _check_outputs(args)
     texts = list(args.text)
     if args.file:
-        texts += fixedpos.load_text_file(args.file)
+        texts += _file_texts(args.file)
     if not texts:
         raise ValueError("give a text to fit, or --file with one text per line")
     model = fixedpos.load(args.model, layer=args.layer)
@@ -156,6 +175,68 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _fresh_init(text: str) -> str | list[str]:
+    """``--fresh-init``: auto, or initializer names, comma-separated; ValueError naming the option otherwise."""
+    from splatopt.init import INITIALIZERS
+
+    if text == "auto":
+        return text
+    names, known = [name.strip() for name in text.split(",")], sorted(INITIALIZERS) + ["learned"]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"--fresh-init {text}: {', '.join(map(repr, unknown))} is not an initializer; give auto, or "
+                         f"comma-separated names of {', '.join(known)} (e.g. --fresh-init learned,grid)")
+    return names
+
+
+def _edit_model(args, old):
+    """The FieldModel of ``--model``, or None for edit() to load the fit's own; ValueError naming ``--model``
+    where the fit's model is a local encoder folder that is not here (a fit keeps only its folder's name)."""
+    import fixedpos
+
+    if args.model:
+        return fixedpos.load(args.model, layer=old.config.get("layer"))
+    name = old.config.get("model") or fixedpos.DEFAULT_MODEL
+    if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
+        raise ValueError(f"{args.file} was fitted with the local encoder named {name!r} (a fit keeps only its folder's "
+                         f"name, and no folder {name!r} with config.json is here): pass --model PATH, the encoder folder "
+                         "it was fitted with")
+    return None
+
+
+def _edit_texts(args, old: FitResult) -> tuple[FitResult, str | list[str]]:
+    """(the fit to edit, the new text or texts) from TEXT, ``--prompt`` and ``--file``; ValueError naming them."""
+    B = old.mask.shape[0]
+    if args.file_texts and (args.text is not None or args.prompt is not None):
+        raise ValueError("--file gives one new text per prompt of the fit: leave out TEXT and --prompt with it "
+                         "(or give TEXT and --prompt K to edit prompt K alone)")
+    if args.file_texts:
+        texts = _file_texts(args.file_texts)
+        if len(texts) != B:
+            raise ValueError(f"--file {args.file_texts} holds {len(texts)} texts, but {args.file} holds {B} prompts: "
+                             f"give one new text per prompt ({FILE_TEXTS}), or TEXT with --prompt K to edit one prompt")
+        return old, texts
+    if args.text is None:
+        raise ValueError("give the edited text (TEXT), or --file with one new text per prompt of the fit")
+    if args.prompt is not None:
+        if not 0 <= args.prompt < B:
+            raise ValueError(f"--prompt {args.prompt}: {args.file} holds prompts 0..{B - 1} (--prompt counts from 0)")
+        return old.select(args.prompt), args.text
+    if B != 1:
+        raise ValueError(f"{args.file} holds {B} prompts: give --prompt K (0..{B - 1}) to edit prompt K alone with TEXT "
+                         "(the output then holds its re-fit only), or --file NEW.txt with one new text per prompt "
+                         "(and no TEXT)")
+    return old, args.text
+
+
+def _print_edit_record(e: dict) -> None:
+    print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
+    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
+          f"({e.get('splats', '?')} splats, a cold fit's budget {e.get('budget', '?')}), "
+          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start "
+          f"of {e['starts_tried']}" + (f" ({e['start_initializer']})" if e['start_initializer'] else ""))
+
+
 def cmd_edit(args) -> int:
     import splatopt
     from splatopt.plot import (
@@ -176,23 +257,22 @@ def cmd_edit(args) -> int:
     else:  # InnerOptimizer fields over the meta-trained one
         options["learned_optimizer"] = _json_object(args.learned_optimizer, "--learned-optimizer",
                                                     "picked, meta-trained, or InnerOptimizer fields as a JSON object")
-    fresh_init = args.fresh_init if args.fresh_init == "auto" else [name.strip() for name in args.fresh_init.split(",")]
-    model = None
-    if args.model:
-        import fixedpos
-
-        model = fixedpos.load(args.model, layer=splatopt.FitResult.load(args.file).config.get("layer"))
-    result = splatopt.edit(args.file, args.text, model=model, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
+    fresh_init = _fresh_init(args.fresh_init)
+    old = splatopt.FitResult.load(args.file)
+    old, new_text = _edit_texts(args, old)
+    model = _edit_model(args, old)
+    result = splatopt.edit(old, new_text, model=model, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
                            fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
                            record_every=args.record_every, progress=not args.quiet, **options)
-    e = result.edit
-    assert isinstance(e, dict)  # one new text (args.text): one edit record
-    print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
-    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
-          f"({e.get('splats', '?')} splats, a cold fit's budget {e.get('budget', '?')}), "
-          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start "
-          f"of {e['starts_tried']}" + (f" ({e['start_initializer']})" if e['start_initializer'] else ""))
+    if isinstance(result.edit, list):  # --file: one record per prompt
+        for b, e in enumerate(result.edit[:8]):  # as many as _print_result lists
+            assert e is not None  # edit() gives every prompt a record
+            print(f"[{b}] ", end="")
+            _print_edit_record(e)
+    else:
+        assert isinstance(result.edit, dict)  # one new text: one edit record
+        _print_edit_record(result.edit)
     _print_result(result, None)
     if args.out:
         print(f"wrote {result.save(args.out)}")
@@ -200,7 +280,8 @@ def cmd_edit(args) -> int:
         import fixedpos
 
         model = model or fixedpos.load(result.config["model"], layer=result.config["layer"])
-        series = edit_trajectory_series(splatopt.FitResult.load(args.file), result, model)
+        before, after = (old.select([0]), result.select([0])) if isinstance(result.edit, list) else (old, result)
+        series = edit_trajectory_series(before, after, model)
         print("wrote " + ", ".join(map(str, save_figure(edit_trajectory_figure(series), args.plot))))
     return 0
 
@@ -345,7 +426,9 @@ def cmd_meta_train(args) -> int:
         cfg = meta.MetaConfig.from_dict(_with_overrides(cfg.to_dict(), args.set), f"{args.config} with --set")
     net = meta.train(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {args.device}; "
+        device = net.log_lr_scale.device  # the one train() used (--device auto resolved; under torchrun, rank 0's)
+        where = f"{net.meta['world_size']} ranks ({device.type})" if net.meta.get("world_size", 1) > 1 else str(device)
+        print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {where}; "
               f"inner learning-rate scales {[round(x, 3) for x in net.log_lr_scale.detach().exp().tolist()]}")
         print(f"wrote {Path(args.out) / 'initializer.safetensors'}, metrics.jsonl, checkpoint.safetensors")
     return 0
@@ -360,24 +443,50 @@ def cmd_demo(args) -> int:
     return cmd_fit(fit_args)
 
 
+DEVICE_HELP = "auto (CUDA if available, else the CPU), cpu, cuda or cuda:N"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, where it has one worth saying (not None, off
+    or empty) and the text does not already say it."""
+
+    def _get_help_string(self, action) -> str | None:
+        text, default = action.help, action.default
+        unsaid = default is None or default is False or default is argparse.SUPPRESS or (isinstance(default, (list, str)) and not default)
+        if text and action.option_strings and "default" not in text and not unsaid:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+            return f"{text} (default: {shown})"
+        return text
+
+
+class _SubParser(argparse.ArgumentParser):
+    """A subcommand's parser: its help shows the defaults (_HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splatopt", description="Fit Gaussian text splats to prompts.")
     parser.add_argument("--version", action="version", version=f"splatopt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     p = sub.add_parser("fit", help="fit splats to texts and print the decoded text and metrics")
     p.add_argument("text", nargs="*", help="texts to fit")
-    p.add_argument("--file", help="also fit the passages of a .txt / .jsonl file")
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--file", help="also fit the texts of a .txt / .jsonl file: " + FILE_TEXTS)
+    p.add_argument("--model", default="minilm-l6", help="the embedded model, or a local Hugging Face encoder folder")
+    p.add_argument("--layer", type=int, default=None, help="the encoder layer whose embeddings are fitted (0: the embeddings; default: 2)")
     p.add_argument("--splats", type=_n_splats, default=0.5, help="splats: a fraction of L (0.25) or a count (8)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--objective", default="mse+ce")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--objective", default="mse+ce", help="weighted terms, e.g. mse, ce, cosine, 1*mse+0.5*ce")
     p.add_argument("--init", default="grid", help="grid, tokens, learned (the shipped meta-trained initializer) or a .safetensors file of one")
     p.add_argument("--optimizer", default=None, help='InnerOptimizer fields as JSON, e.g. \'{"lr_mu": 0.2}\', or picked '
                    "(with --init learned: the one picked on validation for short budgets, shipped beside it)")
-    p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"])
-    p.add_argument("--mode", default="additive", choices=["additive", "normalized"])
+    p.add_argument("--kernel", default="gaussian", choices=["gaussian", "erf"],
+                   help="a splat's profile: gaussian sampled at each token's centre, or averaged over the token (erf)")
+    p.add_argument("--mode", default="additive", choices=["additive", "normalized"],
+                   help="splats' fields add, or are averaged by their weights at each token")
     p.add_argument("--varpro", action="store_true", help="closed-form embeddings, optimize geometry only")
     p.add_argument("--truncate", type=float, default=None,
                    help="cut splats off beyond this many sigmas and render locally (default: none, 4 for texts over 1024 tokens)")
@@ -385,26 +494,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mobile splats, or a fixed baseline at the same float budget")
     p.add_argument("--density", default="none",
                    help='density control: none, adaptive, budget, or JSON such as \'{"name": "budget", "relocate_fraction": 0.1}\'')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--record-every", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--record-every", type=int, default=5, help="record the splats every this many steps (0: never)")
     p.add_argument("--out", help="write the fit (safetensors + JSON metadata)")
     p.add_argument("--plot", help="write the trajectory figure of the first prompt (.png, .pdf, .svg)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("show", help="describe a saved fit")
-    p.add_argument("file")
-    p.add_argument("--prompts", type=int, default=1, help="prompts whose splats to list")
+    p.add_argument("file", help="a saved fit (splatopt fit --out)")
+    p.add_argument("--prompts", type=int, default=1, metavar="N",
+                   help="list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none")
     p.add_argument("--plot", help="write the trajectory figure of the first prompt")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("edit", help="re-fit a saved fit to an edited text, warm-started from its splats")
-    p.add_argument("file", help="a saved one-prompt fit (splatopt fit --out)")
-    p.add_argument("text", help="the edited text")
+    p.add_argument("file", help="a saved fit (splatopt fit --out); of several prompts: with --prompt K or --file")
+    p.add_argument("text", nargs="?", help="the edited text")
+    p.add_argument("--prompt", type=int, default=None, metavar="K",
+                   help="edit prompt K (counting from 0) of a fit of several prompts: TEXT replaces its text, and the "
+                        "output holds its re-fit only")
+    p.add_argument("--file", dest="file_texts", default=None, metavar="NEW",
+                   help="instead of TEXT, a .txt / .jsonl file of new texts, one per prompt of the fit, in order: "
+                        + FILE_TEXTS + "; all prompts are re-fitted in one batch")
     p.add_argument("--model", default=None,
                    help="the fit's model, for a local encoder folder the file names only by its base name (default: the fit's)")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=60, help="re-fit steps")
     p.add_argument("--freeze-steps", type=int, default=0, help="with --free: keep splats far from the edit fixed for these first steps")
     p.add_argument("--free", action="store_true",
                    help="re-fit the splats far from the edit too, after --freeze-steps (default: they stay fixed throughout)")
@@ -428,11 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the inner optimizer of the learned initializer's starts: picked (default: the one picked on "
                         "validation that ships beside it), meta-trained, or InnerOptimizer fields as JSON over the "
                         'meta-trained one, e.g. \'{"beta1": 0.5}\'')
-    p.add_argument("--device", default="auto")
-    p.add_argument("--record-every", type=int, default=2)
+    p.add_argument("--device", default="auto", help="the re-fit's device: cpu, cuda or cuda:N (default auto: the fit's own)")
+    p.add_argument("--record-every", type=int, default=2, help="record the splats every this many steps (0: never)")
     p.add_argument("--out", help="write the edited fit")
-    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg; "
+                                  "with --file, of the first prompt)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused; "
@@ -451,13 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="prompts (default 4096; --long: 1)")
     p.add_argument("--length", type=int, default=None, help="tokens per prompt (default 64; --long: 10000; --e2e: at most, 64)")
     p.add_argument("--splats", type=int, default=None, help="splats per prompt (default 16; --long: length / 4)")
-    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--dim", type=int, default=384, help="embedding dimension")
     p.add_argument("--objective", default=None, help="default mse; --e2e: mse+ce")
-    p.add_argument("--kernel", default="gaussian")
+    p.add_argument("--kernel", default="gaussian", help="gaussian or erf")
     p.add_argument("--mode", default="additive", choices=["additive", "normalized"], help="--long only")
     p.add_argument("--truncate", type=float, default=None, help="--long: splats cut off beyond this many sigmas (default 4)")
     p.add_argument("--tile", type=int, default=None, help="--long: tokens per tile of the local renderer (default 64)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32, float64, bfloat16 or float16")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --long: 3; --e2e: of a warm-up fit, 2)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --long: 10)")
     p.add_argument("--paths", nargs="+", default=None, choices=["eager", "compile", "fused", "graph", "fused_ce", "chunked_ce", "dense", "local"],
@@ -473,14 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s for the tensor-core fraction of a cross-entropy objective")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="figures/data/bench")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", default="figures/data/bench", help="folder of the JSON result")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ablate", help="run a study (TOML): a grid of fit configurations x seeds, resumable")
     p.add_argument("study", help="study file, e.g. figures/studies/kernel_mode.toml")
     p.add_argument("--out", help="results folder: results.jsonl (a row per cell), summary.md, summary.csv; run again to resume")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the grid and the number of cells, fit nothing")
     p.add_argument("--force", action="store_true", help="run into a folder that holds another study's results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -490,28 +607,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="TOML of splatopt.meta.MetaConfig keys, e.g. splatopt/initializers/minilm-l6-layer2.toml")
     p.add_argument("--out", required=True, help="run folder: checkpoint.safetensors, metrics.jsonl, initializer.safetensors")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint left it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value); repeatable")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + " (under torchrun: each rank's GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("demo", help="fit the built-in sample text with the embedded defaults and plot it")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None)
-    p.add_argument("--plot", default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", default=None, help="write the fit (default: splatopt-demo.safetensors)")
+    p.add_argument("--plot", default=None, help="write the trajectory figure (default: splatopt-demo.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a file where a folder goes, and the like
-        print(f"splatopt: error: {err}", file=sys.stderr)
-        return 2
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help, --version or a usage error: what it printed is flushed while caught here
+            sys.stdout.flush()
+            raise
+        try:
+            return args.func(args)
+        except BrokenPipeError:
+            raise
+        except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a file where a folder goes, and the like
+            print(f"splatopt: error: {err}", file=sys.stderr)
+            return 2
+        finally:
+            sys.stdout.flush()  # a closed pipe fails here, not at exit, where it could no longer be caught
+    except BrokenPipeError:
+        # stdout's reader is gone (splatopt show run.safetensors | head -1): nothing more can be said, so end
+        # quietly, as a command killed by SIGPIPE does; what is still buffered goes to devnull at exit
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, what a shell reports for such a command
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (replaced, as under pytest)
+        pass
 
 
 if __name__ == "__main__":

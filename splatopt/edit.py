@@ -222,7 +222,7 @@ def edit(
     Raises ValueError, before any fitting, for a fixed-basis result or one fitted from a bare field,
     both or neither of new_text and edits, a count of texts or edit lists other than the result's
     prompts, overlapping or out-of-range edits, an edit that leaves a text empty, a model other than
-    the result's, fit options that edit sets itself (n_splats, init, frozen...), or an option out
+    the result's (or none for a result fitted with a local encoder folder that is not here), fit options that edit sets itself (n_splats, init, frozen...), or an option out
     of range; TypeError for malformed edits.
     """
     if isinstance(result, (str, Path)):
@@ -287,7 +287,13 @@ def edit(
         import fixedpos
 
         cfg = result.config
-        model = fixedpos.load(cfg.get("model") or fixedpos.DEFAULT_MODEL, layer=cfg.get("layer"))
+        name = cfg.get("model") or fixedpos.DEFAULT_MODEL
+        if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
+            # a fit keeps only a local encoder folder's name, which resolves only from the folder above it
+            raise ValueError(f"the result was fitted with the local encoder named {name!r}, and no folder {name!r} with "
+                             f"config.json is here: pass model=fixedpos.load(PATH, layer={cfg.get('layer')}) with the "
+                             "encoder folder it was fitted with")
+        model = fixedpos.load(name, layer=cfg.get("layer"))
     device = resolve_device(device) if device is not None else result.splats.mu.device
     fitted = (result.config.get("model_hash"), result.config.get("layer"))
     if fitted[0] not in (None, model.model_hash) or fitted[1] not in (None, model.layer):

@@ -452,11 +452,12 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     out = Path(out)
     ckpt_path, log_path = out / "checkpoint.safetensors", out / "metrics.jsonl"
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         if not resume and ckpt_path.exists():
             raise ValueError(f"{out} already holds a meta-training run; pass --resume to continue it or use another --out")
-        if resume and not ckpt_path.exists():
-            raise ValueError(f"--resume: {ckpt_path} does not exist")
+        if resume and not ckpt_path.exists():  # refused before mkdir: a mistyped --out is not left behind as an empty folder
+            raise ValueError(f"--resume: {ckpt_path} does not exist, so there is no run to continue in {out}; "
+                             "check --out, or leave out --resume to start a run there")
+        out.mkdir(parents=True, exist_ok=True)
     model = model or fixedpos.load(cfg.model, layer=cfg.layer)
     if bank is None:
         texts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus, "train"), cfg.prompts,

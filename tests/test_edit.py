@@ -670,3 +670,70 @@ def test_bad_edit_options_are_refused_before_any_refit(fitted, monkeypatch, kwar
     monkeypatch.setattr(edit_module, "fit", lambda *a, **k: pytest.fail("re-fitted before checking the options"))
     with pytest.raises(ValueError, match=message):
         splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=2, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fitted_two(model):
+    return splatopt.fit([TEXT, "Sort the list in place."], model, n_splats=0.5, steps=10, device="cpu", progress=False)
+
+
+def test_cli_edit_of_a_fit_of_several_prompts_takes_prompt_or_a_file_of_texts(tmp_path, fitted_two, capsys, monkeypatch):
+    """The CLI answered "select one first, or give one new text per prompt as a list", which only Python can do."""
+    from splatopt.cli import main
+
+    path = fitted_two.save(tmp_path / "two.safetensors")
+    fast = ["--steps", "2", "--device", "cpu", "--quiet", "--no-fresh-start", "--no-fresh-near"]
+    texts = tmp_path / "new.txt"
+    with monkeypatch.context() as patch:  # every refusal comes before any re-fit
+        patch.setattr(splatopt, "edit", lambda *a, **k: pytest.fail("re-fitted before checking the texts"))
+        for argv, message in [
+            ([str(path), "Sort the list."], f"{path} holds 2 prompts: give --prompt K (0..1) to edit prompt K alone with TEXT"),
+            ([str(path), "Sort the list.", "--prompt", "2"], f"--prompt 2: {path} holds prompts 0..1"),
+            ([str(path), "--file", str(texts)], f"--file {texts} holds 1 texts, but {path} holds 2 prompts"),
+            ([str(path), "Sort the list.", "--file", str(texts)], "leave out TEXT and --prompt"),
+            ([str(path)], "give the edited text (TEXT), or --file"),
+        ]:
+            texts.write_text("Sort the list.\n")
+            assert main(["edit", *argv, *fast]) == 2
+            assert message in capsys.readouterr().err
+    # --prompt K: that prompt alone, its text replaced
+    assert main(["edit", str(path), "Sort the list.", "--prompt", "1", *fast, "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert capsys.readouterr().out.count("edit script:") == 1
+    one = splatopt.FitResult.load(tmp_path / "one.safetensors")
+    assert one.input_texts == ["Sort the list."] and one.config["edit"]["old_text"] == "Sort the list in place."
+    # --file: one new text per prompt, in one batch
+    texts.write_text(TEXT.replace("new", "sorted") + "\nSort the list.\n")
+    assert main(["edit", str(path), "--file", str(texts), *fast, "--out", str(tmp_path / "both.safetensors")]) == 0
+    assert capsys.readouterr().out.count("edit script:") == 2
+    both = splatopt.FitResult.load(tmp_path / "both.safetensors")
+    assert both.input_texts == [TEXT.replace("new", "sorted"), "Sort the list."]
+    assert [r["old_text"] for r in both.config["edit"]] == [TEXT, "Sort the list in place."]
+
+
+def test_edit_of_a_local_encoder_fit_without_its_model_names_the_option(tmp_path, fitted, capsys, monkeypatch):
+    """A fit keeps only a local encoder folder's name: edit without --model said "model 'myenc' is neither
+    'minilm-l6' nor a local Hugging Face folder", not that the fit used that encoder nor how to pass it."""
+    from dataclasses import replace
+
+    from splatopt.cli import main
+
+    local = replace(fitted, config={**fitted.config, "model": "myenc"})
+    path = local.save(tmp_path / "run.safetensors")
+    monkeypatch.chdir(tmp_path)  # no folder myenc/ here
+    assert main(["edit", str(path), "New text.", "--steps", "1", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "was fitted with the local encoder named 'myenc'" in err and "pass --model PATH, the encoder folder" in err
+    with pytest.raises(ValueError, match=r"local encoder named 'myenc'.*pass model=fixedpos.load\(PATH, layer=2\)"):
+        splatopt.edit(local, "New text.", steps=1, progress=False)
+
+
+def test_cli_edit_names_fresh_init_for_an_unknown_initializer(tmp_path, fitted, capsys, monkeypatch):
+    """It answered "init='gird': choose one of ...", naming no option of the command."""
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "edit", lambda *a, **k: pytest.fail("re-fitted before checking --fresh-init"))
+    path = fitted.save(tmp_path / "run.safetensors")
+    for value in ("gird", "learned,gird", "grid,"):
+        assert main(["edit", str(path), "New text.", "--fresh-init", value, "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"splatopt: error: --fresh-init {value}: " in err and "grid, tokens, learned" in err

@@ -601,3 +601,62 @@ def test_targets_with_a_list_for_a_field_are_refused_with_a_type_error_naming_th
     """A list of lists as Targets.field failed with "'list' object has no attribute 'dim'"."""
     with pytest.raises(TypeError, match="Targets.field must be a .* tensor, not list: wrap it with torch.as_tensor"):
         fit(Targets([[[0.0] * 4] * 3]), objective="mse", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("blank.txt", " \n\n\t\n"), ("blank.jsonl", '{"text": "  "}\n\n')])
+def test_cli_fit_of_a_file_without_text_says_the_file_holds_none(tmp_path, capsys, monkeypatch, name, content):
+    """It said "give a text to fit, or --file with one text per line", though --file was given."""
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted a file without text"))
+    (tmp_path / name).write_text(content)
+    assert main(["fit", "--file", str(tmp_path / name), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splatopt: error: ") and f"--file {tmp_path / name} holds no" in err
+
+
+def _help(argv: list[str], capsys) -> str:
+    """The help text of ``splatopt ARGV --help``, its whitespace runs as single spaces (wrapping aside)."""
+    from splatopt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_help_shows_the_defaults_and_what_each_option_means(capsys, tmp_path):
+    import fixedpos
+
+    fit_help = _help(["fit"], capsys)
+    for shown in ("--splats SPLATS splats: a fraction of L (0.25) or a count (8) (default: 0.5)", "--steps STEPS optimizer steps (default: 300)",
+                  "(default: mse+ce)", "(default: grid)", "--seed SEED random seed (default: 0)", "(default: auto)"):
+        assert shown in fit_help
+    assert "(default: None)" not in fit_help and "(default: False)" not in fit_help
+    # --file as it is read: one text a line, but a file with blank lines gives one text per paragraph
+    assert "one text per line, or, in a file with blank lines, one per blank-line-separated paragraph (its lines joined" in fit_help
+    (tmp_path / "lines.txt").write_text("First text.\nSecond text.\n")
+    (tmp_path / "paragraphs.txt").write_text("First line\nof the first.\n\nSecond.\n")
+    assert fixedpos.load_text_file(tmp_path / "lines.txt") == ["First text.", "Second text."]
+    assert fixedpos.load_text_file(tmp_path / "paragraphs.txt") == ["First line of the first.", "Second."]
+    assert "--steps STEPS re-fit steps (default: 60)" in _help(["edit"], capsys)
+    assert "(default: 100 150 200)" in _help(["bench"], capsys)
+    # --prompts is a count, not a list of prompts
+    assert "--prompts N list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (default: 1)" in _help(["show"], capsys)
+
+
+def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
+    """``splatopt show x | head -1`` printed "splatopt: error: [Errno 32] Broken pipe" and exited 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = fit(["Return the sum of two numbers."], model, steps=1, device="cpu", progress=False).save(tmp_path / "run.safetensors")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "splatopt", "show", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the command writes (it is still importing torch)
+    _, err = proc.communicate(timeout=120)
+    assert err.decode() == "" and proc.returncode == 141

@@ -509,3 +509,28 @@ def test_resume_keeps_counting_a_streak_of_nonfinite_steps(tmp_path, model, bank
     with pytest.raises(RuntimeError, match="outer step 4: the outer gradient was not finite at 4 consecutive steps"):
         meta.train(cfg, tmp_path / "cut", resume=True, model=model, bank=nan, device="cpu", progress=False)
     assert skip_pattern(tmp_path / "cut") == skip_pattern(tmp_path / "whole") == [1, 1, 1, 1]
+
+
+def test_cli_resume_without_a_checkpoint_refuses_and_creates_nothing(tmp_path, capsys):
+    from splatopt.cli import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("prompts = 6\nouter_steps = 2\nbatch = 3\n")
+    missing = tmp_path / "missing" / "run"
+    assert main(["meta-train", "--config", str(cfg), "--out", str(missing), "--resume", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splatopt: error: --resume: ") and "does not exist" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, bank, capsys, monkeypatch):
+    from splatopt.cli import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("prompts = 6\nouter_steps = 2\nbatch = 3\n")
+    train = meta.train
+    monkeypatch.setattr(meta, "train", lambda _, out, **kw: train(tiny_config(outer_steps=2), out, model=model, bank=bank, **kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto is the CPU here
+    assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "s on cpu; inner learning-rate scales" in printed and "on auto" not in printed
