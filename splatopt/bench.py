@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -164,12 +164,13 @@ def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
 
 
 def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths: tuple[str, ...] = ("eager", "compile"), model=None,
-              peak_gbs: float | None = None, peak_tflops: float | None = None) -> dict:
+              peak_gbs: float | None = None, peak_tflops: float | None = None, progress: bool = False) -> dict:
     """Time one inner step for ``cfg`` on ``device`` per path ("eager", "compile", "fused", "fused_ce", "chunked_ce"); a JSON-able dict.
 
     model: the field model whose decoder a cross-entropy objective uses (default: the embedded one).
     peak_gbs: the device's peak memory bandwidth for the roofline fraction (default: ``PEAK_GBS``).
     peak_tflops: its peak dense bf16 TFLOP/s for ``tensor_core_fraction`` (default: ``PEAK_BF16_FLOPS``).
+    progress: a bar on stderr naming the path being timed.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for name, peak in (("peak_gbs", peak_gbs), ("peak_tflops", peak_tflops)):
@@ -228,7 +229,7 @@ def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths:
         fused_step = False
 
     results: dict[str, dict[str, Any]] = {}  # path -> its JSON record
-    for path in paths:
+    for path in _paths_progress(paths, "step bench", progress):
         fn: Callable[..., torch.Tensor]
         if path == "compile":
             fn = torch.compile(loss_fn)
@@ -330,7 +331,7 @@ class LongBenchConfig:
 
 
 def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = None,
-                   paths: tuple[str, ...] = ("dense", "local")) -> dict:
+                   paths: tuple[str, ...] = ("dense", "local"), progress: bool = False) -> dict:
     """Time one inner step (render + objective + backward + Adam) of long documents, per path; a JSON-able dict.
 
     paths: "dense" (``render`` with ``truncate``: coefficients [B, L, N]) and "local"
@@ -340,6 +341,7 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
     held before the path), or ``error`` if it ran out of memory. ``max_abs_diff``: between the two
     paths' fields at the start; ``speedup_vs_dense``: dense step_ms over local step_ms.
     Field-only objectives: a cross-entropy's [B, L, V] logits would dwarf the rendering measured here.
+    progress: a bar on stderr naming the path being timed.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unknown = set(paths) - {"dense", "local"}
@@ -362,7 +364,7 @@ def run_long_bench(cfg: LongBenchConfig, device: str | torch.device | None = Non
     cuda = device.type == "cuda"
     results: dict[str, dict[str, Any]] = {}  # path -> its JSON record
     fields: dict[str, torch.Tensor] = {}
-    for path in paths:
+    for path in _paths_progress(paths, "long bench", progress):
         holder: dict[str, dict] = {"params": {k: t.detach().clone() for k, t in splats.params().items()}}
         holder["state"] = adam_init(holder["params"])
 
@@ -434,6 +436,22 @@ class E2EBenchConfig:
     warmup_steps: int = 2
     target_accuracy: float = 0.99
     target_seconds: float = 60.0
+
+
+def _paths_progress(paths: tuple[str, ...], what: str, progress: bool) -> Iterable[str]:
+    """``paths`` under a progress bar on stderr naming the path being timed (compilation and warm-up can
+    take a minute on a CPU); the plain tuple when ``progress`` is False."""
+    if not progress:
+        return paths
+    from tqdm.auto import tqdm
+
+    def named() -> Iterator[str]:
+        bar = tqdm(paths, desc=what, unit="path")
+        for path in bar:
+            bar.set_postfix_str(path)
+            yield path
+
+    return named()
 
 
 def _sync(device: torch.device) -> None:

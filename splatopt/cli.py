@@ -304,7 +304,8 @@ def cmd_bench(args) -> int:
                       iters=_or(args.iters, 20), fused_precision=args.fused_precision)
     paths = tuple(args.paths or ("eager", "compile"))
     paths += ("fused",) if args.fused and "fused" not in paths else ()
-    result = run_bench(cfg, _device(args.device), paths, peak_gbs=args.peak_gbs, peak_tflops=args.peak_tflops)
+    result = run_bench(cfg, _device(args.device), paths, peak_gbs=args.peak_gbs, peak_tflops=args.peak_tflops,
+                       progress=not args.quiet)
     print(f"device {result['device']}, torch {result['torch']}: B={cfg.batch} L={cfg.length} N={cfg.splats} d={cfg.dim} "
           f"objective {cfg.objective} {cfg.dtype}")
     for path, r in result["results"].items():
@@ -328,7 +329,7 @@ def _bench_long(args) -> int:
                           dim=args.dim, objective=_or(args.objective, "mse"), kernel=args.kernel, mode=args.mode,
                           truncate=_or(args.truncate, LongBenchConfig.truncate), tile=_or(args.tile, LongBenchConfig.tile),
                           dtype=args.dtype, warmup=_or(args.warmup, LongBenchConfig.warmup), iters=_or(args.iters, LongBenchConfig.iters))
-    result = run_long_bench(cfg, _device(args.device), tuple(args.paths or ("dense", "local")))
+    result = run_long_bench(cfg, _device(args.device), tuple(args.paths or ("dense", "local")), progress=not args.quiet)
     print(f"device {result['device']}, torch {result['torch']}: B={cfg.batch} L={cfg.length} N={cfg.splats} d={cfg.dim} "
           f"objective {cfg.objective} {cfg.dtype}, truncate {cfg.truncate:g} sigma, tiles of {cfg.tile} tokens "
           f"({result['tile_candidates']} splats each)")
@@ -592,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak dense bf16 TFLOP/s for the tensor-core fraction of a cross-entropy objective")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", default="figures/data/bench", help="folder of the JSON result")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (step and --long benches: the path being timed)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ablate", help="run a study (TOML): a grid of fit configurations x seeds, resumable")

@@ -135,3 +135,13 @@ def test_saved_bench_json_is_strict_json_with_a_diverged_time_as_null(tmp_path):
     back = json.loads(path.read_text(), parse_constant=refuse)
     assert back["results"]["eager"] == {"ms": None, "speedup": None, "samples": [1.0, None]}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written through a temporary file, none left over
+
+
+@pytest.mark.parametrize("kind", [TINY, TINY_LONG])
+def test_bench_names_each_path_it_times_on_stderr_unless_quiet(kind, tmp_path, capsys):
+    """bench --long ran 47 s on a CPU with no sign of life; both benches now show the path being timed."""
+    assert main(["bench", *kind, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "bench" in err and ("local" in err if kind is TINY_LONG else "eager" in err)
+    assert main(["bench", *kind, "--quiet", "--out", str(tmp_path)]) == 0
+    assert "path" not in capsys.readouterr().err
