@@ -25,7 +25,7 @@ def main():
     fig = recovery_figure([r["edit_tokens"] for r in rows], [r["steps_to_recover"] for r in rows],
                           max(rows[0]["steps"]), ops=[r["op"] for r in rows])
     fig.axes[0].set_title(f"{len(rows)} {data['split']} edits, N = L/{round(1 / data['n_splats'])}, re-fit at the cold fit's budget",
-                          fontsize=7, pad=2)
+                          fontsize=7, pad=6)
     return save(fig, "edit_recovery")
 
 

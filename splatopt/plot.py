@@ -93,7 +93,8 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
     """Splat trajectories of one prompt: step (x) against position (y), each splat a line.
 
     The band around each line is +-sigma; opacity follows the splat's weight; the target tokens
-    label the position axis, so one sees which splat ends up covering which words.
+    label the position axis, so one sees which splat ends up covering which words. A key under the
+    x axis says so (the CLI writes the figure without a caption).
     """
     traj = result.trajectory
     if not -len(result.mask) <= prompt < len(result.mask):
@@ -114,7 +115,9 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
     height = height or max(2.2, min(0.11 * L + 0.8, 9.0))
     with house_style():
         fig, ax = plt.subplots(figsize=(width, height))
-        colors = plt.cm.viridis(np.linspace(0.05, 0.9, max(int(active.sum()), 1)))
+        # viridis stops at 0.8, as in edit_trajectory_figure: its yellow end, faded by a light splat's opacity, is barely
+        # visible on white
+        colors = plt.cm.viridis(np.linspace(0.05, 0.8, max(int(active.sum()), 1)))
         for c, i in enumerate(np.flatnonzero(active)):
             _draw_splat(ax, steps, mu[:, i], sigma[:, i], weight[:, i], colors[c], i)
         ax.set_xlim(steps[0], steps[-1])
@@ -124,6 +127,14 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
         n = int(active.sum())
         acc = f", acc {float(result.token_accuracy[prompt]):.0%}" if result.token_accuracy is not None else ""
         ax.set_title(title or f"{n} splats, {L} tokens{acc}")
+        # a key under the x label: the CLI writes this figure without a caption, and neighbouring bands overlap
+        # (sigma is often wider than the spacing of the centres), so what a band is must be said on the figure
+        key_color = plt.cm.viridis(0.4)
+        handles = [Line2D([], [], color=key_color, lw=1.2, label="splat centre μ (opacity: weight)"),
+                   Patch(facecolor=key_color, alpha=0.16, edgecolor=key_color, ls=(0, (2, 1.5)), lw=0.4, label="μ ± σ")]
+        below = offset_copy(ax.transAxes, fig=fig, y=-26, units="points")
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=2,
+                  handlelength=1.8, columnspacing=1.2)
     return fig
 
 
@@ -147,7 +158,10 @@ def _token_axis(ax, tokens: Sequence[str], L: int, right: bool = False) -> None:
     """Positions 0..L-1 top to bottom (as text reads), labelled with ``tokens``; on the right side if asked."""
     ax.set_ylim(L - 0.5, -0.5)
     ax.set_yticks(range(len(tokens)))
-    ax.set_yticklabels(tokens, fontsize=max(4.0, min(6.5, 220 / max(L, 1))))
+    # as large as the row a token gets allows (up to the house style's 6.5 pt): the figures grow with L, so a
+    # size falling as 1/L (220 / L) printed a 60-token prompt's labels at 4 pt where 6 pt fitted
+    row_pt = ax.get_position().height * ax.figure.get_figheight() * 72 / max(L, 1)
+    ax.set_yticklabels(tokens, fontsize=max(4.0, min(6.5, 0.9 * row_pt)))
     ax.tick_params(axis="y", length=1.5, pad=1.5)
     if right:
         ax.yaxis.tick_right()
@@ -202,8 +216,10 @@ def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_a
                     continue
                 mean, half = mean_ci95(hist[metric].float().numpy())
                 steps = hist["step"].numpy()
-                ax.plot(steps, mean, label=label)
-                ax.fill_between(steps, mean - half, mean + half, alpha=0.2, lw=0)
+                (line,) = ax.plot(steps, mean, label=label)
+                # the band in its line's colour: fill_between draws from the patch colour cycle, which keeps in step
+                # with the lines' only while every run draws both
+                ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
             ax.set_ylabel(metric.replace("_", " "))
             ax.grid(lw=0.3, alpha=0.4)
         axes[-1, 0].set_xlabel("inner step")
@@ -310,11 +326,12 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
     """A fit, the edit's transport jump, and the re-fit, as three panels sharing the position axis.
 
     series: from :func:`edit_trajectory_series` (or its JSON). Left: splat centres (lines, +-sigma
-    bands) over the fit, positions labelled by the old tokens, deleted spans shaded red. Middle: the
-    edit script's position map (grey for kept spans, red deleted, orange inserted, purple replaced)
+    bands) over the fit, positions labelled by the old tokens, deleted (and replaced) spans shaded. Middle: the
+    edit script's position map (grey for kept spans, vermillion deleted, orange inserted, pink replaced)
     and each old splat's jump from its last fitted position to its transported one; pruned splats
     end in a cross, spawned splats start with a star. Right: the re-fit, labelled by the new tokens,
-    inserted spans shaded orange. A transported splat keeps its colour across the three panels.
+    inserted (and replaced) spans shaded. A transported splat keeps its colour across the three panels;
+    the legend names each span colour the script uses.
     """
     arr = lambda x: np.asarray(x, dtype=float)
     fit, refit = series["fit"], series["refit"]
@@ -386,6 +403,8 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
             Patch(color=SPAN_COLORS["delete"], alpha=0.25, label="deleted span"),
             Patch(color=SPAN_COLORS["insert"], alpha=0.25, label="inserted span"),
         ]
+        if any(op[0] == "replace" for op in series["script"]):  # shaded in both panels: a colour the legend must name
+            handles.append(Patch(color=SPAN_COLORS["replace"], alpha=0.25, label="replaced span"))
         # below the x labels whatever the figure's height: a fixed offset in points under the middle panel
         below = offset_copy(ax_edit.transAxes, fig=fig, y=-32, units="points")
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=len(handles))
@@ -406,7 +425,8 @@ def recovery_figure(
     edit_tokens: [P] tokens touched by each edit; steps_to_recover: [P] steps, None where the re-fit
     did not get there within ``max_steps``; those sit in a separate top row ("not recovered"). ops: [P] edit kinds
     ("insert", "delete", "replace") colour the points. bins: left edges of the edit-size groups on
-    the x axis; the share of prompts recovered in each group, and its size n, are written above it.
+    the x axis; the share of prompts recovered in each group, and its size n, are written above it
+    in two rows named "share recovered" and "edits (n)".
     """
     sizes = np.asarray(edit_tokens, dtype=int)
     steps = np.array([np.nan if s is None else s for s in steps_to_recover], dtype=float)
@@ -428,15 +448,21 @@ def recovery_figure(
             pick = kinds == kind
             ax.scatter(x[pick], y[pick], s=6, lw=0, alpha=0.65, color=op_colors.get(kind), marker=op_markers.get(kind, "o"),
                        label=kind, gid=f"edits {kind}")
+        # two rows above the groups, each named at the left: the share recovered, then the group's size
+        share_row, n_row = failed_row + max_steps * 0.25, failed_row + max_steps * 0.14
         for g in range(len(labels)):
             members = group == g
             if members.any():
-                ax.text(g, failed_row + max_steps * 0.09, f"{np.isfinite(steps[members]).mean():.0%}\nn={members.sum()}",
-                        ha="center", va="bottom", fontsize=5.5, color="0.3", linespacing=1.0)
+                ax.text(g, share_row, f"{np.isfinite(steps[members]).mean():.0%}", ha="center", va="center", fontsize=6,
+                        color="0.3")
+                ax.text(g, n_row, f"{members.sum()}", ha="center", va="center", fontsize=6, color="0.3")
+        names = ax.get_yaxis_transform()  # x in axes units, y in data: just left of the axis, like a tick label
+        ax.text(-0.02, share_row, "share recovered", transform=names, ha="right", va="center", fontsize=6, color="0.3")
+        ax.text(-0.02, n_row, "edits (n)", transform=names, ha="right", va="center", fontsize=6, color="0.3")
         ax.axhline((max_steps + failed_row) / 2, color="0.6", lw=0.5, ls=":")
         ticks = [t for t in ax.get_yticks() if 0 <= t <= max_steps]
         ax.set_yticks(ticks + [failed_row], [f"{t:g}" for t in ticks] + ["not\nrecovered"])
-        ax.set_ylim(-max_steps * 0.04, failed_row + max_steps * 0.3)
+        ax.set_ylim(-max_steps * 0.04, failed_row + max_steps * 0.31)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlim(-0.6, len(labels) - 0.4)
         ax.set_xlabel("edit size (tokens)")
