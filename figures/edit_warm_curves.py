@@ -47,7 +47,9 @@ def main():
             curves[renamed.get(variant, variant)] = (steps, *mean_ci95([[r["warm_curve"][i] for r in rows] for i in range(len(steps))]))
     # the same prompts and edits in every file (their cold fits agree but for GPU nondeterminism: one
     # prompt of 200 in the two recorded files)
-    edits_of = lambda run: [r["new_text"] for r in run["rows"] if r["variant"] == "default"]  # noqa: E731
+    def edits_of(run: dict) -> list[str]:
+        return [r["new_text"] for r in run["rows"] if r["variant"] == "default"]
+
     assert all(edits_of(run) == edits_of(runs[0]) for run in runs[1:]), "the files must share prompts and edits"
     cold = runs[0]["cold_curve"]
     cold_final = runs[0]["summary"]["default"]["cold_final_mean"]
@@ -55,7 +57,10 @@ def main():
     warm_steps = max(curves[WHOLE_RUN[0]][0])
     curves = {v: curves[v] for v in VARIANT_NAMES if v in curves}
     colors = {v: STYLES[v][0] for v in curves}
-    width = lambda v: 1.4 if v == "held-budget" else 0.9  # noqa: E731
+
+    def width(v: str) -> float:
+        return 1.4 if v == "held-budget" else 0.9
+
     with house_style():
         fig, (ax_all, ax_end) = plt.subplots(1, 2, figsize=(COLUMN, 2.3), gridspec_kw={"wspace": 0.3, "width_ratios": [1, 1.15]})
         for ax in (ax_all, ax_end):
@@ -67,7 +72,9 @@ def main():
         ax_all.plot([s for s, _ in shown], [100 * a for _, a in shown], color="0.5", ls=":", lw=1.0, label="cold from scratch")
         for variant in WHOLE_RUN:
             steps, mean, half = curves[variant]
-            ax_all.plot(steps, 100 * mean, color=colors[variant], lw=width(variant), label=VARIANT_NAMES.get(variant, variant))
+            # markers as in the legend: the vermillion and orange curves cross, and colour alone did not tell them apart
+            ax_all.plot(steps, 100 * mean, color=colors[variant], lw=width(variant), marker=STYLES[variant][1], ms=2.2,
+                        markevery=2, label=VARIANT_NAMES.get(variant, variant))
             ax_all.fill_between(steps, 100 * (mean - half), 100 * (mean + half), color=colors[variant], alpha=0.2, lw=0)
         ax_all.set_ylabel("token accuracy (%)")
         ax_all.set_xlim(0, warm_steps)

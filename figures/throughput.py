@@ -3,7 +3,9 @@
 Data: figures/data/bench/step-*.json (``splatopt bench``: one inner step = render + loss + backward +
 Adam, paths timed in the same run). One horizontal bar per (configuration, path), grouped by
 configuration (objective, batch B; L = 64, N = 16, d = 384, fp32, on the device named); each bar is
-labelled with its milliseconds per step and its speed-up over eager, timed in the same run.
+labelled with its milliseconds per step and its speed-up over eager, timed in the same run. Several runs
+of one configuration are numbered ("run 2 of 3"); the title names the GPU most runs used, and the
+header of a run made on another names it.
 """
 
 from __future__ import annotations
@@ -30,21 +32,30 @@ def main():
     runs = [json.loads(p.read_text()) for p in data_paths(DATA_FILES[0])]
     runs.sort(key=lambda r: (r["config"]["objective"], r["config"]["batch"], list(r["results"])))
     devices = sorted({run["device"] for run in runs})
-    # with runs from several GPUs the title names the one most ran on and the runs made elsewhere
+    # with runs from several GPUs the title names the one most ran on, and the header of a run made elsewhere names its GPU
     most = max(devices, key=lambda d: sum(run["device"] == d for run in runs))
+
+    def config(run: dict) -> str:
+        return f"{OBJECTIVE_NAMES.get(run['config']['objective'], run['config']['objective'])}, B = {run['config']['batch']}"
+
+    repeats = {name: [run for run in runs if config(run) == name] for name in {config(run) for run in runs}}
     rows = []  # top to bottom: a header per run (its configuration), then one bar per path it timed
     for run in runs:
-        c = run["config"]
-        rows.append((f"{OBJECTIVE_NAMES.get(c['objective'], c['objective'])}, B = {c['batch']}", None, None))
+        same = repeats[config(run)]
+        # runs of one configuration are numbered: identical headers read as one group drawn twice
+        number = f", run {same.index(run) + 1} of {len(same)}" if len(same) > 1 else ""
+        device = f" ({short_device(run['device'])})" if run["device"] != most else ""
+        rows.append((config(run) + number + device, None, None))
         rows += [(path, path, res) for path, res in run["results"].items()]
     bars = [res for _, _, res in rows if res]
     with house_style():
         fig, ax = plt.subplots(figsize=(COLUMN, 0.6 + 0.13 * len(rows)))
-        fig.subplots_adjust(left=0.3, right=0.93)  # the headers and path names fit within the column
+        # the headers sit inside the axes (their rows hold no bar), so the margin holds only the path names
+        fig.subplots_adjust(left=0.2, right=0.95)
         y = np.arange(len(rows))[::-1]
         for yi, (label, path, res) in zip(y, rows):
-            if res is None:  # the run's header in its own row, ending at the axis like the path names
-                ax.text(0.0, yi - 0.1, label, transform=ax.get_yaxis_transform(), ha="right", va="center",
+            if res is None:  # the run's header in its own row, starting at the axis
+                ax.text(0.01, yi - 0.1, label, transform=ax.get_yaxis_transform(), ha="left", va="center",
                         fontsize=6.5, fontweight="bold")
                 continue
             ax.barh(yi, res["prompt_steps_per_s"], 0.8, color=PATH_COLORS.get(path, "0.3"))
@@ -58,14 +69,12 @@ def main():
         ticks = [(yi, label) for yi, (label, _, res) in zip(y, rows) if res]
         ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
         ax.tick_params(axis="y", length=0)
-        ax.set_xlabel("prompt-steps / s (log scale; L = 64, N = 16)")
-        others = "; ".join(f"{OBJECTIVE_NAMES.get(r['config']['objective'], r['config']['objective'])}, B = {r['config']['batch']}: "
-                           f"{short_device(r['device'])}" for r in runs if r["device"] != most)
-        on = short_device(most) + (f" ({others})" if others else "")
-        ax.set_title(f"{on}, d = {runs[0]['config']['dim']}; a group is one run:\n"
-                     "ms per step, speed-up over its eager", fontsize=6.5)
+        ax.set_xlabel(f"prompt-steps / s (log scale; L = {runs[0]['config']['length']}, N = {runs[0]['config']['splats']})")
+        ax.set_title(f"{short_device(most)} unless named, d = {runs[0]['config']['dim']}, {runs[0]['config']['dtype']}; "
+                     "a group is one run:\nms per step, speed-up over the run's eager", fontsize=6.5)
         ax.grid(axis="x", lw=0.3, alpha=0.4)
     return save(fig, "throughput")
+
 
 if __name__ == "__main__":
     main()
