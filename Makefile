@@ -2,6 +2,8 @@
 # make report:  the figures, then papers/report.md from papers/report.template.md (papers/build.py)
 # make edit-trajectory-data: re-record figures/data/edit_trajectory.json (one CPU fit and edit, ~2 min)
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+# this checkout's packages first, whatever copy of splatopt the interpreter has installed (another worktree's)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
 .PHONY: figures report edit-trajectory-data
 
