@@ -140,7 +140,8 @@ def load_head(path: Path, word_embeddings: Tensor, model_hash: str, layer: int) 
             f"decoder head {path} was trained for model {meta.get('model_hash', '?')[:12]} layer {meta.get('layer')}, "
             f"not model {model_hash[:12]} layer {layer}"
         )
-    head = DecoderHead(word_embeddings, hidden=tensors["up.weight"].shape[0])
+    with torch.random.fork_rng(devices=[]):  # its random initialization is overwritten: the caller's random state is kept
+        head = DecoderHead(word_embeddings, hidden=tensors["up.weight"].shape[0])
     missing, unexpected = head.load_state_dict(tensors, strict=False)
     if unexpected or [m for m in missing if m != "embeddings"]:
         raise ValueError(f"decoder head {path} has tensors {unexpected} / lacks {missing}")
@@ -192,12 +193,16 @@ def train_head(
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.perf_counter()
     feats, targets = _training_rows(model, texts, recipe, generator, device)
     encode_s = time.perf_counter() - started
-    head = DecoderHead(model.word_embeddings.to(device), hidden=recipe.hidden).to(device)
+    # its layers are initialized on the CPU from the seeded generator, then given back: a head trained
+    # on first use (inside a fit's decode) leaves the caller's random state as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(recipe.seed)
+        head = DecoderHead(model.word_embeddings.to(device), hidden=recipe.hidden)
+    head = head.to(device)
     params = [p for n, p in head.named_parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     vocab = model.text_token_ids.to(device)

@@ -233,10 +233,12 @@ class FieldModel:
         overlap by ``2 * overlap`` tokens; each position is taken from the window where it lies at
         least ``overlap`` tokens from a cut (seams fall midway between window cuts), so every position
         sees at least ``overlap`` tokens of context on both sides. ``max_tokens`` bounds the tokens
-        encoded at once (memory). TypeError for anything but a TokenBatch.
+        encoded at once (memory). TypeError for anything but a TokenBatch, or a dtype that is not floating point.
         """
         if not isinstance(batch, TokenBatch):
             raise TypeError(f"encode takes a TokenBatch, not {type(batch).__name__}: model.encode(model.tokenize(texts))")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # an integer field rounds nearly all to 0
+            raise TypeError(f"encode(dtype={dtype!r}): a field is floating point; give e.g. torch.float32")
         device = batch.ids.device
         self.encoder.to(device)
         lengths = batch.lengths.tolist()

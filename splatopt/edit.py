@@ -39,7 +39,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
     from fixedpos import FieldModel
 
-from .fit import FitResult, _resolve_counts, fit, resolve_device
+from .fit import FitResult, _resolve_counts, check_options, fit, resolve_device
 from .init import GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
@@ -153,7 +153,8 @@ def edit(
     spans of the old text (end exclusive). Many prompts at once (one batched re-fit): give a list
     of new texts, or a list of edit lists, one per prompt of ``result``.
     model: the old fit's FieldModel (default: ``fixedpos.load`` of the result's model and layer).
-    device: default the result's splats' device. record_every, progress: as :func:`fit`.
+    device: default the result's splats' device; fit's ``dtype``: default the result's splats'
+    precision (float64 for a float64 fit, else float32). record_every, progress: as :func:`fit`.
     steps: re-fit steps. local (default): splats more than ``freeze_sigma`` widths (sigmas, >= 0)
     from every edited span neither move nor change during the whole re-fit (far from the edit, a
     fit keeps its splats); local=False re-fits them too, after ``freeze_steps`` frozen steps (0:
@@ -303,6 +304,9 @@ def edit(
     kernel = fit_options.pop("kernel", result.config.get("kernel", "gaussian"))
     mode = fit_options.pop("mode", result.config.get("mode", "additive"))
     fit_options.setdefault("objective", result.config.get("objective", "mse+ce"))
+    # the old fit's precision, as its device: a float64 fit was re-fitted in float32 unless told
+    fit_options.setdefault("dtype", torch.float64 if result.splats.mu.dtype == torch.float64 else torch.float32)
+    check_options(dtype=fit_options["dtype"])  # before the warm starts, whose solves take no half precision
     if fit_options.get("optimizer") is None or isinstance(fit_options["optimizer"], dict):
         # the old fit's inner optimizer with a constant schedule: a warm start is already close, and
         # decaying the rates over a short re-fit stalled it (validation: 96.1 % vs 95.1 % at 60 steps)
@@ -310,7 +314,7 @@ def edit(
         fit_options["optimizer"] = InnerOptimizer(**old_opt).with_fields({"schedule": "constant", **(fit_options.get("optimizer") or {})})
 
     batch = model.tokenize(new_texts, device=device)
-    target = model.encode(batch)
+    target = model.encode(batch, dtype=fit_options["dtype"])
     splats = result.splats.to(device)
     warms, fars, records = [], [], []
     fraction = result.config.get("n_splats")

@@ -145,20 +145,25 @@ class FitResult:
         assert self.splats is not None, "a fixed basis's result always holds n_terms"
         return self.splats.counts
 
-    def select(self, index: int | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
-        """The prompts ``index`` (a prompt number, a list or tensor of them, repeats allowed, or a [B]
-        bool mask), every per-prompt field with them; the batch dimension is kept."""
+    def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
+        """The prompts ``index`` (a prompt number, a slice, a list or tensor of them, repeats allowed, or
+        a [B] bool mask), every per-prompt field with them; the batch dimension is kept."""
         B = self.mask.shape[0]
-        if isinstance(index, int) or (isinstance(index, Tensor) and index.ndim == 0):
-            index = [int(index)]
-        flags = torch.as_tensor(index if isinstance(index, Tensor) else list(index))
+        picked: Sequence[int] | Sequence[bool] | Tensor
+        if isinstance(index, slice):
+            picked = list(range(B)[index])
+        elif isinstance(index, (int, numbers.Integral)) or (isinstance(index, Tensor) and index.ndim == 0):
+            picked = [int(index)]  # NumPy integers too
+        else:
+            picked = index
+        flags = torch.as_tensor(picked if isinstance(picked, Tensor) else list(picked))
         if flags.dtype == torch.bool:  # a mask, not the prompt numbers 1 and 0
             if flags.shape != (B,):
                 raise IndexError(f"select: a bool mask needs one entry per prompt ({B}), not {tuple(flags.shape)}")
             flags = flags.nonzero().flatten()
         idx = flags.long().cpu()
         if len(idx) == 0 or int(idx.min()) < -self.mask.shape[0] or int(idx.max()) >= self.mask.shape[0]:
-            raise IndexError(f"select({list(index)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
+            raise IndexError(f"select({list(picked)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
         take = lambda t: t[idx.to(t.device)]  # noqa: E731
         on = lambda t: None if t is None else take(t)  # noqa: E731
         rows = lambda items: None if items is None else [items[i] for i in idx.tolist()]  # noqa: E731
@@ -621,6 +626,7 @@ def fit(
                   varpro=varpro, progress=progress, frozen_steps=frozen_steps, frozen_moves=frozen_moves,
                   frozen_v_tolerance=frozen_v_tolerance, fused_ce=fused_ce, fused=fused, cuda_graphs=cuda_graphs,
                   batch_size=batch_size, dtype=dtype, seed=seed)
+    seed = int(seed)  # a NumPy integer failed in torch's manual_seed, and in the JSON config
     strategy = resolve_density(density)
     if basis != "splats" and not isinstance(strategy, NoDensify):
         raise ValueError(f"density={density!r} needs basis='splats': a fixed basis has nothing to clone, split or move")
@@ -782,8 +788,12 @@ def fit(
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a ``torch.device`` (None: CUDA where there is one); ValueError for CUDA where there is none."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` as a ``torch.device`` (None: CUDA where there is one); ValueError for CUDA where there is
+    none, or for a name that is no device."""
+    try:
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):  # torch's message lists its device types but names no option
+        raise ValueError(f"device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
     return device
@@ -893,6 +903,9 @@ def _fit_chunk(
             splats = initializer(target, mask, torch.minimum(strategy.initial_counts(counts), counts), generator)
         if splats.mask.shape[0] != target.shape[0]:
             raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
+        # the fit's precision and device, whatever the initializer returned: a custom one's float16
+        # splats were otherwise fitted in float16 (NaN) and a float32 one's in a float64 fit in float32
+        splats = splats.to(target.device, target.dtype)
         splats = _with_capacity(splats, int(counts.max()))
         slot_mask = splats.mask
         keys = ["mu", "log_sigma", "weight_logit"] + ([] if varpro or solve else ["v"])

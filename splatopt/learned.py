@@ -191,7 +191,8 @@ class LearnedInitializer(nn.Module):
             meta = json.loads(header.get("meta", "{}"))
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: unreadable learned-initializer metadata ({err}); re-create it with splatopt meta-train") from err
-        init = cls(arch, opt, meta)
+        with torch.random.fork_rng(devices=[]):  # its random initialization is overwritten: the caller's random state is kept
+            init = cls(arch, opt, meta)
         try:
             init.load_state_dict({k: t.float() for k, t in tensors.items()})
         except RuntimeError as err:

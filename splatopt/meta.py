@@ -469,12 +469,16 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
             warnings.warn(f"corpus {cfg.corpus} gives {len(texts)} prompts of {cfg.min_tokens}..{cfg.max_tokens} tokens, "
                           f"fewer than prompts = {cfg.prompts}: meta-training on those {len(texts)}", stacklevel=2)
         bank = encode_bank(model, texts, device, progress=progress and rank == 0)
-    torch.manual_seed(cfg.seed)  # the network's own initialization: identical on every rank
-    net = LearnedInitializer(
-        Architecture(model.dim, cfg.width, cfg.heads, cfg.layers),
-        InnerOptimizer(**cfg.inner_optimizer),
-        meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict()},
-    ).to(device)
+    # the network's own initialization, seeded: identical on every rank. It is built on the CPU, whose
+    # generator alone is seeded and then given back, so the caller's random state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg.seed)
+        net = LearnedInitializer(
+            Architecture(model.dim, cfg.width, cfg.heads, cfg.layers),
+            InnerOptimizer(**cfg.inner_optimizer),
+            meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict()},
+        )
+    net = net.to(device)
     net.log_lr_scale.requires_grad_(cfg.learn_lr)
     metric = resolve_metric(net.optimizer, model, device, torch.float32)  # [d, d] or None
     trainable = [p for p in net.parameters() if p.requires_grad]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -33,6 +34,9 @@ class Objective:
     ce: float = 1.0
 
     def __post_init__(self) -> None:
+        for k, w in asdict(self).items():
+            if isinstance(w, numbers.Real) and not isinstance(w, (int, float)):  # a NumPy scalar (a sweep's np.float32)
+                object.__setattr__(self, k, float(w))
         weights = asdict(self)
         bad = {k: w for k, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)}
         if bad:  # a negative weight maximises its term; inf or NaN make every step NaN

@@ -14,6 +14,7 @@ model). Prompts are independent: clipping and NaN guards act per prompt, never a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -81,9 +82,14 @@ class InnerOptimizer:
     metric_damping: float = 1.0
 
     def __post_init__(self) -> None:
-        numbers = ("lr_mu", "lr_log_sigma", "lr_weight", "lr_v", "mu_decay", "final_lr_factor", "decay_fraction", "beta1",
+        for name, value in asdict(self).items():  # NumPy scalars (a sweep's np.float32, np.int64) as Python numbers
+            if isinstance(value, numbers.Integral) and not isinstance(value, int):
+                object.__setattr__(self, name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+                object.__setattr__(self, name, float(value))
+        numeric = ("lr_mu", "lr_log_sigma", "lr_weight", "lr_v", "mu_decay", "final_lr_factor", "decay_fraction", "beta1",
                    "beta2", "eps", "eps_root", "solve_ridge", "metric_damping") + (("clip",) if self.clip is not None else ())
-        for name in numbers:  # a string from a config would otherwise fail in a comparison below, unnamed
+        for name in numeric:  # a string from a config would otherwise fail in a comparison below, unnamed
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a number")
         if self.schedule not in SCHEDULES:
@@ -227,12 +233,14 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
     """Embeddings v [B, N, d] minimising |A v - T|^2 over the prompt's tokens (variable projection).
 
     a: [B, L, N] splat coefficients (``render.splat_weights``). target: [B, L, d]. token_mask:
-    [B, L] bool; splat_mask: [B, N] bool. Returns a's dtype. A small ridge,
+    [B, L] bool; splat_mask: [B, N] bool. Returns a's dtype (half precision is solved in float32). A small ridge,
     relative to the mean diagonal of A^T A, keeps the solve well posed when splats coincide; slots
     with mask False get v = 0; padding slots change nothing (a prompt gets the same v in any batch).
     Differentiable in ``a`` (batched ``torch.linalg.solve_ex``).
     """
-    a = torch.where(token_mask[..., None] & splat_mask[:, None, :], a, 0.0)
+    out_dtype = a.dtype
+    # LU has no half-precision kernels ("lu_cpu" not implemented for 'Half'); float32 and float64 stay as they are
+    a = torch.where(token_mask[..., None] & splat_mask[:, None, :], a, 0.0).to(torch.promote_types(a.dtype, torch.float32))
     gram = a.transpose(1, 2) @ a  # [B, N, N]
     N = gram.shape[-1]
     # the mean over the prompt's own splats: over every slot, a prompt padded to a batch's larger
@@ -247,7 +255,7 @@ def closed_form_v(a: Tensor, target: Tensor, token_mask: Tensor, splat_mask: Ten
     rhs = a.transpose(1, 2) @ torch.where(token_mask[..., None], target.to(a.dtype), 0.0)
     # solve_ex: the same LU solve without reading its status back to the host (a stall per call on
     # CUDA); the ridge and the unit diagonal of inactive slots keep the system positive definite
-    return torch.linalg.solve_ex(system, rhs)[0] * splat_mask[..., None].to(a.dtype)
+    return (torch.linalg.solve_ex(system, rhs)[0] * splat_mask[..., None].to(a.dtype)).to(out_dtype)
 
 
 def solve_embeddings(

@@ -37,6 +37,9 @@ def _positions(length_or_positions, B: int, like: Tensor) -> Tensor:
         pos = torch.arange(length_or_positions, device=like.device, dtype=like.dtype)
         return pos.expand(B, -1)
     pos = torch.as_tensor(length_or_positions, device=like.device, dtype=like.dtype)
+    if pos.dim() == 0:  # a float length: "got shape ()" named neither the input nor the fix
+        raise ValueError(f"render length must be an int L >= 1, not {length_or_positions!r}; give float positions "
+                         "as an [L] or [B, L] tensor")
     if pos.dim() == 1:
         return pos.expand(B, -1)
     if pos.dim() == 2 and pos.shape[0] == B:

@@ -39,6 +39,7 @@ S is the most crowded tile's candidate count: splats piling up in one tile, or o
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +170,8 @@ def render_local(
     Differentiable in mu, log_sigma, weight_logit and v, twice. ValueError for a length that is
     not an int >= 1, an unknown kernel or mode, a truncate that is not finite and > 0, or a bad tile.
     """
+    if isinstance(length, numbers.Integral) and not isinstance(length, bool):
+        length = int(length)  # a NumPy integer, as render takes it
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"render_local renders token centres 0..L-1 and needs an int L >= 1, got {length!r}; "
                          "use render for arbitrary positions")
@@ -182,7 +185,7 @@ def render_local(
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile={tile!r} must be an int >= 1 (tokens per tile)")
     mu, sigma, weight = active_geometry(splats)
-    if splats.capacity == 0:  # nothing to sort or tile: the empty sum
+    if splats.capacity == 0 or splats.batch_size == 0:  # nothing to sort or tile: the empty sum (or no prompt)
         return mu.new_zeros(splats.batch_size, length, splats.dim)
     T = min(tile, length)
     plan = plan_tiles(mu.detach(), sigma.detach(), splats.mask, length, T, truncate)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ class SplatSet:
     [SIGMA_MIN, SIGMA_MAX]). weight_logit: [B, N], weight = sigmoid(weight_logit) in (0, 1).
     v: [B, N, d] embeddings. All float, one dtype and device. mask: [B, N] bool, active slots
     (inactive slots may hold anything and render nothing). meta: free-form JSON-able metadata
-    carried into files. ValueError for shapes that disagree, TypeError for a mask that is not bool.
+    carried into files. ValueError for shapes that disagree or tensors on different devices,
+    TypeError for a mask that is not bool.
     """
 
     mu: Tensor
@@ -66,6 +68,11 @@ class SplatSet:
             raise ValueError(f"SplatSet.v has shape {tuple(self.v.shape)}, expected ({B}, {N}, d)")
         if self.mask.dtype != torch.bool:
             raise TypeError(f"SplatSet.mask must be bool, not {self.mask.dtype}")
+        # named here: rendering mixed devices fails deep in torch ("Tensor on device meta is not on the expected device cpu!")
+        names = ("mu", "log_sigma", "weight_logit", "v", "mask")
+        if len({getattr(self, k).device for k in names}) > 1:
+            where = ", ".join(f"{k} on {getattr(self, k).device}" for k in names)
+            raise ValueError(f"SplatSet tensors lie on different devices ({where}): move them to one device, e.g. t.to(mu.device)")
 
     # ---------------------------------------------------------------- views
     @property
@@ -142,7 +149,8 @@ class SplatSet:
         dimension; IndexError for an int out of range."""
         if isinstance(index, Tensor) and index.ndim == 0:
             index = int(index)
-        if isinstance(index, int):
+        if isinstance(index, numbers.Integral):  # NumPy integers too: indexing with one would drop the batch dimension
+            index = int(index)
             if not -self.batch_size <= index < self.batch_size:
                 raise IndexError(f"select({index}): this set holds prompts 0..{self.batch_size - 1}")
             i = range(self.batch_size)[index]  # negative indices count from the end
@@ -223,8 +231,9 @@ class SplatSet:
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from err
         for k, t in splats.params().items():
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{path}: tensor {k} holds NaN or infinite values")
+            # active slots only: inactive ones may hold anything (a warm start's NaN padding is saved as it was fitted)
+            if not torch.isfinite(t[splats.mask]).all():
+                raise ValueError(f"{path}: tensor {k} holds NaN or infinite values in an active splat")
         check_model_hash(path, meta, expect_model_hash)
         extras = {k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")}
         if device is not None:

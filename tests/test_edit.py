@@ -737,3 +737,15 @@ def test_cli_edit_names_fresh_init_for_an_unknown_initializer(tmp_path, fitted, 
         assert main(["edit", str(path), "New text.", "--fresh-init", value, "--device", "cpu", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"splatopt: error: --fresh-init {value}: " in err and "grid, tokens, learned" in err
+
+
+def test_a_float64_fit_is_re_fitted_in_float64_unless_told(model):
+    """edit takes the old fit's device, objective, kernel and mode: its precision too (it re-fitted in float32)."""
+    old = splatopt.fit(["Return the sum of a and b."], model, n_splats=0.5, steps=2, dtype=torch.float64, device="cpu",
+                       progress=False)
+    new = splatopt.edit(old, "Return the sum of a and c.", steps=2, fresh_init="grid", progress=False)
+    assert new.splats.mu.dtype == new.splats.v.dtype == torch.float64 and new.config["dtype"] == "float64"
+    told = splatopt.edit(old, "Return the sum of a and c.", steps=2, fresh_init="grid", progress=False, dtype=torch.float32)
+    assert told.splats.mu.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype=torch.float16"):
+        splatopt.edit(old, "Return the sum of a and c.", steps=2, progress=False, dtype=torch.float16)

@@ -660,3 +660,52 @@ def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
     proc.stdout.close()  # the reader is gone before the command writes (it is still importing torch)
     _, err = proc.communicate(timeout=120)
     assert err.decode() == "" and proc.returncode == 141
+
+
+def _bare_field(B=2, L=6, d=8, seed=0) -> Targets:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, L // 2 :] = False
+    return Targets(torch.randn(B, L, d, generator=g), mask)
+
+
+def test_a_custom_initializer_in_another_precision_is_fitted_in_the_fits_dtype():
+    """An initializer's float16 splats were fitted in float16 (NaN field errors, every step skipped), and a
+    float32 one's in a float64 fit stayed float32: fit moves them to its own dtype and device."""
+    def half(target, mask, n, generator=None):
+        return GridInit()(target, mask, n).to(torch.float16)
+
+    def single(target, mask, n, generator=None):
+        return GridInit()(target.float(), mask, n)
+
+    opts = dict(n_splats=2, steps=3, objective="mse", device="cpu", progress=False)
+    fitted = fit(_bare_field(), init=half, **opts)
+    reference = fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t, m, n).to(torch.float16).to(torch.float32), **opts)
+    assert fitted.splats.mu.dtype == torch.float32 and torch.isfinite(fitted.field_error).all()
+    assert int(fitted.skipped_steps.sum()) == 0
+    torch.testing.assert_close(fitted.splats.v, reference.splats.v)
+    wide = fit(_bare_field(), init=single, dtype=torch.float64, **opts)
+    assert wide.splats.mu.dtype == wide.splats.v.dtype == torch.float64
+
+
+def test_a_numpy_seed_is_an_int_seed():
+    import numpy as np
+
+    opts = dict(n_splats=3, steps=2, objective="mse", init={"name": "grid", "jitter": 0.5}, device="cpu", progress=False)
+    a, b = fit(_bare_field(), seed=np.int64(3), **opts), fit(_bare_field(), seed=3, **opts)
+    assert torch.equal(a.splats.mu, b.splats.mu) and a.config["seed"] == 3 and type(a.config["seed"]) is int
+    json.dumps(a.config)
+
+
+def test_result_select_takes_numpy_integers_and_slices():
+    import numpy as np
+
+    result = fit(_bare_field(B=3), n_splats=2, steps=1, objective="mse", device="cpu", progress=False)
+    assert torch.equal(result.select(np.int64(2)).splats.mu, result.select(2).splats.mu)
+    assert torch.equal(result.select(slice(1, None)).field_error, result.field_error[1:])
+    assert torch.equal(result.select(slice(None, None, -1)).mask, result.mask.flip(0))
+
+
+def test_a_device_name_torch_does_not_know_is_a_value_error_naming_the_option():
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device; give e.g. 'cpu'"):
+        fit(_bare_field(), n_splats=2, steps=1, objective="mse", device="gpu", progress=False)

@@ -409,3 +409,17 @@ def test_cli_edit_refits_a_local_encoders_fit_given_its_folder(tiny_bert, tiny_d
     assert main(args) == 2, "without --model the base name alone does not find the encoder"
     assert main(args + ["--model", str(tiny_dirs["bert"]), "--out", str(tmp_path / "edited.safetensors")]) == 0
     assert splatopt.FitResult.load(tmp_path / "edited.safetensors").input_texts == ["the value of a string is returned."]
+
+
+def test_training_and_loading_a_head_leave_the_callers_random_state(tiny_bert, tmp_path):
+    """train_head reseeded the global generator, and a head trained or loaded on first use (inside a
+    fit's first decode) drew from it: a researcher's own seeded stream depended on which heads were loaded."""
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    head, meta = fixedpos.train_head(tiny_bert, TEXTS, TINY_RECIPE, device="cpu", progress=False, log=lambda s: None)
+    from fixedpos.head import load_head, save_head
+
+    save_head(head, tmp_path / "head.safetensors", meta)
+    load_head(tmp_path / "head.safetensors", tiny_bert.word_embeddings, tiny_bert.model_hash, tiny_bert.layer)
+    assert torch.equal(torch.rand(4), expected)

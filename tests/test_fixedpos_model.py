@@ -377,3 +377,8 @@ def test_tokenize_encode_and_detokenize_name_inputs_of_the_wrong_kind(minilm):
         minilm.detokenize(batch.ids, batch.mask[:, :1])
     assert minilm.detokenize(batch.ids, batch.mask) == ["hello world", "a"]
     assert minilm.detokenize(batch.ids[0], batch.mask[0]) == ["hello world"]
+
+
+def test_encode_refuses_a_dtype_that_is_not_floating_point(model):
+    with pytest.raises(TypeError, match=r"encode\(dtype=torch.int64\): a field is floating point"):
+        model.encode(model.tokenize(["some text"]), dtype=torch.int64)

@@ -534,3 +534,17 @@ def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, ban
     assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "s on cpu; inner learning-rate scales" in printed and "on auto" not in printed
+
+
+def test_meta_training_and_loading_an_initializer_leave_the_callers_random_state(tmp_path, model, bank):
+    """train() reseeded the global generator (torch.manual_seed) and every LearnedInitializer.load drew
+    from it (a module's initialization, then overwritten): a researcher's own seeded stream changed."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    net = meta.train(tiny_config(outer_steps=1), tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors")
+    assert torch.equal(torch.rand(4), expected)
+    again = meta.train(tiny_config(outer_steps=1), tmp_path / "again", model=model, bank=bank, device="cpu", progress=False)
+    for (name, p), q in zip(net.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name  # still seeded by cfg.seed alone

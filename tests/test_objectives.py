@@ -212,3 +212,12 @@ def test_objective_terms_refuse_batches_that_would_broadcast():
     target, mask = torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"field \(1, 4, 8\), target \(3, 4, 8\)"):
         objective_terms(Objective.parse("mse"), torch.randn(1, 4, 8), target, mask)
+
+
+def test_numpy_weights_are_numbers():
+    import numpy as np
+
+    objective = Objective(mse=np.float32(0.5), ce=np.int64(1))
+    assert objective == Objective(mse=0.5, ce=1.0) and type(objective.mse) is float and str(objective) == "0.5*mse+1*ce"
+    with pytest.raises(ValueError, match="each must be a finite number >= 0"):
+        Objective(mse=np.float32(-1.0))

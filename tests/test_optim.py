@@ -370,3 +370,28 @@ def test_warmup_ramps_every_learning_rate_linearly():
     assert torch.allclose(first["v"], 0.25 * later["v"])
     with pytest.raises(ValueError, match="warmup"):
         InnerOptimizer(warmup=-1)
+
+
+def test_numpy_scalars_are_numbers_and_stay_json_able():
+    import json
+
+    opt = InnerOptimizer(lr_mu=np.float32(0.25), warmup=np.int64(3), clip=np.float16(1.0))
+    assert opt == InnerOptimizer(lr_mu=0.25, warmup=3, clip=1.0)
+    assert type(opt.lr_mu) is float and type(opt.warmup) is int
+    json.dumps(opt.to_dict())
+    with pytest.raises(ValueError, match="lr_v=-1.0 must be a finite number >= 0"):
+        InnerOptimizer(lr_v=np.float32(-1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_closed_form_v_of_half_precision_coefficients_is_solved_in_float32_and_returned_in_theirs(dtype):
+    """LU has no half-precision kernels: closed_form_v (and so GridInit on a half field) crashed deep in torch."""
+    from splatopt import GridInit
+
+    g = torch.Generator().manual_seed(0)
+    a, target = torch.rand(2, 7, 3, generator=g), torch.randn(2, 7, 5, generator=g)
+    tok, act = torch.ones(2, 7, dtype=torch.bool), torch.tensor([[True, True, False], [True, True, True]])
+    v = closed_form_v(a.to(dtype), target.to(dtype), tok, act)
+    assert v.dtype == dtype
+    torch.testing.assert_close(v.float(), closed_form_v(a.to(dtype).float(), target.to(dtype).float(), tok, act).to(dtype).float())
+    assert GridInit()(target.to(dtype), tok, torch.tensor([2, 3])).v.dtype == dtype

@@ -309,3 +309,10 @@ def test_render_takes_numpy_and_torch_integer_lengths_and_refuses_a_bad_cutoff()
     for cutoff in (-1.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match="truncate="):
             render(splats, 8, truncate=cutoff)
+
+
+@pytest.mark.parametrize("length", [4.0, torch.tensor(4.0)], ids=["float", "0d-float-tensor"])
+def test_a_float_length_is_refused_naming_the_fix(length):
+    """The message said "got shape ()", naming neither the length nor the fix."""
+    with pytest.raises(ValueError, match=r"render length must be an int L >= 1, not .*4\..*\[L\] or \[B, L\] tensor"):
+        render(random_splats(B=2), length)

@@ -302,3 +302,13 @@ def test_a_10000_token_document_at_a_quarter_density_fits_in_8_gb(model):
     assert int(result.splats.counts[0]) == round(int(result.mask.sum()) / 4)
     assert peak < 8e9
     assert float(result.field_error[0]) < 1.0
+
+
+def test_an_empty_batch_and_a_numpy_length_render_as_render_does():
+    import numpy as np
+
+    empty = SplatSet(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3, 4), torch.zeros(0, 3, dtype=torch.bool))
+    assert render_local(empty, 5).shape == render(empty, 5).shape == (0, 5, 4)
+    mu, log_sigma, mask = grid_geometry(torch.ones(2, 9, dtype=torch.bool), torch.tensor([3, 2]), 0.6, 0.0, None)
+    s = SplatSet(mu, log_sigma, torch.zeros_like(mu), torch.randn(2, 3, 4), mask)
+    torch.testing.assert_close(render_local(s, np.int64(9)), render(s, 9, truncate=DEFAULT_TRUNCATE))

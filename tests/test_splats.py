@@ -253,7 +253,7 @@ def test_load_refuses_inconsistent_contents(tmp_path, problem):
 def test_load_refuses_non_finite_splats(tmp_path, name, value):
     s = random_splats()
     bad = getattr(s, name).clone()
-    bad.view(-1)[1] = value
+    bad.view(-1)[0] = value  # in slot 0 of prompt 0, always active (inactive slots may hold anything)
     path = s.with_params({name: bad}).save(tmp_path / "nan.safetensors")
     assert name in _assert_refused(path)
 
@@ -293,3 +293,33 @@ def test_select_and_cat_name_what_is_wrong():
         SplatSet.cat([s, other])
     with pytest.raises(ValueError, match="at least one set"):
         SplatSet.cat([])
+
+
+def test_select_of_a_numpy_integer_keeps_the_batch_dimension():
+    import numpy as np
+
+    s = random_splats()
+    assert_same(s.select(np.int64(1)), s.select(1))
+    assert_same(s.select(np.int32(-1)), s.select(2))
+
+
+def test_tensors_on_different_devices_are_refused_by_name():
+    s = random_splats()
+    with pytest.raises(ValueError, match=r"different devices \(mu on cpu.*v on meta.*\): move them to one device"):
+        SplatSet(s.mu, s.log_sigma, s.weight_logit, s.v.to("meta"), s.mask)
+    with pytest.raises(ValueError, match="mask on meta"):
+        SplatSet(s.mu, s.log_sigma, s.weight_logit, s.v, s.mask.to("meta"))
+    assert s.to("meta").mu.device.type == "meta"  # moved together, they agree
+
+
+def test_a_file_with_nan_in_inactive_slots_loads_and_nan_in_an_active_one_is_refused(tmp_path):
+    """Inactive slots may hold anything (a warm start's NaN padding is fitted and saved as it was): a file
+    save writes must load again; only an active splat's NaN is damage."""
+    s = random_splats()
+    off = ~s.mask
+    padded = s.with_params({"mu": torch.where(off, math.nan, s.mu), "v": torch.where(off[..., None], math.inf, s.v)})
+    back, _ = SplatSet.load(padded.save(tmp_path / "padded.safetensors"))
+    torch.testing.assert_close(render(back, 12), render(s, 12))
+    broken = s.with_params({"log_sigma": torch.where(s.mask, math.nan, s.log_sigma)})
+    with pytest.raises(ValueError, match="log_sigma holds NaN or infinite values in an active splat"):
+        SplatSet.load(broken.save(tmp_path / "broken.safetensors"))
