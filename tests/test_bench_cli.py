@@ -137,7 +137,7 @@ def test_saved_bench_json_is_strict_json_with_a_diverged_time_as_null(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written through a temporary file, none left over
 
 
-@pytest.mark.parametrize("kind", [TINY, TINY_LONG])
+@pytest.mark.parametrize("kind", [TINY + ["--paths", "eager"], TINY_LONG])  # eager only: compiling costs seconds
 def test_bench_names_each_path_it_times_on_stderr_unless_quiet(kind, tmp_path, capsys):
     """bench --long ran 47 s on a CPU with no sign of life; both benches now show the path being timed."""
     assert main(["bench", *kind, "--out", str(tmp_path)]) == 0
