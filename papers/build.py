@@ -214,6 +214,41 @@ def kernel_mode_values() -> dict[str, str]:
             "km_kernel_gap": f"{100 * max(kernel_gap):.2f}"}
 
 
+def mode_selection_values() -> dict[str, str]:
+    """Additive vs normalized rendering on validation (ablations/mode_selection: disjoint prompt sets,
+    30 to 300 steps) and editing under each (edit_normalized/ against edit_budget/'s default)."""
+    rows = study_rows("mode_selection")
+    acc: dict[tuple[str, int], dict[int, float]] = {}
+    err: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        key = (r["levels"]["mode"], r["levels"]["steps"])
+        acc.setdefault(key, {})[r["prompt_set"]] = r["token_accuracy"]
+        err.setdefault(key, []).append(r["field_error"])
+    steps = sorted({k for _, k in acc})
+    sets = sorted(acc[("additive", steps[0])])
+    claim(all(acc[("normalized", k)][s] > acc[("additive", k)][s] for k in steps for s in sets),
+          "on validation normalized rendering decodes more tokens at every budget and on every prompt set")
+    claim(all(min(err[("normalized", k)]) > max(err[("additive", k)]) for k in steps),
+          "while its field error is higher at every budget and on every prompt set")
+    gain = lambda k: f"+{100 * (mean(acc[('normalized', k)].values()) - mean(acc[('additive', k)].values())):.2f}"  # noqa: E731
+    normalized = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_normalized/validation_seed{s}.json")["rows"]]
+    additive = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_budget/validation_seed{s}.json")["rows"] if r["variant"] == "default"]
+    claim([(r["old_text"], r["new_text"]) for r in normalized] == [(r["old_text"], r["new_text"]) for r in additive],
+          "the normalized edit runs re-fit the same validation edits as the additive default's")
+    gap_n, gap_a = paired_gap(normalized, "normalized"), paired_gap(additive, "default")
+    claim(gap_n[0] + gap_n[1] < gap_a[0] - gap_a[1], "under normalized rendering the re-fit falls further below its cold fit")
+    fmt = lambda g: f"{100 * g[0]:+.2f} ± {100 * g[1]:.2f}"  # noqa: E731
+    return {
+        "ms_sets": str(len(sets)), "ms_prompts": str(rows[0]["prompts"]), "ms_device": rows[0]["device_name"],
+        "ms_steps": words([str(k) for k in steps]),
+        "ms_gains": words([f"{gain(k)} at {k}" for k in steps]),
+        "ms_err_additive": f"{mean(err[('additive', steps[-1])]):.3f}", "ms_err_normalized": f"{mean(err[('normalized', steps[-1])]):.3f}",
+        "ms_edit_n": str(len(normalized)), "ms_edit_gap": fmt(gap_n), "ms_edit_additive_gap": fmt(gap_a),
+        "ms_edit_cold": pct(mean([r["cold_final"] for r in normalized]), 2),
+        "ms_edit_additive_cold": pct(mean([r["cold_final"] for r in additive]), 2),
+    }
+
+
 EDIT_FILES = ("edit_acceptance.json", "edit_variants.json", "edit_solve.json")
 
 
@@ -1720,7 +1755,7 @@ def pending_section(section: PendingSection) -> str:
 
 def report_values() -> dict[str, str]:
     values: dict[str, str] = {}
-    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, edit_own_budget_values, edit_conflict_values, solve_values, kernel_mode_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
+    for part in (roundtrip_values, fit_values, meta_values, throughput_values, edit_values, edit_second_start_values, edit_seed_values, edit_picked_values, edit_budget_values, edit_own_budget_values, edit_conflict_values, solve_values, kernel_mode_values, mode_selection_values, density_values, small_budget_values, third_domain_values, steps60_values, method_values,
                  reproduce_values):
         values.update(part())
     values.update({f"section:{s.key}": pending_section(s) for s in PENDING_SECTIONS})

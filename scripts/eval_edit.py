@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--objective", default="mse+ce",
                         help="objective of the old and cold fits, and of the warm re-fits unless a variant names its own "
                              "(edit() re-fits on the old fit's objective): e.g. ce, to compare like with like")
+    parser.add_argument("--fit-options", default="{}",
+                        help='JSON: further fit() options of the old and cold fits, e.g. \'{"mode": "normalized"}\' '
+                             "(edit() re-fits with the old fit's kernel and mode)")
     parser.add_argument("--split", default="test", help="corpus split of the prompts (select on validation)")
     parser.add_argument("--same-budget-cold", action="store_true",
                         help="also fit each edited text cold at the splat count its re-fit ended with, per variant "
@@ -86,7 +89,7 @@ def main() -> None:
     base_opt = json.loads(args.optimizer)
     # the cold fit uses the warm fit's optimizer: the criterion compares like with like
     common = dict(n_splats=args.splats, device=args.device, progress=False, optimizer=splatopt.InnerOptimizer(**base_opt),
-                  objective=args.objective)
+                  objective=args.objective, **json.loads(args.fit_options))
     t0 = time.perf_counter()
     old = splatopt.fit(prompts, model, steps=args.steps, record_every=0, **common)
     cold = splatopt.fit(list(edited), model, steps=args.steps, record_every=5, **common)
@@ -180,6 +183,7 @@ def main() -> None:
         "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
         "edit_defaults": {k: repr(v.default) for k, v in inspect.signature(splatopt.edit).parameters.items()
                           if v.default is not inspect.Parameter.empty}, "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt, "objective": args.objective,
+        "fit_options": json.loads(args.fit_options),
         "cold_curve": {"step": cold.history["step"].tolist(), "token_accuracy": cold.history["token_accuracy"].mean(1).tolist()},
         "summary": summary, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
     }

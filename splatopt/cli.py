@@ -380,7 +380,9 @@ def cmd_ablate(args) -> int:
     if args.dry_run:
         print(study.describe())
         if args.out:
-            done = {row["cell"] for row in ablate.read_rows(args.out)}
+            # a study not started yet has no results file: nothing is done, which is no error
+            results = Path(args.out) / "results.jsonl" if Path(args.out).is_dir() else Path(args.out)
+            done = {row["cell"] for row in ablate.read_rows(args.out)} if results.is_file() else set()
             print(f"{args.out}: {sum(c.key in done for c in study.cells())} of these cells are done")
         return 0
     if not args.out:

@@ -264,6 +264,14 @@ def test_the_cli_reports_a_bad_study_without_a_traceback(tmp_path, capsys):
     assert main(["ablate", str(tmp_path / "missing.toml"), "--dry-run"]) == 2
 
 
+def test_a_dry_run_into_a_folder_not_started_yet_reports_no_cells_done(tmp_path, capsys):
+    # it used to fail with "no results file ...: run the study with --out <the parent folder>"
+    path = write_study(tmp_path, 'corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = ["gaussian", "erf"]\n')
+    for out in (tmp_path / "not-yet", tmp_path):  # a folder that does not exist, and one with no results.jsonl
+        assert main(["ablate", str(path), "--dry-run", "--out", str(out)]) == 0
+        assert f"{out}: 0 of these cells are done" in capsys.readouterr().out
+
+
 def test_resuming_into_another_studys_folder_is_refused_unless_forced(tmp_path, corpus_file):
     out = tmp_path / "out"
     out.mkdir()
