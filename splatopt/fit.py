@@ -612,7 +612,8 @@ def fit(
     cuda_graphs: the inner loop captured as CUDA graphs and replayed between recorded steps (one
     host call per two steps instead of dozens of launches per step, which is what bounds small
     batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
-    for the fused MSE step. None = on CUDA unless the embeddings are solved for (varpro / "solve"),
+    for the fused MSE step (frozen slots included: a freeze is captured on its own). None = on
+    CUDA unless the embeddings are solved for (varpro / "solve"),
     density control runs, frozen embeddings are projected (frozen_v_tolerance) or splats are
     truncated (the local renderer sizes its tiles on the host); True = insist (ValueError saying
     why it cannot); False = launch every step. Either way the loop takes its learning rates from a
@@ -844,7 +845,8 @@ def _host_free_blocker(device: torch.device, varpro: bool, strategy, projects: b
     elif truncate is not None:
         reason = f"truncate={truncate:g} renders with the local renderer, whose tile plan is sized on the host every step"
     elif varpro:
-        # the batched LU solve's library calls are not verified under capture; such fits launch every step
+        # the batched LU solve is not capture-safe: on an H200 (torch 2.11, cu130) MAGMA's batched
+        # getrs failed a capture ("operation not permitted when stream is capturing") at some sizes
         reason = "varpro=True (or embeddings='solve') solves a batched linear system per step, which is not captured"
     elif not isinstance(strategy, NoDensify):
         reason = "density control changes which slots are active between steps"
@@ -1014,13 +1016,15 @@ def _fit_chunk(
     elif host_free:
         loop = AdamLoop(gradients, params, state, optimizer, steps, v_scale, cuda_graphs=cuda_graphs, metric=metric)
     stops = sorted({s for s in record_steps | {frozen_steps, steps} if 0 < s <= steps})
+    # one tensor for the whole freeze: the loop's graph reads this mask, and is captured once for it
+    free_in_freeze = ~frozen if frozen is not None else None
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step", leave=False)
     for step in bar:
         if step in record_steps:
             record(step, params)
         if loop is not None:
             if step == loop.step:
-                free = ~frozen if frozen is not None and step < frozen_steps else None
+                free = free_in_freeze if step < frozen_steps else None
                 # only a partly frozen slot needs the groups it keeps (the fused loop holds whole slots)
                 loop.run(next(s for s in stops if s > step), free, *([held_groups] if free is not None and frozen_moves else []))
                 params = loop.params

@@ -64,7 +64,8 @@ class AdamLoop:
     written). v_scale: [B, 1, 1], the per-prompt factor on ``lr_v``. Each step equals ``adam_step``
     with ``optimizer.learning_rates(step, steps, v_scale)`` (Adam's step count on the device in
     float64: bias corrections as the host computes them). cuda_graphs: after one step run eagerly,
-    ``unroll`` steps at a time are captured once and replayed. metric: [d, d], ``adam_step``'s.
+    ``unroll`` steps at a time are captured once (once per free mask: give :meth:`run` the same mask
+    tensor for a freeze) and replayed. metric: [d, d], ``adam_step``'s.
     """
 
     def __init__(self, gradients: Callable[[dict[str, Tensor]], dict[str, Tensor]], params: dict[str, Tensor],
@@ -83,6 +84,10 @@ class AdamLoop:
         self._table = learning_rate_table(optimizer, max(steps, 1)).to(device=dev, dtype=torch.float32)
         self._counter = torch.zeros(1, dtype=torch.long, device=dev)
         self._graph: torch.cuda.CUDAGraph | None = None
+        # what the graph was captured with: the free mask itself (its memory is read at every replay,
+        # so the loop keeps it alive) and the held groups; another pair is captured anew
+        self._graph_free: Tensor | None = None
+        self._graph_held: tuple[str, ...] = GROUPS
 
     def _one(self, free: Tensor | None = None, held: tuple[str, ...] = GROUPS) -> None:
         row = self._table[self._counter][0]
@@ -105,15 +110,17 @@ class AdamLoop:
         held: the parameter groups the others keep (the rest change in every slot)."""
         if not self.step <= stop <= self.total:
             raise ValueError(f"run({stop}): the loop is at step {self.step} of {self.total}")
-        graphs = self.cuda_graphs and free is None
         while self.step < stop:
-            if graphs and self._graph is not None and stop - self.step >= self.unroll:
+            captured = self._graph is not None and self._graph_free is free and self._graph_held == held
+            if self._graph is not None and captured and stop - self.step >= self.unroll:
                 self._graph.replay()
                 self.step += self.unroll
                 continue
-            if graphs and self._graph is None:
-                warm_up(self._one)
-                self._graph = capture_steps(self._one, self.unroll)
+            if self.cuda_graphs and not captured:
+                # the warm-up is this step; another free mask (a freeze that ends) is captured anew
+                warm_up(lambda: self._one(free, held))
+                self._graph = capture_steps(lambda: self._one(free, held), self.unroll)
+                self._graph_free, self._graph_held = free, held
             else:
                 self._one(free, held)
             self.step += 1

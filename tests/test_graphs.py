@@ -111,6 +111,22 @@ def test_cuda_fit_gives_the_same_bits_with_and_without_graphs(model, short_promp
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("frozen_steps,moves", [(8, False), (23, False), (23, True)])
+def test_cuda_fits_with_frozen_slots_are_captured_with_the_launched_bits(model, short_prompts, frozen_steps, moves):
+    """A freeze (edit's far splats: the whole re-fit, centres free or not; or its first steps) is
+    captured on its own graph: the same bits as launching every step."""
+    lengths = [int(n) for n in model.tokenize(short_prompts).mask.sum(-1)]
+    frozen = torch.rand(len(short_prompts), max(round(0.5 * n) for n in lengths), generator=torch.Generator().manual_seed(3)) < 0.5
+    kw = dict(n_splats=0.5, steps=23, device="cuda", progress=False, record_every=5, frozen=frozen.cuda(),
+              frozen_steps=frozen_steps, frozen_moves=moves)
+    graphed, launched = fit(short_prompts, model, **kw), fit(short_prompts, model, cuda_graphs=False, **kw)
+    assert graphed.config["cuda_graphs"] is True and launched.config["cuda_graphs"] is False
+    for k in ("loss", "field_error"):
+        assert torch.equal(graphed.history[k], launched.history[k]), k
+    assert torch.equal(graphed.splats.mu, launched.splats.mu) and torch.equal(graphed.splats.v, launched.splats.v)
+
+
+@pytest.mark.cuda
 def test_cuda_solved_embeddings_and_density_launch_every_step(model, short_prompts):
     solved = fit(short_prompts[:2], model, steps=3, device="cuda", progress=False,
                  optimizer=InnerOptimizer(embeddings="solve"))
