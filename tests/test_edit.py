@@ -430,6 +430,27 @@ def test_a_fresh_near_start_keeps_the_far_splats_and_re_proposes_the_near_ones_b
         torch.testing.assert_close(other_start.params()[name], t, rtol=1e-3, atol=1e-3)  # batched float32 solves
 
 
+def test_random_second_starts_come_from_the_edits_seed_not_the_global_random_state(model, fitted):
+    """A jittered grid's second starts are drawn from a generator seeded by the fit's seed: an edit
+    repeats exactly, and leaves the caller's random state alone (it used to draw from it)."""
+    from splatopt.edit import _fresh_near
+    from splatopt.init import GridInit
+    from splatopt.splats import SplatSet
+
+    warm = SplatSet(torch.tensor([[1.0, 6.0, 9.0, 12.0, 18.0]]), torch.zeros(1, 5), torch.zeros(1, 5), torch.randn(1, 5, 4),
+                    torch.ones(1, 5, dtype=torch.bool))
+    far, target, mask = torch.tensor([True, False, False, False, True]), torch.randn(1, 20, 4), torch.ones(1, 20, dtype=torch.bool)
+    starts = [_fresh_near([warm], [far], target, mask, "gaussian", "additive", GridInit(jitter=0.9), torch.Generator().manual_seed(s))[0]
+              for s in (0, 0, 1)]
+    assert torch.equal(starts[0].mu, starts[1].mu) and not torch.equal(starts[0].mu, starts[2].mu)
+    options = dict(model=model, steps=2, progress=False, fresh_init={"name": "grid", "jitter": 0.9})
+    state = torch.get_rng_state()
+    once = splatopt.edit(fitted, "Return the mean of all the numbers.", **options)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = splatopt.edit(fitted, "Return the mean of all the numbers.", **options)
+    assert torch.equal(once.splats.mu, again.splats.mu) and once.edit["start"] == again.edit["start"]
+
+
 def test_selecting_prompts_of_a_result_takes_every_per_prompt_field_along(model):
     texts = ["Compute the mean of the numbers.", "Return a new list containing all items from the iterable."]
     result = splatopt.fit(texts, model, n_splats=0.5, steps=3, device="cpu", progress=False)
