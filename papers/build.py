@@ -245,6 +245,7 @@ def mode_selection_values() -> dict[str, str]:
         "ms_gains": words([f"{gain(k)} at {k}" for k in steps]),
         "ms_err_additive": f"{mean(err[('additive', steps[-1])]):.3f}", "ms_err_normalized": f"{mean(err[('normalized', steps[-1])]):.3f}",
         "ms_edit_n": str(len(normalized)), "ms_edit_gap": fmt(gap_n), "ms_edit_additive_gap": fmt(gap_a),
+        "ms_warm_kept": str(sum(r["start"] == "warm" for r in normalized)),
         "ms_edit_cold": pct(mean([r["cold_final"] for r in normalized]), 2),
         "ms_edit_additive_cold": pct(mean([r["cold_final"] for r in additive]), 2),
     }
