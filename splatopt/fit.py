@@ -611,9 +611,9 @@ def fit(
     Recorded metrics render with PyTorch either way; the choice made is ``config["fused"]``.
     cuda_graphs: the inner loop captured as CUDA graphs and replayed between recorded steps (one
     host call per two steps instead of dozens of launches per step, which is what bounds small
-    batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step, :class:`splatopt.kernels.FusedAdamLoop`
-    for the fused MSE step (frozen slots included: a freeze is captured on its own). None = on
-    CUDA unless the embeddings are solved for (varpro / "solve"),
+    batches): :class:`splatopt.graphs.AdamLoop` for the PyTorch step (a freeze of some slots is
+    captured on a graph of its own), :class:`splatopt.kernels.FusedAdamLoop` for the fused MSE step
+    (which launches its frozen steps). None = on CUDA unless the embeddings are solved for (varpro / "solve"),
     density control runs, frozen embeddings are projected (frozen_v_tolerance) or splats are
     truncated (the local renderer sizes its tiles on the host); True = insist (ValueError saying
     why it cannot); False = launch every step. Either way the loop takes its learning rates from a
