@@ -18,6 +18,7 @@ from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -578,8 +579,9 @@ def fit(
     of their centres (a number > 0, in sigmas), and the inner loop renders with the local renderer
     (:func:`splatopt.render_local`: O(L·k·d), not O(L·N)); None = untruncated and dense, except
     for a fit whose longest prompt exceeds ``LONG_LENGTH`` (1024) tokens, which gets
-    ``DEFAULT_TRUNCATE`` (4) (the value used is in ``config["truncate"]``). seed: an int; chunk c's
-    initializer generator is seeded with ``seed + c``. device: default cuda if available. dtype:
+    ``DEFAULT_TRUNCATE`` (4) (the value used is in ``config["truncate"]``). seed: an int; a random
+    initializer (a jittered grid) draws prompt i's start from its own CPU generator
+    (:func:`prompt_generator`), so it depends on neither the chunking, the other prompts nor the device. device: default cuda if available. dtype:
     torch.float32 (default) or torch.float64, the precision of the target and the splats.
     record_every: history/trajectory period in steps (0 = only the last step). batch_size: prompts
     per chunk (default: about 16k padded tokens a chunk). progress: a tqdm bar per chunk.
@@ -745,7 +747,7 @@ def fit(
     for c in range(n_chunks):
         idx = order[c * batch_size : (c + 1) * batch_size].to(device)
         L = int(lengths[idx].max())
-        generator = torch.Generator(device=device).manual_seed(seed + c)
+        generator = [prompt_generator(seed, i) for i in order[c * batch_size : (c + 1) * batch_size].tolist()]
         chunk_init = WarmStart(initializer.splats.select(idx.to(initializer.splats.mu.device))) if isinstance(initializer, WarmStart) else initializer
         chunks.append(
             _fit_chunk(
@@ -886,6 +888,13 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
             tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in tensors]
         out[key] = torch.cat(tensors, 1)[:, inverse.cpu()]
     return out
+
+
+def prompt_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of prompt ``index`` of a fit seeded ``seed``: one per prompt, so that a random
+    start does not depend on the batch. The pair is hashed (numpy's SeedSequence) because a CPU
+    generator keeps only 32 bits of its seed: seed·2^32 + index would give every seed the same draws."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1)[0]))
 
 
 def _fit_chunk(

@@ -2,15 +2,17 @@
 
 An initializer is any callable ``init(target, mask, n_splats, generator) -> SplatSet`` with
 target [B, L, d], mask [B, L] bool, n_splats [B] long (1 <= n_b <= L_b); the returned set has
-capacity max(n_splats) and ``mask[b, :n_b]`` active. The learned (meta-trained) initializer
-implements the same protocol.
+capacity max(n_splats) and ``mask[b, :n_b]`` active. ``generator`` is None, one torch.Generator for
+the batch, or a list of B generators, one per prompt: :func:`splatopt.fit` passes the list, so that a
+random start depends on the prompt's seed alone, not on the prompts it is chunked with. The learned
+(meta-trained) initializer implements the same protocol.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,13 +22,35 @@ from .render import KERNELS, MODES, splat_weights
 from .splats import SplatSet
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per prompt
+
+
+def uniform_noise(n_splats: Tensor, generator: Generators) -> Tensor:
+    """[B, max(n_splats)] float32 on the CPU, uniform on [0, 1); 0.5 in inactive slots.
+
+    One generator draws the whole batch (on its device); a list draws prompt b's n_b numbers from
+    its b-th generator, so a prompt's noise does not depend on the other rows; None: the global state.
+    """
+    B, N = n_splats.shape[0], int(n_splats.max())
+    if generator is None or isinstance(generator, torch.Generator):
+        device = "cpu" if generator is None else generator.device
+        return torch.rand(B, N, generator=generator, device=device).cpu()
+    if len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for {B} prompts: give one per prompt, one for the batch, or None")
+    noise = torch.full((B, N), 0.5)
+    for b, (n, g) in enumerate(zip(n_splats.tolist(), generator)):
+        noise[b, :n] = torch.rand(n, generator=g, device=g.device).cpu()
+    return noise
+
+
 @runtime_checkable
 class Initializer(Protocol):
     """Proposes the first splats: ``init(target [B, L, d], mask [B, L] bool (right-padded), n_splats [B]
-    long (1 <= n_b <= L_b), generator or None) -> SplatSet`` of capacity max(n_splats), ``mask[b, :n_b]``
-    active; centres and widths in tokens. GridInit, TokenInit, WarmStart and the learned initializer are ones."""
+    long (1 <= n_b <= L_b), generator) -> SplatSet`` of capacity max(n_splats), ``mask[b, :n_b]``
+    active; centres and widths in tokens. ``generator``: None, one for the batch, or B, one per prompt.
+    GridInit, TokenInit, WarmStart and the learned initializer are ones."""
 
-    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet: ...
+    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet: ...
 
 
 def check_layout(mask: Tensor, n_splats: Tensor, target: Tensor | None = None) -> None:
@@ -48,7 +72,7 @@ def check_layout(mask: Tensor, n_splats: Tensor, target: Tensor | None = None) -
         raise ValueError(f"n_splats {n_splats.tolist()} must lie in 1..L for each prompt (L = {lengths.tolist()})")
 
 
-def grid_geometry(mask: Tensor, n_splats: Tensor, sigma_scale: float, jitter: float, generator) -> tuple[Tensor, Tensor, Tensor]:
+def grid_geometry(mask: Tensor, n_splats: Tensor, sigma_scale: float, jitter: float, generator: Generators) -> tuple[Tensor, Tensor, Tensor]:
     """Evenly spaced centres mu [B, N], log widths [B, N] and slot mask [B, N] for each prompt's length."""
     check_layout(mask, n_splats)
     lengths = mask.sum(-1).to(torch.float32)  # [B]
@@ -58,8 +82,7 @@ def grid_geometry(mask: Tensor, n_splats: Tensor, sigma_scale: float, jitter: fl
     spacing = lengths[:, None] / n[:, None].to(torch.float32)  # tokens per splat
     mu = (i + 0.5) * spacing - 0.5
     if jitter:
-        noise = torch.rand(mu.shape, generator=generator, device="cpu" if generator is None else generator.device)
-        mu = mu + (noise.to(mu.device) - 0.5) * jitter * spacing
+        mu = mu + (uniform_noise(n, generator).to(mu.device) - 0.5) * jitter * spacing
     log_sigma = torch.log(sigma_scale * spacing).expand(-1, N).clone()
     slot_mask = i < n[:, None]
     # jitter may push the end splats off the prompt: keep every centre on [0, L_b - 1]
@@ -107,7 +130,7 @@ class GridInit:
         """This grid with its unset (None) kernel and mode taken from a fit's render."""
         return replace(self, kernel=self.kernel or kernel, mode=self.mode or mode)
 
-    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         check_layout(mask, n_splats, target)
         mu, log_sigma, slot_mask = grid_geometry(mask, n_splats, self.sigma_scale, self.jitter, generator)
         logit = torch.full_like(mu, math.log(self.weight / (1 - self.weight)))
@@ -133,7 +156,7 @@ class TokenInit:
     def __post_init__(self) -> None:
         _check_grid_fields(self)
 
-    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         check_layout(mask, n_splats, target)
         mu, log_sigma, slot_mask = grid_geometry(mask, n_splats, self.sigma_scale, self.jitter, generator)
         lengths = mask.sum(-1, keepdim=True)
@@ -153,7 +176,7 @@ class WarmStart:
 
     splats: SplatSet
 
-    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         if self.splats.batch_size != target.shape[0]:
             raise ValueError(f"WarmStart holds {self.splats.batch_size} prompts, the target has {target.shape[0]}")
         if self.splats.dim != target.shape[-1]:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from fixedpos.cache import read_safetensors, write_safetensors
 
-from .init import grid_geometry
+from .init import Generators, grid_geometry
 from .optim import InnerOptimizer, closed_form_v, target_rms
 from .render import splat_weights
 from .splats import SplatSet
@@ -126,7 +126,7 @@ class LearnedInitializer(nn.Module):
         self.log_lr_scale = nn.Parameter(torch.zeros(4))
 
     # ------------------------------------------------------------------ protocol
-    def forward(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+    def forward(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         if target.dim() != 3 or target.shape[-1] != self.arch.dim:
             raise ValueError(f"LearnedInitializer for d={self.arch.dim} got a target of shape {tuple(target.shape)}")
         a = self.arch
@@ -158,7 +158,7 @@ class LearnedInitializer(nn.Module):
         zero = lambda t: torch.where(slot_mask, t, torch.zeros_like(t))  # noqa: E731
         return SplatSet(zero(mu), zero(log_sigma), zero(logit), v, slot_mask)
 
-    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: torch.Generator | None = None) -> SplatSet:
+    def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         return super().__call__(target, mask, n_splats, generator)
 
     def inner_optimizer(self, base: InnerOptimizer | None = None) -> InnerOptimizer:

@@ -52,6 +52,17 @@ def test_same_seed_same_fit_and_seed_changes_a_random_init(model, short_prompts)
     assert not torch.equal(runs[0].splats.mu, runs[2].splats.mu)
 
 
+def test_a_jittered_start_does_not_depend_on_chunking_or_batch_mates(model, short_prompts):
+    init, opts = GridInit(jitter=0.8), dict(steps=0, n_splats=0.5, seed=7, device="cpu", progress=False)
+    whole = fit(short_prompts[:3], model, init=init, **opts)
+    chunked = fit(short_prompts[:3], model, init=init, batch_size=1, **opts)
+    torch.testing.assert_close(whole.splats.mu, chunked.splats.mu, rtol=0, atol=0)
+    # prompt 0 beside another prompt 1: the same start, though the chunk's capacity changed
+    other = fit([short_prompts[0], short_prompts[2]], model, init=init, **opts)
+    n0 = int(whole.splats.mask[0].sum())
+    torch.testing.assert_close(other.splats.mu[0, :n0], whole.splats.mu[0, :n0], rtol=0, atol=0)
+
+
 def test_fit_to_given_fields_without_text():
     gen = torch.Generator().manual_seed(0)
     field = torch.randn(3, 12, 16, generator=gen)

@@ -126,6 +126,21 @@ def test_jitter_follows_the_generator():
     assert torch.equal(GridInit()(target, mask, n, torch.Generator().manual_seed(5)).mu, plain.mu)
 
 
+def test_a_generator_per_prompt_makes_each_prompts_jitter_its_own():
+    """With one generator per prompt, a prompt's jittered centres do not depend on the rows beside it."""
+    target = torch.randn(3, 16, 3, dtype=F64)
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[2, 9:] = False
+    n = torch.tensor([5, 8, 3])
+    init = GridInit(jitter=0.8)
+    together = init(target, mask, n, [torch.Generator().manual_seed(s) for s in (10, 11, 12)])
+    alone = init(target[1:2], mask[1:2], n[1:2], [torch.Generator().manual_seed(11)])
+    torch.testing.assert_close(together.mu[1], alone.mu[0], rtol=0, atol=0)
+    assert not torch.equal(together.mu[0, :3], together.mu[2, :3])  # distinct seeds, distinct draws
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        init(target, mask, n, [torch.Generator(), torch.Generator()])
+
+
 def test_resolve_initializer_by_name_or_object():
     assert isinstance(resolve_initializer("grid"), GridInit)
     assert isinstance(resolve_initializer("tokens"), TokenInit)
