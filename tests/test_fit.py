@@ -376,6 +376,13 @@ def test_fit_on_cuda_matches_cpu(model, short_prompts):
 
 
 @pytest.mark.cuda
+def test_a_jittered_start_is_the_same_on_cuda_and_cpu(model, short_prompts):
+    opts = dict(steps=0, n_splats=0.5, seed=5, init=GridInit(jitter=0.8), progress=False)
+    gpu, cpu = fit(short_prompts, model, device="cuda", **opts), fit(short_prompts, model, device="cpu", **opts)
+    torch.testing.assert_close(gpu.splats.mu.cpu(), cpu.splats.mu, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
 def test_cuda_bench_runs_both_paths():
     from splatopt.bench import BenchConfig, run_bench
 
