@@ -205,7 +205,7 @@ def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, mi
     """Up to ``n`` prompts of ``min_tokens..max_tokens`` tokens cut from ``texts`` at word boundaries.
 
     Passages longer than ``max_tokens`` are cut at the last whole word that fits, so prompts are real
-    text (the evaluation protocol of DESIGN.md: L <= 64). model: a FieldModel (its tokenizer counts
+    text (the project's evaluation protocol: L <= 64). model: a FieldModel (its tokenizer counts
     the tokens). Fewer than ``n`` when the passages run out. Deterministic in ``seed``. ValueError
     for n not an int >= 1.
     """

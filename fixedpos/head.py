@@ -2,7 +2,8 @@
 
 A head is *tied*: it maps a field vector into the frozen word-embedding space and scores every
 vocabulary entry there, ``logits = q(field) @ E.T + b`` with ``E [V, d]`` the encoder's own word
-embeddings. DESIGN.md measured untied heads trained on docstrings at 82 % on other prose (a head
+embeddings. Untied heads trained on docstrings read 82 % of other prose (measured before this
+package, in the project's design notes) (a head
 that has never seen a token cannot emit it); scoring through ``E`` lets the head emit every token,
 and training on random wordpiece sequences as well covers the whole vocabulary's contexts.
 

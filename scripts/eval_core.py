@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--select", action="store_true",
-                        help="sweep the variants on 512 validation prompts at N = L/4, then evaluate default and the best on --split")
+                        help="sweep the variants on --select-n validation prompts at N = L/4, then evaluate default and the best "
+                             "on --split (write it to figures/data/core_selection.json with --out)")
     parser.add_argument("--select-n", type=int, default=256, help="validation prompts for --select")
     parser.add_argument("--out", default="figures/data/core_acceptance.json")
     args = parser.parse_args()

@@ -492,7 +492,8 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     """Run every cell of ``study`` not yet in ``out_dir/results.jsonl``; the rows of all its cells, in grid order.
 
     Writes out_dir/study.toml, results.jsonl (a row per cell, appended and fsynced as each finishes),
-    summary.md and summary.csv. device: passed to fit (None: cuda if available). force: run into a
+    summary.md and summary.csv. progress: a bar over the cells. device: passed to
+    fit (None: cuda if available). force: run into a
     folder that holds another study; rows of cells that are unchanged are kept, others ignored.
 
     A row: ``cell`` (key), ``levels`` (factor -> level), ``seed``, ``prompt_set``; every entry of

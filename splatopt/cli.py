@@ -56,8 +56,8 @@ def _check_outputs(args) -> None:
         raise ValueError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'run.safetensors'}")
     if getattr(args, "plot", None):
         check_figure_path(args.plot)
-        if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records none
-            raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records none; "
+        if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records the last alone
+            raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records only the last step; "
                              "give --record-every 5 (or leave it out)")
 
 
@@ -263,7 +263,7 @@ def cmd_edit(args) -> int:
     model = _edit_model(args, old)
     result = splatopt.edit(old, new_text, model=model, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
-                           fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device) if args.device != "auto" else None,
+                           fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device),
                            record_every=args.record_every, progress=not args.quiet, **options)
     if isinstance(result.edit, list):  # --file: one record per prompt
         for b, e in enumerate(result.edit[:8]):  # as many as _print_result lists
@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='density control: none, adaptive, budget, or JSON such as \'{"name": "budget", "relocate_fraction": 0.1}\'')
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--record-every", type=int, default=5, help="record the splats every this many steps (0: never)")
+    p.add_argument("--record-every", type=int, default=5, help="record the splats every this many steps (0: only the last step)")
     p.add_argument("--out", help="write the fit (safetensors + JSON metadata)")
     p.add_argument("--plot", help="write the trajectory figure of the first prompt (.png, .pdf, .svg)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -547,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the inner optimizer of the learned initializer's starts: picked (default: the one picked on "
                         "validation that ships beside it), meta-trained, or InnerOptimizer fields as JSON over the "
                         'meta-trained one, e.g. \'{"beta1": 0.5}\'')
-    p.add_argument("--device", default="auto", help="the re-fit's device: cpu, cuda or cuda:N (default auto: the fit's own)")
-    p.add_argument("--record-every", type=int, default=2, help="record the splats every this many steps (0: never)")
+    p.add_argument("--device", default="auto", help="the re-fit's device: " + DEVICE_HELP)
+    p.add_argument("--record-every", type=int, default=2, help="record the splats every this many steps (0: only the last step)")
     p.add_argument("--out", help="write the edited fit")
     p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg; "
                                   "with --file, of the first prompt)")
@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", action="store_true",
                    help="also time the fused Triton field loss (splatopt.kernels); --e2e: insist on it in fit (field-only objectives)")
     p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="--e2e: launch every fused step instead of replaying CUDA graphs (to measure what they save)")
+                   help="--e2e: fit with cuda_graphs=False, launching every inner step (fused or PyTorch) instead of replaying "
+                        "CUDA graphs (to measure what they save)")
     p.add_argument("--fused-precision", default=None, choices=["ieee", "tf32x3", "tf32"],
                    help="tl.dot precision of --fused (default: the kernel's, ieee for the loss, tf32x3 for the MSE step)")
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth (GB/s) for the roofline fraction")

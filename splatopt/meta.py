@@ -239,7 +239,12 @@ def unroll(
     """Run ``steps`` inner Adam steps from ``splats``, differentiably. Returns (losses [steps + 1, B], final params).
 
     splats: SplatSet [B, N(, d)] whose parameters may carry a graph (the initializer's output).
-    target [B, L, d], mask [B, L], ids [B, L] (for a "ce" term). The learning-rate schedule runs
+    target [B, L, d], mask [B, L], ids [B, L] (for a "ce" term); decode: the model's differentiable
+    decoder (field [..., d] -> logits), for a "ce" term; objective: what each step descends and each
+    loss measures. mode: "full" (second order), "truncated" (the last ``truncate_k`` steps exact,
+    earlier ones first order) or "first-order" (no derivative through the steps' gradients).
+    checkpoint_inner: recompute each step in backward (gradient checkpointing: memory flat in
+    ``steps``, one more forward per step). The learning-rate schedule runs
     over ``steps`` (as ``fit`` would for a ``steps``-step fit). log_lr_scale: [4] log scales of the
     groups' learning rates (mu, log_sigma, weight_logit, v). losses[k] is the loss at step k
     (k = 0: the initializer's splats), each still attached to the graph. With

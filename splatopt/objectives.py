@@ -3,8 +3,8 @@
 - relative field MSE: sum_t |F_t - T_t|^2 / sum_t |T_t|^2
 - cosine: 1 - mean_t cos(F_t, T_t)
 - decode-aware cross-entropy: mean_t CE(decode(F_t), token_t) through the frozen decoder head.
-  DESIGN.md measured the field-only losses preserving few tokens (35 % at N = L/4) and this term
-  lifting it past 90 %: it is the one that makes the splats readable.
+  Measured before this package (the project's design notes, not shipped), the field-only losses
+  kept few tokens (35 % at N = L/4) and this term lifted that past 90 %: it makes the splats readable.
 """
 
 from __future__ import annotations

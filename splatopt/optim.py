@@ -266,7 +266,8 @@ def solve_embeddings(
 
     a: [B, L, N] splat coefficients; target, offset: [B, L, d]; token_mask [B, L]; splat_mask [B, N].
     held: [B, N] bool, active slots whose embeddings stay ``held_v`` [B, N, d] (frozen splats); the
-    others solve for what the held ones leave unexplained. Differentiable in ``a`` and ``offset``.
+    others solve for what the held ones leave unexplained. ridge: as :func:`closed_form_v`'s.
+    Differentiable in ``a`` and ``offset``.
     """
     goal = torch.where(token_mask[..., None], target + offset, 0.0)
     if held is None:

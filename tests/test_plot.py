@@ -176,4 +176,4 @@ def test_cli_refuses_plot_with_record_every_0_before_fitting(monkeypatch, tmp_pa
 
     monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the plot"))
     assert main(["fit", "Some text.", "--record-every", "0", "--plot", str(tmp_path / "t.png"), "--device", "cpu"]) == 2
-    assert "--record-every 0 records none" in capsys.readouterr().err
+    assert "--record-every 0 records only the last step" in capsys.readouterr().err

@@ -3,7 +3,7 @@
     loss = linear_cross_entropy(q, weight, bias, ids, mask)      # [B], = decode_cross_entropy(q @ W.T + b, ids, mask)
 
 The decode-aware objective scores every vocabulary entry at every token: logits [B·L, V] in fp32
-are 21 GB at B = 512, L = 64, V = 30522 (DESIGN.md), and moving them dominates the step. Here the
+are 21 GB at B = 512, L = 64, V = 30522, and moving them dominates the step. Here the
 logits of a block of rows (the fused kernel) or of ``chunk_rows`` rows (Liger Kernel style) are
 projected, reduced to their log-sum-exp and loss, turned into the gradient wrt ``q`` (softmax
 minus one-hot, times ``W``) *in the forward itself* and dropped. Backward only scales the kept
