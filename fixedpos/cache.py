@@ -150,9 +150,53 @@ def append_json_line(path: Path, row: dict, **dumps_options) -> str:
     return line
 
 
+TMP_SUFFIX_CHARS = 13  # what atomic_write_bytes' temporary name adds to a file's: "." + 8 random + ".tmp"
+
+
+def _writable_ancestor(folder: Path, path: Path, option: str) -> Path:
+    """The nearest existing folder at or above ``folder`` (the rest is created on writing); ValueError
+    naming ``option`` and ``path`` if it is a file or not writable."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable; choose another path")
+    return folder
+
+
+def check_output_folder(path: str | Path, option: str) -> Path:
+    """``path`` if it is, or can be created as, a writable folder; else ValueError naming ``option``,
+    raised before any work (a file of that name, a parent that is a file, no write permission)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: is a file; give a folder (it is created if missing)")
+    _writable_ancestor(path, path, option)
+    return path
+
+
+def check_output_path(path: str | Path, option: str) -> Path:
+    """``path`` if a file can be written there; else ValueError naming ``option`` (e.g. "--out"), raised
+    before any work so nothing computed is lost to a bad path: an existing folder, a parent that is a
+    file or not writable, or a name too long for the temporary file that atomic writes go through."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder; give a file name inside it")
+    parent = _writable_ancestor(path.parent, path, option)
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no limit reported
+        name_max = 255
+    if len(path.name) + TMP_SUFFIX_CHARS > name_max:
+        raise ValueError(f"{option} {path}: the file name has {len(path.name)} characters; give at most "
+                         f"{name_max - TMP_SUFFIX_CHARS} (the file is written through a temporary one with a longer name)")
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+    ValueError (:func:`check_output_path`) for a path that cannot be written."""
+    path = check_output_path(path, "path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:

@@ -18,14 +18,9 @@ SAMPLE_TEXT = (
 
 
 def _device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:  # torch's own message lists its device types but not the option
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    from fixedpos.model import resolve_device
+
+    return resolve_device(name, "--device")
 
 
 def _check_n(n: int) -> None:
@@ -93,11 +88,14 @@ def cmd_roundtrip(args) -> int:
 
 def cmd_train_head(args) -> int:
     import fixedpos
+    from fixedpos.cache import check_output_folder
     from fixedpos.head import head_filename, resolve_recipe, save_head
 
     _check_n(args.n)
     device = _device(args.device)
     recipe = resolve_recipe(args.recipe)
+    if args.out:  # checked now: the head is written after minutes of training
+        check_output_folder(args.out, "--out")
     for layer in _layers(args, train_head_if_missing=False):
         model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
         head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)

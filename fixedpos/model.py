@@ -20,6 +20,39 @@ if TYPE_CHECKING:
     from .head import DecoderHead
 
 
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | int | None, option: str = "device",
+                   types: tuple[str, ...] = DEVICE_TYPES) -> torch.device:
+    """``device`` as a torch.device this machine can hold fields and splats on: None or "auto" is CUDA
+    where there is one, else the CPU; an int is a CUDA index.
+
+    ValueError naming ``option`` ("device" for a keyword, "--device" for a flag) for a name that is no
+    device, for CUDA or a CUDA index this machine lacks, and for a type not in ``types``: the meta
+    device holds no data (moving the shared, cached encoder there would erase its weights for the
+    whole process), and no other backend is supported.
+    """
+    flag = option.startswith("--")
+    said = f"{option} {device}" if flag else f"{option}={device!r}"
+    cpu_fix = f"use {option} cpu" if flag else f"use {option}='cpu'"
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        is_index = isinstance(device, int) and not isinstance(device, bool)
+        resolved = torch.device("cuda", device) if is_index else torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):  # torch's message lists its device types but names no option
+        raise ValueError(f"{said} is not a device; give auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in types:
+        raise ValueError(f"{said}: fields and splats live on cpu or cuda devices; {cpu_fix} or cuda")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{said}: CUDA is not available on this machine; {cpu_fix}")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"{said}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return resolved
+
 @dataclass
 class TokenBatch:
     """Tokenized texts, right-padded.
@@ -240,6 +273,8 @@ class FieldModel:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # an integer field rounds nearly all to 0
             raise TypeError(f"encode(dtype={dtype!r}): a field is floating point; give e.g. torch.float32")
         device = batch.ids.device
+        if device.type not in DEVICE_TYPES:  # the meta device would erase the shared encoder's weights
+            raise ValueError(f"encode: the batch lies on {device}; tokenize onto a cpu or cuda device")
         self.encoder.to(device)
         lengths = batch.lengths.tolist()
         B, L = batch.ids.shape

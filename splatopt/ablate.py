@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from fixedpos.cache import check_output_folder
 from fixedpos.corpus import check_corpus_spec
 
 from .bench import device_label
@@ -508,9 +509,7 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     import fixedpos
 
     study = study if isinstance(study, Study) else Study.load(study)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder for results.jsonl and the summaries")
+    out = check_output_folder(out_dir, "--out")
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".lock").open("w") as lock:
         try:

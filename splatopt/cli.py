@@ -23,14 +23,9 @@ DEMO_TEXT = (
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:  # torch's own message lists its device types but not the option
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    from fixedpos.model import resolve_device
+
+    return resolve_device(name, "--device")
 
 
 def _or(value, default):
@@ -49,13 +44,20 @@ def _n_splats(text: str) -> float | int:
 
 def _check_outputs(args) -> None:
     """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
+    from fixedpos.cache import check_output_path
     from splatopt.plot import check_figure_path
 
     out = getattr(args, "out", None)
     if out and Path(out).is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'run.safetensors'}")
+    if out:
+        check_output_path(out, "--out")
     if getattr(args, "plot", None):
-        check_figure_path(args.plot)
+        plot = check_figure_path(args.plot)
+        written = plot if plot.suffix else plot.with_suffix(".png")
+        if out and written.resolve() == Path(out).expanduser().resolve():
+            raise ValueError(f"--out {out} and --plot {args.plot} both write {written}: the figure would replace the fit; "
+                             "give them different names")
         if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records the last alone
             raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records only the last step; "
                              "give --record-every 5 (or leave it out)")
@@ -287,14 +289,12 @@ def cmd_edit(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from fixedpos.cache import check_output_folder
     from splatopt.bench import BenchConfig, run_bench, save_bench
 
     if args.long and args.e2e:
         raise ValueError("--long and --e2e are two different benchmarks: give one")
-    try:  # now, so that a bad --out fails before the timing, not after it
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {args.out} cannot be a folder ({err.strerror}): give a folder path") from None
+    check_output_folder(args.out, "--out")  # now, so that a bad --out fails before the timing, not after it
     if args.long:
         return _bench_long(args)
     if args.e2e:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of i
     from fixedpos import FieldModel
 
 from fixedpos.cache import read_safetensors, write_safetensors
+from fixedpos.model import resolve_device
 
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
 from .density import DensityContext, NoDensify, resolve_density
@@ -283,6 +284,8 @@ class FitResult:
         trajectory and counters stay on the CPU, as ``fit`` leaves them). ValueError naming the file
         for a corrupt or inconsistent file, a bare splat file, or one fitted with another model than
         ``expect_model_hash`` (see ``SplatSet.load``); FileNotFoundError for a missing file."""
+        # the meta device is allowed here: it loads the shapes alone, and no encoder is moved
+        device = resolve_device(device, types=("cpu", "cuda", "meta")) if device is not None else None
         tensors, header = read_safetensors(Path(path), "fit result file")
         if header.get("format") == BASIS_FORMAT:
             try:
@@ -319,6 +322,7 @@ class FitResult:
         wrong = [f"{k} {tuple(got)} (expected {tuple(want)})" for k, (got, want) in shapes.items() if tuple(got) != tuple(want)]
         wrong += [f"{k} is {extra[k].dtype}" for k in ("field_error", "cosine", "token_accuracy") if k in extra
                   and not extra[k].is_floating_point()]
+        wrong += _wrong_metadata(meta, B)
         if wrong:
             raise ValueError(f"fit result file {path} holds {B} prompts but {', '.join(wrong)}: it is damaged or was not "
                              "written by FitResult.save")
@@ -333,6 +337,28 @@ class FitResult:
             skipped_steps=extra.get("skipped_steps"), edit=_loaded_edit(meta.get("config", {}).get("edit"), extra),
             density=series("density.") or None,
         )
+
+
+def _wrong_metadata(meta: dict, B: int) -> list[str]:
+    """What in a fit file's JSON metadata does not match what :meth:`FitResult.save` writes for B prompts
+    (each a phrase for the error), so that a damaged file is refused on loading, not at its first use."""
+    wrong = []
+    for key in ("texts", "decoded"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == B and all(isinstance(t, str) for t in value)):
+            wrong.append(f"metadata {key} is {type(value).__name__}{f' of {len(value)}' if isinstance(value, list) else ''} "
+                         f"(expected a list of {B} strings)")
+    for key in ("seconds", "encode_seconds"):
+        value = meta.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            wrong.append(f"metadata {key} is {value!r} (expected a number)")
+    if meta.get("basis", "splats") not in BASES:
+        wrong.append(f"metadata basis is {meta.get('basis')!r} (expected one of {BASES})")
+    config = meta.get("config", {})
+    for key, valid in (("kernel", KERNELS), ("mode", MODES)):
+        if key in config and config[key] not in valid:
+            wrong.append(f"config {key} is {config[key]!r} (expected one of {valid})")
+    return wrong
 
 
 def _edit_start_tensors(edit: dict | list[dict] | list[dict | None] | None) -> dict[str, Tensor]:
@@ -790,18 +816,6 @@ def fit(
         density={k: torch.cat([ch["density"][k] for ch in chunks])[inverse].cpu() for k in chunks[0]["density"]}
         if "density" in chunks[0] else None,
     )
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a ``torch.device`` (None: CUDA where there is one); ValueError for CUDA where there is
-    none, or for a name that is no device."""
-    try:
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    except (RuntimeError, TypeError):  # torch's message lists its device types but names no option
-        raise ValueError(f"device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} was asked for but CUDA is not available; use device='cpu'")
-    return device
 
 
 def _resolve_fused(fused: bool | None, device: torch.device, objective: Objective, kernel: str, mode: str,

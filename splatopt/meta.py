@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fixedpos.cache import append_json_line, atomic_write_bytes, read_safetensors, write_safetensors
+from fixedpos.cache import append_json_line, atomic_write_bytes, check_output_folder, read_safetensors, write_safetensors
 from fixedpos.corpus import check_corpus_spec
 
 from .fisher import resolve_metric
@@ -454,7 +454,7 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    out = Path(out)
+    out = check_output_folder(out, "--out")
     ckpt_path, log_path = out / "checkpoint.safetensors", out / "metrics.jsonl"
     if rank == 0:
         if not resume and ckpt_path.exists():

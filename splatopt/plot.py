@@ -26,6 +26,8 @@ from matplotlib.patches import Patch, Polygon
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import offset_copy
 
+from fixedpos.cache import check_output_path
+
 COLUMN = 3.4
 PAGE = 7.0
 STYLE_FILE = Path(__file__).with_name("splatopt.mplstyle")
@@ -53,6 +55,7 @@ def check_figure_path(path: str | Path, option: str = "plot") -> Path:
     plt.close("all")
     if path.is_dir():
         raise ValueError(f"--{option} {path}: is a folder; give a file name such as {path / 'figure.png'}")
+    check_output_path(path if path.suffix else path.with_suffix(".png"), f"--{option}")
     if path.suffix and path.suffix.lstrip(".").lower() not in known:
         raise ValueError(f"--{option} {path}: unknown figure format {path.suffix!r}; use one of "
                          + ", ".join("." + k for k in sorted(known)))

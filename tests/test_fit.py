@@ -173,7 +173,7 @@ def test_load_moves_to_a_device_given_as_an_index_too(tmp_path, basis):
     field = torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(0))
     path = fit(Targets(field), n_splats=3, steps=1, objective="mse", basis=basis, device="cpu", progress=False).save(tmp_path / "r")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError):  # no accelerator: refused, as fit(device=0) refuses
+        with pytest.raises(ValueError, match="device=0: CUDA is not available"):  # as fit(device=0) refuses
             FitResult.load(path, device=0)
         return
     back = FitResult.load(path, device=0)
@@ -582,6 +582,36 @@ def test_a_fit_file_whose_per_prompt_tensors_disagree_with_its_splats_is_refused
         FitResult.load(path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("texts", 5, "metadata texts is int"),
+    ("decoded", ["a", "b", "c"], "metadata decoded is list of 3 .expected a list of 2 strings"),
+    ("seconds", "abc", "metadata seconds is 'abc'"),
+    ("config", {"kernel": "bogus"}, "config kernel is 'bogus'"),
+])
+def test_damaged_fit_metadata_is_refused_on_loading_not_at_first_use(tmp_path, key, value, message):
+    """A file whose JSON metadata was damaged loaded, then failed in show (texts: an int), gave a result
+    with more texts than prompts, or failed with a float() error that named no file."""
+    from fixedpos.cache import read_safetensors, write_safetensors
+
+    path = fit(torch.randn(2, 6, 384), n_splats=2, steps=1, objective="mse", device="cpu", progress=False).save(tmp_path / "run.safetensors")
+    tensors, header = read_safetensors(path)
+    meta = json.loads(header["meta"])
+    meta[key] = value
+    header["meta"] = json.dumps(meta)
+    write_safetensors(path, tensors, header)
+    with pytest.raises(ValueError, match=f"run.safetensors holds 2 prompts but {message}"):
+        FitResult.load(path)
+
+
+def test_the_meta_device_is_refused_and_leaves_the_shared_model_intact(model, short_prompts):
+    """fit(device="meta") moved the cached encoder to the meta device, erasing its weights for every later fit."""
+    with pytest.raises(ValueError, match="device='meta': fields and splats live on cpu or cuda devices"):
+        fit(short_prompts[:1], model, n_splats=0.5, steps=1, device="meta", progress=False)
+    with pytest.raises(ValueError, match="the batch lies on meta"):
+        model.encode(model.tokenize(short_prompts[:1]).to("meta"))
+    assert fit(short_prompts[:1], model, n_splats=0.5, steps=1, device="cpu", progress=False).field_error.isfinite().all()
+
+
 @pytest.mark.parametrize("damage, message", [
     ("no coefficients", "fixed-basis fit without its coefficients"),
     ("corrupt metadata", "has corrupt metadata"),
@@ -725,5 +755,5 @@ def test_result_select_takes_numpy_integers_and_slices():
 
 
 def test_a_device_name_torch_does_not_know_is_a_value_error_naming_the_option():
-    with pytest.raises(ValueError, match=r"device='gpu' is not a device; give e.g. 'cpu'"):
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device; give auto, cpu, cuda or cuda:N"):
         fit(_bare_field(), n_splats=2, steps=1, objective="mse", device="gpu", progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import zipfile
 from importlib import metadata
@@ -164,3 +165,26 @@ def test_a_damaged_cached_default_model_that_stays_unreadable_names_the_folder_t
     with pytest.warns(UserWarning, match="extracting it again"), pytest.raises(ModelFileError) as err:
         fixedpos._load_cached.__wrapped__(fixedpos.DEFAULT_MODEL, 2, "standard", None, False)
     assert f"delete {folder} so that it is extracted afresh" in str(err.value) and "pip install --force-reinstall" in str(err.value)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert cache.check_output_path(tmp_path / "new" / "deeper" / "run.safetensors", "--out").name == "run.safetensors"
+    with pytest.raises(ValueError, match=r"--out .*: .*afile is a file, not a folder"):
+        cache.check_output_path(tmp_path / "afile" / "run.safetensors", "--out")
+    with pytest.raises(ValueError, match="is a folder; give a file name"):
+        cache.check_output_path(tmp_path, "--out")
+    # legal as a name, but the temporary file written first would not be
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - cache.TMP_SUFFIX_CHARS
+    cache.check_output_path(tmp_path / ("a" * longest), "--out")
+    with pytest.raises(ValueError, match=f"the file name has {longest + 1} characters; give at most {longest}"):
+        cache.check_output_path(tmp_path / ("a" * (longest + 1)), "--out")
+    with pytest.raises(ValueError, match="afile: is a file; give a folder"):
+        cache.check_output_folder(tmp_path / "afile", "--out")
+    assert cache.check_output_folder(tmp_path / "new" / "dir", "--out") == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_an_atomic_write_to_a_folder_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match="is a folder; give a file name inside it"):
+        cache.atomic_write_bytes(tmp_path, b"data")

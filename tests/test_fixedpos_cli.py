@@ -69,7 +69,7 @@ def test_cuda_device_without_cuda_is_an_error_like_any_other(capsys):
 
 def test_a_device_torch_does_not_know_is_named_with_the_option(capsys):
     assert cli.main(["info", "--device", "gpu"]) == 2
-    assert "fixedpos: error: --device 'gpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert "fixedpos: error: --device gpu is not a device; give auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_is_an_argparse_error(capsys):

@@ -177,3 +177,26 @@ def test_cli_refuses_plot_with_record_every_0_before_fitting(monkeypatch, tmp_pa
     monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the plot"))
     assert main(["fit", "Some text.", "--record-every", "0", "--plot", str(tmp_path / "t.png"), "--device", "cpu"]) == 2
     assert "--record-every 0 records only the last step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, plot", [("same.png", "same.png"), ("fig.png", "fig")])
+def test_cli_refuses_out_and_plot_naming_one_file_before_fitting(out, plot, monkeypatch, tmp_path, capsys):
+    """The figure would replace the saved fit (a plot without a suffix is written as .png)."""
+    import splatopt
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the outputs"))
+    args = ["fit", "Some text.", "--out", str(tmp_path / out), "--plot", str(tmp_path / plot), "--device", "cpu"]
+    assert main(args) == 2
+    assert "the figure would replace the fit; give them different names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+def test_cli_refuses_an_output_under_a_file_before_fitting(option, monkeypatch, tmp_path, capsys):
+    import splatopt
+    from splatopt.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the output"))
+    assert main(["fit", "Some text.", option, str(tmp_path / "afile" / "run.png"), "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
