@@ -135,6 +135,8 @@ def load_text_file(path: str | Path) -> list[str]:
     whitespace runs collapsed) or ``.jsonl`` (a ``{"text": ...}`` object a line). FileNotFoundError
     for a missing file; ValueError for a file that is not UTF-8 or a malformed JSONL line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"corpus file {path} is a folder: give a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
     try:
@@ -215,7 +217,8 @@ def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, mi
     out: list[str] = []
     for i in order:
         text = texts[i]
-        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False,
+                              split_special_tokens=True)  # as FieldModel.tokenize counts them
         offs = enc["offset_mapping"]
         if len(offs) < min_tokens:
             continue

@@ -137,6 +137,8 @@ class FieldModel:
         full = min(max_len, tok_max) - 2
         if window is None:
             window = full
+        if isinstance(window, bool) or not isinstance(window, int):  # a float failed at the first long text
+            raise TypeError(f"window must be an int number of tokens, not {type(window).__name__}")
         if full < 8:  # a window must hold a prompt of the evaluation's shortest length
             raise ValueError(f"{name} takes {full + 2} positions, {full} tokens besides its two special ones: "
                              "fixedpos needs an encoder with at least 10 positions")
@@ -171,7 +173,8 @@ class FieldModel:
         Raises TypeError for non-strings and ValueError for empty or whitespace-only text, NUL bytes
         (the tokenizer would silently drop them and merge their neighbours) and text made only of
         characters the vocabulary does not know. Other unknown characters (emoji, unsupported
-        scripts) become the unknown token, which decodes back as e.g. ``[UNK]``.
+        scripts) become the unknown token, which decodes back as e.g. ``[UNK]``. A special token's
+        spelling in the text ("[CLS]", "[PAD]") is text like any other, never the control token.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -190,7 +193,10 @@ class FieldModel:
                     f"texts[{i}] contains a NUL byte at character {text.index(chr(0))}; the tokenizer would drop it "
                     "silently and merge its neighbours: remove or replace NUL bytes first"
                 )
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        # split_special_tokens: a text that contains "[PAD]" or "[CLS]" means those characters; read as
+        # control tokens they were fitted as padding or as a sequence start
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False,
+                             split_special_tokens=True)
         lengths = [len(ids) for ids in enc["input_ids"]]
         for i, ids in enumerate(enc["input_ids"]):
             if not ids:

@@ -202,7 +202,11 @@ class Study:
             raise ValueError(f"{path} is a folder: give a study file (.toml){hint}")
         if not path.is_file():
             raise FileNotFoundError(f"study file {path} does not exist")
-        return cls.parse(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"study file {path} is not a text file: give a TOML study file") from None
+        return cls.parse(text, source=str(path))
 
     @classmethod
     def parse(cls, text: str, source: str = "<study>") -> Study:

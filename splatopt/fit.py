@@ -156,9 +156,14 @@ class FitResult:
             picked = list(range(B)[index])
         elif isinstance(index, (int, numbers.Integral)) or (isinstance(index, Tensor) and index.ndim == 0):
             picked = [int(index)]  # NumPy integers too
-        else:
+        elif (isinstance(index, (Sequence, Tensor)) or hasattr(index, "__array__")) and not isinstance(index, (str, bytes)):
             picked = index
+        else:
+            raise TypeError(f"select({index!r}): give a prompt number, a slice, a list or tensor of prompt numbers, or a "
+                            "[B] bool mask")
         flags = torch.as_tensor(picked if isinstance(picked, Tensor) else list(picked))
+        if flags.is_floating_point() or flags.is_complex():  # 0.5 was truncated to prompt 0
+            raise TypeError(f"select({index!r}): prompt numbers are ints, not {flags.dtype}")
         if flags.dtype == torch.bool:  # a mask, not the prompt numbers 1 and 0
             if flags.shape != (B,):
                 raise IndexError(f"select: a bool mask needs one entry per prompt ({B}), not {tuple(flags.shape)}")
@@ -193,6 +198,9 @@ class FitResult:
         results = list(results)
         if not results:
             raise ValueError("FitResult.cat needs at least one result")
+        if not all(isinstance(r, FitResult) for r in results):
+            kinds = sorted({type(r).__name__ for r in results if not isinstance(r, FitResult)})
+            raise TypeError(f"FitResult.cat takes FitResults only, not {', '.join(kinds)}")
         first = results[0]
         for r in results[1:]:
             if r.basis != first.basis:
@@ -427,7 +435,13 @@ def _resolve_counts(n_splats, lengths: Tensor) -> Tensor:
     if isinstance(n_splats, numbers.Integral):
         counts = torch.full((B,), int(n_splats), dtype=torch.long)
     else:
-        values = torch.as_tensor(list(n_splats))
+        try:
+            values = torch.as_tensor(list(n_splats))
+        except (TypeError, ValueError, RuntimeError):  # None, a dict, ragged or non-numeric entries
+            raise TypeError(f"n_splats={n_splats!r}: give a fraction of L (such as 0.25), a count, or a list of "
+                            f"{B} counts, one per prompt") from None
+        if values.dim() != 1:
+            raise ValueError(f"n_splats is a {tuple(values.shape)} array: give a flat list of {B} counts, one per prompt")
         if values.is_floating_point() and not torch.equal(values, values.round()):
             raise ValueError(f"n_splats={list(n_splats)}: a per-prompt list holds splat counts (ints), not fractions; "
                              "round them, or give one fraction for every prompt")
@@ -658,6 +672,14 @@ def fit(
                   frozen_v_tolerance=frozen_v_tolerance, fused_ce=fused_ce, fused=fused, cuda_graphs=cuda_graphs,
                   batch_size=batch_size, dtype=dtype, seed=seed)
     seed = int(seed)  # a NumPy integer failed in torch's manual_seed, and in the JSON config
+    if model is not None and not all(hasattr(model, a) for a in ("tokenize", "encode", "decode", "dim")):
+        hint = f"fixedpos.load({model!r})" if isinstance(model, str) else "fixedpos.load()"
+        raise TypeError(f"model must be a fixedpos.FieldModel, not {type(model).__name__}: pass {hint}")
+    if optimizer is not None and not isinstance(optimizer, (InnerOptimizer, dict, str)):
+        raise TypeError(f"optimizer must be an InnerOptimizer, a dict of its fields, 'picked' or None, not "
+                        f"{type(optimizer).__name__}: e.g. InnerOptimizer(lr_v=0.05)")
+    if isinstance(texts_or_fields, (bytes, bytearray)):  # iterated, its items were ints
+        raise TypeError("texts_or_fields is bytes: decode it to a str first (e.g. data.decode('utf-8'))")
     strategy = resolve_density(density)
     if basis != "splats" and not isinstance(strategy, NoDensify):
         raise ValueError(f"density={density!r} needs basis='splats': a fixed basis has nothing to clone, split or move")
@@ -928,6 +950,9 @@ def _fit_chunk(
         strategy = strategy or NoDensify()
         with torch.no_grad():
             splats = initializer(target, mask, torch.minimum(strategy.initial_counts(counts), counts), generator)
+        if not isinstance(splats, SplatSet):
+            raise TypeError(f"the initializer returned {type(splats).__name__}, not a SplatSet: an initializer's "
+                            "__call__(target, mask, n_splats, generator) returns the first splats")
         if splats.mask.shape[0] != target.shape[0]:
             raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
         # the fit's precision and device, whatever the initializer returned: a custom one's float16

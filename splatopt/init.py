@@ -176,6 +176,11 @@ class WarmStart:
 
     splats: SplatSet
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.splats, SplatSet):
+            hint = ": pass result.splats" if hasattr(self.splats, "splats") else ""
+            raise TypeError(f"WarmStart takes a SplatSet, not {type(self.splats).__name__}{hint}")
+
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         if self.splats.batch_size != target.shape[0]:
             raise ValueError(f"WarmStart holds {self.splats.batch_size} prompts, the target has {target.shape[0]}")

@@ -189,12 +189,16 @@ class MetaConfig:
     def from_toml(cls, path: str | Path) -> "MetaConfig":
         """Read a TOML file of ``MetaConfig`` keys; unknown keys are an error naming them."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"meta-training config {path} is a folder: give a TOML file of MetaConfig keys")
         if not path.is_file():
             raise FileNotFoundError(f"meta-training config {path} does not exist")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML ({err})") from err
+        except UnicodeDecodeError:  # e.g. a .safetensors file given as the config
+            raise ValueError(f"meta-training config {path} is not a text file: give a TOML file of MetaConfig keys") from None
         return cls.from_dict(raw, str(path))
 
     @classmethod

@@ -84,6 +84,9 @@ def splat_weights(
 ) -> Tensor:
     """A [B, L, N]: the coefficient of splat i's embedding at position t, so that field = A @ v
     (zero columns for inactive slots). Arguments and errors as :func:`render`."""
+    if not isinstance(splats, SplatSet):
+        hint = ": pass result.splats" if hasattr(splats, "splats") else ""
+        raise TypeError(f"render takes a SplatSet, not {type(splats).__name__}{hint}")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     pos = _positions(length_or_positions, splats.batch_size, splats.mu)
@@ -115,7 +118,7 @@ def render(
     truncate: if given (a number > 0, in sigmas), a splat contributes nothing beyond
     ``truncate * sigma`` tokens of its centre. Inactive slots (mask False) contribute nothing.
     Differentiable in every splat parameter. ValueError for an unknown kernel or mode, bad
-    positions or a bad truncate.
+    positions or a bad truncate; TypeError for splats that are not a SplatSet.
     """
     a = splat_weights(splats, length_or_positions, kernel, mode, truncate)
     return a @ torch.where(splats.mask[..., None], splats.v, 0.0).to(a.dtype)

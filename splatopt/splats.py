@@ -58,6 +58,13 @@ class SplatSet:
     meta: dict = dc_field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        names = ("mu", "log_sigma", "weight_logit", "v", "mask")
+        for name in names:
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"SplatSet.{name} must be a tensor, not {type(t).__name__}: convert it with torch.as_tensor")
+            if name != "mask" and not t.is_floating_point():  # integer centres round every gradient step away
+                raise TypeError(f"SplatSet.{name} must be floating point, not {t.dtype}")
         if self.mu.dim() != 2:
             raise ValueError(f"SplatSet.mu has shape {tuple(self.mu.shape)}, expected (B, N)")
         B, N = self.mu.shape
@@ -69,7 +76,6 @@ class SplatSet:
         if self.mask.dtype != torch.bool:
             raise TypeError(f"SplatSet.mask must be bool, not {self.mask.dtype}")
         # named here: rendering mixed devices fails deep in torch ("Tensor on device meta is not on the expected device cpu!")
-        names = ("mu", "log_sigma", "weight_logit", "v", "mask")
         if len({getattr(self, k).device for k in names}) > 1:
             where = ", ".join(f"{k} on {getattr(self, k).device}" for k in names)
             raise ValueError(f"SplatSet tensors lie on different devices ({where}): move them to one device, e.g. t.to(mu.device)")

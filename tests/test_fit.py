@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import splatopt
-from splatopt import GridInit, Targets, fit
+from splatopt import GridInit, Targets, WarmStart, fit, render
 from splatopt.fit import FitResult
 
 
@@ -757,3 +757,34 @@ def test_result_select_takes_numpy_integers_and_slices():
 def test_a_device_name_torch_does_not_know_is_a_value_error_naming_the_option():
     with pytest.raises(ValueError, match=r"device='gpu' is not a device; give auto, cpu, cuda or cuda:N"):
         fit(_bare_field(), n_splats=2, steps=1, objective="mse", device="gpu", progress=False)
+
+
+def test_malformed_api_arguments_are_type_errors_naming_the_argument(model):
+    """Each of these failed deep inside (AttributeError, 'NoneType' is not iterable) or, worse, ran:
+    select([0.5]) picked prompt 0 and bytes were fitted as a list of ints."""
+    field = _bare_field(B=2)
+    opts = dict(steps=1, objective="mse", device="cpu", progress=False)
+    cases = [
+        (lambda: fit(field, n_splats=None, **opts), TypeError, "n_splats=None: give a fraction of L"),
+        (lambda: fit(field, n_splats=[[2, 3]], **opts), ValueError, r"n_splats is a \(1, 2\) array: give a flat list of 2"),
+        (lambda: fit(field, n_splats=2, optimizer=3, **opts), TypeError, "optimizer must be an InnerOptimizer"),
+        (lambda: fit("Some text.", "minilm-l6", **opts), TypeError, r"model must be a fixedpos.FieldModel, not str: pass fixedpos.load\('minilm-l6'\)"),
+        (lambda: fit(b"abc", model, **opts), TypeError, "texts_or_fields is bytes: decode it"),
+        (lambda: fit(field, n_splats=2, init=lambda *a: None, **opts), TypeError, "the initializer returned NoneType, not a SplatSet"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    result = fit(field, n_splats=2, **opts)
+    for index in ([0.5], 0.5, "0"):
+        with pytest.raises(TypeError, match="select"):
+            result.select(index)
+    with pytest.raises(TypeError, match="FitResult.cat takes FitResults only, not int"):
+        FitResult.cat([result, 3])
+    with pytest.raises(TypeError, match="WarmStart takes a SplatSet, not FitResult: pass result.splats"):
+        WarmStart(result)
+    with pytest.raises(TypeError, match="render takes a SplatSet, not FitResult: pass result.splats"):
+        render(result, 8)
+    import numpy as np
+
+    assert torch.equal(result.select(np.array([1, 0])).field_error, result.field_error.flip(0))  # arrays still index

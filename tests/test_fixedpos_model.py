@@ -92,6 +92,14 @@ def test_tokenize_offsets_map_back_to_text_characters(minilm):
         assert {i for i, ch in enumerate(text) if not ch.isspace()} <= covered
 
 
+def test_a_special_tokens_spelling_in_text_is_text_not_a_control_token(minilm):
+    """"[PAD] [CLS]" was tokenized as the pad and start ids, and fitted as padding."""
+    batch = minilm.tokenize("[PAD] [CLS] hello [MASK]")
+    special = {minilm.pad_id, minilm.cls_id, minilm.sep_id, minilm.tokenizer.mask_token_id}
+    assert not special & set(batch.ids[0].tolist())
+    assert minilm.detokenize(batch.ids)[0].replace(" ", "") == "[pad][cls]hello[mask]"
+
+
 def test_detokenize_round_trips_lowercase_text(minilm):
     batch = minilm.tokenize(PLAIN)
     assert minilm.detokenize(batch.ids, batch.mask) == [t.lower() for t in PLAIN]
@@ -365,6 +373,8 @@ def test_field_model_rejects_bad_window_and_overlap(minilm):
         FieldModel(enc, tok, layer=2, name="x", model_hash="0" * 64, window=600)
     with pytest.raises(ValueError, match="overlap=32"):  # half the window: windows would not advance
         FieldModel(enc, tok, layer=2, name="x", model_hash="0" * 64, window=64, overlap=32)
+    with pytest.raises(TypeError, match="window must be an int number of tokens, not float"):  # failed at the first long text
+        FieldModel(enc, tok, layer=2, name="x", model_hash="0" * 64, window=64.0)
 
 
 def test_tokenize_encode_and_detokenize_name_inputs_of_the_wrong_kind(minilm):

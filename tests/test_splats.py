@@ -323,3 +323,11 @@ def test_a_file_with_nan_in_inactive_slots_loads_and_nan_in_an_active_one_is_ref
     broken = s.with_params({"log_sigma": torch.where(s.mask, math.nan, s.log_sigma)})
     with pytest.raises(ValueError, match="log_sigma holds NaN or infinite values in an active splat"):
         SplatSet.load(broken.save(tmp_path / "broken.safetensors"))
+
+
+def test_splat_parameters_must_be_floating_point_tensors():
+    s = random_splats()
+    with pytest.raises(TypeError, match="SplatSet.mu must be a tensor, not list: convert it with torch.as_tensor"):
+        SplatSet(s.mu.tolist(), s.log_sigma, s.weight_logit, s.v, s.mask)
+    with pytest.raises(TypeError, match="SplatSet.v must be floating point, not torch.int64"):
+        SplatSet(s.mu, s.log_sigma, s.weight_logit, s.v.long(), s.mask)
