@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, cast
@@ -828,6 +829,14 @@ def fit(
     history = _merge_series([ch["history"] for ch in chunks], inverse)
     trajectory = _merge_series([ch["trajectory"] for ch in chunks], inverse, pad_splats=True)
     texts = model.detokenize(pred, mask) if pred is not None and model is not None else None  # pred: model decoded it
+    if splats is not None:  # the NaN guard skips non-finite gradients; an overflowing step still ends here
+        diverged = torch.zeros(B, dtype=torch.bool, device=splats.mask.device)
+        for t in splats.params().values():
+            diverged |= (~torch.isfinite(t) & (splats.mask[..., None] if t.dim() == 3 else splats.mask)).flatten(1).any(1)
+        if bool(diverged.any()):
+            warnings.warn(f"prompt(s) {diverged.nonzero().flatten().tolist()[:8]} diverged: their splats hold NaN or inf "
+                          "(lower the learning rates); save() refuses them, select the other prompts to keep those",
+                          RuntimeWarning, stacklevel=2)
     return FitResult(
         splats=splats, ids=ids, mask=mask, texts=texts,
         token_accuracy=per("token_accuracy") if decode is not None else None,

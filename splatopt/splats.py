@@ -197,8 +197,15 @@ class SplatSet:
         """Write ``path`` (safetensors + JSON metadata) atomically: a temporary file, then a rename.
 
         Parameters are stored in at least float32; ``extra_tensors`` (name -> tensor, e.g. token ids)
-        come back from :meth:`load`. Returns the path."""
+        come back from :meth:`load`. Returns the path. ValueError, before writing, for NaN or inf in an
+        active splat (a diverged fit), which :meth:`load` would refuse: the file would be unreadable."""
         path = Path(path)
+        for k, t in self.params().items():
+            bad = (~torch.isfinite(t) & (self.mask[..., None] if t.dim() == 3 else self.mask)).flatten(1).any(1)
+            if bool(bad.any()):
+                prompts = bad.nonzero().flatten().tolist()
+                raise ValueError(f"not saving {path}: {k} holds NaN or inf in active splats of prompt(s) {prompts[:8]} (the "
+                                 "fit diverged: lower its learning rates); select the other prompts to save them")
         # at least float32 (half precision widened), never narrowed: a float64 fit must load back as it was fitted
         tensors = {k: t.to(torch.promote_types(t.dtype, torch.float32)) for k, t in self.params().items()}
         tensors["mask"] = self.mask

@@ -233,7 +233,7 @@ def test_a_results_file_that_is_not_utf8_or_a_study_copy_that_is_not_toml_is_nam
     study = write_study(tmp_path, STUDY.format(corpus=corpus_file))
     with pytest.raises(ValueError, match=r"study.toml is not valid TOML, so the study whose results .* is unknown"):
         ablate.run(study, out, progress=False, device="cpu")
-    with pytest.raises(ValueError, match=r"--out .*study.toml is a file: give a folder"):
+    with pytest.raises(ValueError, match=r"--out .*study.toml: is a file; give a folder"):
         ablate.run(study, study, progress=False, device="cpu")
     with pytest.raises(ValueError, match=r"rows\[0\] has no 'levels'"):
         ablate.summarize([{"cell": "x", "token_accuracy": 1.0}])

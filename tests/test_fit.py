@@ -788,3 +788,18 @@ def test_malformed_api_arguments_are_type_errors_naming_the_argument(model):
     import numpy as np
 
     assert torch.equal(result.select(np.array([1, 0])).field_error, result.field_error.flip(0))  # arrays still index
+
+
+def test_a_diverged_fit_warns_and_save_refuses_what_load_would_refuse(tmp_path):
+    """With a learning rate that overflows, the centres reach inf without a non-finite gradient (the NaN
+    guard's trigger); save wrote a file that load then refused."""
+    from splatopt import InnerOptimizer
+
+    opts = dict(n_splats=2, steps=10, objective="mse", device="cpu", progress=False)
+    with pytest.warns(RuntimeWarning, match=r"prompt\(s\) \[0\] diverged"):  # prompt 1 stayed finite
+        result = fit(_bare_field(), optimizer=InnerOptimizer(lr_mu=3e38), **opts)
+    with pytest.raises(ValueError, match=r"not saving .*run.safetensors: mu holds NaN or inf in active splats of prompt\(s\) \[0\]"):
+        result.save(tmp_path / "run.safetensors")
+    assert not (tmp_path / "run.safetensors").exists()
+    kept = FitResult.load(result.select([1]).save(tmp_path / "kept.safetensors"))
+    assert torch.equal(kept.splats.mu, result.splats.mu[1:].cpu())
