@@ -461,6 +461,41 @@ def _prompt_sets(study: Study, model, prompt_seed: int) -> list[list[str]]:
     return [prompts[i * study.prompts : (i + 1) * study.prompts] for i in range(study.prompt_sets)]
 
 
+def _preflight(study: Study, todo: list[Cell]) -> dict[tuple, list[list[str]]]:
+    """Everything the cells ``todo`` need that can fail, before the first of them runs, so that no
+    study stops midway on a setting: each field model (model, layer), the learned initializer of
+    each that asks for one, and each splat count against the prompts it will fit. Returns the
+    prompt sets, (model name, prompt seed) -> sets. ValueError naming the setting otherwise."""
+    import fixedpos
+
+    from .fit import _resolve_counts
+    from .init import resolve_initializer
+
+    prompt_sets: dict[tuple, list[list[str]]] = {}
+    lengths: dict[tuple, torch.Tensor] = {}  # (model name, prompt seed, set) -> [P] tokens per prompt
+    for cell in todo:
+        name, layer = cell.settings.get("model", fixedpos.DEFAULT_MODEL), cell.settings.get("layer")
+        try:
+            model = fixedpos.load(name, layer=layer)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise ValueError(f"{study.source}: model = {name!r}, layer = {layer!r}: {err}") from None
+        key = (model.name, cell.prompt_seed)
+        if key not in prompt_sets:
+            prompt_sets[key] = _prompt_sets(study, model, cell.prompt_seed)
+        try:
+            if cell.settings.get("init") == "learned":
+                resolve_initializer("learned", model)
+            if "n_splats" in cell.settings and cell.settings.get("basis", "splats") == "splats":
+                at = (*key, cell.prompt_set)
+                if at not in lengths:
+                    lengths[at] = model.tokenize(prompt_sets[key][cell.prompt_set]).mask.sum(-1)
+                _resolve_counts(cell.settings["n_splats"], lengths[at])
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise ValueError(f"{study.source}: configuration {cell.levels} (settings {cell.settings}): {err}; nothing was "
+                             "run") from None
+    return prompt_sets
+
+
 def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> dict:
     """Fit one cell: its row (see ``run``)."""
     from . import __version__
@@ -537,19 +572,12 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
         if stale:
             warnings.warn(f"{results}: {stale} row(s) belong to no cell of this study (an earlier study, --force); they are left out")
         todo = [c for c in cells if c.key not in done]
-        for name, layer in dict.fromkeys((c.settings.get("model", fixedpos.DEFAULT_MODEL), c.settings.get("layer")) for c in todo):
-            try:  # every field model the study needs, before the first cell: a bad layer fails now, not midway
-                fixedpos.load(name, layer=layer)
-            except (ValueError, TypeError, FileNotFoundError) as err:
-                raise ValueError(f"{study.source}: model = {name!r}, layer = {layer!r}: {err}") from None
-        prompt_cache: dict[tuple, list[list[str]]] = {}
+        prompt_cache = _preflight(study, todo)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="ablate", unit="cell", disable=not progress)
         for cell in todo:
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in cell.levels.items()) + f", seed {cell.seed}")
             model = fixedpos.load(cell.settings.get("model", fixedpos.DEFAULT_MODEL), layer=cell.settings.get("layer"))
             key = (model.name, cell.prompt_seed)
-            if key not in prompt_cache:
-                prompt_cache[key] = _prompt_sets(study, model, cell.prompt_seed)
             done[cell.key] = _append_row(results, _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device))
             bar.update()
         bar.close()

@@ -502,3 +502,17 @@ def test_a_study_that_failed_before_its_first_cell_can_be_corrected_in_place(tmp
         ablate.run(broken, out, progress=False, device="cpu")
     fixed = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\n[base]\nsteps = 0\nrecord_every = 0\n')
     assert len(ablate.run(fixed, out, progress=False, device="cpu")) == 1, "no --force needed: there were no results"
+
+
+@pytest.mark.parametrize("factor, message", [
+    ('n_splats = [2, 40]', r"configuration \{'n_splats': 40\}.*n_splats=40 exceeds prompt"),
+    ('init = ["grid", "learned"]\nlayer = [2, 3]', r"configuration \{'init': 'learned', 'layer': 3\}.*layer 3"),
+])
+def test_a_setting_that_would_fail_midway_is_refused_before_the_first_cell(factor, message, tmp_path, corpus_file):
+    """The n_splats = 2 cells ran, then n_splats = 40 failed on a short prompt; the grid cells of both
+    layers ran, then the learned start of layer 3 (none ships) failed."""
+    text = STUDY.format(corpus=corpus_file).split("[factors]")[0].replace("n_splats = 0.25\n", "") + "[factors]\n" + factor + "\n"
+    study = write_study(tmp_path, text.replace("seeds = [0, 1]", "seeds = [0]"))
+    with pytest.raises(ValueError, match=message + ".*nothing was run"):
+        ablate.run(study, tmp_path / "out", progress=False, device="cpu")
+    assert not (tmp_path / "out" / "results.jsonl").exists() or not (tmp_path / "out" / "results.jsonl").read_text()
