@@ -461,16 +461,18 @@ def _prompt_sets(study: Study, model, prompt_seed: int) -> list[list[str]]:
     return [prompts[i * study.prompts : (i + 1) * study.prompts] for i in range(study.prompt_sets)]
 
 
-def _preflight(study: Study, todo: list[Cell]) -> dict[tuple, list[list[str]]]:
-    """Everything the cells ``todo`` need that can fail, before the first of them runs, so that no
-    study stops midway on a setting: each field model (model, layer), the learned initializer of
-    each that asks for one, and each splat count against the prompts it will fit. Returns the
-    prompt sets, (model name, prompt seed) -> sets. ValueError naming the setting otherwise."""
+def preflight(study: Study, todo: list[Cell] | None = None) -> dict[tuple, list[list[str]]]:
+    """Check everything the cells ``todo`` (default: all the study's) need that can fail, before the
+    first of them runs, so that no study stops midway on a setting: each field model (model, layer),
+    the corpus and its prompt sets, the learned initializer of each cell that asks for one, and each
+    splat count against the prompts it will fit. ``run`` calls it, and ``splatopt ablate --dry-run``.
+    Returns the prompt sets, (model name, prompt seed) -> sets. ValueError naming the setting otherwise."""
     import fixedpos
 
     from .fit import _resolve_counts
     from .init import resolve_initializer
 
+    todo = study.cells() if todo is None else todo
     prompt_sets: dict[tuple, list[list[str]]] = {}
     lengths: dict[tuple, torch.Tensor] = {}  # (model name, prompt seed, set) -> [P] tokens per prompt
     for cell in todo:
@@ -572,7 +574,7 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
         if stale:
             warnings.warn(f"{results}: {stale} row(s) belong to no cell of this study (an earlier study, --force); they are left out")
         todo = [c for c in cells if c.key not in done]
-        prompt_cache = _preflight(study, todo)
+        prompt_cache = preflight(study, todo)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="ablate", unit="cell", disable=not progress)
         for cell in todo:
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in cell.levels.items()) + f", seed {cell.seed}")

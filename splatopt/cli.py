@@ -379,6 +379,8 @@ def cmd_ablate(args) -> int:
     study = ablate.Study.load(args.study)
     if args.dry_run:
         print(study.describe())
+        ablate.preflight(study)  # models, corpus, prompt sets, learned starts and splat counts: what a run checks first
+        print("checked: every cell's model, prompt sets, learned start and splat counts")
         if args.out:
             # a study not started yet has no results file: nothing is done, which is no error
             results = Path(args.out) / "results.jsonl" if Path(args.out).is_dir() else Path(args.out)

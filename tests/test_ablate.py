@@ -257,6 +257,16 @@ grid = { basis = "fixed-grid", optimizer.lr_v = 0.2 }
     assert len({c.key for c in study.cells()}) == 4
 
 
+def test_a_dry_run_checks_what_a_run_would_check_first(tmp_path, capsys, corpus_file):
+    """A dry run passed layer = 99 and a missing corpus, which the run then refused."""
+    base = f'corpus = "{corpus_file}"\nprompts = 2\nmax_tokens = 16\n[base]\nsteps = 0\nrecord_every = 0\n[factors]\n'
+    for factor, message in (("layer = [2, 99]", "layer = 99"), ("n_splats = [2, 40]", "n_splats=40 exceeds prompt")):
+        assert main(["ablate", str(write_study(tmp_path, base + factor + "\n")), "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["ablate", str(write_study(tmp_path, base + "n_splats = [2, 3]\n")), "--dry-run"]) == 0
+    assert "checked: every cell's model" in capsys.readouterr().out
+
+
 def test_the_cli_reports_a_bad_study_without_a_traceback(tmp_path, capsys):
     path = write_study(tmp_path, 'corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]\n')
     assert main(["ablate", str(path), "--dry-run"]) == 2
@@ -456,7 +466,9 @@ ISSUE_STUDIES = {"kernel_mode", "objective_weights", "layer", "mobility", "init_
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "figures" / "studies").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_studies_parse_and_dry_run(path, capsys):
+def test_shipped_studies_parse_and_dry_run(path, capsys, monkeypatch):
+    # the pre-flight samples every prompt set (seconds a study); its own tests cover it
+    monkeypatch.setattr(ablate, "preflight", lambda study, todo=None: {})
     study = ablate.Study.load(path)
     assert study.factors and len(study.seeds) * study.prompt_sets >= 1
     if study.corpus.startswith("figures/corpora/"):  # a small text shipped in the repo: as many prompts as it holds
