@@ -254,8 +254,21 @@ def test_load_refuses_non_finite_splats(tmp_path, name, value):
     s = random_splats()
     bad = getattr(s, name).clone()
     bad.view(-1)[0] = value  # in slot 0 of prompt 0, always active (inactive slots may hold anything)
-    path = s.with_params({name: bad}).save(tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=f"not saving .*: {name} holds NaN or inf in active splats of prompt"):
+        s.with_params({name: bad}).save(tmp_path / "nan.safetensors")  # save refuses what load would
+    path = _written_unchecked(s.with_params({name: bad}), tmp_path / "nan.safetensors")  # a file damaged later
     assert name in _assert_refused(path)
+
+
+def _written_unchecked(splats: SplatSet, path):
+    """``splats`` written as save() writes them, without its check: a file damaged after it was saved."""
+    from fixedpos.cache import read_safetensors
+
+    finite = splats.with_params({k: torch.zeros_like(t) for k, t in splats.params().items()})
+    tensors, header = read_safetensors(finite.save(path))
+    tensors.update({k: t.float() for k, t in splats.params().items()})
+    write_safetensors(path, tensors, header)
+    return path
 
 
 def test_load_refuses_splats_fitted_with_another_model(tmp_path):
@@ -322,7 +335,7 @@ def test_a_file_with_nan_in_inactive_slots_loads_and_nan_in_an_active_one_is_ref
     torch.testing.assert_close(render(back, 12), render(s, 12))
     broken = s.with_params({"log_sigma": torch.where(s.mask, math.nan, s.log_sigma)})
     with pytest.raises(ValueError, match="log_sigma holds NaN or infinite values in an active splat"):
-        SplatSet.load(broken.save(tmp_path / "broken.safetensors"))
+        SplatSet.load(_written_unchecked(broken, tmp_path / "broken.safetensors"))
 
 
 def test_splat_parameters_must_be_floating_point_tensors():
