@@ -40,6 +40,8 @@ target (>= 99 % pooled token accuracy in <= 60 s).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
 import platform
@@ -598,8 +600,19 @@ def run_e2e_bench(cfg: E2EBenchConfig, device: str | torch.device | None = None,
     }
 
 
+def _bench_identity(result: dict) -> dict:
+    """What a bench result measured (its configuration, the paths timed, the device type, whether CUDA
+    graphs were asked for): two results with the same identity are the same measurement."""
+    timed = result.get("results")
+    return {"config": result["config"], "paths": sorted(timed) if isinstance(timed, dict) else None, "bench": result.get("bench"),
+            "device_type": result.get("device_type"), "cuda_graphs": result.get("cuda_graphs_requested")}
+
+
 def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: str | None = None) -> Path:
-    """Write a bench result as JSON under ``out_dir``, named after its configuration; returns the path."""
+    """Write a bench result as JSON under ``out_dir``, named after its configuration; returns the path.
+
+    A file of that name holding another configuration (the name leaves out dtype, kernel, the paths
+    timed, ...) is kept: this one gets the name plus a short digest of what it measured."""
     cfg = result["config"]
     if result.get("bench") == "e2e":
         corpus = re.sub(r"[^A-Za-z0-9.]+", "_", Path(cfg["corpus"]).name)
@@ -610,6 +623,14 @@ def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: s
     prefix = "long" if result.get("bench") == "long" else "step"
     name = name or f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
     path = Path(out_dir) / f"{name}.json"
+    if path.is_file():
+        try:
+            earlier = _bench_identity(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError):  # not a bench result: never overwritten either
+            earlier = None
+        if earlier != _bench_identity(result):
+            digest = hashlib.sha256(strict_json(_bench_identity(result)).encode()).hexdigest()[:8]
+            path = path.with_name(f"{name}-{digest}.json")
     # atomic: an interrupted write must not leave a truncated JSON where a good one stood
     atomic_write_bytes(path, strict_json(result, indent=1).encode())
     return path

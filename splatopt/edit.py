@@ -356,7 +356,7 @@ def edit(
     generator = torch.Generator(device=device).manual_seed(int(fit_options.get("seed", 0)))
     for name, initializer in initializers:
         second_starts: list[Start] = []
-        if isinstance(initializer, GridInit):  # solved for the render the re-fit uses
+        if hasattr(initializer, "for_render"):  # solved for the render the re-fit uses
             initializer = initializer.for_render(kernel, mode)
         if lone:  # one call for every prompt: the initializer is batched over masks
             idx = torch.tensor(lone, device=device)
@@ -622,9 +622,12 @@ def _warm_start(old: SplatSet, old_ids: list[int], new_ids: list[int], target: T
         # spawned embeddings: least squares on what the transported splats leave unexplained
         kept_only = SplatSet(warm.mu, warm.log_sigma, warm.weight_logit, warm.v,
                              torch.cat([keep, torch.zeros(n_new, dtype=torch.bool, device=device)])[None])
-        residual = target - render(kept_only, L_new, kernel, mode)
         new_slots = torch.cat([torch.zeros_like(keep), torch.ones(n_new, dtype=torch.bool, device=device)])[None]
-        a = splat_weights(warm, L_new, kernel, "additive")
+        a = splat_weights(warm, L_new, kernel, mode)  # [1, L, N'] normalized: each splat's share among all, spawned included
+        if mode == "additive":  # fields add: the kept splats' own render
+            residual = target - render(kept_only, L_new, kernel, mode)
+        else:  # the kept splats' part of the whole set's render; it was solved for the additive sum
+            residual = target - a @ torch.where(kept_only.mask[..., None], warm.v, 0.0)
         v_new = closed_form_v(a, residual, torch.ones(1, L_new, dtype=torch.bool, device=device), new_slots)
         warm = warm.with_params({"v": torch.where(new_slots[..., None], v_new, warm.v)})
 

@@ -163,6 +163,8 @@ class FitResult:
             raise TypeError(f"select({index!r}): give a prompt number, a slice, a list or tensor of prompt numbers, or a "
                             "[B] bool mask")
         flags = torch.as_tensor(picked if isinstance(picked, Tensor) else list(picked))
+        if flags.numel() == 0:  # an empty list is a float tensor: say what is wrong, not its dtype
+            raise IndexError(f"select({index!r}) selects no prompt; this result holds prompts 0..{B - 1}")
         if flags.is_floating_point() or flags.is_complex():  # 0.5 was truncated to prompt 0
             raise TypeError(f"select({index!r}): prompt numbers are ints, not {flags.dtype}")
         if flags.dtype == torch.bool:  # a mask, not the prompt numbers 1 and 0
@@ -696,8 +698,8 @@ def fit(
 
         model = fixedpos.load()
     initializer = resolve_initializer(init, model)
-    if isinstance(initializer, GridInit):  # its least-squares embeddings are solved for this fit's render
-        initializer = initializer.for_render(kernel, mode)
+    if hasattr(initializer, "for_render"):  # embeddings solved (or scaled) for this fit's render
+        initializer = initializer.for_render(kernel, mode, truncate)
     if basis == "fixed-grid" and not isinstance(initializer, GridInit):
         raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if isinstance(initializer, LearnedInitializer):

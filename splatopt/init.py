@@ -110,7 +110,8 @@ class GridInit:
     field MSE exactly for the initial geometry (one variable-projection solve) under the render
     ``kernel`` and ``mode`` (None: the fit's, which :func:`splatopt.fit` fills in through
     :meth:`for_render`; "gaussian" and "additive" when called on its own), so every fit starts from
-    the best field the grid can render. ValueError for sigma_scale <= 0, jitter outside [0, 1],
+    the best field the grid can render (``truncate``: the fit's cut-off in widths, set by
+    :meth:`for_render`; None = none). ValueError for sigma_scale <= 0, jitter outside [0, 1],
     weight outside (0, 1), or an unknown kernel or mode.
     """
 
@@ -119,6 +120,7 @@ class GridInit:
     weight: float = 0.5
     kernel: str | None = None
     mode: str | None = None
+    truncate: float | None = None
 
     def __post_init__(self) -> None:
         _check_grid_fields(self)
@@ -126,9 +128,10 @@ class GridInit:
             raise ValueError(f"GridInit(kernel={self.kernel!r}, mode={self.mode!r}): choose kernel from {KERNELS} and "
                              f"mode from {MODES}, or None for the fit's")
 
-    def for_render(self, kernel: str, mode: str) -> "GridInit":
-        """This grid with its unset (None) kernel and mode taken from a fit's render."""
-        return replace(self, kernel=self.kernel or kernel, mode=self.mode or mode)
+    def for_render(self, kernel: str, mode: str, truncate: float | None = None) -> "GridInit":
+        """This grid with its unset (None) kernel, mode and truncation taken from a fit's render."""
+        return replace(self, kernel=self.kernel or kernel, mode=self.mode or mode,
+                       truncate=self.truncate if self.truncate is not None else truncate)
 
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         check_layout(mask, n_splats, target)
@@ -136,7 +139,7 @@ class GridInit:
         logit = torch.full_like(mu, math.log(self.weight / (1 - self.weight)))
         v0 = torch.zeros(*mu.shape, target.shape[-1], device=target.device, dtype=target.dtype)
         splats = SplatSet(mu.to(target.dtype), log_sigma.to(target.dtype), logit.to(target.dtype), v0, slot_mask)
-        a = splat_weights(splats, target.shape[1], self.kernel or "gaussian", self.mode or "additive")
+        a = splat_weights(splats, target.shape[1], self.kernel or "gaussian", self.mode or "additive", self.truncate)
         v = closed_form_v(a, target, mask, slot_mask)
         return splats.with_params({"v": v})
 
@@ -145,16 +148,27 @@ class GridInit:
 class TokenInit:
     """Token-anchored splats: centres on evenly chosen token centres, embeddings copied from the target there.
 
-    v = target[round(mu)] / weight, so each splat starts as the token under it; the optimizer then
-    learns to cover the neighbours. Fields and their checks as :class:`GridInit`.
+    v = target[round(mu)] / weight for additive rendering, v = target[round(mu)] for normalized
+    (where a token's field is a weighted mean of the splats' embeddings), so each splat starts as
+    the token under it; the optimizer then learns to cover the neighbours. ``mode``: None = the
+    fit's (:meth:`for_render`; "additive" when called on its own). Other fields and their checks as
+    :class:`GridInit`.
     """
 
     sigma_scale: float = 0.6
     jitter: float = 0.0
     weight: float = 0.5
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_grid_fields(self)
+        if self.mode not in (None, *MODES):
+            raise ValueError(f"TokenInit(mode={self.mode!r}): choose one of {MODES}, or None for the fit's")
+
+    def for_render(self, kernel: str, mode: str, truncate: float | None = None) -> "TokenInit":
+        """This start with its unset (None) mode taken from a fit's render (kernel and truncation do
+        not change a token's own embedding)."""
+        return replace(self, mode=self.mode or mode)
 
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
         check_layout(mask, n_splats, target)
@@ -162,7 +176,8 @@ class TokenInit:
         lengths = mask.sum(-1, keepdim=True)
         idx = mu.round().long().clamp(min=0).minimum(lengths - 1).clamp(min=0)
         mu = torch.where(slot_mask, idx.to(mu.dtype), mu)
-        v = torch.gather(target, 1, idx[..., None].expand(-1, -1, target.shape[-1])) / self.weight
+        scale = self.weight if (self.mode or "additive") == "additive" else 1.0
+        v = torch.gather(target, 1, idx[..., None].expand(-1, -1, target.shape[-1])) / scale
         v = v * slot_mask[..., None]
         logit = torch.full_like(mu, math.log(self.weight / (1 - self.weight)))
         return SplatSet(mu.to(target.dtype), log_sigma.to(target.dtype), logit.to(target.dtype), v, slot_mask)

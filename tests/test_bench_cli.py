@@ -146,3 +146,14 @@ def test_bench_names_each_path_it_times_on_stderr_unless_quiet(kind, tmp_path, c
     assert "bench" in err and ("local" in err if kind is TINY_LONG else "eager" in err)
     assert main(["bench", *kind, "--quiet", "--out", str(tmp_path)]) == 0
     assert "path" not in capsys.readouterr().err
+
+
+def test_a_bench_of_another_configuration_does_not_overwrite_one_with_the_same_name(tmp_path, capsys):
+    """The step bench's name leaves out dtype and kernel: a float64 erf run replaced the float32 one."""
+    common = ["bench", *TINY, "--paths", "eager", "--out", str(tmp_path)]
+    assert main(common) == 0
+    assert main(common) == 0  # the same measurement again: replaced
+    assert len(list(tmp_path.iterdir())) == 1
+    assert main([*common, "--dtype", "float64", "--kernel", "erf"]) == 0
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 and {json.loads(f.read_text())["config"]["dtype"] for f in files} == {"float32", "float64"}

@@ -238,3 +238,15 @@ def test_a_grid_given_its_own_kernel_and_mode_keeps_them_and_bad_ones_are_named(
     assert GridInit().for_render("erf", "additive") == GridInit(kernel="erf", mode="additive")
     with pytest.raises(ValueError, match="GridInit.kernel='box'.*choose kernel from"):
         GridInit(kernel="box")
+
+
+def test_token_init_in_normalized_mode_starts_each_splat_as_its_token():
+    """Normalized rendering averages the splats' embeddings, so the token's own embedding (not it
+    divided by the weight, the additive start) renders it."""
+    target = torch.randn(1, 8, 3, dtype=F64)
+    mask, n = torch.ones(1, 8, dtype=torch.bool), torch.tensor([8])
+    additive, normalized = TokenInit(weight=0.4)(target, mask, n), TokenInit(weight=0.4).for_render("gaussian", "normalized")(target, mask, n)
+    torch.testing.assert_close(additive.v, target / 0.4)
+    torch.testing.assert_close(normalized.v, target)
+    with pytest.raises(ValueError, match="TokenInit.mode='bogus'"):
+        TokenInit(mode="bogus")
