@@ -232,22 +232,25 @@ def mode_selection_values() -> dict[str, str]:
     claim(all(min(err[("normalized", k)]) > max(err[("additive", k)]) for k in steps),
           "while its field error is higher at every budget and on every prompt set")
     gain = lambda k: f"+{100 * (mean(acc[('normalized', k)].values()) - mean(acc[('additive', k)].values())):.2f}"  # noqa: E731
-    normalized = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_normalized/validation_seed{s}.json")["rows"]]
-    additive = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_budget/validation_seed{s}.json")["rows"] if r["variant"] == "default"]
-    claim([(r["old_text"], r["new_text"]) for r in normalized] == [(r["old_text"], r["new_text"]) for r in additive],
-          "the normalized edit runs re-fit the same validation edits as the additive default's")
-    gap_n, gap_a = paired_gap(normalized, "normalized"), paired_gap(additive, "default")
-    claim(gap_n[0] + gap_n[1] < gap_a[0] - gap_a[1], "under normalized rendering the re-fit falls further below its cold fit")
     fmt = lambda g: f"{100 * g[0]:+.2f} ± {100 * g[1]:.2f}"  # noqa: E731
-    return {
+    edits = {}
+    for split, key in (("validation", "val"), ("test", "test")):
+        normalized = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_normalized/{split}_seed{s}.json")["rows"]]
+        additive = [r for s in EDIT_SEEDS for r in figure_io.load_json(f"edit_budget/{split}_seed{s}.json")["rows"]
+                    if r["variant"] == "default"]
+        claim([(r["old_text"], r["new_text"]) for r in normalized] == [(r["old_text"], r["new_text"]) for r in additive],
+              f"the normalized edit runs re-fit the same {split} edits as the additive default's")
+        gap_n, gap_a = paired_gap(normalized, "normalized"), paired_gap(additive, "default")
+        claim(gap_n[0] + gap_n[1] < gap_a[0] - gap_a[1], f"under normalized rendering the {split} re-fit falls further below its cold fit")
+        edits.update({f"ms_edit_gap_{key}": fmt(gap_n), f"ms_edit_additive_gap_{key}": fmt(gap_a),
+                      f"ms_edit_cold_{key}": pct(mean([r["cold_final"] for r in normalized]), 2),
+                      f"ms_edit_additive_cold_{key}": pct(mean([r["cold_final"] for r in additive]), 2),
+                      f"ms_edit_n_{key}": str(len(normalized))})
+    return {**edits,
         "ms_sets": str(len(sets)), "ms_prompts": str(rows[0]["prompts"]), "ms_device": rows[0]["device_name"],
         "ms_steps": words([str(k) for k in steps]),
         "ms_gains": words([f"{gain(k)} at {k}" for k in steps]),
         "ms_err_additive": f"{mean(err[('additive', steps[-1])]):.3f}", "ms_err_normalized": f"{mean(err[('normalized', steps[-1])]):.3f}",
-        "ms_edit_n": str(len(normalized)), "ms_edit_gap": fmt(gap_n), "ms_edit_additive_gap": fmt(gap_a),
-        "ms_warm_kept": str(sum(r["start"] == "warm" for r in normalized)),
-        "ms_edit_cold": pct(mean([r["cold_final"] for r in normalized]), 2),
-        "ms_edit_additive_cold": pct(mean([r["cold_final"] for r in additive]), 2),
     }
 
 
