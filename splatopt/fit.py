@@ -627,7 +627,9 @@ def fit(
     (:func:`prompt_generator`), so it depends on neither the chunking, the other prompts nor the device. device: default cuda if available. dtype:
     torch.float32 (default) or torch.float64, the precision of the target and the splats.
     record_every: history/trajectory period in steps (0 = only the last step). batch_size: prompts
-    per chunk (default: about 16k padded tokens a chunk). progress: a tqdm bar per chunk.
+    per chunk (default: about 16k padded tokens a chunk); another chunking moves a fit by float
+    noise, except that with solved embeddings a splat's weight is nearly a free scale (the solve
+    absorbs it), so weights and embeddings may differ visibly while the field and metrics agree. progress: a tqdm bar per chunk.
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles); N is
     the fit's slot count: the largest per-prompt count (of terms, for a fixed basis), or the

@@ -85,7 +85,8 @@ class MetaConfig:
     need larger moves), ``weight_decay`` (Adam's L2 term, not on the scales), ``clip`` (global
     gradient norm), ``amp`` (bf16 autocast of the network on CUDA; the unrolled fit stays fp32),
     ``seed`` (prompt sampling, network initialization, batches). ``time_limit_s``: stop early
-    (with a checkpoint) after this wall time in seconds. Logging: ``log_every`` (JSONL;
+    (with a checkpoint) after this wall time in seconds, of the whole run, resumes included (so
+    resuming a run stopped by it needs a larger one). Logging: ``log_every`` (JSONL;
     TensorBoard with ``tensorboard = true``), ``checkpoint_every``, ``eval_every`` (0 = never) on
     ``eval_prompts`` prompts of ``eval_corpus``. Every value is checked on construction, the
     corpora's names and the objective included: ValueError naming the key.
@@ -392,6 +393,10 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
                      if saved.get(k) != v and k not in ("outer_steps", "time_limit_s", "log_every", "checkpoint_every"))
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({changed}); resume with the same config or use another --out")
+    problems = _checkpoint_problems(tensors, net, step, int(saved.get("outer_steps", cfg.outer_steps)))
+    if problems:  # checked whole before anything is restored: a damaged file leaves the network as it was
+        raise ValueError(f"{path} is a damaged meta-training checkpoint ({'; '.join(problems[:4])}); move it away to start "
+                         "the run over, or use another --out")
     device = next(net.parameters()).device
     net.load_state_dict({k.removeprefix("net."): t.to(device) for k, t in tensors.items() if k.startswith("net.")})
     params = dict(net.named_parameters())
@@ -403,6 +408,46 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
         group.update(saved_group)
     generator.set_state(tensors["rng.data"])
     return step, elapsed, nonfinite
+
+
+ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what torch.optim.Adam keeps per parameter (no amsgrad)
+
+
+def _checkpoint_problems(tensors: dict[str, Tensor], net: LearnedInitializer, step: int, outer_steps: int) -> list[str]:
+    """What in a checkpoint's tensors does not fit ``net`` and an outer Adam at ``step``: net tensors
+    missing, unknown, of another shape or not finite; a parameter's Adam state partial or of another
+    shape; no Adam state at all after step 0; the step outside 0..outer_steps; a data generator state
+    of the wrong size. Empty for a sound file."""
+    problems = []
+    own = net.state_dict()
+    saved = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
+    if set(saved) != set(own):
+        problems.append(f"network tensors missing {sorted(set(own) - set(saved))[:3]}, unknown {sorted(set(saved) - set(own))[:3]}")
+    for k in set(saved) & set(own):
+        if saved[k].shape != own[k].shape:
+            problems.append(f"net.{k} has shape {tuple(saved[k].shape)}, the network {tuple(own[k].shape)}")
+        elif saved[k].is_floating_point() and not bool(torch.isfinite(saved[k]).all()):
+            problems.append(f"net.{k} holds NaN or inf")
+    params = dict(net.named_parameters())
+    state: dict[str, dict[str, Tensor]] = {}
+    for k, t in tensors.items():
+        if k.startswith("opt."):
+            name, key = k.removeprefix("opt.").rsplit(".", 1)
+            state.setdefault(name, {})[key] = t
+    for name, entries in state.items():
+        if name not in params:
+            problems.append(f"Adam state for an unknown parameter {name}")
+        elif set(entries) != ADAM_STATE:
+            problems.append(f"Adam state of {name} has {sorted(entries)}, not {sorted(ADAM_STATE)}")
+        elif any(entries[m].shape != params[name].shape for m in ("exp_avg", "exp_avg_sq")):
+            problems.append(f"Adam state of {name} has another shape than the parameter {tuple(params[name].shape)}")
+    if step > 0 and not state:
+        problems.append(f"no Adam state after {step} outer steps")
+    if not 0 <= step <= outer_steps:
+        problems.append(f"step {step} outside 0..{outer_steps}")
+    if tensors["rng.data"].shape != torch.Generator().get_state().shape:
+        problems.append(f"a data generator state of {tuple(tensors['rng.data'].shape)} bytes, not {tuple(torch.Generator().get_state().shape)}")
+    return problems
 
 
 # ---------------------------------------------------------------------------- the outer loop
@@ -569,6 +614,12 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
             if interrupt.requested and rank == 0:
                 print(f"meta-train: interrupted; checkpoint at outer step {done} written, --resume continues from it",
                       file=sys.stderr)
+            elif rank == 0 and done < cfg.outer_steps:
+                # the limit bounds the whole run's wall time, earlier resumes included: the same limit
+                # would stop a resume after one step
+                print(f"meta-train: time limit of {cfg.time_limit_s:g} s (the run's wall time, resumes included) reached at "
+                      f"outer step {done} of {cfg.outer_steps}; checkpoint written: --resume --set time_limit_s=<more> "
+                      "continues it", file=sys.stderr)
             break
     net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
     net.meta["wall_s"] = round(time.perf_counter() - began, 1)

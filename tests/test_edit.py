@@ -789,3 +789,17 @@ def test_normalized_edits_solve_spawned_and_learned_embeddings_for_the_normalize
     assert float(error.max()) < 0.8, error
     learned = splatopt.edit(old, new, steps=0, fresh_init=["learned"], choose="objective", device="cpu", progress=False)
     assert float(learned.field_error.max()) < 1.5
+
+
+def test_chained_edits_hold_the_original_fits_budget(model):
+    """An edit re-fits with per-prompt counts; the next edit recomputed the density from them and
+    drifted (15 splats where a cold fit of the text has 16)."""
+    text = ("Return a new list containing all items from the iterable in ascending order. A custom key "
+            "function can be supplied to customize the sort order.")
+    opts = dict(steps=1, device="cpu", progress=False)
+    result = splatopt.fit([text], model, n_splats=0.25, steps=2, device="cpu", progress=False)
+    for extra in (" It is stable.", " Use key=len to sort by length.", " Done now ok."):
+        result = splatopt.edit(result, result.input_texts[0] + extra, **opts)
+        L = int(result.mask.sum())
+        assert result.edit["budget"] == int(torch.tensor(L * 0.25).round().clamp(min=1))
+        assert result.config["budget_fraction"] == 0.25

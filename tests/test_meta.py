@@ -299,6 +299,38 @@ def test_resuming_from_a_damaged_checkpoint_names_the_file_and_the_fix(tmp_path,
         meta.train(tiny_config(), out, resume=True, model=model, bank=bank, device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("no Adam state", "no Adam state after 4 outer steps"),
+    ("one moment missing", r"Adam state of .* has \['exp_avg', 'step'\]"),
+    ("NaN weights", r"net\..* holds NaN or inf"),
+    ("step beyond the run", "step 99 outside 0..4"),
+    ("short generator state", "a data generator state of"),
+])
+def test_a_checkpoint_damaged_inside_is_refused_before_anything_is_restored(tmp_path, model, bank, damage, message):
+    """Each of these resumed silently (a fresh outer Adam, NaN weights written out as an initializer, 99
+    steps "done") or failed with a bare KeyError or a torch shape error naming no file."""
+    from fixedpos.cache import read_safetensors, write_safetensors
+
+    out = tmp_path / "run"
+    meta.train(tiny_config(), out, model=model, bank=bank, device="cpu", progress=False)
+    path = out / "checkpoint.safetensors"
+    tensors, header = read_safetensors(path)
+    if damage == "no Adam state":
+        tensors = {k: t for k, t in tensors.items() if not k.startswith("opt.")}
+    elif damage == "one moment missing":
+        del tensors[next(k for k in tensors if k.endswith(".exp_avg_sq"))]
+    elif damage == "NaN weights":
+        key = next(k for k in tensors if k.startswith("net.") and tensors[k].is_floating_point())
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+    elif damage == "step beyond the run":
+        header["step"] = "99"
+    else:
+        tensors["rng.data"] = tensors["rng.data"][:100].clone()
+    write_safetensors(path, tensors, header)
+    with pytest.raises(ValueError, match=f"checkpoint.safetensors is a damaged meta-training checkpoint .*{message}.*move it away"):
+        meta.train(tiny_config(), out, resume=True, model=model, bank=bank, device="cpu", progress=False)
+
+
 def test_cli_set_overrides_one_field_of_a_table_and_reads_bare_strings():
     from splatopt.cli import _with_overrides
 
