@@ -53,6 +53,7 @@ LONG_LENGTH = 1024
 VARPRO_MAX_BYTES = 2**30
 # FitResult fields (file names of its extra tensors) that fit keeps on the CPU whatever the device: load
 # puts them there too, or FitResult.cat of a loaded result and a new fit mixes devices
+SPLAT_META = ("model", "model_hash", "layer", "kernel", "mode", "truncate")  # what a fit's SplatSet.meta holds
 HOST_SIDE = ("history.", "trajectory.", "density.", "n_terms", "skipped_steps", "floats_per_token", "edit_start.")
 
 
@@ -315,6 +316,9 @@ class FitResult:
         else:
             splats, extra = SplatSet.load(path, expect_model_hash=expect_model_hash)
             meta, coefficients = splats.meta, None
+            # the splats keep what fit gives them (model and render), not the result's texts and summary,
+            # which select() and cat() would leave stale in result.splats.save()
+            splats.meta = {k: meta[k] for k in SPLAT_META if k in meta}
             splats = splats.to(device) if device is not None else splats
         if device is not None:  # where fit leaves them: the host-side counters, series and edit starts stay on the CPU
             extra = {k: t if k.startswith(HOST_SIDE) else t.to(device) for k, t in extra.items()}
@@ -823,7 +827,7 @@ def fit(
     if "splats" in chunks[0]:
         splats = SplatSet.cat([ch["splats"] for ch in chunks]).select(inverse.to(device))
         splats.meta = {"model": config["model"], "model_hash": config["model_hash"], "layer": config["layer"],
-                       "kernel": kernel, "mode": mode, "truncate": truncate}
+                       "kernel": kernel, "mode": mode, "truncate": truncate}  # SPLAT_META
     else:
         K = max(ch["coefficients"].shape[1] for ch in chunks)
         coefficients = torch.cat([torch.nn.functional.pad(ch["coefficients"], (0, 0, 0, K - ch["coefficients"].shape[1]))

@@ -821,3 +821,14 @@ def test_a_learned_start_renders_the_same_starting_field_in_normalized_mode(mode
     opts = dict(n_splats=0.25, steps=0, init="learned", device="cpu", progress=False)
     additive, normalized = fit(short_prompts, model, **opts), fit(short_prompts, model, mode="normalized", **opts)
     torch.testing.assert_close(normalized.field_error, additive.field_error, atol=0.05, rtol=0.05)
+
+
+def test_loaded_splats_carry_the_render_not_the_results_texts(tmp_path):
+    """A loaded result's splats carried the whole file metadata (texts, decoded, summary), stale after
+    select or cat, and written as such by result.splats.save."""
+    from splatopt.fit import SPLAT_META
+
+    result = fit(_bare_field(), n_splats=2, steps=1, objective="mse", device="cpu", progress=False)
+    loaded = FitResult.load(result.save(tmp_path / "run.safetensors"))
+    assert set(loaded.splats.meta) <= set(SPLAT_META) and loaded.splats.meta["kernel"] == "gaussian"
+    assert loaded.splats.meta == result.splats.meta
