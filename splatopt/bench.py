@@ -102,9 +102,18 @@ def _check_sizes(cfg) -> torch.dtype:
 
 
 def device_label(device: torch.device | str) -> str:
-    """What a result records as its device: the CUDA device's name, else the CPU's (``platform.processor()``, or "cpu")."""
+    """What a result records as its device: the CUDA device's name, else the CPU's model (Linux's
+    /proc/cpuinfo, else ``platform.processor()``, else "cpu") and torch's thread count."""
     device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor()
+    try:  # platform.processor() is empty on most Linux machines
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name or 'cpu'}, {torch.get_num_threads()} threads"
 
 
 def device_peak_flops(device_name: str) -> float | None:

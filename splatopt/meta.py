@@ -393,7 +393,8 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
                      if saved.get(k) != v and k not in ("outer_steps", "time_limit_s", "log_every", "checkpoint_every"))
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({changed}); resume with the same config or use another --out")
-    problems = _checkpoint_problems(tensors, net, step, int(saved.get("outer_steps", cfg.outer_steps)))
+    skipped_in_row = int(nonfinite.get("in_row", 0)) if isinstance(nonfinite, dict) else 0
+    problems = _checkpoint_problems(tensors, net, step, int(saved.get("outer_steps", cfg.outer_steps)), skipped_in_row)
     if problems:  # checked whole before anything is restored: a damaged file leaves the network as it was
         raise ValueError(f"{path} is a damaged meta-training checkpoint ({'; '.join(problems[:4])}); move it away to start "
                          "the run over, or use another --out")
@@ -413,11 +414,13 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what torch.optim.Adam keeps per parameter (no amsgrad)
 
 
-def _checkpoint_problems(tensors: dict[str, Tensor], net: LearnedInitializer, step: int, outer_steps: int) -> list[str]:
+def _checkpoint_problems(tensors: dict[str, Tensor], net: LearnedInitializer, step: int, outer_steps: int,
+                         skipped_in_row: int = 0) -> list[str]:
     """What in a checkpoint's tensors does not fit ``net`` and an outer Adam at ``step``: net tensors
     missing, unknown, of another shape or not finite; a parameter's Adam state partial or of another
-    shape; no Adam state at all after step 0; the step outside 0..outer_steps; a data generator state
-    of the wrong size. Empty for a sound file."""
+    shape; no Adam state at all after a step that was taken (``skipped_in_row``: the last steps,
+    skipped for a non-finite outer gradient, took none); the step outside 0..outer_steps; a data
+    generator state of the wrong size. Empty for a sound file."""
     problems = []
     own = net.state_dict()
     saved = {k.removeprefix("net."): t for k, t in tensors.items() if k.startswith("net.")}
@@ -441,7 +444,7 @@ def _checkpoint_problems(tensors: dict[str, Tensor], net: LearnedInitializer, st
             problems.append(f"Adam state of {name} has {sorted(entries)}, not {sorted(ADAM_STATE)}")
         elif any(entries[m].shape != params[name].shape for m in ("exp_avg", "exp_avg_sq")):
             problems.append(f"Adam state of {name} has another shape than the parameter {tuple(params[name].shape)}")
-    if step > 0 and not state:
+    if step > skipped_in_row and not state:
         problems.append(f"no Adam state after {step} outer steps")
     if not 0 <= step <= outer_steps:
         problems.append(f"step {step} outside 0..{outer_steps}")
