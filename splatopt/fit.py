@@ -757,9 +757,16 @@ def fit(
     lengths = mask.sum(-1)
     counts = terms_for_budget(basis, _resolve_counts(n_splats, lengths.cpu()), lengths.cpu(), field.shape[-1])
     B = field.shape[0]
-    if isinstance(initializer, WarmStart) and initializer.splats.batch_size != B:
-        raise ValueError(f"init=WarmStart holds splats of {initializer.splats.batch_size} prompts but {B} are fitted: "
-                         "give one start per prompt, in the prompts' order")
+    if isinstance(initializer, WarmStart):
+        if initializer.splats.batch_size != B:
+            raise ValueError(f"init=WarmStart holds splats of {initializer.splats.batch_size} prompts but {B} are fitted: "
+                             "give one start per prompt, in the prompts' order")
+        warm_counts = initializer.splats.counts.cpu()
+        wrong = ((warm_counts < 1) | (warm_counts > lengths.cpu())).nonzero().flatten()
+        if len(wrong):  # the rule n_splats keeps: 1..L splats a prompt
+            b = int(wrong[0])
+            raise ValueError(f"init=WarmStart gives prompt {b} {int(warm_counts[b])} active splats for its {int(lengths[b])} "
+                             "tokens: a prompt holds 1..L splats; drop or add splats in the start")
     # the slots every prompt's splats live in: its budget, or the warm start's capacity if larger
     capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
     if frozen is not None and not (isinstance(frozen, Tensor) and frozen.dtype == torch.bool and frozen.shape == (B, capacity)):

@@ -832,3 +832,11 @@ def test_loaded_splats_carry_the_render_not_the_results_texts(tmp_path):
     loaded = FitResult.load(result.save(tmp_path / "run.safetensors"))
     assert set(loaded.splats.meta) <= set(SPLAT_META) and loaded.splats.meta["kernel"] == "gaussian"
     assert loaded.splats.meta == result.splats.meta
+
+
+def test_a_warm_start_with_more_splats_than_tokens_is_refused():
+    """n_splats is refused above L, but a WarmStart of 20 splats on 6 tokens was fitted as it was."""
+    field = torch.randn(1, 6, 8)
+    many = fit(torch.randn(1, 24, 8), n_splats=20, steps=0, objective="mse", device="cpu", progress=False).splats
+    with pytest.raises(ValueError, match="init=WarmStart gives prompt 0 20 active splats for its 6 tokens"):
+        fit(Targets(field), n_splats=2, init=WarmStart(many), steps=1, objective="mse", device="cpu", progress=False)
