@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of i
     from fixedpos import FieldModel
 
 from .fit import FitResult, _resolve_counts, check_options, fit, resolve_device
-from .init import GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
+from .init import Initializer, WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
