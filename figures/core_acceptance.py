@@ -10,7 +10,7 @@ marker, in grey, so that no corpus colour is read as an N.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from figure_io import COLUMN, house_style, load_json, save
+from figure_io import COLUMN, house_style, load_json, parse_cli, save
 
 DATA_FILES = ["core_acceptance.json"]
 CORPUS_NAMES = {"stdlib:test": "stdlib test", "licenses": "licences (out of domain)"}
@@ -61,4 +61,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

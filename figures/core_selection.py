@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
-from figure_io import COLUMN, house_style, load_json, save
+from figure_io import COLUMN, house_style, load_json, parse_cli, save
 
 DATA_FILES = ["core_selection.json"]
 # the run's variant names (scripts/eval_core.py SWEEP) as readers know them; "default" was lr_v = 0.05 then
@@ -64,4 +64,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

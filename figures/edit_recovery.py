@@ -10,7 +10,7 @@ group.
 
 from __future__ import annotations
 
-from figure_io import load_json, save
+from figure_io import load_json, parse_cli, save
 
 from splatopt.plot import recovery_figure
 
@@ -30,4 +30,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

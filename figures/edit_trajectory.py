@@ -7,7 +7,7 @@ the token labels of both texts need it.
 
 from __future__ import annotations
 
-from figure_io import PAGE, load_json, save
+from figure_io import PAGE, load_json, parse_cli, save
 
 from splatopt.plot import edit_trajectory_figure
 
@@ -19,4 +19,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

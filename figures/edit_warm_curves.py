@@ -13,7 +13,7 @@ reach in 20 % of them.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from figure_io import COLUMN, house_style, load_json, save
+from figure_io import COLUMN, house_style, load_json, parse_cli, save
 
 from splatopt.plot import mean_ci95
 
@@ -107,4 +107,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

@@ -7,16 +7,29 @@ splatopt.plot (``splatopt/splatopt.mplstyle``, linked as figures/splatopt.mplsty
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
+import sys
 from pathlib import Path
-
-from splatopt.plot import COLUMN, PAGE, house_style, save_figure
-
-__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "find_data", "house_style", "load_json", "read_json", "save", "write_json"]
 
 FIGURES = Path(__file__).resolve().parent
 DATA = FIGURES / "data"
+# the checkout's package, not whichever splatopt is installed: a figure is drawn by the code beside
+# its data (make puts the checkout first on PYTHONPATH too; a script run on its own did not)
+if str(FIGURES.parent) not in sys.path:
+    sys.path.insert(0, str(FIGURES.parent))
+
+from splatopt.plot import COLUMN, PAGE, house_style, save_figure  # noqa: E402
+
+__all__ = ["COLUMN", "DATA", "FIGURES", "PAGE", "data_paths", "find_data", "house_style", "load_json", "parse_cli", "read_json",
+           "save", "write_json"]
+
+
+def parse_cli(doc: str | None) -> None:
+    """A figure script's command line: no options, only ``--help`` (its docstring); anything else is
+    refused instead of being ignored while the figure is redrawn."""
+    argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 
 def find_data(pattern: str) -> list[Path]:

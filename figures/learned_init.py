@@ -17,7 +17,7 @@ token accuracy after 300 steps on the test split: the issue's bar for the learne
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from figure_io import DATA, PAGE, house_style, save
+from figure_io import DATA, PAGE, house_style, parse_cli, save
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
@@ -88,4 +88,5 @@ def main() -> list:
     return save(fig, "learned_init")
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     print("\n".join(map(str, main())))

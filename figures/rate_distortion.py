@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
-from figure_io import DATA, PAGE, house_style, save
+from figure_io import DATA, PAGE, house_style, parse_cli, save
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
@@ -145,4 +145,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

@@ -14,7 +14,7 @@ import json
 
 import matplotlib.pyplot as plt
 import numpy as np
-from figure_io import COLUMN, data_paths, house_style, save
+from figure_io import COLUMN, data_paths, house_style, parse_cli, save
 
 DATA_FILES = ["bench/step-*.json"]  # one inner step; long-* and e2e-* runs are other benchmarks
 OBJECTIVE_NAMES = {"mse": "MSE", "mse+ce": "MSE + CE"}
@@ -77,4 +77,5 @@ def main():
 
 
 if __name__ == "__main__":
+    parse_cli(__doc__)
     main()

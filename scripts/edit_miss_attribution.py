@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def main() -> None:
         "tokens_per_splat_cold_where_warm_loses": [round(p["tokens_per_splat_cold"], 2) for p in prompts if p["warm_accuracy"] < p["cold_accuracy"]],
     }
     print(json.dumps(summary, indent=1))
-    out = {"command": " ".join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__, "sources": args.sources,
+    out = {"command": shlex.join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__, "sources": args.sources,
            "filter": {"op": args.op, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens, "far_splats": "> 0"}, "summary": summary, "prompts": prompts}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, out)  # gzipped where the name ends in .gz

@@ -12,6 +12,7 @@ reads (:mod:`splatopt.fisher`).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -38,7 +39,7 @@ def main() -> None:
     fisher = estimate_field_fisher(model, texts, init=load_learned(model), optimizer=PICKED, steps=(0, 10), device=args.device)
     out = args.out or shipped_fisher_path(model)
     save_field_fisher(out, fisher, model, {
-        "command": " ".join(["python", *sys.argv]), "corpus": "stdlib:train", "prompts": args.prompts, "seed": args.seed,
+        "command": shlex.join(["python", *sys.argv]), "corpus": "stdlib:train", "prompts": args.prompts, "seed": args.seed,
         "max_tokens": 64, "n_splats": 0.25, "init": "learned", "steps": [0, 10], "optimizer": PICKED.to_dict(),
         "seconds": round(time.perf_counter() - started, 1), "device": str(args.device)})
     evals = torch.linalg.eigvalsh(fisher.double())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -64,7 +65,7 @@ def main() -> None:
         out[label] = row
         print(label, json.dumps({k: round(100 * v["token_accuracy"], 2) for k, v in row.items() if v["token_accuracy"] is not None}), flush=True)
     device = device_label(args.device)
-    Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "device": device,
+    Path(args.out).write_text(json.dumps({"command": shlex.join(["python", *sys.argv]), "device": device,
                                           "prompts": f"stdlib:validation, {args.prompts} prompts (seed 0), N = L/4",
                                           "results": out}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
     header = {
         "device": device_label(args.device),
         "torch": torch.__version__, "python": platform.python_version(), "model": model.name, "layer": model.layer,
-        "split": args.split, "n": args.n, "command": " ".join(["python", *sys.argv]),
+        "split": args.split, "n": args.n, "command": shlex.join(["python", *sys.argv]),
     }
 
     def write(rows: list[dict]) -> None:  # after every row: an interrupted run keeps what it measured

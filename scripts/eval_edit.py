@@ -23,6 +23,7 @@ import argparse
 import inspect
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,7 @@ def main() -> None:
         print(variant, json.dumps(summary[variant]), flush=True)
     out = {
         "device": device_label(args.device),
-        "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
+        "torch": torch.__version__, "command": shlex.join(["python", *sys.argv]),
         "edit_defaults": {k: repr(v.default) for k, v in inspect.signature(splatopt.edit).parameters.items()
                           if v.default is not inspect.Parameter.empty}, "n": len(prompts), "split": args.split, "n_splats": args.splats, "optimizer": base_opt, "objective": args.objective,
         "fit_options": json.loads(args.fit_options),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -51,7 +52,7 @@ def main() -> None:
             results.setdefault(label, {})[str(steps)] = float(r.token_accuracy.float().mean())
             print(label, steps, f"{100 * results[label][str(steps)]:.2f} %", flush=True)
     Path(args.out).write_text(json.dumps({
-        "command": " ".join(["python", *sys.argv]), "device": device_label(args.device),
+        "command": shlex.join(["python", *sys.argv]), "device": device_label(args.device),
         "prompts": f"stdlib:validation, {args.prompts} prompts (seed 0, L <= 64), N = L/4",
         "candidate": {"path": args.initializer, "meta": candidate.meta, "lr_scales": candidate.log_lr_scale.exp().tolist()},
         "token_accuracy": results}, indent=1) + "\n")

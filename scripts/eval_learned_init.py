@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def main() -> None:
                 acc[f"{corpus} {name} {steps}"] = r.summary()["token_accuracy"]
                 print(corpus, name, steps, f"{100 * acc[f'{corpus} {name} {steps}']:.2f}", flush=True)
     device = device_label(args.device)
-    out = {"device": device, "command": " ".join(["python", *sys.argv]), "inner_optimizer": learned.optimizer.to_dict(),
+    out = {"device": device, "command": shlex.join(["python", *sys.argv]), "inner_optimizer": learned.optimizer.to_dict(),
            "token_accuracy": acc}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -58,7 +59,7 @@ def main() -> None:
         for k, v in out.items():
             print(f"{100 * v:6.2f}  {k}", flush=True)
     device = device_label(args.device)
-    Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "device": device,
+    Path(args.out).write_text(json.dumps({"command": shlex.join(["python", *sys.argv]), "device": device,
                                           "prompts": f"stdlib:validation, {args.prompts} prompts (seed 0), N = L/4",
                                           "token_accuracy": out}, indent=1) + "\n")
     print(f"wrote {args.out}")

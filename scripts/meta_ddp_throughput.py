@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def main() -> None:
             print(json.dumps(runs[world]), flush=True)
     out = {
         "device": torch.cuda.get_device_name(0), "gpus": 2, "torch": torch.__version__,
-        "command": " ".join(["python", *sys.argv]), "config": str(CONFIG.relative_to(CONFIG.parents[2])),
+        "command": shlex.join(["python", *sys.argv]), "config": str(CONFIG.relative_to(CONFIG.parents[2])),
         "runs": [runs[1], runs[2]], "throughput_ratio": runs[2]["prompts_per_s"] / runs[1]["prompts_per_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -112,7 +113,7 @@ def main() -> None:
             start = splatopt.fit(val_texts, model, n_splats=0.25, steps=0, init=init, optimizer=picked, **common).splats
             rel = ((start.v - val.splats.v).norm(dim=-1) / val.splats.v.norm(dim=-1).clamp_min(1e-9))[val.splats.mask]
             results[f"{name}, embedding distance to the converged fit (median, relative)"] = float(rel.median())
-    out = {"command": " ".join(["python", *sys.argv]), "device": device_label(dev), "torch": torch.__version__,
+    out = {"command": shlex.join(["python", *sys.argv]), "device": device_label(dev), "torch": torch.__version__,
            "distillation_steps": step, "train_prompts": len(train_texts),
            "prompts": "stdlib:validation, 512 prompts (seed 0), N = L/4; each accuracy pair: [all prompts, two-splat prompts]",
            "token_accuracy": results}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def main() -> None:
     t0 = time.perf_counter()
     adam = splatopt.fit(texts, model, n_splats=0.25, steps=args.steps, init="learned", optimizer=picked, device="cpu",
                         progress=False, record_every=1)
-    out = {"device": device_label("cpu"), "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
+    out = {"device": device_label("cpu"), "torch": torch.__version__, "command": shlex.join(["python", *sys.argv]),
            "prompts": len(texts), "steps": args.steps, "top_k": args.top_k,
            "picked_adam": adam.history["token_accuracy"].mean(1).tolist()}
     for name, mse_weight in (("gauss_newton_mse_ce", 1.0), ("gauss_newton_ce", 0.0)):

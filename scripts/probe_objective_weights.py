@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def main() -> None:
                 "field_error": float(r.field_error.float().mean())}
             print(objective, steps, f"{100 * results[objective][str(steps)]['token_accuracy']:.2f} %", flush=True)
     Path(args.out).write_text(json.dumps({
-        "command": " ".join(["python", *sys.argv]), "device": device_label(args.device), "optimizer": name,
+        "command": shlex.join(["python", *sys.argv]), "device": device_label(args.device), "optimizer": name,
         "prompts": f"stdlib:validation, {args.prompts} prompts (seed 0, L <= 64), N = L/4", "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

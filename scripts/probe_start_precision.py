@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -77,7 +78,7 @@ def main() -> None:
             results[start_name][f"10 steps, {update_name}"] = accuracy(r)
         print(start_name, json.dumps({k: round(100 * v, 1) for k, v in results[start_name].items()}), flush=True)
     out = {
-        "command": " ".join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__,
+        "command": shlex.join(["python", *sys.argv]), "device": device_label(args.device), "torch": torch.__version__,
         "prompts": f"stdlib:validation, the {len(prompts)} of 512 prompts (seed 0, L <= 64) with two splats at N = L/4",
         "grid_300_steps": accuracy(converged),
         "learned_start_vs_converged": {

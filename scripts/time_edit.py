@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def main() -> None:
     rng = random.Random(0)
     edited = [random_edit(p, rng, vocab)[0] for p in prompts]
     common = dict(n_splats=0.25, progress=False, record_every=0, device=dev)
-    out: dict = {"device": device_label(dev), "torch": torch.__version__, "command": " ".join(["python", *sys.argv])}
+    out: dict = {"device": device_label(dev), "torch": torch.__version__, "command": shlex.join(["python", *sys.argv])}
     old, _ = timed(lambda: splatopt.fit(prompts, model, steps=300, **common), dev)
     out["cold_fit_s"], out["edit_s"] = [], []
     for _ in range(3):
