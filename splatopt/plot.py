@@ -31,9 +31,10 @@ from fixedpos.cache import check_output_path
 COLUMN = 3.4
 PAGE = 7.0
 STYLE_FILE = Path(__file__).with_name("splatopt.mplstyle")
-# edit-script spans: what the old tokens lose (vermillion) and the new text gains (orange); Okabe-Ito
-# colours, told apart with colour-blind vision too, and the same edit kinds in every figure
-SPAN_COLORS = {"equal": "0.85", "delete": "#D55E00", "insert": "#E69F00", "replace": "#CC79A7"}
+# edit-script spans: what the old tokens lose (sky blue) and the new text gains (orange); Okabe-Ito
+# colours, told apart with colour-blind vision too, and the same edit kinds in every figure. Orange
+# stays clear of the viridis splats; vermillion for deletions was too close to it in the scatter
+SPAN_COLORS = {"equal": "0.85", "delete": "#56B4E9", "insert": "#E69F00", "replace": "#CC79A7"}
 SPAWNED_COLOR = SPAN_COLORS["insert"]
 PRUNED_COLOR = "0.45"
 
