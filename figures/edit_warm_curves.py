@@ -85,11 +85,14 @@ def main():
             xs = [steps[i] for i in keep]
             ax_end.plot(xs, 100 * mean[keep], color=colors[variant], marker=STYLES[variant][1], ms=2.5, lw=width(variant),
                         label=VARIANT_NAMES.get(variant, variant))
-            ax_end.errorbar([warm_steps + (k + 2) * dodge], 100 * mean[keep][-1:], yerr=100 * half[keep][-1:],
+            # the interval of a mean accuracy, cut at 100 %, which no mean can pass
+            end, low = 100 * float(mean[keep][-1]), 100 * float(half[keep][-1])
+            ax_end.errorbar([warm_steps + (k + 2) * dodge], [end], yerr=[[low], [min(low, 100 - end)]],
                             color=colors[variant], marker=STYLES[variant][1], ms=2.5, capsize=1.2, lw=0.7)
         ax_end.set_xlim(start - 1, warm_steps + (len(curves) + 3) * dodge)
         ax_end.set_xticks(range(start, warm_steps + 1, 10))
-        ax_end.set_title(f"steps {start}–{warm_steps}; at {warm_steps} ± 95 % CI", fontsize=7)
+        ax_end.axvspan(warm_steps + dodge, warm_steps + (len(curves) + 3) * dodge, color="0.95", lw=0, zorder=0)
+        ax_end.set_title(f"steps {start}–{warm_steps}; shaded: {warm_steps} ± CI", fontsize=7)
         ax_all.set_title(f"{runs[0]['n']} {runs[0]['split']} edits, N = L/{round(1 / runs[0]['n_splats'])}", fontsize=7)
         # two legends: what holds the cold fit's budget, then the variants recorded with extra splats
         by_label = dict(zip(*reversed(ax_end.get_legend_handles_labels())))
