@@ -811,7 +811,7 @@ def fit(
     for c in range(n_chunks):
         idx = order[c * batch_size : (c + 1) * batch_size].to(device)
         L = int(lengths[idx].max())
-        generator = [prompt_generator(seed, i) for i in order[c * batch_size : (c + 1) * batch_size].tolist()]
+        generator = PromptGenerators(seed, order[c * batch_size : (c + 1) * batch_size].tolist())
         chunk_init = WarmStart(initializer.splats.select(idx.to(initializer.splats.mu.device))) if isinstance(initializer, WarmStart) else initializer
         chunks.append(
             _fit_chunk(
@@ -948,6 +948,23 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
             tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in tensors]
         out[key] = torch.cat(tensors, 1)[:, inverse.cpu()]
     return out
+
+
+class PromptGenerators(Sequence[torch.Generator]):
+    """The generators (:func:`prompt_generator`) of the prompts ``indices`` of a fit seeded ``seed``, one
+    per prompt, each built when it is drawn from: a start that draws nothing (the default grid, the
+    learned start) costs nothing (13 µs a prompt, 0.13 s for 10,000, built eagerly)."""
+
+    def __init__(self, seed: int, indices: list[int]) -> None:
+        self.seed, self.indices = seed, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):  # an int, or a slice: a list
+        if isinstance(k, slice):
+            return [prompt_generator(self.seed, i) for i in self.indices[k]]
+        return prompt_generator(self.seed, self.indices[k])
 
 
 def prompt_generator(seed: int, index: int) -> torch.Generator:
