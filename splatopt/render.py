@@ -55,10 +55,38 @@ def kernel_values(pos: Tensor, mu: Tensor, sigma: Tensor, kernel: str) -> Tensor
     if kernel == "gaussian":
         return torch.exp(-0.5 * (x / s) ** 2)
     if kernel == "erf":
-        # mean of exp(-u^2 / (2 s^2)) for u in [x - 1/2, x + 1/2]
-        r = 1.0 / (s * math.sqrt(2.0))
-        return (s * math.sqrt(math.pi / 2.0)) * (torch.erf((x + 0.5) * r) - torch.erf((x - 0.5) * r))
+        return _box_averaged_gaussian(x, s)
     raise ValueError(f"kernel={kernel!r}: choose one of {KERNELS}")
+
+
+# From this width on (float64, other dtypes), the box average is summed as a series: the two erf
+# values nearly cancel there (relative error ~ eps * sigma: 1e-2 at sigma = 4096 in float32), while
+# the series' first dropped term, ~ He_8(x / sigma) / (9.3e7 sigma^8), is below each dtype's rounding.
+ERF_SERIES_SIGMA = {torch.float64: 32.0}
+ERF_SERIES_SIGMA_DEFAULT = 4.0
+
+
+def _box_averaged_gaussian(x: Tensor, s: Tensor) -> Tensor:
+    """Mean of exp(-u^2 / (2 s^2)) over u in [x - 1/2, x + 1/2], to the dtype's precision at every
+    width. x, s: broadcastable, in tokens (s > 0)."""
+    # narrow: erf(hi) - erf(lo), or erfc(lo) - erfc(hi) in the tail where both erf values near 1
+    # (the kernel is even, so only |x| is needed; erf = erfc = 1/2 at 0.4769)
+    ax = x.abs()
+    r = 1.0 / (s * math.sqrt(2.0))
+    lo, hi = (ax - 0.5) * r, (ax + 0.5) * r
+    difference = torch.where(lo > 0.4769, torch.erfc(lo) - torch.erfc(hi), torch.erf(hi) - torch.erf(lo))
+    narrow = (s * math.sqrt(math.pi / 2.0)) * difference
+    # wide: the box average of f is sum_k f^(2k)(x) / (4^k (2k+1)!), and the Gaussian's derivatives
+    # are He_n(z) f / s^n (probabilists' Hermite polynomials, z = x / s). Both branches are evaluated,
+    # so the wide one's inputs are clamped where it is not used (and where exp underflows anyway)
+    # to keep its gradient finite: a masked branch's inf would still make a NaN (0 * inf).
+    threshold = ERF_SERIES_SIGMA.get(s.dtype, ERF_SERIES_SIGMA_DEFAULT)
+    wide_s = s.clamp_min(threshold)
+    z2 = ((x / wide_s) ** 2).clamp_max(1600.0)
+    q = 0.25 / wide_s**2
+    he2, he4, he6 = z2 - 1.0, (z2 - 6.0) * z2 + 3.0, ((z2 - 15.0) * z2 + 45.0) * z2 - 15.0
+    wide = torch.exp(-0.5 * z2) * (1.0 + q * (he2 / 6.0 + q * (he4 / 120.0 + q * he6 / 5040.0)))
+    return torch.where(s >= threshold, wide, narrow)
 
 
 def active_geometry(splats: SplatSet) -> tuple[Tensor, Tensor, Tensor]:
