@@ -571,7 +571,7 @@ def check_options(**options) -> None:
 def fit(
     texts_or_fields: str | Sequence[str] | Tensor | Targets,
     model: FieldModel | None = None,
-    n_splats: float | int | Sequence[int] = 0.5,
+    n_splats: float | int | Sequence[int] | None = None,
     steps: int = 300,
     objective: str | Objective = "mse+ce",
     init="grid",
@@ -605,7 +605,9 @@ def fit(
     is needed (texts, a "ce" term, init="learned"); a field with a field-only objective is then
     fitted without a decoder (no texts, no token accuracy).
     n_splats: a fraction in (0, 1] of each prompt's length (0.5 = L/2, rounded, at least 1), an int
-    for every prompt, or one int per prompt; 1 <= N <= L. steps: inner steps (0 = the
+    for every prompt, or one int per prompt; 1 <= N <= L. None (default): 0.5, or a
+    :class:`WarmStart`'s own active counts (the start sets the splats; n_splats only caps what
+    density control may grow to, and is what the result records). steps: inner steps (0 = the
     initializer's splats). objective: a string such as "mse+ce" (default), "mse",
     "0.5*mse+ce+0.1*cosine", an :class:`Objective` or a dict of its weights. init: "grid",
     "tokens", "learned" (the meta-trained initializer shipped for ``model``; with
@@ -755,7 +757,6 @@ def fit(
         with torch.no_grad():
             ids = decode(field).argmax(-1)
     lengths = mask.sum(-1)
-    counts = terms_for_budget(basis, _resolve_counts(n_splats, lengths.cpu()), lengths.cpu(), field.shape[-1])
     B = field.shape[0]
     if isinstance(initializer, WarmStart):
         if initializer.splats.batch_size != B:
@@ -767,6 +768,11 @@ def fit(
             b = int(wrong[0])
             raise ValueError(f"init=WarmStart gives prompt {b} {int(warm_counts[b])} active splats for its {int(lengths[b])} "
                              "tokens: a prompt holds 1..L splats; drop or add splats in the start")
+        if n_splats is None:  # the result records what the start holds, not a budget it never had
+            n_splats = warm_counts.tolist()
+    if n_splats is None:
+        n_splats = 0.5
+    counts = terms_for_budget(basis, _resolve_counts(n_splats, lengths.cpu()), lengths.cpu(), field.shape[-1])
     # the slots every prompt's splats live in: its budget, or the warm start's capacity if larger
     capacity = max(int(counts.max()), initializer.splats.capacity if isinstance(initializer, WarmStart) else 0)
     if frozen is not None and not (isinstance(frozen, Tensor) and frozen.dtype == torch.bool and frozen.shape == (B, capacity)):

@@ -186,7 +186,8 @@ class TokenInit:
 @dataclass(frozen=True)
 class WarmStart:
     """Start from given splats [B, N] (e.g. transported through an edit), one row per prompt in the
-    prompts' order; ``n_splats`` is ignored. They are moved to the target's device and dtype.
+    prompts' order; the fit's ``n_splats`` defaults to their active counts (and otherwise only caps
+    density control). They are moved to the target's device and dtype.
     ValueError for another B or d than the target's, or NaN / inf in an active splat."""
 
     splats: SplatSet

@@ -765,7 +765,7 @@ def test_malformed_api_arguments_are_type_errors_naming_the_argument(model):
     field = _bare_field(B=2)
     opts = dict(steps=1, objective="mse", device="cpu", progress=False)
     cases = [
-        (lambda: fit(field, n_splats=None, **opts), TypeError, "n_splats=None: give a fraction of L"),
+        (lambda: fit(field, n_splats="4", **opts), TypeError, "n_splats='4': give a number"),
         (lambda: fit(field, n_splats=[[2, 3]], **opts), ValueError, r"n_splats is a \(1, 2\) array: give a flat list of 2"),
         (lambda: fit(field, n_splats=2, optimizer=3, **opts), TypeError, "optimizer must be an InnerOptimizer"),
         (lambda: fit("Some text.", "minilm-l6", **opts), TypeError, r"model must be a fixedpos.FieldModel, not str: pass fixedpos.load\('minilm-l6'\)"),
@@ -840,3 +840,17 @@ def test_a_warm_start_with_more_splats_than_tokens_is_refused():
     many = fit(torch.randn(1, 24, 8), n_splats=20, steps=0, objective="mse", device="cpu", progress=False).splats
     with pytest.raises(ValueError, match="init=WarmStart gives prompt 0 20 active splats for its 6 tokens"):
         fit(Targets(field), n_splats=2, init=WarmStart(many), steps=1, objective="mse", device="cpu", progress=False)
+
+
+def test_a_warm_start_fit_records_the_starts_counts_not_the_default_budget():
+    """With a WarmStart and no n_splats, the result recorded n_splats = 0.5 (the default budget) while
+    the fit held the start's 3 and 2 splats; an edit chained on it then spawned at that density."""
+    field = torch.randn(2, 12, 8)
+    start = fit(field, n_splats=[3, 2], steps=0, objective="mse", device="cpu", progress=False).splats
+    warm = fit(field, init=WarmStart(start), steps=1, objective="mse", device="cpu", progress=False)
+    assert warm.config["n_splats"] == [3, 2]
+    assert warm.splats.counts.tolist() == [3, 2]
+    assert warm.select(1).config["n_splats"] == [2]
+    given = fit(field, n_splats=4, init=WarmStart(start), steps=1, objective="mse", device="cpu", progress=False)
+    assert given.config["n_splats"] == 4  # a given n_splats is the density cap, recorded as given
+    assert fit(field, steps=0, objective="mse", device="cpu", progress=False).config["n_splats"] == 0.5
