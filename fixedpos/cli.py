@@ -140,30 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--model", default="minilm-l6", help="'minilm-l6' or a local Hugging Face encoder folder")
-        p.add_argument("--layer", type=int, default=None, help="encoder layer (0 = embeddings); default: the model's default")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        p.add_argument("--recipe", default="standard", help="decoder-head recipe: standard or quick")
+        p.add_argument("--model", default="minilm-l6", help="'minilm-l6' (default) or a local Hugging Face encoder folder")
+        p.add_argument("--layer", type=int, default=None,
+                       help="encoder layer (0 = embeddings); default: 2 (fixedpos.DEFAULT_LAYER, for every model)")
+        p.add_argument("--device", default="auto", help="auto (CUDA if available, else the CPU; default), cpu, cuda or cuda:N")
+        p.add_argument("--recipe", default="standard", help="decoder-head recipe: standard (default) or quick")
 
     p = sub.add_parser("info", help="describe a model and round-trip a sample text")
     common(p)
-    p.add_argument("--text", default=None)
+    p.add_argument("--text", default=None, help="the text to round-trip (default: a built-in sample)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("roundtrip", help="token accuracy of decode(encode(x)) on corpora")
     common(p)
-    p.add_argument("--all-layers", action="store_true")
-    p.add_argument("--n", type=int, default=512, help="prompts per corpus (<= 64 tokens each)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all-layers", action="store_true", help="every layer of the model, 0 to its last block (instead of --layer)")
+    p.add_argument("--n", type=int, default=512, help="prompts per corpus (8..64 tokens each; default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample (default: 0)")
     p.add_argument("--corpus", nargs="+", default=["stdlib:validation", "licenses"],
-                   help="corpora: stdlib:SPLIT, licenses, or a .txt/.jsonl path")
+                   help="corpora: stdlib:SPLIT, licenses, or a .txt/.jsonl path (default: stdlib:validation licenses)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.set_defaults(func=cmd_roundtrip)
 
     p = sub.add_parser("train-head", help="train (and cache) a decoder head")
     common(p)
-    p.add_argument("--all-layers", action="store_true")
-    p.add_argument("--n", type=int, default=512, help="prompts per corpus for the accuracy report")
+    p.add_argument("--all-layers", action="store_true", help="a head for every layer of the model, 0 to its last block (instead of --layer)")
+    p.add_argument("--n", type=int, default=512,
+                   help="prompts per corpus for the accuracy report on stdlib:validation, stdlib:test and licenses (default: 512)")
     p.add_argument("--out", default=None, help="folder for the head file (default: the user cache)")
     p.set_defaults(func=cmd_train_head)
     return parser

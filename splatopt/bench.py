@@ -176,7 +176,7 @@ def _timed(fn, warmup: int, iters: int, device: torch.device) -> float:
 
 def run_bench(cfg: BenchConfig, device: str | torch.device | None = None, paths: tuple[str, ...] = ("eager", "compile"), model=None,
               peak_gbs: float | None = None, peak_tflops: float | None = None, progress: bool = False) -> dict:
-    """Time one inner step for ``cfg`` on ``device`` per path ("eager", "compile", "fused", "fused_ce", "chunked_ce"); a JSON-able dict.
+    """Time one inner step for ``cfg`` on ``device`` per path ("eager", "compile", "fused", "graph", "fused_ce", "chunked_ce"); a JSON-able dict.
 
     model: the field model whose decoder a cross-entropy objective uses (default: the embedded one).
     peak_gbs: the device's peak memory bandwidth for the roofline fraction (default: ``PEAK_GBS``).

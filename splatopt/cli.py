@@ -560,7 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time one inner step, eager vs torch.compile (vs fused with --fused; "
                                       "--objective mse+ce --paths eager fused_ce chunked_ce for the decode-aware term), or dense vs "
                                       "local rendering of a long document (--long), or whole fits of many real prompts "
-                                      "(--e2e), and save JSON")
+                                      "(--e2e), and save JSON",
+                       description="Three benches, each reading only its own options and ignoring the others (--long refuses "
+                                   "--fused): the step bench (default) reads --batch --length --splats --dim --objective "
+                                   "--kernel --dtype --warmup --iters --paths --fused --fused-precision --peak-gbs "
+                                   "--peak-tflops --quiet; --long reads --batch --length --splats --dim --objective --kernel "
+                                   "--mode --truncate --tile --dtype --warmup --iters --paths --quiet; --e2e reads --prompts "
+                                   "--corpus --length --splats-fraction --steps --batch-size --init --objective --warmup "
+                                   "--fused --no-cuda-graphs (its fits show no progress bar). All read --device and --out.")
     p.add_argument("--long", action="store_true", help="long documents: dense vs local (tiled, truncated) rendering")
     p.add_argument("--e2e", action="store_true",
                    help="end to end: sample, encode and fit --prompts real prompts for each of --steps; wall time and token accuracy")
@@ -605,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study file, e.g. figures/studies/kernel_mode.toml")
     p.add_argument("--out", help="results folder: results.jsonl (a row per cell), summary.md, summary.csv; run again to resume")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dry-run", action="store_true", help="print the grid and the number of cells, fit nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid and the number of cells and check every cell (model, layer, corpus and prompt sets, "
+                        "learned start, splat counts), fit nothing; with --out, also how many cells are done")
     p.add_argument("--force", action="store_true", help="run into a folder that holds another study's results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ablate)

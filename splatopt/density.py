@@ -245,7 +245,8 @@ class BudgetDensity:
     weight below ``dead_weight``, or whose removal would change the field least (the
     ``relocate_fraction`` share with the smallest mass w * sigma * |v|, at least one per prompt when
     the fraction is positive), are moved to the positions of largest error (one per position), with
-    width ``new_sigma`` tokens, weight 1/2 and the field residual there as embedding.
+    width ``new_sigma`` tokens, weight 1/2 and an embedding that renders the field residual there
+    (residual / (weight x peak kernel value); normalized mode: the target there).
     """
 
     start: int = 20

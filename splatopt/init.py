@@ -26,7 +26,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the b
 
 
 def uniform_noise(n_splats: Tensor, generator: Generators) -> Tensor:
-    """[B, max(n_splats)] float32 on the CPU, uniform on [0, 1); 0.5 in inactive slots.
+    """[B, max(n_splats)] float32 on the CPU, uniform on [0, 1) (with a list of generators, 0.5 in inactive slots).
 
     One generator draws the whole batch (on its device); a list draws prompt b's n_b numbers from
     its b-th generator, so a prompt's noise does not depend on the other rows; None: the global state.

@@ -17,8 +17,8 @@ grid. The proposal is a correction of the grid:
 
 The output layer starts at zero, so an untrained initializer *is* GridInit; meta-training can only
 move away from it where that helps. ``optimizer`` carries the inner-loop Adam settings it was
-meta-trained with (learned per-group learning-rate scales included): ``fit(init="learned")`` uses
-them when no optimizer is given.
+meta-trained with, and ``inner_optimizer()`` applies its learned per-group learning-rate scales to
+them: ``fit(init="learned")`` uses that when no optimizer is given.
 
 Files: safetensors (fp32 or fp16 weights) plus JSON metadata (architecture, model name/hash/layer,
 inner optimizer, training config), written atomically; never pickle.

@@ -166,8 +166,9 @@ def objective_terms(
     [B, L, V]) for a "ce" term. ValueError if the shapes disagree, or for a "ce" term without ids or
     decoder. Terms with weight 0 are not computed, so a field-only objective never touches the decoder.
     fused_ce: how the cross-entropy term is computed. False: ``decode(field)`` materializes the
-    logits [B, L, V] (the reference; differentiable twice). True: the chunked projection +
-    cross-entropy of :func:`splatopt.kernels.linear_cross_entropy` through the decoder's
+    logits [B, L, V] (the reference; differentiable twice). True: the projection + cross-entropy
+    without logits of :func:`splatopt.kernels.linear_cross_entropy` (on CUDA its one-sweep Triton
+    kernel by default, elsewhere row chunks) through the decoder's
     :func:`decoder_parts` (ValueError if it has none); on CUDA its two vocabulary products take
     bf16 operands (float32 accumulation, logits and softmax; the CUDA tests hold the term within
     2e-2 of float32), elsewhere the features' precision; first order only, so meta-training

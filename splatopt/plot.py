@@ -178,7 +178,8 @@ def field_figure(target: torch.Tensor, rendered: torch.Tensor, tokens: Sequence[
     """Target and rendered field of one prompt side by side as heatmaps ([L, d] each), and their difference."""
     if target.dim() != 2 or rendered.shape != target.shape:
         raise ValueError(f"field_figure: target {tuple(target.shape)} and rendered {tuple(rendered.shape)} must be one prompt's "
-                         "fields of the same shape [L, d]; pass e.g. result.target[b, result.mask[b]] and the same rows rendered")
+                         "fields of the same shape [L, d]; pass e.g. field[b, :L] (model.encode(model.tokenize(texts))) and "
+                         "render(result.splats.select(b), L)[0], L = int(result.mask[b].sum())")
     if tokens is not None and len(tokens) != target.shape[0]:
         raise ValueError(f"field_figure: {len(tokens)} tokens for a field of {target.shape[0]} positions")
     t = target.detach().float().cpu().numpy()[:, :dims]
