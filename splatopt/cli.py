@@ -294,6 +294,12 @@ def cmd_bench(args) -> int:
 
     if args.long and args.e2e:
         raise ValueError("--long and --e2e are two different benchmarks: give one")
+    kind = "--long" if args.long else "--e2e" if args.e2e else "the step bench"
+    reads = BENCH_OPTIONS["long" if args.long else "e2e" if args.e2e else "step"]
+    ignored = [dest for dest in sorted(set().union(*BENCH_OPTIONS.values()) - reads)
+               if getattr(args, dest) != args.bench_parser.get_default(dest)]
+    if ignored:  # e.g. --e2e --batch 2048 timed fit's own chunking and said nothing
+        raise ValueError(f"{kind} does not read {_flags(ignored)}: drop it (it reads {_flags(reads)})")
     check_output_folder(args.out, "--out")  # now, so that a bad --out fails before the timing, not after it
     if args.long:
         return _bench_long(args)
@@ -319,11 +325,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# the options each bench reads (argparse dests); --device and --out are read by all three
+BENCH_OPTIONS = {
+    "step": {"batch", "length", "splats", "dim", "objective", "kernel", "dtype", "warmup", "iters", "paths", "fused",
+             "fused_precision", "peak_gbs", "peak_tflops", "quiet"},
+    "long": {"batch", "length", "splats", "dim", "objective", "kernel", "mode", "truncate", "tile", "dtype", "warmup",
+             "iters", "paths", "quiet"},
+    "e2e": {"prompts", "corpus", "length", "splats_fraction", "steps", "batch_size", "init", "objective", "warmup", "fused",
+            "no_cuda_graphs", "quiet"},  # quiet: its fits show no progress bar anyway
+}
+
+
+def _flags(dests) -> str:
+    return " ".join("--" + dest.replace("_", "-") for dest in sorted(dests))
+
+
 def _bench_long(args) -> int:
     from splatopt.bench import LongBenchConfig, run_long_bench, save_bench
 
-    if args.fused:
-        raise ValueError("--fused times the short-prompt step; the long bench compares the dense and local renderers")
     length = _or(args.length, LongBenchConfig.length)
     cfg = LongBenchConfig(batch=_or(args.batch, LongBenchConfig.batch), length=length, splats=_or(args.splats, max(1, length // 4)),
                           dim=args.dim, objective=_or(args.objective, "mse"), kernel=args.kernel, mode=args.mode,
@@ -561,13 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--objective mse+ce --paths eager fused_ce chunked_ce for the decode-aware term), or dense vs "
                                       "local rendering of a long document (--long), or whole fits of many real prompts "
                                       "(--e2e), and save JSON",
-                       description="Three benches, each reading only its own options and ignoring the others (--long refuses "
-                                   "--fused): the step bench (default) reads --batch --length --splats --dim --objective "
-                                   "--kernel --dtype --warmup --iters --paths --fused --fused-precision --peak-gbs "
-                                   "--peak-tflops --quiet; --long reads --batch --length --splats --dim --objective --kernel "
-                                   "--mode --truncate --tile --dtype --warmup --iters --paths --quiet; --e2e reads --prompts "
-                                   "--corpus --length --splats-fraction --steps --batch-size --init --objective --warmup "
-                                   "--fused --no-cuda-graphs (its fits show no progress bar). All read --device and --out.")
+                       description="Three benches, each reading only its own options and refusing the others': "
+                                   + "; ".join(f"{name} reads {_flags(BENCH_OPTIONS[key])}" for name, key in
+                                               (("the step bench (default)", "step"), ("--long", "long"), ("--e2e", "e2e")))
+                                   + " (--e2e's fits show no progress bar). All read --device and --out.")
     p.add_argument("--long", action="store_true", help="long documents: dense vs local (tiled, truncated) rendering")
     p.add_argument("--e2e", action="store_true",
                    help="end to end: sample, encode and fit --prompts real prompts for each of --steps; wall time and token accuracy")
@@ -606,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", default="figures/data/bench", help="folder of the JSON result")
     p.add_argument("--quiet", action="store_true", help="no progress bar (step and --long benches: the path being timed)")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, bench_parser=p)
 
     p = sub.add_parser("ablate", help="run a study (TOML): a grid of fit configurations x seeds, resumable")
     p.add_argument("study", help="study file, e.g. figures/studies/kernel_mode.toml")

@@ -157,3 +157,22 @@ def test_a_bench_of_another_configuration_does_not_overwrite_one_with_the_same_n
     assert main([*common, "--dtype", "float64", "--kernel", "erf"]) == 0
     files = sorted(tmp_path.iterdir())
     assert len(files) == 2 and {json.loads(f.read_text())["config"]["dtype"] for f in files} == {"float32", "float64"}
+
+
+@pytest.mark.parametrize("kind, other, flag", [
+    (["--e2e", "--device", "cpu"], ["--batch", "2048"], "--batch"),
+    (["--e2e", "--device", "cpu"], ["--kernel", "erf"], "--kernel"),
+    (TINY_LONG, ["--fused"], "--fused"),
+    (TINY_LONG, ["--peak-gbs", "3000"], "--peak-gbs"),
+    (TINY + ["--paths", "eager"], ["--prompts", "5"], "--prompts"),
+    (TINY + ["--paths", "eager"], ["--mode", "normalized"], "--mode"),
+])
+def test_bench_refuses_an_option_the_chosen_bench_does_not_read(kind, other, flag, tmp_path, no_timing, monkeypatch, capsys):
+    """`--e2e --batch 2048` timed fit's own chunking and said nothing; each bench now names what it ignored."""
+    import fixedpos
+
+    monkeypatch.setattr(fixedpos, "sample_prompts", lambda *a, **k: pytest.fail("sampled before checking the options"))
+    assert main(["bench", *kind, *other, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splatopt: error: ") and f"does not read {flag}: drop it" in err
+    assert not list(tmp_path.iterdir())
