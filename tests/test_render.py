@@ -32,6 +32,48 @@ def close(a, b, atol=1e-10, rtol=1e-9):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+# ------------------------------------------------------------------ the documented formula
+
+
+def formula_field(s: SplatSet, pos: torch.Tensor, kernel: str, mode: str) -> torch.Tensor:
+    """The module docstring's F(t), one prompt, position and splat at a time in Python floats (math, not torch):
+    weight = sigmoid(logit), sigma = exp(log_sigma) clamped to [SIGMA_MIN, SIGMA_MAX], inactive slots skipped."""
+    B, L = pos.shape
+    out = torch.zeros(B, L, s.dim, dtype=torch.float64)
+    for b in range(B):
+        for j in range(L):
+            t = float(pos[b, j])
+            coeffs = []
+            for i in range(s.capacity):
+                if not s.mask[b, i]:
+                    continue
+                mu = float(s.mu[b, i])
+                sigma = min(max(math.exp(float(s.log_sigma[b, i])), SIGMA_MIN), SIGMA_MAX)
+                w = 1.0 / (1.0 + math.exp(-float(s.weight_logit[b, i])))
+                if kernel == "gaussian":
+                    g = math.exp(-0.5 * ((t - mu) / sigma) ** 2)
+                else:  # the Gaussian's mean over [t - 1/2, t + 1/2]
+                    c = sigma * math.sqrt(2.0)
+                    g = sigma * math.sqrt(math.pi / 2.0) * (math.erf((t + 0.5 - mu) / c) - math.erf((t - 0.5 - mu) / c))
+                coeffs.append((w * g, s.v[b, i]))
+            total = sum(a for a, _ in coeffs) + NORMALIZED_EPS if mode == "normalized" else 1.0
+            for a, v in coeffs:
+                out[b, j] += (a / total) * v.double()
+    return out
+
+
+@pytest.mark.parametrize("kernel,mode", KERNEL_MODES)
+def test_render_is_the_documented_formula(kernel, mode):
+    """Against F(t) = sum_i w_i g((t - mu_i) / sigma_i) v_i written out by hand: the symmetry tests
+    below hold for any weight or width map (sigmoid(-logit), 2 sigma, w^2 all pass them)."""
+    s = random_splats(B=2, N=5, d=3, seed=14, p_active=0.7)
+    ls = s.log_sigma.clone()
+    ls[0, 0], ls[1, 0] = -9.0, math.log(0.2)  # one below SIGMA_MIN (read clamped), one narrow
+    s = s.with_params({"log_sigma": ls, "weight_logit": s.weight_logit * 2})
+    pos = torch.tensor([[-1.5, 0.0, 0.4, 2.0, 5.5, 9.0], [0.0, 1.0, 3.25, 4.0, 7.7, 12.0]], dtype=torch.float64)
+    close(render(s, pos, kernel, mode), formula_field(s, pos, kernel, mode), atol=1e-12, rtol=1e-10)
+
+
 # ------------------------------------------------------------------ symmetries
 
 
@@ -258,13 +300,15 @@ def test_per_prompt_positions_render_each_prompt_at_its_own_positions():
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [0, -3, torch.zeros(3, 5), torch.zeros(2, 3, 4), torch.tensor(4.0)],
+    "bad, message",
+    [(0, "render length must be >= 1, got 0"), (-3, "render length must be >= 1, got -3"),
+     (torch.zeros(3, 5), r"\[B=2, L\]; got shape \(3, 5\)"), (torch.zeros(2, 3, 4), r"\[B=2, L\]; got shape \(2, 3, 4\)"),
+     (torch.tensor(4.0), "render length must be an int L >= 1")],
     ids=["zero-length", "negative-length", "wrong-batch", "3d", "0d"],
 )
-def test_bad_positions_raise_value_error(bad):
+def test_bad_positions_raise_value_error(bad, message):
     s = random_splats(B=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         render(s, bad)
 
 
