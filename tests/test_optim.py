@@ -260,7 +260,8 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
     ids=lambda kw: next(iter(kw)) + "=" + str(next(iter(kw.values()))),
 )
 def test_bad_optimizer_settings_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
+    name, value = next(iter(kwargs.items()))
+    with pytest.raises(ValueError, match=f"^{name}={value!r}".replace("(", r"\(").replace(".", r"\.")):  # names the field it refuses
         InnerOptimizer(**kwargs)
 
 
