@@ -275,6 +275,20 @@ def test_truncation_zeroes_coefficients_beyond_k_sigma_and_keeps_the_rest(kernel
     assert torch.equal(cut_norm[far], torch.zeros_like(cut_norm[far]))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_truncation_keeps_a_splat_at_exactly_k_sigma_and_render_local_agrees(kernel):
+    """"Beyond truncate * sigma" is strict: at exactly that distance the splat still contributes, in the
+    dense and the local path alike (sigma = exp(0) = 1, so the distances are exact)."""
+    from splatopt import render_local
+
+    s = SplatSet(torch.tensor([[2.0, 9.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+                 torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, 1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool))
+    a = splat_weights(s, 14, kernel, truncate=3.0)  # reaches [-1, 5] and [6, 12]
+    assert a[0, 5, 0] > 0 and a[0, 6, 1] > 0 and a[0, 12, 1] > 0  # exactly 3 sigma away: kept
+    assert a[0, 6, 0] == 0 and a[0, 5, 1] == 0 and a[0, 13, 1] == 0  # beyond: cut
+    close(render_local(s, 14, kernel, truncate=3.0, tile=4), render(s, 14, kernel, truncate=3.0), atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ positions and arguments
 
 
@@ -322,10 +336,18 @@ def test_unknown_kernel_or_mode_raise_value_error():
         kernel_values(torch.zeros(1, 2), torch.zeros(1, 1), torch.ones(1, 1), "cauchy")
 
 
-def test_field_is_coefficients_times_embeddings():
+@pytest.mark.parametrize("kernel,mode", KERNEL_MODES)
+def test_coefficients_are_the_formulas_and_the_field_is_them_times_embeddings(kernel, mode):
+    """splat_weights' column i is the formula's field of unit embeddings e_i (render calls splat_weights,
+    so comparing the two alone would check nothing); inactive columns are zero."""
     s = random_splats(seed=12)
-    for mode in MODES:
-        close(render(s, 10, mode=mode), splat_weights(s, 10, mode=mode) @ s.v)
+    assert (~s.mask).any()
+    unit = s.with_params({"v": torch.eye(s.capacity, dtype=s.v.dtype).expand(s.batch_size, -1, -1)})
+    pos = torch.arange(10, dtype=torch.float64).expand(s.batch_size, -1)
+    a = splat_weights(s, 10, kernel, mode)
+    close(a, formula_field(unit, pos, kernel, mode), atol=1e-12, rtol=1e-10)
+    assert torch.equal(a.transpose(1, 2)[~s.mask], torch.zeros_like(a.transpose(1, 2)[~s.mask]))
+    close(render(s, 10, kernel, mode), a @ s.v)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
