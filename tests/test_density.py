@@ -106,6 +106,35 @@ def test_split_preserves_the_rendered_field_to_first_order(kernel):
     assert e1 < 0.02 and e2 < e1 / 3.5, f"error must shrink like offset^2: {e1:.2e} -> {e2:.2e}"
 
 
+@settings(max_examples=25, deadline=None)
+@given(offset=st.floats(0.05, 0.9), log_sigma=st.floats(-1.0, 2.0), logit=st.floats(-3.0, 3.0), seed=st.integers(0, 1000))
+def test_split_keeps_the_continuous_splats_mass_mean_and_variance_exactly(offset, log_sigma, logit, seed):
+    """split_pairs' documented children: centres mu -/+ offset sigma, widths sigma sqrt(1 - offset^2), the
+    parent's weight, v / (2 shrink). Over the real line that pair has exactly the parent's mass, mean
+    and variance; the first-order field test alone cannot tell a wrong width (its error is O(offset^2) too)."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"mu": torch.tensor([[3.0, 0.0, 7.5]], dtype=torch.float64) + torch.rand(1, 3, generator=g, dtype=torch.float64),
+              "log_sigma": torch.tensor([[0.0, log_sigma, 0.3]], dtype=torch.float64),
+              "weight_logit": torch.tensor([[0.5, logit, -1.0]], dtype=torch.float64),
+              "v": torch.randn(1, 3, 4, generator=g, dtype=torch.float64)}
+    off = torch.full((1, 1), offset, dtype=torch.float64)
+    out = split_pairs(params, torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[True]]), off, torch.sqrt(1 - off**2),
+                      additive=True)
+
+    def moments(p, slots):
+        """(mass [d], mean, variance) of the splats in ``slots`` as continuous Gaussians on the real line."""
+        mu, sigma = p["mu"][0, slots], p["log_sigma"][0, slots].exp()
+        mass = torch.sigmoid(p["weight_logit"][0, slots])[:, None] * p["v"][0, slots] * (sigma * math.sqrt(2 * math.pi))[:, None]
+        total = mass.sum(0)
+        mean = (mass * mu[:, None]).sum(0) / total
+        return total, mean, (mass * (sigma**2 + mu**2)[:, None]).sum(0) / total - mean**2
+
+    for got, expected in zip(moments(out, [1, 0]), moments(params, [1])):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    assert float(out["mu"][0, 1]) < float(params["mu"][0, 1]) < float(out["mu"][0, 0])  # one child each side
+    assert torch.equal(out["mu"][0, 2], params["mu"][0, 2]) and torch.equal(out["v"][0, 2], params["v"][0, 2])  # others untouched
+
+
 def test_pruned_splats_contribute_nothing():
     B, C, d, L = 2, 6, 5, 16
     params, slot_mask, adam = random_state(B, C, d, L, torch.tensor([6, 4]), 3)

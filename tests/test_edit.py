@@ -249,6 +249,42 @@ def test_transport_keeps_splats_inside_the_new_text(old, new, data):
     assert (new_sigma > 0).all()
 
 
+def _edge_or_anywhere(n_old):
+    """A splat centre of an n_old-token text: anywhere from a token left of it to a token right of it,
+    often exactly on a token edge (t - 1/2), where the script's spans meet."""
+    return st.one_of(st.floats(-1.5, n_old + 0.5, width=32), st.integers(-1, n_old).map(lambda t: t - 0.5))
+
+
+@settings(max_examples=80, deadline=None)
+@given(old=ids, new=ids, data=st.data())
+def test_transport_is_the_piecewise_linear_map_of_the_edit_script(old, new, data):
+    """Token t covers [t - 1/2, t + 1/2]; the old span [i1, i2) maps linearly onto the new [j1, j2):
+    equal spans shift, replaced ones stretch (and their widths with them), deleted ones delete. A centre
+    left or right of the old text belongs to its first or last token. Written out per splat here."""
+    script = edit_script(old, new)
+    rebuilt = []
+    for tag, i1, i2, j1, j2 in script:
+        if tag == "equal":
+            assert old[i1:i2] == new[j1:j2]
+        rebuilt += old[i1:i2] if tag == "equal" else new[j1:j2]
+    assert rebuilt == new  # the script turns the old ids into the new ones
+    n = data.draw(st.integers(1, 8))
+    mu = torch.tensor(data.draw(st.lists(_edge_or_anywhere(len(old)), min_size=n, max_size=n)))
+    sigma = torch.tensor(data.draw(st.lists(st.floats(0.125, 5.0, width=32), min_size=n, max_size=n)))
+    new_mu, new_sigma, deleted = transport(mu, sigma, script)
+    for k in range(n):
+        m = float(mu[k])
+        token = min(max(math.floor(m + 0.5), 0), len(old) - 1)  # the old token whose box holds the centre
+        tag, i1, i2, j1, j2 = next(op for op in script if op[1] <= token < op[2])
+        scale = (j2 - j1) / (i2 - i1)
+        assert float(new_mu[k]) == pytest.approx((j1 - 0.5) + (m - (i1 - 0.5)) * scale, abs=1e-4), (m, tag, i1, i2, j1, j2)
+        assert bool(deleted[k]) == (tag == "delete"), (m, tag)
+        assert float(new_sigma[k]) == pytest.approx(float(sigma[k]) * (scale if tag == "replace" else 1.0), rel=1e-5), (m, tag)
+    kept = (~deleted).nonzero().flatten()
+    order = kept[mu[kept].argsort()]
+    assert (new_mu[order].diff() >= -1e-5).all()  # the map keeps the splats' order
+
+
 words = TEXT.split()
 
 

@@ -98,7 +98,7 @@ def test_a_fisher_file_round_trips_and_bad_files_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         load_field_fisher(str(save_field_fisher(tmp_path / "nan.safetensors", bad, model)), model)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="junk.safetensors is corrupt or not a safetensors file"):
         load_field_fisher(str(tmp_path / "junk.safetensors"), model)
     with pytest.raises(ValueError, match="no field Fisher is shipped"):
         load_field_fisher("fisher", model)

@@ -114,6 +114,12 @@ def test_varpro_fits_only_geometry_and_keeps_v_optimal(model, short_prompts):
     result = fit(short_prompts[:2], model, n_splats=0.5, steps=20, objective="mse", varpro=True, device="cpu", progress=False)
     init = fit(short_prompts[:2], model, n_splats=0.5, steps=0, objective="mse", device="cpu", progress=False)
     assert (result.field_error <= init.field_error + 1e-5).all()
+    assert not torch.equal(result.splats.mu, init.splats.mu)  # the geometry moved
+    # the fitted embeddings are the least-squares ones for the fitted geometry, not Adam's
+    target = model.encode(model.tokenize(short_prompts[:2]))
+    L = target.shape[1]
+    best = splatopt.closed_form_v(splatopt.splat_weights(result.splats, L), target, result.mask, result.splats.mask)
+    torch.testing.assert_close(result.splats.v, best, atol=1e-4 * float(best.abs().max()), rtol=1e-4)
 
 
 def test_history_and_trajectory_are_recorded(model, short_prompts):

@@ -171,7 +171,7 @@ def test_decode_shape_and_gradient_flows_to_field_only(minilm):
 def test_decode_accepts_unbatched_field_and_rejects_non_tensors(minilm):
     field = minilm.encode(minilm.tokenize("hello world"))[0]
     assert minilm.decode(field).shape == (field.shape[0], 30522)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="field must be a torch.Tensor, not list"):
         minilm.decode(field.tolist())
 
 

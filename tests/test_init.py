@@ -69,11 +69,15 @@ def test_token_init_centres_are_tokens_and_embeddings_are_the_target_there(p, ji
 
 
 def test_token_init_with_one_splat_per_token_copies_the_field():
+    """One splat per token: splat t sits on token t and its weighted embedding is the target there."""
     g = torch.Generator().manual_seed(0)
     target = torch.randn(2, 6, 3, generator=g, dtype=F64)
     mask = torch.ones(2, 6, dtype=torch.bool)
-    splats = TokenInit()(target, mask, torch.tensor([6, 6]))
-    assert splats.mu[0].tolist() == list(range(6))
+    mask[1, 4:] = False
+    splats = TokenInit()(target, mask, torch.tensor([6, 4]))
+    assert splats.mu[0].tolist() == list(range(6)) and splats.mu[1, :4].tolist() == list(range(4))
+    torch.testing.assert_close(splats.weight[0, :, None] * splats.v[0], target[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(splats.weight[1, :4, None] * splats.v[1, :4], target[1, :4], rtol=1e-12, atol=1e-12)
 
 
 def test_grid_centres_are_evenly_spaced_and_widths_scale_with_spacing():
@@ -161,7 +165,7 @@ def test_resolve_initializer_refuses_unknown_names(name):
 
 
 def test_resolve_initializer_refuses_non_callables():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="init must be a name or a callable initializer, not int"):
         resolve_initializer(3)
 
 

@@ -128,8 +128,11 @@ def test_truncated_over_every_step_is_the_full_unroll_and_shorter_lies_between()
     grad = lambda mode, k: torch.autograd.grad(outer_loss(net, target, mask, ids, decode, n, mode, k), net.out.weight)[0]  # noqa: E731
     full, first = grad("full", 1), grad("first-order", 1)
     torch.testing.assert_close(grad("truncated", 3), full, rtol=1e-12, atol=1e-14)
-    one = grad("truncated", 1)
+    one, two = grad("truncated", 1), grad("truncated", 2)
     assert not torch.allclose(one, full) and not torch.allclose(one, first)
+    # between: each step of second-order terms kept brings the gradient closer to the full unroll's
+    gaps = [float((g - full).norm()) for g in (first, one, two)]
+    assert gaps[0] > gaps[1] > gaps[2] > 0, gaps
 
 
 def test_unroll_losses_match_fit_of_the_same_steps():

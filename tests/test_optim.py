@@ -260,13 +260,31 @@ def test_group_schedules_start_at_the_learning_rate_and_end_at_final_factor(sche
     ids=lambda kw: next(iter(kw)) + "=" + str(next(iter(kw.values()))),
 )
 def test_bad_optimizer_settings_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
+    name, value = next(iter(kwargs.items()))
+    with pytest.raises(ValueError, match=f"^{name}={value!r}".replace("(", r"\(").replace(".", r"\.")):  # names the field it refuses
         InnerOptimizer(**kwargs)
 
 
 def test_optimizer_settings_round_trip_through_a_dict():
     cfg = InnerOptimizer(lr_mu=0.3, schedule="linear", clip=2.0)
     assert InnerOptimizer(**cfg.to_dict()) == cfg
+
+
+def test_target_rms_is_the_per_prompt_rms_per_dimension_over_the_prompts_tokens():
+    """The unit of lr_v: sqrt(mean of T^2 over the prompt's tokens and the d dimensions); padding, NaN
+    included, is not read. So a target c times larger moves the embeddings c times further per step."""
+    from splatopt.optim import target_rms
+
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(3, 7, 5, generator=g, dtype=F64) * torch.tensor([1.0, 4.0, 0.1], dtype=F64)[:, None, None]
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None]
+    want = torch.stack([target[b][mask[b]].pow(2).mean().sqrt() for b in range(3)])
+    padded = torch.where(mask[..., None], target, float("nan"))
+    rms = target_rms(padded, mask)
+    assert rms.shape == (3, 1, 1)
+    torch.testing.assert_close(rms.flatten(), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(target_rms(torch.full((1, 6, 384), 2.5, dtype=F64), torch.ones(1, 6, dtype=torch.bool)),
+                               torch.full((1, 1, 1), 2.5, dtype=F64))
 
 
 # ------------------------------------------------------------------ closed-form embeddings

@@ -32,6 +32,48 @@ def close(a, b, atol=1e-10, rtol=1e-9):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+# ------------------------------------------------------------------ the documented formula
+
+
+def formula_field(s: SplatSet, pos: torch.Tensor, kernel: str, mode: str) -> torch.Tensor:
+    """The module docstring's F(t), one prompt, position and splat at a time in Python floats (math, not torch):
+    weight = sigmoid(logit), sigma = exp(log_sigma) clamped to [SIGMA_MIN, SIGMA_MAX], inactive slots skipped."""
+    B, L = pos.shape
+    out = torch.zeros(B, L, s.dim, dtype=torch.float64)
+    for b in range(B):
+        for j in range(L):
+            t = float(pos[b, j])
+            coeffs = []
+            for i in range(s.capacity):
+                if not s.mask[b, i]:
+                    continue
+                mu = float(s.mu[b, i])
+                sigma = min(max(math.exp(float(s.log_sigma[b, i])), SIGMA_MIN), SIGMA_MAX)
+                w = 1.0 / (1.0 + math.exp(-float(s.weight_logit[b, i])))
+                if kernel == "gaussian":
+                    g = math.exp(-0.5 * ((t - mu) / sigma) ** 2)
+                else:  # the Gaussian's mean over [t - 1/2, t + 1/2]
+                    c = sigma * math.sqrt(2.0)
+                    g = sigma * math.sqrt(math.pi / 2.0) * (math.erf((t + 0.5 - mu) / c) - math.erf((t - 0.5 - mu) / c))
+                coeffs.append((w * g, s.v[b, i]))
+            total = sum(a for a, _ in coeffs) + NORMALIZED_EPS if mode == "normalized" else 1.0
+            for a, v in coeffs:
+                out[b, j] += (a / total) * v.double()
+    return out
+
+
+@pytest.mark.parametrize("kernel,mode", KERNEL_MODES)
+def test_render_is_the_documented_formula(kernel, mode):
+    """Against F(t) = sum_i w_i g((t - mu_i) / sigma_i) v_i written out by hand: the symmetry tests
+    below hold for any weight or width map (sigmoid(-logit), 2 sigma, w^2 all pass them)."""
+    s = random_splats(B=2, N=5, d=3, seed=14, p_active=0.7)
+    ls = s.log_sigma.clone()
+    ls[0, 0], ls[1, 0] = -9.0, math.log(0.2)  # one below SIGMA_MIN (read clamped), one narrow
+    s = s.with_params({"log_sigma": ls, "weight_logit": s.weight_logit * 2})
+    pos = torch.tensor([[-1.5, 0.0, 0.4, 2.0, 5.5, 9.0], [0.0, 1.0, 3.25, 4.0, 7.7, 12.0]], dtype=torch.float64)
+    close(render(s, pos, kernel, mode), formula_field(s, pos, kernel, mode), atol=1e-12, rtol=1e-10)
+
+
 # ------------------------------------------------------------------ symmetries
 
 
@@ -284,6 +326,20 @@ def test_truncation_zeroes_coefficients_beyond_k_sigma_and_keeps_the_rest(kernel
     assert torch.equal(cut_norm[far], torch.zeros_like(cut_norm[far]))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_truncation_keeps_a_splat_at_exactly_k_sigma_and_render_local_agrees(kernel):
+    """"Beyond truncate * sigma" is strict: at exactly that distance the splat still contributes, in the
+    dense and the local path alike (sigma = exp(0) = 1, so the distances are exact)."""
+    from splatopt import render_local
+
+    s = SplatSet(torch.tensor([[2.0, 9.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+                 torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, 1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool))
+    a = splat_weights(s, 14, kernel, truncate=3.0)  # reaches [-1, 5] and [6, 12]
+    assert a[0, 5, 0] > 0 and a[0, 6, 1] > 0 and a[0, 12, 1] > 0  # exactly 3 sigma away: kept
+    assert a[0, 6, 0] == 0 and a[0, 5, 1] == 0 and a[0, 13, 1] == 0  # beyond: cut
+    close(render_local(s, 14, kernel, truncate=3.0, tile=4), render(s, 14, kernel, truncate=3.0), atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ positions and arguments
 
 
@@ -309,13 +365,15 @@ def test_per_prompt_positions_render_each_prompt_at_its_own_positions():
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [0, -3, torch.zeros(3, 5), torch.zeros(2, 3, 4), torch.tensor(4.0)],
+    "bad, message",
+    [(0, "render length must be >= 1, got 0"), (-3, "render length must be >= 1, got -3"),
+     (torch.zeros(3, 5), r"\[B=2, L\]; got shape \(3, 5\)"), (torch.zeros(2, 3, 4), r"\[B=2, L\]; got shape \(2, 3, 4\)"),
+     (torch.tensor(4.0), "render length must be an int L >= 1")],
     ids=["zero-length", "negative-length", "wrong-batch", "3d", "0d"],
 )
-def test_bad_positions_raise_value_error(bad):
+def test_bad_positions_raise_value_error(bad, message):
     s = random_splats(B=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         render(s, bad)
 
 
@@ -329,10 +387,18 @@ def test_unknown_kernel_or_mode_raise_value_error():
         kernel_values(torch.zeros(1, 2), torch.zeros(1, 1), torch.ones(1, 1), "cauchy")
 
 
-def test_field_is_coefficients_times_embeddings():
+@pytest.mark.parametrize("kernel,mode", KERNEL_MODES)
+def test_coefficients_are_the_formulas_and_the_field_is_them_times_embeddings(kernel, mode):
+    """splat_weights' column i is the formula's field of unit embeddings e_i (render calls splat_weights,
+    so comparing the two alone would check nothing); inactive columns are zero."""
     s = random_splats(seed=12)
-    for mode in MODES:
-        close(render(s, 10, mode=mode), splat_weights(s, 10, mode=mode) @ s.v)
+    assert (~s.mask).any()
+    unit = s.with_params({"v": torch.eye(s.capacity, dtype=s.v.dtype).expand(s.batch_size, -1, -1)})
+    pos = torch.arange(10, dtype=torch.float64).expand(s.batch_size, -1)
+    a = splat_weights(s, 10, kernel, mode)
+    close(a, formula_field(unit, pos, kernel, mode), atol=1e-12, rtol=1e-10)
+    assert torch.equal(a.transpose(1, 2)[~s.mask], torch.zeros_like(a.transpose(1, 2)[~s.mask]))
+    close(render(s, 10, kernel, mode), a @ s.v)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

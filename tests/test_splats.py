@@ -118,7 +118,7 @@ def test_select_keeps_the_batch_dimension():
 
 @pytest.mark.parametrize("index", [4, -5])
 def test_select_out_of_range_raises(index):
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=rf"select\({index}\): this set holds prompts 0..3"):
         random_splats(B=4).select(index)
 
 
@@ -165,6 +165,18 @@ def test_save_load_round_trip(tmp_path):
         assert back_extra[k].dtype == t.dtype and torch.equal(back_extra[k], t), k
     again, _ = SplatSet.load(path, expect_model_hash="ab" * 32)
     assert_same(again, s)
+
+
+def test_save_keeps_float64_and_widens_half_precision_to_float32(tmp_path):
+    """At least float32, never narrowed: a float64 fit loads back bit for bit, a float16 one as float32."""
+    wide = random_splats(dtype=torch.float64)
+    wide = wide.with_params({"mu": wide.mu + 1e-12})  # a difference float32 cannot hold
+    back, _ = SplatSet.load(wide.save(tmp_path / "f64.safetensors"))
+    assert_same(back, wide)
+    half = random_splats(dtype=torch.float16)
+    back, _ = SplatSet.load(half.save(tmp_path / "f16.safetensors"))
+    for k, t in half.params().items():
+        assert getattr(back, k).dtype == torch.float32 and torch.equal(getattr(back, k), t.float()), k
 
 
 def test_save_leaves_no_temporary_files_and_overwrites_atomically(tmp_path, monkeypatch):
