@@ -136,6 +136,19 @@ def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
         FitResult.load(path, expect_model_hash="0" * 64)
 
 
+def test_a_result_prints_as_one_line_of_its_metrics_not_every_tensor(model, short_prompts):
+    """`result` in a notebook printed the dataclass default: every tensor of the history and trajectory,
+    thousands of lines for a 300-step fit. It is one line now, for a fixed basis (no splats) too."""
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=5, device="cpu", progress=False)
+    text = repr(result)
+    assert "\n" not in text and len(text) < 400 and "tensor(" not in text
+    s = result.summary()
+    assert text.startswith(f"FitResult(2 prompt(s), {s['tokens']} tokens, {s['splats']} splats, 5 steps")
+    assert f"token_accuracy={s['token_accuracy']:.2%}" in text and "on cpu" in text
+    dct = fit(short_prompts[:1], model, n_splats=0.5, steps=2, basis="dct", device="cpu", progress=False)
+    assert "dct terms" in repr(dct) and "\n" not in repr(dct)
+
+
 def test_a_result_loaded_onto_a_device_keeps_its_counters_on_the_cpu_as_fit_does(tmp_path, model, short_prompts):
     # fit keeps n_terms, skipped_steps, floats_per_token and density counts on the CPU; a result loaded
     # with device="cuda" must too, or FitResult.cat of it and a new fit fails ("meta": any non-CPU device)
