@@ -42,6 +42,11 @@ def _n_splats(text: str) -> float | int:
     return value if value < 1 or "." in text else int(value)
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+# suffixes that say a file is something other than a fit: --out refuses them (any other name is written as safetensors)
+NOT_A_FIT_FILE = FIGURE_SUFFIXES + (".json", ".jsonl", ".txt", ".csv", ".md", ".toml", ".pt", ".pth", ".pkl", ".npz", ".npy")
+
+
 def _check_outputs(args) -> None:
     """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
     from fixedpos.cache import check_output_path
@@ -61,6 +66,11 @@ def _check_outputs(args) -> None:
         if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records the last alone
             raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records only the last step; "
                              "give --record-every 5 (or leave it out)")
+    if out and Path(out).suffix.lower() in NOT_A_FIT_FILE:
+        # --out traj.png (meaning --plot) wrote safetensors into a .png and replaced the figure it named
+        raise ValueError(f"--out {out}: the fit is written as safetensors, not {Path(out).suffix}; name it "
+                         f"{Path(out).with_suffix('.safetensors')}" + (" (the figure goes to --plot)" if
+                                                                       Path(out).suffix.lower() in FIGURE_SUFFIXES else ""))
 
 
 def _json_object(text: str, option: str, accepted: str) -> dict:

@@ -317,6 +317,22 @@ def test_cli_refuses_an_unwritable_output_before_fitting(tmp_path, capsys, monke
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out, hint", [("traj.png", "the figure goes to --plot"), ("run.json", "run.safetensors")])
+def test_cli_refuses_an_out_named_as_a_figure_or_json_before_fitting(tmp_path, capsys, monkeypatch, out, hint):
+    """`--out traj.png` (meant as --plot) wrote safetensors bytes into traj.png, replacing the figure there;
+    --out run.json wrote safetensors that no JSON reader opens. Both are refused with the name to give."""
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    (tmp_path / out).write_bytes(b"a figure already here")
+    for command in (["fit", "Return the sum of two numbers."], ["edit", str(tmp_path / "run.safetensors"), "New text."],
+                    ["demo"]):
+        assert main([*command, "--out", str(tmp_path / out), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "the fit is written as safetensors" in err and hint in err
+    assert (tmp_path / out).read_bytes() == b"a figure already here"
+
+
 def test_cli_skips_the_trajectory_plot_of_a_fixed_basis_instead_of_crashing(tmp_path, capsys):
     from splatopt.cli import main
 
