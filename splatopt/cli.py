@@ -73,6 +73,19 @@ def _check_outputs(args) -> None:
                                                                        Path(out).suffix.lower() in FIGURE_SUFFIXES else ""))
 
 
+def _plot_prompt(args, B: int) -> int:
+    """The prompt ``--plot`` draws (``--plot-prompt K``, default 0) of a fit of ``B`` prompts; ValueError naming
+    the option for a K out of range or given without --plot, before any fitting."""
+    k = getattr(args, "plot_prompt", None)
+    if k is None:
+        return 0
+    if not args.plot:
+        raise ValueError(f"--plot-prompt {k} picks the prompt that --plot draws: give --plot FILE too")
+    if not 0 <= k < B:
+        raise ValueError(f"--plot-prompt {k}: the fit holds prompts 0..{B - 1} (counting from 0)")
+    return k
+
+
 def _json_object(text: str, option: str, accepted: str) -> dict:
     """The JSON object given to ``option``; ValueError naming the option and what it ``accepted`` otherwise."""
     try:
@@ -99,21 +112,37 @@ def _file_texts(path: str) -> list[str]:
     return texts
 
 
-def _print_result(result, model) -> None:
+PRINTED_PROMPTS = 8  # prompts listed one by one; the summary line covers all
+
+
+def _count(n: int, unit: str) -> str:
+    """``n`` and its unit, singular for one ("1 splat", "3 dct terms")."""
+    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
+
+
+def _print_result(result, model, listing: str | None = None, limit: int = PRINTED_PROMPTS) -> None:
+    """Per prompt (the first ``limit``): counts, token accuracy, relative field error (squared error over the
+    target's squared norm), mean cosine and the decoded text; then the means over every prompt. listing: where
+    the prompts left out can be read (a command)."""
     s = result.summary()
     unit = "splats" if s["basis"] == "splats" else f"{s['basis']} terms"
     counts = result.n_terms if result.n_terms is not None else result.splats.counts
-    for b in range(min(len(result.mask), 8)):
+    B = len(result.mask)
+    for b in range(min(B, limit)):
         L, N = int(result.mask[b].sum()), int(counts[b])
         acc = f"{float(result.token_accuracy[b]):.2%}" if result.token_accuracy is not None else "n/a"
-        print(f"[{b}] {N} {unit} / {L} tokens  token accuracy {acc}  field error {float(result.field_error[b]):.3f}  "
-              f"cosine {float(result.cosine[b]):.3f}")
+        print(f"[{b}] {_count(N, unit)} / {_count(L, 'tokens')}  token accuracy {acc}  relative field error "
+              f"{float(result.field_error[b]):.3f}  cosine {float(result.cosine[b]):.3f}")
         if result.texts:
             print(f"    decoded: {result.texts[b]}")
+    if B > limit:  # said, so that a listing cut at 8 does not read as a fit of 8 prompts
+        where = f" ({listing})" if listing else ""
+        print(f"... and {B - limit} more prompt(s), not listed{where}")
     acc = f"{s['token_accuracy']:.2%}" if "token_accuracy" in s else "n/a"
-    print(f"{s['prompts']} prompt(s), {s['tokens']} tokens, {s['terms']} {unit}: token accuracy {acc}, "
-          f"field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; fit {result.seconds:.2f} s "
-          f"(encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
+    means = ", means over prompts" if B > 1 else ""
+    print(f"{_count(s['prompts'], 'prompts')}, {_count(s['tokens'], 'tokens')}, {_count(s['terms'], unit)}{means}: "
+          f"token accuracy {acc}, relative field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; "
+          f"fit {result.seconds:.2f} s (encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
 
 
 def cmd_fit(args) -> int:
@@ -127,6 +156,7 @@ def cmd_fit(args) -> int:
         texts += _file_texts(args.file)
     if not texts:
         raise ValueError("give a text to fit, or --file with one text per line")
+    plot_prompt = _plot_prompt(args, len(texts))
     model = fixedpos.load(args.model, layer=args.layer)
     optimizer: str | dict | None
     if args.optimizer == "picked":  # the one shipped beside the learned initializer (--init learned)
@@ -141,13 +171,14 @@ def cmd_fit(args) -> int:
         basis=args.basis, density=_json_object(args.density, "--density", 'a strategy name or a JSON object such as {"name": "budget"}')
         if args.density.startswith("{") else args.density,
     )
-    _print_result(result, model)
+    _print_result(result, model, listing=f"splatopt show {args.out} --prompts {len(result.mask)} lists them" if args.out
+                  else "give --out FILE to keep them, then splatopt show FILE --prompts N")
     if args.out:
         print(f"wrote {result.save(args.out)}")
     if args.plot and not result.trajectory:  # a fixed basis: nothing moves
         print(f"no trajectory plot: a {result.basis} fit has no moving splats")
     elif args.plot:
-        paths = save_figure(trajectory_figure(result, 0, model), args.plot)
+        paths = save_figure(trajectory_figure(result, plot_prompt, model), args.plot)
         print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -161,10 +192,11 @@ def cmd_show(args) -> int:
     if args.prompts < 0:
         raise ValueError(f"--prompts {args.prompts}: give how many prompts' splats to list (0 or more)")
     result = FitResult.load(args.file)
+    plot_prompt = _plot_prompt(args, len(result.mask))
     cfg = result.config
     print(f"{args.file}: model {cfg.get('model')} layer {cfg.get('layer')}, objective {cfg.get('objective')}, "
           f"{cfg.get('steps')} steps, kernel {cfg.get('kernel')}, mode {cfg.get('mode')}")
-    _print_result(result, None)
+    _print_result(result, None, listing=f"--prompts {len(result.mask)} lists them", limit=max(PRINTED_PROMPTS, args.prompts))
     s = result.splats
     if s is None:  # a fixed basis: coefficients only
         # FitResult.load refuses a fixed-basis file without coefficients; fit gives every basis floats_per_token
@@ -183,7 +215,7 @@ def cmd_show(args) -> int:
         print(f"no trajectory plot: a {result.basis} fit has no moving splats")
     elif args.plot:
         model = fixedpos.load(cfg["model"], layer=cfg["layer"]) if cfg.get("model") == fixedpos.DEFAULT_MODEL else None
-        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, 0, model), args.plot))))
+        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, plot_prompt, model), args.plot))))
     return 0
 
 
@@ -272,6 +304,7 @@ def cmd_edit(args) -> int:
     fresh_init = _fresh_init(args.fresh_init)
     old = splatopt.FitResult.load(args.file)
     old, new_text = _edit_texts(args, old)
+    plot_prompt = _plot_prompt(args, len(old.mask))
     model = _edit_model(args, old)
     result = splatopt.edit(old, new_text, model=model, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
@@ -292,7 +325,7 @@ def cmd_edit(args) -> int:
         import fixedpos
 
         model = model or fixedpos.load(result.config["model"], layer=result.config["layer"])
-        before, after = (old.select([0]), result.select([0])) if isinstance(result.edit, list) else (old, result)
+        before, after = (old.select([plot_prompt]), result.select([plot_prompt])) if isinstance(result.edit, list) else (old, result)
         series = edit_trajectory_series(before, after, model)
         print("wrote " + ", ".join(map(str, save_figure(edit_trajectory_figure(series), args.plot))))
     return 0
@@ -459,6 +492,7 @@ def cmd_demo(args) -> int:
 
 
 DEVICE_HELP = "auto (CUDA if available, else the CPU), cpu, cuda or cuda:N"
+PLOT_PROMPT_HELP = "the prompt --plot draws, counting from 0 (default: 0)"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -513,15 +547,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--record-every", type=int, default=5, help="record the splats every this many steps (0: only the last step)")
     p.add_argument("--out", help="write the fit (safetensors + JSON metadata)")
-    p.add_argument("--plot", help="write the trajectory figure of the first prompt (.png, .pdf, .svg)")
+    p.add_argument("--plot", help="write the trajectory figure of one prompt (.png, .pdf, .svg)")
+    p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("show", help="describe a saved fit")
     p.add_argument("file", help="a saved fit (splatopt fit --out)")
     p.add_argument("--prompts", type=int, default=1, metavar="N",
-                   help="list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none")
-    p.add_argument("--plot", help="write the trajectory figure of the first prompt")
+                   help=f"list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (the metrics of "
+                        f"the first max(N, {PRINTED_PROMPTS}) are listed)")
+    p.add_argument("--plot", help="write the trajectory figure of one prompt (.png, .pdf, .svg)")
+    p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("edit", help="re-fit a saved fit to an edited text, warm-started from its splats")
@@ -562,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="the re-fit's device: " + DEVICE_HELP)
     p.add_argument("--record-every", type=int, default=2, help="record the splats every this many steps (0: only the last step)")
     p.add_argument("--out", help="write the edited fit")
-    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg; "
-                                  "with --file, of the first prompt)")
+    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg)")
+    p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP + " (with --file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_edit)
 

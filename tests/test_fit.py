@@ -333,6 +333,45 @@ def test_cli_refuses_an_out_named_as_a_figure_or_json_before_fitting(tmp_path, c
     assert (tmp_path / out).read_bytes() == b"a figure already here"
 
 
+def test_cli_says_how_many_prompts_its_listing_left_out_and_show_lists_them(tmp_path, capsys):
+    """fit and show list 8 prompts; the 9th and later were left out without a word, so a fit of 12 prompts
+    read as one of 8. The metric names say what they are (a relative field error, not an MSE in field units)."""
+    from splatopt.cli import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"Return item number {i} of the list.\n" for i in range(10)))
+    out = tmp_path / "run.safetensors"
+    assert main(["fit", "--file", str(texts), "--steps", "0", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[7] " in printed and "[8] " not in printed
+    assert f"... and 2 more prompt(s), not listed (splatopt show {out} --prompts 10 lists them)" in printed
+    assert "relative field error" in printed and "10 prompts, " in printed and "means over prompts" in printed
+    assert main(["show", str(out), "--prompts", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "[9] " in printed and "more prompt(s)" not in printed
+
+
+def test_cli_plot_prompt_draws_the_prompt_asked_for_and_refuses_one_out_of_range(tmp_path, capsys, monkeypatch):
+    """--plot drew prompt 0 of a fit of several prompts, with no way to draw another."""
+    from splatopt import plot as plot_module
+    from splatopt.cli import main
+
+    out = tmp_path / "run.safetensors"
+    args = ["Return the sum of two numbers.", "Close the file now.", "--steps", "2", "--device", "cpu", "--quiet"]
+    assert main(["fit", *args, "--out", str(out)]) == 0
+    drawn = []
+    real = plot_module.trajectory_figure
+    monkeypatch.setattr(plot_module, "trajectory_figure", lambda result, prompt=0, *a, **k: drawn.append(prompt) or real(result, prompt, *a, **k))
+    assert main(["show", str(out), "--plot", str(tmp_path / "p.png"), "--plot-prompt", "1"]) == 0
+    assert drawn == [1] and (tmp_path / "p.png").is_file()
+    capsys.readouterr()
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before checking --plot-prompt"))
+    assert main(["fit", *args, "--plot", str(tmp_path / "q.png"), "--plot-prompt", "2"]) == 2
+    assert "--plot-prompt 2: the fit holds prompts 0..1" in capsys.readouterr().err
+    assert main(["show", str(out), "--plot-prompt", "1"]) == 2
+    assert "give --plot FILE too" in capsys.readouterr().err
+
+
 def test_cli_skips_the_trajectory_plot_of_a_fixed_basis_instead_of_crashing(tmp_path, capsys):
     from splatopt.cli import main
 
@@ -719,7 +758,8 @@ def test_cli_help_shows_the_defaults_and_what_each_option_means(capsys, tmp_path
     assert "--steps STEPS re-fit steps (default: 60)" in _help(["edit"], capsys)
     assert "(default: 100 150 200)" in _help(["bench"], capsys)
     # --prompts is a count, not a list of prompts
-    assert "--prompts N list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (default: 1)" in _help(["show"], capsys)
+    assert "--prompts N list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (the metrics of the first " \
+        "max(N, 8) are listed) (default: 1)" in _help(["show"], capsys)
 
 
 def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
