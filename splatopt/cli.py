@@ -273,12 +273,47 @@ def _edit_texts(args, old: FitResult) -> tuple[FitResult, str | list[str]]:
     return old, args.text
 
 
-def _print_edit_record(e: dict) -> None:
-    print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
-    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
-          f"({e.get('splats', '?')} splats, a cold fit's budget {e.get('budget', '?')}), "
-          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start "
-          f"of {e['starts_tried']}" + (f" ({e['start_initializer']})" if e['start_initializer'] else ""))
+def _span(text: str | None, offsets, i: int, j: int) -> str | None:
+    """The characters of tokens i..j-1 of ``text`` (offsets [L, 2]), quoted; None where the text is not known."""
+    if text is None or offsets is None or j <= i:
+        return None
+    return repr(text[int(offsets[i][0]):int(offsets[j - 1][1])])
+
+
+def _describe_script(script, old_text=None, old_offsets=None, new_text=None, new_offsets=None) -> str:
+    """The edit script's changes in words, with the texts they touch: insert 'sorted' at token 3; delete ...
+    (the opcodes [tag, i1, i2, j1, j2] printed as lists said nothing without difflib's manual)."""
+    parts = []
+    tokens = lambda a, b: f"token {a}" if b - a == 1 else f"tokens {a}-{b - 1}"  # noqa: E731
+    for tag, i1, i2, j1, j2 in (op for op in script if op[0] != "equal"):
+        old, new = _span(old_text, old_offsets, i1, i2), _span(new_text, new_offsets, j1, j2)
+        if tag == "insert":
+            parts.append(f"insert {new} at {tokens(j1, j2)} of the new text" if new else f"insert {tokens(j1, j2)} of the new text")
+        elif tag == "delete":
+            parts.append(f"delete {old} ({tokens(i1, i2)} of the old text)" if old else f"delete {tokens(i1, i2)} of the old text")
+        elif old and new:
+            parts.append(f"replace {old} with {new} ({tokens(i1, i2)} -> {tokens(j1, j2)})")
+        else:
+            parts.append(f"replace {tokens(i1, i2)} of the old text with {tokens(j1, j2)} of the new")
+    return "; ".join(parts) or "no change"
+
+
+def _print_edit_record(e: dict, old=None, new=None, b: int = 0) -> None:
+    """An edit record in words: the changes (with the texts of ``old`` and ``new`` results' prompt ``b``), the
+    splats carried, pruned and spawned, the frozen far ones, and the start kept."""
+    texts = {}
+    if old is not None and new is not None and old.input_texts and new.input_texts:
+        texts = dict(old_text=old.input_texts[b], old_offsets=None if old.offsets is None else old.offsets[b].tolist(),
+                     new_text=new.input_texts[b], new_offsets=None if new.offsets is None else new.offsets[b].tolist())
+    print(f"edit script: {_describe_script(e['script'], **texts)}")
+    far = len(e["far_from_edit"])
+    frozen = (f"{far} far from the edit, frozen for {e['frozen_steps']} step(s)" if far and e["frozen_steps"]
+              else f"{far} far from the edit, free" if far else "none far from the edit")
+    tried = e["starts_tried"]
+    kept = f"{e['start']} start" + (f" ({e['start_initializer']})" if e["start_initializer"] else "")
+    print(f"splats: transported {len(e['transported'])}, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
+          f"({e.get('splats', '?')} in all; a cold fit of the new text has {e.get('budget', '?')}), {frozen}; kept the {kept}"
+          + (", the only one tried" if tried == 1 else f", the best of {tried} starts tried"))
 
 
 def cmd_edit(args) -> int:
@@ -311,13 +346,13 @@ def cmd_edit(args) -> int:
                            fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device),
                            record_every=args.record_every, progress=not args.quiet, **options)
     if isinstance(result.edit, list):  # --file: one record per prompt
-        for b, e in enumerate(result.edit[:8]):  # as many as _print_result lists
+        for b, e in enumerate(result.edit[:PRINTED_PROMPTS]):  # as many as _print_result lists
             assert e is not None  # edit() gives every prompt a record
             print(f"[{b}] ", end="")
-            _print_edit_record(e)
+            _print_edit_record(e, old, result, b)
     else:
         assert isinstance(result.edit, dict)  # one new text: one edit record
-        _print_edit_record(result.edit)
+        _print_edit_record(result.edit, old, result)
     _print_result(result, None)
     if args.out:
         print(f"wrote {result.save(args.out)}")
