@@ -31,6 +31,7 @@ mean and 95 % Student-t interval over its replicates (seeds x prompt sets).
 from __future__ import annotations
 
 import csv
+import difflib
 import fcntl
 import hashlib
 import inspect
@@ -116,7 +117,9 @@ def _check_name(key: str, where: str) -> None:
         raise ValueError(f"{where}: {key!r} is a top-level key of the study: write {key} = ... above [base]")
     valid = setting_names()
     if key not in valid:
-        raise ValueError(f"{where}: unknown setting {key!r}; valid settings are: {', '.join(valid)}")
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{where}: unknown setting {key!r}{hint}; valid settings are: {', '.join(valid)}")
 
 
 def _check_values(settings: dict) -> None:

@@ -151,8 +151,8 @@ mobile = {}
 
 
 @pytest.mark.parametrize("text, message", [
-    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]', r"unknown setting 'kernal'.*valid settings are: .*kernel"),
-    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.lr_muu = [0.1]', r"unknown setting 'optimizer.lr_muu'.*optimizer.lr_mu"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]', r"unknown setting 'kernal' \(did you mean 'kernel'\?\).*valid settings are: .*kernel"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.lr_muu = [0.1]', r"unknown setting 'optimizer.lr_muu' \(did you mean 'optimizer.lr_mu'\?\).*optimizer.lr_mu"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = []', r"factor 'kernel' has no levels"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = ["erf", "erf"]', r"repeats a level"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors\nkernel = ["erf"]', r"malformed TOML"),
