@@ -178,7 +178,8 @@ def field_figure(target: torch.Tensor, rendered: torch.Tensor, tokens: Sequence[
     """Target and rendered field of one prompt side by side as heatmaps ([L, d] each), and their difference."""
     if target.dim() != 2 or rendered.shape != target.shape:
         raise ValueError(f"field_figure: target {tuple(target.shape)} and rendered {tuple(rendered.shape)} must be one prompt's "
-                         "fields of the same shape [L, d]; pass e.g. result.target[b, result.mask[b]] and the same rows rendered")
+                         "fields of the same shape [L, d]; pass e.g. model.encode(model.tokenize([result.input_texts[b]]))[0] and "
+                         "splatopt.render(result.splats.select(b), L)[0] (a FitResult holds no target field)")
     if tokens is not None and len(tokens) != target.shape[0]:
         raise ValueError(f"field_figure: {len(tokens)} tokens for a field of {target.shape[0]} positions")
     t = target.detach().float().cpu().numpy()[:, :dims]
@@ -206,6 +207,12 @@ def mean_ci95(values) -> tuple[np.ndarray, np.ndarray]:
     return mean, half
 
 
+# the range of a recorded metric, where it has one: curves_figure cuts its confidence band there
+METRIC_BOUNDS = {"token_accuracy": (0.0, 1.0), "cosine": (-1.0, 1.0), "field_error": (0.0, np.inf), "ce": (0.0, np.inf)}
+# axis labels that say what a metric is (field_error is the squared error over the target's squared norm)
+METRIC_LABELS = {"field_error": "relative field error", "ce": "cross-entropy (nats)", "loss": "objective"}
+
+
 def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_accuracy", "field_error"), width: float = COLUMN):
     """Metric vs inner step, mean over prompts with a 95 % confidence band, one line per named run."""
     drawn = {m for hist in histories.values() for m in hist if m != "step"}
@@ -223,8 +230,10 @@ def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_a
                 (line,) = ax.plot(steps, mean, label=label)
                 # the band in its line's colour: fill_between draws from the patch colour cycle, which keeps in step
                 # with the lines' only while every run draws both
-                ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
-            ax.set_ylabel(metric.replace("_", " "))
+                low, high = METRIC_BOUNDS.get(metric, (-np.inf, np.inf))  # a band past 100 % accuracy is no possible mean
+                ax.fill_between(steps, np.clip(mean - half, low, high), np.clip(mean + half, low, high), color=line.get_color(),
+                                alpha=0.2, lw=0)
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric.replace("_", " ")))
             ax.grid(lw=0.3, alpha=0.4)
         axes[-1, 0].set_xlabel("inner step")
         axes[0, 0].legend(frameon=False)
