@@ -864,6 +864,12 @@ def fit(
             warnings.warn(f"prompt(s) {diverged.nonzero().flatten().tolist()[:8]} diverged: their splats hold NaN or inf "
                           "(lower the learning rates); save() refuses them, select the other prompts to keep those",
                           RuntimeWarning, stacklevel=2)
+        # finite splats can still render an overflowing field (lr_v = 1e38): an inf field error, [PAD] decoded
+        field_error = per("field_error")
+        overflowed = ~torch.isfinite(field_error) & ~diverged.to(field_error.device)
+        if bool(overflowed.any()):
+            warnings.warn(f"prompt(s) {overflowed.nonzero().flatten().tolist()[:8]} diverged: their splats render a field "
+                          "that overflows (relative field error inf or NaN); lower the learning rates", RuntimeWarning, stacklevel=2)
     return FitResult(
         splats=splats, ids=ids, mask=mask, texts=texts,
         token_accuracy=per("token_accuracy") if decode is not None else None,

@@ -877,6 +877,17 @@ def test_a_diverged_fit_warns_and_save_refuses_what_load_would_refuse(tmp_path):
     assert torch.equal(kept.splats.mu, result.splats.mu[1:].cpu())
 
 
+def test_a_fit_whose_finite_splats_render_an_overflowing_field_warns_too():
+    """lr_v = 1e20 leaves every splat finite (about 1e20) but their squared error overflows: the fit printed
+    "relative field error inf" and decoded [PAD] everywhere without the warning a diverged fit gives."""
+    from splatopt import InnerOptimizer
+
+    opts = dict(n_splats=2, steps=3, objective="mse", device="cpu", progress=False)
+    with pytest.warns(RuntimeWarning, match=r"prompt\(s\) \[0, 1\] diverged: their splats render a field that overflows"):
+        result = fit(_bare_field(), optimizer=InnerOptimizer(lr_v=1e20), **opts)
+    assert torch.isfinite(result.splats.v).all() and not torch.isfinite(result.field_error).any()
+
+
 def test_a_truncated_grid_fit_starts_at_its_least_squares_optimum():
     """The grid's embeddings were solved for the untruncated render, so a fit with truncate = 1 and
     one splat per token started at field error 0.18, not the exact solution it has."""
