@@ -177,7 +177,22 @@ def _distribution_version() -> str:
         return "not installed: run from a source checkout"
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's own line ("fixedpos: warning: ..."), not Python's file and source line."""
+    return f"fixedpos: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _cli_warning  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "layer", 0) is None:
         from fixedpos import DEFAULT_LAYER

@@ -711,7 +711,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's own line ("splatopt: warning: ..."), not Python's file, line number and
+    the source line that raised it (cli.py:432 "net = meta.train(...)" said nothing to the user)."""
+    return f"splatopt: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _cli_warning  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)

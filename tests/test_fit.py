@@ -779,6 +779,23 @@ def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
     assert err.decode() == "" and proc.returncode == 141
 
 
+def test_cli_warnings_read_as_the_commands_own_lines_not_python_source(tmp_path):
+    """A warning printed Python's file, line number and source line ("cli.py:432: UserWarning: ... net =
+    meta.train(cfg, ...)"); the command now says "splatopt: warning: ..." and nothing else."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "splatopt", "fit", "Close the file now.", "--optimizer", '{"lr_v": 1e20}',
+                           "--steps", "2", "--device", "cpu", "--quiet"], capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and err.startswith("splatopt: warning: prompt(s) [0] diverged"), err
+    assert "Warning:" not in err and ".py:" not in err and "warnings.warn" not in err
+
+
 def _bare_field(B=2, L=6, d=8, seed=0) -> Targets:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, L, dtype=torch.bool)
