@@ -147,14 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model and round-trip a sample text")
     common(p)
-    p.add_argument("--text", default=None)
+    p.add_argument("--text", default=None, help="the text to round-trip (default: a sample docstring)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("roundtrip", help="token accuracy of decode(encode(x)) on corpora")
     common(p)
-    p.add_argument("--all-layers", action="store_true")
-    p.add_argument("--n", type=int, default=512, help="prompts per corpus (<= 64 tokens each)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all-layers", action="store_true", help="every layer of the model, 0 (embeddings) to the last, not --layer")
+    p.add_argument("--n", type=int, default=512,
+                   help="prompts per corpus, drawn from its passages of 8 to 64 tokens (shorter and longer ones, a file's "
+                        "lines too, are skipped: the prompts column counts those used)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample")
     p.add_argument("--corpus", nargs="+", default=["stdlib:validation", "licenses"],
                    help="corpora: stdlib:SPLIT, licenses, or a .txt/.jsonl path")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-head", help="train (and cache) a decoder head")
     common(p)
-    p.add_argument("--all-layers", action="store_true")
-    p.add_argument("--n", type=int, default=512, help="prompts per corpus for the accuracy report")
+    p.add_argument("--all-layers", action="store_true", help="a head for every layer of the model, not --layer alone")
+    p.add_argument("--n", type=int, default=512, help="prompts per corpus for the accuracy report (8 to 64 tokens each)")
     p.add_argument("--out", default=None, help="folder for the head file (default: the user cache)")
     p.set_defaults(func=cmd_train_head)
     return parser

@@ -512,9 +512,17 @@ def cmd_meta_train(args) -> int:
         device = net.log_lr_scale.device  # the one train() used (--device auto resolved; under torchrun, rank 0's)
         where = f"{net.meta['world_size']} ranks ({device.type})" if net.meta.get("world_size", 1) > 1 else str(device)
         print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {where}; "
-              f"inner learning-rate scales {[round(x, 3) for x in net.log_lr_scale.detach().exp().tolist()]}")
+              f"inner learning-rate scales {_lr_scales(net.log_lr_scale.detach().exp().tolist())}")
         print(f"wrote {Path(args.out) / 'initializer.safetensors'}, metrics.jsonl, checkpoint.safetensors")
     return 0
+
+
+def _lr_scales(scales: list[float]) -> str:
+    """The meta-learned learning-rate scales named by their parameter group (a bare list of four numbers
+    said nothing of which was whose): "mu x0.67, log_sigma x0.6, weight_logit x0.56, v x0.63"."""
+    from splatopt.optim import GROUPS
+
+    return ", ".join(f"{group} x{scale:.3g}" for group, scale in zip(GROUPS, scales))
 
 
 def cmd_demo(args) -> int:

@@ -565,7 +565,9 @@ def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, ban
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto is the CPU here
     assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "s on cpu; inner learning-rate scales" in printed and "on auto" not in printed
+    assert "s on cpu; inner learning-rate scales mu x" in printed and "on auto" not in printed
+    # each scale is named by its group: a bare list of four numbers said nothing of which was whose
+    assert all(f"{group} x" in printed for group in ("log_sigma", "weight_logit", ", v")), printed
 
 
 def test_meta_training_and_loading_an_initializer_leave_the_callers_random_state(tmp_path, model, bank):
