@@ -82,6 +82,11 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> 
     return out
 
 
+def _count(n: int, unit: str) -> str:
+    """``n`` and its unit, singular for one: "1 splat", "8 tokens"."""
+    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
+
+
 def _tokens(result, prompt: int, model=None) -> list[str]:
     """Target tokens of a prompt as strings (from the model's tokenizer, else ids)."""
     mask = result.mask[prompt].cpu()
@@ -130,7 +135,7 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
         ax.set_ylabel("position (token)")
         n = int(active.sum())
         acc = f", acc {float(result.token_accuracy[prompt]):.0%}" if result.token_accuracy is not None else ""
-        ax.set_title(title or f"{n} splats, {L} tokens{acc}")
+        ax.set_title(title or f"{_count(n, 'splats')}, {_count(L, 'tokens')}{acc}")
         # a key under the x label: the CLI writes this figure without a caption, and neighbouring bands overlap
         # (sigma is often wider than the spacing of the centres), so what a band is must be said on the figure
         key_color = plt.cm.viridis(0.4)
@@ -402,7 +407,7 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         acc = lambda key: [f"acc {series[key]:.0%}"] if series.get(key) is not None else []
 
         def counts(n: int, tokens: Sequence[str], key: str) -> list[str]:
-            return [f"{n} splats,", f"{len(tokens)} tokens" + ("," if acc(key) else ""), *acc(key)]
+            return [f"{_count(n, 'splats')},", _count(len(tokens), "tokens") + ("," if acc(key) else ""), *acc(key)]
 
         _wrapped_title(ax_fit, ["fit:", *counts(len(transported) + len(pruned), old_tokens, "accuracy_before")])
         _wrapped_title(ax_edit, ["edit"])

@@ -213,3 +213,13 @@ def test_cli_refuses_an_output_under_a_file_before_fitting(option, monkeypatch, 
     monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the output"))
     assert main(["fit", "Some text.", option, str(tmp_path / "afile" / "run.png"), "--device", "cpu"]) == 2
     assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_trajectory_figure_title_says_1_splat_not_1_splats():
+    import splatopt
+
+    field = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(0))
+    result = splatopt.fit(field, n_splats=1, steps=2, record_every=1, objective="mse", device="cpu", progress=False)
+    from splatopt.plot import trajectory_figure
+
+    assert trajectory_figure(result).axes[0].get_title() == "1 splat, 3 tokens"
