@@ -353,6 +353,9 @@ def test_summary_of_one_replicate_has_no_interval():
     assert summary[0] == {"kernel": "erf", "n": 1, "token_accuracy_mean": 0.5, "token_accuracy_ci95": None,
                           "cosine_mean": 0.9, "cosine_ci95": None}
     assert "| erf | 1 | 0.5 ± n/a | 0.9 ± n/a |" in ablate.markdown_table(summary)
+    # the table says what its numbers are: "0.5476 ± 1.2" said neither what ± is nor that accuracies are fractions
+    assert "mean ± half-width of its 95 % Student-t interval over the n replicates" in ablate.markdown_table(summary)
+    assert "token_accuracy and field_error (squared error over the target's squared norm) are fractions" in ablate.markdown_table(summary)
     with pytest.raises(ValueError, match=r"metrics \['tokn_accuracy'\] are in no row.*'token_accuracy'"):
         ablate.summarize(rows, metrics=("tokn_accuracy",))
     with pytest.raises(TypeError, match=r"give a tuple"):
