@@ -585,13 +585,17 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         nonfinite_in_row = nonfinite_in_row + 1 if stats["skipped"] else 0
         skipped_since_log += int(stats.pop("skipped"))
         give_up = nonfinite_in_row >= NONFINITE_LIMIT
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps or give_up):
+        evaluate = evaluator is not None and done % cfg.eval_every == 0
+        # an evaluation step writes its row too: evaluated only on log steps, eval_every = 3 with log_every = 2
+        # evaluated at step 6 and not at 3, with nothing said
+        if rank == 0 and (done % cfg.log_every == 0 or evaluate or done == cfg.outer_steps or give_up):
             # a skipped step's loss may be NaN or inf: written as null, which strict JSON readers accept
             row = {"step": done, **{k: float(v) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log,
                    "horizon": K, "fraction": frac, "lr": outer_lr(cfg, step), "lr_scales": net.log_lr_scale.detach().exp().tolist(),
                    "elapsed_s": round(time.perf_counter() - began, 3)}
             skipped_since_log = 0
-            if evaluator is not None and done % cfg.eval_every == 0:
+            if evaluate:
+                assert evaluator is not None
                 row.update(evaluator(net))
             append_json_line(log_path, row)
             if writer is not None:

@@ -162,6 +162,17 @@ def tiny_config(**over):
     return meta.MetaConfig(**{**base, **over})
 
 
+def test_validation_runs_every_eval_every_steps_whatever_log_every_is(tmp_path, model, bank):
+    """Evaluation ran only on log steps: eval_every = 3 with log_every = 2 evaluated at step 6, not at 3."""
+    import json
+
+    cfg = tiny_config(outer_steps=4, log_every=2, eval_every=3, eval_prompts=2)
+    meta.train(cfg, tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    assert [r["step"] for r in rows if "val_token_accuracy_0" in r] == [3]
+
+
 def train_until_killed_at_step_3(monkeypatch, cfg, out, model, bank) -> None:
     """Meta-train into ``out`` and kill the run as it logs step 3 (after the step-2 checkpoint)."""
     original = meta.append_json_line
