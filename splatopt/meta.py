@@ -391,8 +391,11 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
                          "to start the run over, or use another --out") from None
     changed = sorted(k for k, v in cfg.to_dict().items()
                      if saved.get(k) != v and k not in ("outer_steps", "time_limit_s", "log_every", "checkpoint_every"))
-    if changed:
-        raise ValueError(f"{path} was written by a run with other settings ({changed}); resume with the same config or use another --out")
+    if changed:  # each with both values: the keys alone left the user to find what the run had been given
+        given = cfg.to_dict()
+        values = ", ".join(f"{k} = {json.dumps(saved.get(k))} in the run, {json.dumps(given[k])} now" for k in changed)
+        raise ValueError(f"{path} was written by a run with other settings ({values}); resume with the same config (the "
+                         f"run's is {path.parent / 'config.json'}) or use another --out")
     skipped_in_row = int(nonfinite.get("in_row", 0)) if isinstance(nonfinite, dict) else 0
     problems = _checkpoint_problems(tensors, net, step, int(saved.get("outer_steps", cfg.outer_steps)), skipped_in_row)
     if problems:  # checked whole before anything is restored: a damaged file leaves the network as it was

@@ -195,7 +195,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypa
     train_until_killed_at_step_3(monkeypatch, tiny_config(), tmp_path / "cut", model, bank)
     with pytest.raises(ValueError, match="--resume"):
         meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="other settings"):
+    # each changed setting with both values (the keys alone left the user to find what the run had been given)
+    with pytest.raises(ValueError, match=r"other settings \(lr = 0.0003 in the run, 0.01 now\); .*config.json"):
         meta.train(tiny_config(lr=1e-2), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
     resumed = meta.train(tiny_config(), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
     again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
