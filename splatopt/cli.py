@@ -101,6 +101,14 @@ FILE_TEXTS = ("one text per line, or, in a file with blank lines, one per blank-
               'joined by spaces); a .jsonl file: a {"text": ...} object per line')
 
 
+def _not_a_path(text: str, option: str = "--file") -> str:
+    """``text`` unless it names a file here (``splatopt fit texts.txt`` fitted the 4 tokens "texts . txt"):
+    ValueError pointing at ``option``, which reads a file's texts."""
+    if text.strip() and not any(c.isspace() for c in text.strip()) and Path(text).expanduser().is_file():
+        raise ValueError(f"{text!r} is the name of a file here, not a text: to use the texts in it, give {option} {text}")
+    return text
+
+
 def _file_texts(path: str) -> list[str]:
     """The texts of ``--file path`` (see FILE_TEXTS); ValueError naming the option for a file that holds none."""
     import fixedpos
@@ -151,7 +159,7 @@ def cmd_fit(args) -> int:
     from splatopt.plot import save_figure, trajectory_figure
 
     _check_outputs(args)
-    texts = list(args.text)
+    texts = [_not_a_path(text) for text in args.text]
     if args.file:
         texts += _file_texts(args.file)
     if not texts:
@@ -262,6 +270,7 @@ def _edit_texts(args, old: FitResult) -> tuple[FitResult, str | list[str]]:
         return old, texts
     if args.text is None:
         raise ValueError("give the edited text (TEXT), or --file with one new text per prompt of the fit")
+    _not_a_path(args.text)
     if args.prompt is not None:
         if not 0 <= args.prompt < B:
             raise ValueError(f"--prompt {args.prompt}: {args.file} holds prompts 0..{B - 1} (--prompt counts from 0)")

@@ -372,6 +372,23 @@ def test_cli_plot_prompt_draws_the_prompt_asked_for_and_refuses_one_out_of_range
     assert "give --plot FILE too" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_file_name_given_as_the_text_and_points_at_file(tmp_path, capsys, monkeypatch):
+    """`splatopt fit texts.txt` fitted the literal text "texts.txt" (4 tokens) instead of the file's texts;
+    `splatopt edit run.safetensors new.txt` did the same with the edit."""
+    from splatopt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("Return the sum of two numbers.\n")
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted a file name as a text"))
+    assert main(["fit", "texts.txt", "--device", "cpu", "--quiet"]) == 2
+    assert "'texts.txt' is the name of a file here, not a text: to use the texts in it, give --file texts.txt" in capsys.readouterr().err
+    monkeypatch.undo()
+    fit(Targets(torch.randn(1, 4, 8)), n_splats=2, steps=1, objective="mse", device="cpu", progress=False).save(tmp_path / "run.safetensors")
+    monkeypatch.setattr(splatopt, "edit", lambda *a, **k: pytest.fail("re-fitted a file name as a text"))
+    assert main(["edit", str(tmp_path / "run.safetensors"), str(tmp_path / "texts.txt"), "--device", "cpu", "--quiet"]) == 2
+    assert f"give --file {tmp_path / 'texts.txt'}" in capsys.readouterr().err
+
+
 def test_cli_skips_the_trajectory_plot_of_a_fixed_basis_instead_of_crashing(tmp_path, capsys):
     from splatopt.cli import main
 
