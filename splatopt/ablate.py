@@ -678,14 +678,17 @@ def markdown_table(summary: list[dict]) -> str:
     lines = ["| " + " | ".join(factors + ["n"] + metrics) + " |", "|" + "---|" * len(factors) + "---:|" * (1 + len(metrics))]
     for entry in summary:
         lines.append("| " + " | ".join([str(entry.get(f, "–")) for f in factors] + [str(entry["n"])] + [cell(entry, m) for m in metrics]) + " |")
-    # what the numbers are: "0.5476 ± 1.2" said neither what ± is nor that the accuracy is a fraction, not %
-    lines += ["", "mean ± half-width of its 95 % Student-t interval over the n replicates (seeds x prompt sets; n/a: one "
-              "replicate). token_accuracy and field_error (squared error over the target's squared norm) are fractions; "
-              "seconds: the wall time of one cell's fit."]
     if any(entry.get("identical_replicates") for entry in summary):
         lines += ["", "(identical replicates): every replicate of the configuration gave the same metrics, one deterministic "
                   f"fit repeated, so ± 0 is no confidence interval; {REPLICATE_FIX}."]
     return "\n".join(lines) + "\n"
+
+
+# under summary.md's table (the report embeds markdown_table with its own caption): what the numbers are, since
+# "0.5476 ± 1.2" said neither what ± is nor that the accuracy is a fraction, not %
+SUMMARY_KEY = ("mean ± half-width of its 95 % Student-t interval over the n replicates (seeds x prompt sets; n/a: one "
+               "replicate). token_accuracy and field_error (squared error over the target's squared norm) are fractions; "
+               "seconds: the wall time of one cell's fit.\n")
 
 
 def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
@@ -703,7 +706,7 @@ def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(summary)
-    atomic_write_bytes(Path(out_dir) / "summary.md", table.encode("utf-8"))
+    atomic_write_bytes(Path(out_dir) / "summary.md", (table + ("\n" + SUMMARY_KEY if summary else "")).encode("utf-8"))
     atomic_write_bytes(Path(out_dir) / "summary.csv", buffer.getvalue().encode("utf-8"))
     return table
 
