@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roundtrip", help="token accuracy of decode(encode(x)) on corpora")
     common(p)
     p.add_argument("--all-layers", action="store_true", help="every layer of the model, 0 to its last block (instead of --layer)")
-    p.add_argument("--n", type=int, default=512, help="prompts per corpus (8..64 tokens each; default: 512)")
+    p.add_argument("--n", type=int, default=512,
+                   help="prompts per corpus, drawn from its passages of 8 to 64 tokens (shorter and longer ones, a file's "
+                        "lines too, are skipped: the prompts column counts those used; default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample (default: 0)")
     p.add_argument("--corpus", nargs="+", default=["stdlib:validation", "licenses"],
                    help="corpora: stdlib:SPLIT, licenses, or a .txt/.jsonl path (default: stdlib:validation licenses)")
@@ -179,7 +181,22 @@ def _distribution_version() -> str:
         return "not installed: run from a source checkout"
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's own line ("fixedpos: warning: ..."), not Python's file and source line."""
+    return f"fixedpos: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _cli_warning  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "layer", 0) is None:
         from fixedpos import DEFAULT_LAYER

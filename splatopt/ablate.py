@@ -31,6 +31,7 @@ mean and 95 % Student-t interval over its replicates (seeds x prompt sets).
 from __future__ import annotations
 
 import csv
+import difflib
 import fcntl
 import hashlib
 import inspect
@@ -116,7 +117,9 @@ def _check_name(key: str, where: str) -> None:
         raise ValueError(f"{where}: {key!r} is a top-level key of the study: write {key} = ... above [base]")
     valid = setting_names()
     if key not in valid:
-        raise ValueError(f"{where}: unknown setting {key!r}; valid settings are: {', '.join(valid)}")
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{where}: unknown setting {key!r}{hint}; valid settings are: {', '.join(valid)}")
 
 
 def _check_values(settings: dict) -> None:
@@ -681,6 +684,13 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# under summary.md's table (the report embeds markdown_table with its own caption): what the numbers are, since
+# "0.5476 ± 1.2" said neither what ± is nor that the accuracy is a fraction, not %
+SUMMARY_KEY = ("mean ± half-width of its 95 % Student-t interval over the n replicates (seeds x prompt sets; n/a: one "
+               "replicate). token_accuracy and field_error (squared error over the target's squared norm) are fractions; "
+               "seconds: the wall time of one cell's fit.\n")
+
+
 def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
     """Write out_dir/summary.md and summary.csv (empty CI: one replicate; identical_replicates column:
     True where the replicates repeated one fit); return the Markdown table."""
@@ -696,7 +706,7 @@ def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(summary)
-    atomic_write_bytes(Path(out_dir) / "summary.md", table.encode("utf-8"))
+    atomic_write_bytes(Path(out_dir) / "summary.md", (table + ("\n" + SUMMARY_KEY if summary else "")).encode("utf-8"))
     atomic_write_bytes(Path(out_dir) / "summary.csv", buffer.getvalue().encode("utf-8"))
     return table
 

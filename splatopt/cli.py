@@ -42,6 +42,11 @@ def _n_splats(text: str) -> float | int:
     return value if value < 1 or "." in text else int(value)
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+# suffixes that say a file is something other than a fit: --out refuses them (any other name is written as safetensors)
+NOT_A_FIT_FILE = FIGURE_SUFFIXES + (".json", ".jsonl", ".txt", ".csv", ".md", ".toml", ".pt", ".pth", ".pkl", ".npz", ".npy")
+
+
 def _check_outputs(args) -> None:
     """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
     from fixedpos.cache import check_output_path
@@ -61,6 +66,24 @@ def _check_outputs(args) -> None:
         if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records the last alone
             raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records only the last step; "
                              "give --record-every 5 (or leave it out)")
+    if out and Path(out).suffix.lower() in NOT_A_FIT_FILE:
+        # --out traj.png (meaning --plot) wrote safetensors into a .png and replaced the figure it named
+        raise ValueError(f"--out {out}: the fit is written as safetensors, not {Path(out).suffix}; name it "
+                         f"{Path(out).with_suffix('.safetensors')}" + (" (the figure goes to --plot)" if
+                                                                       Path(out).suffix.lower() in FIGURE_SUFFIXES else ""))
+
+
+def _plot_prompt(args, B: int) -> int:
+    """The prompt ``--plot`` draws (``--plot-prompt K``, default 0) of a fit of ``B`` prompts; ValueError naming
+    the option for a K out of range or given without --plot, before any fitting."""
+    k = getattr(args, "plot_prompt", None)
+    if k is None:
+        return 0
+    if not args.plot:
+        raise ValueError(f"--plot-prompt {k} picks the prompt that --plot draws: give --plot FILE too")
+    if not 0 <= k < B:
+        raise ValueError(f"--plot-prompt {k}: the fit holds prompts 0..{B - 1} (counting from 0)")
+    return k
 
 
 def _json_object(text: str, option: str, accepted: str) -> dict:
@@ -78,6 +101,14 @@ FILE_TEXTS = ("one text per line, or, in a file with blank lines, one per blank-
               'joined by spaces); a .jsonl file: a {"text": ...} object per line')
 
 
+def _not_a_path(text: str, option: str = "--file") -> str:
+    """``text`` unless it names a file here (``splatopt fit texts.txt`` fitted the 4 tokens "texts . txt"):
+    ValueError pointing at ``option``, which reads a file's texts."""
+    if text.strip() and not any(c.isspace() for c in text.strip()) and Path(text).expanduser().is_file():
+        raise ValueError(f"{text!r} is the name of a file here, not a text: to use the texts in it, give {option} {text}")
+    return text
+
+
 def _file_texts(path: str) -> list[str]:
     """The texts of ``--file path`` (see FILE_TEXTS); ValueError naming the option for a file that holds none."""
     import fixedpos
@@ -89,21 +120,37 @@ def _file_texts(path: str) -> list[str]:
     return texts
 
 
-def _print_result(result, model) -> None:
+PRINTED_PROMPTS = 8  # prompts listed one by one; the summary line covers all
+
+
+def _count(n: int, unit: str) -> str:
+    """``n`` and its unit, singular for one ("1 splat", "3 dct terms")."""
+    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
+
+
+def _print_result(result, model, listing: str | None = None, limit: int = PRINTED_PROMPTS) -> None:
+    """Per prompt (the first ``limit``): counts, token accuracy, relative field error (squared error over the
+    target's squared norm), mean cosine and the decoded text; then the means over every prompt. listing: where
+    the prompts left out can be read (a command)."""
     s = result.summary()
     unit = "splats" if s["basis"] == "splats" else f"{s['basis']} terms"
     counts = result.n_terms if result.n_terms is not None else result.splats.counts
-    for b in range(min(len(result.mask), 8)):
+    B = len(result.mask)
+    for b in range(min(B, limit)):
         L, N = int(result.mask[b].sum()), int(counts[b])
         acc = f"{float(result.token_accuracy[b]):.2%}" if result.token_accuracy is not None else "n/a"
-        print(f"[{b}] {N} {unit} / {L} tokens  token accuracy {acc}  field error {float(result.field_error[b]):.3f}  "
-              f"cosine {float(result.cosine[b]):.3f}")
+        print(f"[{b}] {_count(N, unit)} / {_count(L, 'tokens')}  token accuracy {acc}  relative field error "
+              f"{float(result.field_error[b]):.3f}  cosine {float(result.cosine[b]):.3f}")
         if result.texts:
             print(f"    decoded: {result.texts[b]}")
+    if B > limit:  # said, so that a listing cut at 8 does not read as a fit of 8 prompts
+        where = f" ({listing})" if listing else ""
+        print(f"... and {B - limit} more prompt(s), not listed{where}")
     acc = f"{s['token_accuracy']:.2%}" if "token_accuracy" in s else "n/a"
-    print(f"{s['prompts']} prompt(s), {s['tokens']} tokens, {s['terms']} {unit}: token accuracy {acc}, "
-          f"field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; fit {result.seconds:.2f} s "
-          f"(encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
+    means = ", means over prompts" if B > 1 else ""
+    print(f"{_count(s['prompts'], 'prompts')}, {_count(s['tokens'], 'tokens')}, {_count(s['terms'], unit)}{means}: "
+          f"token accuracy {acc}, relative field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; "
+          f"fit {result.seconds:.2f} s (encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
 
 
 def cmd_fit(args) -> int:
@@ -112,11 +159,12 @@ def cmd_fit(args) -> int:
     from splatopt.plot import save_figure, trajectory_figure
 
     _check_outputs(args)
-    texts = list(args.text)
+    texts = [_not_a_path(text) for text in args.text]
     if args.file:
         texts += _file_texts(args.file)
     if not texts:
         raise ValueError("give a text to fit, or --file with one text per line")
+    plot_prompt = _plot_prompt(args, len(texts))
     model = fixedpos.load(args.model, layer=args.layer)
     optimizer: str | dict | None
     if args.optimizer == "picked":  # the one shipped beside the learned initializer (--init learned)
@@ -131,13 +179,14 @@ def cmd_fit(args) -> int:
         basis=args.basis, density=_json_object(args.density, "--density", 'a strategy name or a JSON object such as {"name": "budget"}')
         if args.density.startswith("{") else args.density,
     )
-    _print_result(result, model)
+    _print_result(result, model, listing=f"splatopt show {args.out} --prompts {len(result.mask)} lists them" if args.out
+                  else "give --out FILE to keep them, then splatopt show FILE --prompts N")
     if args.out:
         print(f"wrote {result.save(args.out)}")
     if args.plot and not result.trajectory:  # a fixed basis: nothing moves
         print(f"no trajectory plot: a {result.basis} fit has no moving splats")
     elif args.plot:
-        paths = save_figure(trajectory_figure(result, 0, model), args.plot)
+        paths = save_figure(trajectory_figure(result, plot_prompt, model), args.plot)
         print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -151,10 +200,11 @@ def cmd_show(args) -> int:
     if args.prompts < 0:
         raise ValueError(f"--prompts {args.prompts}: give how many prompts' splats to list (0 or more)")
     result = FitResult.load(args.file)
+    plot_prompt = _plot_prompt(args, len(result.mask))
     cfg = result.config
     print(f"{args.file}: model {cfg.get('model')} layer {cfg.get('layer')}, objective {cfg.get('objective')}, "
           f"{cfg.get('steps')} steps, kernel {cfg.get('kernel')}, mode {cfg.get('mode')}")
-    _print_result(result, None)
+    _print_result(result, None, listing=f"--prompts {len(result.mask)} lists them", limit=max(PRINTED_PROMPTS, args.prompts))
     s = result.splats
     if s is None:  # a fixed basis: coefficients only
         # FitResult.load refuses a fixed-basis file without coefficients; fit gives every basis floats_per_token
@@ -173,7 +223,7 @@ def cmd_show(args) -> int:
         print(f"no trajectory plot: a {result.basis} fit has no moving splats")
     elif args.plot:
         model = fixedpos.load(cfg["model"], layer=cfg["layer"]) if cfg.get("model") == fixedpos.DEFAULT_MODEL else None
-        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, 0, model), args.plot))))
+        print("wrote " + ", ".join(map(str, save_figure(trajectory_figure(result, plot_prompt, model), args.plot))))
     return 0
 
 
@@ -220,6 +270,7 @@ def _edit_texts(args, old: FitResult) -> tuple[FitResult, str | list[str]]:
         return old, texts
     if args.text is None:
         raise ValueError("give the edited text (TEXT), or --file with one new text per prompt of the fit")
+    _not_a_path(args.text)
     if args.prompt is not None:
         if not 0 <= args.prompt < B:
             raise ValueError(f"--prompt {args.prompt}: {args.file} holds prompts 0..{B - 1} (--prompt counts from 0)")
@@ -231,12 +282,47 @@ def _edit_texts(args, old: FitResult) -> tuple[FitResult, str | list[str]]:
     return old, args.text
 
 
-def _print_edit_record(e: dict) -> None:
-    print(f"edit script: {[op for op in e['script'] if op[0] != 'equal']}")
-    print(f"transported {len(e['transported'])} splats, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
-          f"({e.get('splats', '?')} splats, a cold fit's budget {e.get('budget', '?')}), "
-          f"{len(e['far_from_edit'])} far from the edit (frozen for {e['frozen_steps']} steps); kept the {e['start']} start "
-          f"of {e['starts_tried']}" + (f" ({e['start_initializer']})" if e['start_initializer'] else ""))
+def _span(text: str | None, offsets, i: int, j: int) -> str | None:
+    """The characters of tokens i..j-1 of ``text`` (offsets [L, 2]), quoted; None where the text is not known."""
+    if text is None or offsets is None or j <= i:
+        return None
+    return repr(text[int(offsets[i][0]):int(offsets[j - 1][1])])
+
+
+def _describe_script(script, old_text=None, old_offsets=None, new_text=None, new_offsets=None) -> str:
+    """The edit script's changes in words, with the texts they touch: insert 'sorted' at token 3; delete ...
+    (the opcodes [tag, i1, i2, j1, j2] printed as lists said nothing without difflib's manual)."""
+    parts = []
+    tokens = lambda a, b: f"token {a}" if b - a == 1 else f"tokens {a}-{b - 1}"  # noqa: E731
+    for tag, i1, i2, j1, j2 in (op for op in script if op[0] != "equal"):
+        old, new = _span(old_text, old_offsets, i1, i2), _span(new_text, new_offsets, j1, j2)
+        if tag == "insert":
+            parts.append(f"insert {new} at {tokens(j1, j2)} of the new text" if new else f"insert {tokens(j1, j2)} of the new text")
+        elif tag == "delete":
+            parts.append(f"delete {old} ({tokens(i1, i2)} of the old text)" if old else f"delete {tokens(i1, i2)} of the old text")
+        elif old and new:
+            parts.append(f"replace {old} with {new} ({tokens(i1, i2)} -> {tokens(j1, j2)})")
+        else:
+            parts.append(f"replace {tokens(i1, i2)} of the old text with {tokens(j1, j2)} of the new")
+    return "; ".join(parts) or "no change"
+
+
+def _print_edit_record(e: dict, old=None, new=None, b: int = 0) -> None:
+    """An edit record in words: the changes (with the texts of ``old`` and ``new`` results' prompt ``b``), the
+    splats carried, pruned and spawned, the frozen far ones, and the start kept."""
+    texts = {}
+    if old is not None and new is not None and old.input_texts and new.input_texts:
+        texts = dict(old_text=old.input_texts[b], old_offsets=None if old.offsets is None else old.offsets[b].tolist(),
+                     new_text=new.input_texts[b], new_offsets=None if new.offsets is None else new.offsets[b].tolist())
+    print(f"edit script: {_describe_script(e['script'], **texts)}")
+    far = len(e["far_from_edit"])
+    frozen = (f"{far} far from the edit, frozen for {e['frozen_steps']} step(s)" if far and e["frozen_steps"]
+              else f"{far} far from the edit, free" if far else "none far from the edit")
+    tried = e["starts_tried"]
+    kept = f"{e['start']} start" + (f" ({e['start_initializer']})" if e["start_initializer"] else "")
+    print(f"splats: transported {len(e['transported'])}, pruned {len(e['pruned'])}, spawned {len(e['spawned'])} "
+          f"({e.get('splats', '?')} in all; a cold fit of the new text has {e.get('budget', '?')}), {frozen}; kept the {kept}"
+          + (", the only one tried" if tried == 1 else f", the best of {tried} starts tried"))
 
 
 def cmd_edit(args) -> int:
@@ -262,19 +348,20 @@ def cmd_edit(args) -> int:
     fresh_init = _fresh_init(args.fresh_init)
     old = splatopt.FitResult.load(args.file)
     old, new_text = _edit_texts(args, old)
+    plot_prompt = _plot_prompt(args, len(old.mask))
     model = _edit_model(args, old)
     result = splatopt.edit(old, new_text, model=model, steps=args.steps, freeze_steps=args.freeze_steps, local=not args.free,
                            far_tolerance=args.far_tolerance, fresh_start=not args.no_fresh_start, hold_budget=not args.no_hold_budget,
                            fresh_near=not args.no_fresh_near, fresh_init=fresh_init, choose=args.choose, device=_device(args.device),
                            record_every=args.record_every, progress=not args.quiet, **options)
     if isinstance(result.edit, list):  # --file: one record per prompt
-        for b, e in enumerate(result.edit[:8]):  # as many as _print_result lists
+        for b, e in enumerate(result.edit[:PRINTED_PROMPTS]):  # as many as _print_result lists
             assert e is not None  # edit() gives every prompt a record
             print(f"[{b}] ", end="")
-            _print_edit_record(e)
+            _print_edit_record(e, old, result, b)
     else:
         assert isinstance(result.edit, dict)  # one new text: one edit record
-        _print_edit_record(result.edit)
+        _print_edit_record(result.edit, old, result)
     _print_result(result, None)
     if args.out:
         print(f"wrote {result.save(args.out)}")
@@ -282,7 +369,7 @@ def cmd_edit(args) -> int:
         import fixedpos
 
         model = model or fixedpos.load(result.config["model"], layer=result.config["layer"])
-        before, after = (old.select([0]), result.select([0])) if isinstance(result.edit, list) else (old, result)
+        before, after = (old.select([plot_prompt]), result.select([plot_prompt])) if isinstance(result.edit, list) else (old, result)
         series = edit_trajectory_series(before, after, model)
         print("wrote " + ", ".join(map(str, save_figure(edit_trajectory_figure(series), args.plot))))
     return 0
@@ -453,9 +540,17 @@ def cmd_meta_train(args) -> int:
         device = net.log_lr_scale.device  # the one train() used (--device auto resolved; under torchrun, rank 0's)
         where = f"{net.meta['world_size']} ranks ({device.type})" if net.meta.get("world_size", 1) > 1 else str(device)
         print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {where}; "
-              f"inner learning-rate scales {[round(x, 3) for x in net.log_lr_scale.detach().exp().tolist()]}")
+              f"inner learning-rate scales {_lr_scales(net.log_lr_scale.detach().exp().tolist())}")
         print(f"wrote {Path(args.out) / 'initializer.safetensors'}, metrics.jsonl, checkpoint.safetensors")
     return 0
+
+
+def _lr_scales(scales: list[float]) -> str:
+    """The meta-learned learning-rate scales named by their parameter group (a bare list of four numbers
+    said nothing of which was whose): "mu x0.67, log_sigma x0.6, weight_logit x0.56, v x0.63"."""
+    from splatopt.optim import GROUPS
+
+    return ", ".join(f"{group} x{scale:.3g}" for group, scale in zip(GROUPS, scales))
 
 
 def cmd_demo(args) -> int:
@@ -468,6 +563,7 @@ def cmd_demo(args) -> int:
 
 
 DEVICE_HELP = "auto (CUDA if available, else the CPU), cpu, cuda or cuda:N"
+PLOT_PROMPT_HELP = "the prompt --plot draws, counting from 0 (default: 0)"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -522,15 +618,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--record-every", type=int, default=5, help="record the splats every this many steps (0: only the last step)")
     p.add_argument("--out", help="write the fit (safetensors + JSON metadata)")
-    p.add_argument("--plot", help="write the trajectory figure of the first prompt (.png, .pdf, .svg)")
+    p.add_argument("--plot", help="write the trajectory figure of one prompt (.png, .pdf, .svg)")
+    p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("show", help="describe a saved fit")
     p.add_argument("file", help="a saved fit (splatopt fit --out)")
     p.add_argument("--prompts", type=int, default=1, metavar="N",
-                   help="list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none")
-    p.add_argument("--plot", help="write the trajectory figure of the first prompt")
+                   help=f"list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (the metrics of "
+                        f"the first max(N, {PRINTED_PROMPTS}) are listed)")
+    p.add_argument("--plot", help="write the trajectory figure of one prompt (.png, .pdf, .svg)")
+    p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("edit", help="re-fit a saved fit to an edited text, warm-started from its splats")
@@ -571,8 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="the re-fit's device: " + DEVICE_HELP)
     p.add_argument("--record-every", type=int, default=2, help="record the splats every this many steps (0: only the last step)")
     p.add_argument("--out", help="write the edited fit")
-    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg; "
-                                  "with --file, of the first prompt)")
+    p.add_argument("--plot", help="write the edit's figure: the fit, the transport jump, the re-fit (.png, .pdf, .svg)")
+    p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP + " (with --file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_edit)
 
@@ -654,7 +753,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command's own line ("splatopt: warning: ..."), not Python's file, line number and
+    the source line that raised it (cli.py:432 "net = meta.train(...)" said nothing to the user)."""
+    return f"splatopt: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _cli_warning  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)

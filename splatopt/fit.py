@@ -118,6 +118,18 @@ class FitResult:
     density: dict[str, Tensor] | None = None
     n_terms: Tensor | None = None
 
+    def __repr__(self) -> str:
+        """One line of what the result holds (the dataclass default printed every tensor of it, thousands
+        of lines for a notebook's ``result``); the tensors are the fields themselves."""
+        s = self.summary()
+        unit = "splats" if self.basis == "splats" else f"{self.basis} terms"
+        acc = f", token_accuracy={s['token_accuracy']:.2%}" if "token_accuracy" in s else ""
+        steps = self.config.get("steps")
+        return (f"FitResult({s['prompts']} prompt(s), {s['tokens']} tokens, {s['terms']} {unit}"
+                f"{'' if steps is None else f', {steps} steps'}{acc}, field_error={s['field_error']:.3f} (relative MSE), "
+                f"cosine={s['cosine']:.3f}, {self.seconds:.2f} s on {self.config.get('device', '?')}; "
+                "fields: texts, token_accuracy, field_error, cosine, splats, history, trajectory, config, ...)")
+
     def summary(self) -> dict:
         """Plain numbers: ``prompts``, ``tokens``, ``basis``, ``terms`` and ``splats`` (totals), means
         over prompts of ``field_error``, ``cosine``, ``floats_per_token`` and ``token_accuracy`` (with
@@ -858,6 +870,12 @@ def fit(
             warnings.warn(f"prompt(s) {diverged.nonzero().flatten().tolist()[:8]} diverged: their splats hold NaN or inf "
                           "(lower the learning rates); save() refuses them, select the other prompts to keep those",
                           RuntimeWarning, stacklevel=2)
+        # finite splats can still render an overflowing field (lr_v = 1e38): an inf field error, [PAD] decoded
+        field_error = per("field_error")
+        overflowed = ~torch.isfinite(field_error) & ~diverged.to(field_error.device)
+        if bool(overflowed.any()):
+            warnings.warn(f"prompt(s) {overflowed.nonzero().flatten().tolist()[:8]} diverged: their splats render a field "
+                          "that overflows (relative field error inf or NaN); lower the learning rates", RuntimeWarning, stacklevel=2)
     return FitResult(
         splats=splats, ids=ids, mask=mask, texts=texts,
         token_accuracy=per("token_accuracy") if decode is not None else None,

@@ -391,8 +391,11 @@ def load_checkpoint(path: Path, net: LearnedInitializer, opt: torch.optim.Optimi
                          "to start the run over, or use another --out") from None
     changed = sorted(k for k, v in cfg.to_dict().items()
                      if saved.get(k) != v and k not in ("outer_steps", "time_limit_s", "log_every", "checkpoint_every"))
-    if changed:
-        raise ValueError(f"{path} was written by a run with other settings ({changed}); resume with the same config or use another --out")
+    if changed:  # each with both values: the keys alone left the user to find what the run had been given
+        given = cfg.to_dict()
+        values = ", ".join(f"{k} = {json.dumps(saved.get(k))} in the run, {json.dumps(given[k])} now" for k in changed)
+        raise ValueError(f"{path} was written by a run with other settings ({values}); resume with the same config (the "
+                         f"run's is {path.parent / 'config.json'}) or use another --out")
     skipped_in_row = int(nonfinite.get("in_row", 0)) if isinstance(nonfinite, dict) else 0
     problems = _checkpoint_problems(tensors, net, step, int(saved.get("outer_steps", cfg.outer_steps)), skipped_in_row)
     if problems:  # checked whole before anything is restored: a damaged file leaves the network as it was
@@ -585,13 +588,17 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         nonfinite_in_row = nonfinite_in_row + 1 if stats["skipped"] else 0
         skipped_since_log += int(stats.pop("skipped"))
         give_up = nonfinite_in_row >= NONFINITE_LIMIT
-        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.outer_steps or give_up):
+        evaluate = evaluator is not None and done % cfg.eval_every == 0
+        # an evaluation step writes its row too: evaluated only on log steps, eval_every = 3 with log_every = 2
+        # evaluated at step 6 and not at 3, with nothing said
+        if rank == 0 and (done % cfg.log_every == 0 or evaluate or done == cfg.outer_steps or give_up):
             # a skipped step's loss may be NaN or inf: written as null, which strict JSON readers accept
             row = {"step": done, **{k: float(v) for k, v in stats.items()}, "nonfinite_skipped": skipped_since_log,
                    "horizon": K, "fraction": frac, "lr": outer_lr(cfg, step), "lr_scales": net.log_lr_scale.detach().exp().tolist(),
                    "elapsed_s": round(time.perf_counter() - began, 3)}
             skipped_since_log = 0
-            if evaluator is not None and done % cfg.eval_every == 0:
+            if evaluate:
+                assert evaluator is not None
                 row.update(evaluator(net))
             append_json_line(log_path, row)
             if writer is not None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import re
@@ -63,7 +64,11 @@ class Objective:
         for term in str(spec).replace(" ", "").split("+"):
             m = re.fullmatch(r"(?:([0-9.eE-]+)\*)?(mse|cosine|ce)", term)
             if not m:
-                raise ValueError(f"objective {spec!r}: cannot read term {term!r}; write e.g. 'mse+ce' or '0.5*mse+ce'")
+                name = term.rpartition("*")[2]
+                close = difflib.get_close_matches(name.lower(), ["mse", "cosine", "ce"], n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
+                raise ValueError(f"objective {spec!r}: cannot read term {term!r}{hint}; the terms are mse, cosine and ce, "
+                                 "each with an optional weight: write e.g. 'mse+ce' or '0.5*mse+ce'")
             try:
                 weights[m.group(2)] += float(m.group(1) or 1.0)
             except ValueError:

@@ -82,6 +82,11 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> 
     return out
 
 
+def _count(n: int, unit: str) -> str:
+    """``n`` and its unit, singular for one: "1 splat", "8 tokens"."""
+    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
+
+
 def _tokens(result, prompt: int, model=None) -> list[str]:
     """Target tokens of a prompt as strings (from the model's tokenizer, else ids)."""
     mask = result.mask[prompt].cpu()
@@ -130,7 +135,7 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
         ax.set_ylabel("position (token)")
         n = int(active.sum())
         acc = f", acc {float(result.token_accuracy[prompt]):.0%}" if result.token_accuracy is not None else ""
-        ax.set_title(title or f"{n} splats, {L} tokens{acc}")
+        ax.set_title(title or f"{_count(n, 'splats')}, {_count(L, 'tokens')}{acc}")
         # a key under the x label: the CLI writes this figure without a caption, and neighbouring bands overlap
         # (sigma is often wider than the spacing of the centres), so what a band is must be said on the figure
         key_color = plt.cm.viridis(0.4)
@@ -178,8 +183,8 @@ def field_figure(target: torch.Tensor, rendered: torch.Tensor, tokens: Sequence[
     """Target and rendered field of one prompt side by side as heatmaps ([L, d] each), and their difference."""
     if target.dim() != 2 or rendered.shape != target.shape:
         raise ValueError(f"field_figure: target {tuple(target.shape)} and rendered {tuple(rendered.shape)} must be one prompt's "
-                         "fields of the same shape [L, d]; pass e.g. field[b, :L] (model.encode(model.tokenize(texts))) and "
-                         "render(result.splats.select(b), L)[0], L = int(result.mask[b].sum())")
+                         "fields of the same shape [L, d]; pass e.g. model.encode(model.tokenize([result.input_texts[b]]))[0] and "
+                         "splatopt.render(result.splats.select(b), L)[0] (a FitResult holds no target field)")
     if tokens is not None and len(tokens) != target.shape[0]:
         raise ValueError(f"field_figure: {len(tokens)} tokens for a field of {target.shape[0]} positions")
     t = target.detach().float().cpu().numpy()[:, :dims]
@@ -207,6 +212,12 @@ def mean_ci95(values) -> tuple[np.ndarray, np.ndarray]:
     return mean, half
 
 
+# the range of a recorded metric, where it has one: curves_figure cuts its confidence band there
+METRIC_BOUNDS = {"token_accuracy": (0.0, 1.0), "cosine": (-1.0, 1.0), "field_error": (0.0, np.inf), "ce": (0.0, np.inf)}
+# axis labels that say what a metric is (field_error is the squared error over the target's squared norm)
+METRIC_LABELS = {"field_error": "relative field error", "ce": "cross-entropy (nats)", "loss": "objective"}
+
+
 def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_accuracy", "field_error"), width: float = COLUMN):
     """Metric vs inner step, mean over prompts with a 95 % confidence band, one line per named run."""
     drawn = {m for hist in histories.values() for m in hist if m != "step"}
@@ -224,8 +235,10 @@ def curves_figure(histories: dict[str, dict], metrics: Sequence[str] = ("token_a
                 (line,) = ax.plot(steps, mean, label=label)
                 # the band in its line's colour: fill_between draws from the patch colour cycle, which keeps in step
                 # with the lines' only while every run draws both
-                ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
-            ax.set_ylabel(metric.replace("_", " "))
+                low, high = METRIC_BOUNDS.get(metric, (-np.inf, np.inf))  # a band past 100 % accuracy is no possible mean
+                ax.fill_between(steps, np.clip(mean - half, low, high), np.clip(mean + half, low, high), color=line.get_color(),
+                                alpha=0.2, lw=0)
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric.replace("_", " ")))
             ax.grid(lw=0.3, alpha=0.4)
         axes[-1, 0].set_xlabel("inner step")
         axes[0, 0].legend(frameon=False)
@@ -394,7 +407,7 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         acc = lambda key: [f"acc {series[key]:.0%}"] if series.get(key) is not None else []
 
         def counts(n: int, tokens: Sequence[str], key: str) -> list[str]:
-            return [f"{n} splats,", f"{len(tokens)} tokens" + ("," if acc(key) else ""), *acc(key)]
+            return [f"{_count(n, 'splats')},", _count(len(tokens), "tokens") + ("," if acc(key) else ""), *acc(key)]
 
         _wrapped_title(ax_fit, ["fit:", *counts(len(transported) + len(pruned), old_tokens, "accuracy_before")])
         _wrapped_title(ax_edit, ["edit"])

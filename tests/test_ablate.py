@@ -108,7 +108,7 @@ def test_killed_study_resumes_without_lost_or_duplicated_rows(tmp_path, corpus_f
             assert entry[f"{m}_ci95"] == pytest.approx(T_975_1 * abs(a[m] - b[m]) / 2)
     assert any(e["token_accuracy_ci95"] > 0 for e in summary), "seeds resample the prompts: replicates differ"
     markdown = (out / "summary.md").read_text()
-    assert markdown == ablate.markdown_table(summary)
+    assert markdown == ablate.markdown_table(summary) + "\n" + ablate.SUMMARY_KEY
     first = summary[0]
     assert (f"| gaussian | additive | 2 | {first['token_accuracy_mean']:.4g} ± {first['token_accuracy_ci95']:.2g} |"
             in markdown)
@@ -151,8 +151,8 @@ mobile = {}
 
 
 @pytest.mark.parametrize("text, message", [
-    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]', r"unknown setting 'kernal'.*valid settings are: .*kernel"),
-    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.lr_muu = [0.1]', r"unknown setting 'optimizer.lr_muu'.*optimizer.lr_mu"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernal = ["erf"]', r"unknown setting 'kernal' \(did you mean 'kernel'\?\).*valid settings are: .*kernel"),
+    ('corpus = "stdlib:test"\nprompts = 4\n[factors]\noptimizer.lr_muu = [0.1]', r"unknown setting 'optimizer.lr_muu' \(did you mean 'optimizer.lr_mu'\?\).*optimizer.lr_mu"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = []', r"factor 'kernel' has no levels"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors]\nkernel = ["erf", "erf"]', r"repeats a level"),
     ('corpus = "stdlib:test"\nprompts = 4\n[factors\nkernel = ["erf"]', r"malformed TOML"),
@@ -346,13 +346,19 @@ def test_prompt_sets_are_disjoint_and_a_short_corpus_is_refused(model, corpus_fi
         ablate._prompt_sets(too_many, model, 0)
 
 
-def test_summary_of_one_replicate_has_no_interval():
+def test_summary_of_one_replicate_has_no_interval(tmp_path):
     rows = [{"levels": {"kernel": "erf"}, "token_accuracy": 0.5, "cosine": 0.9},
             {"levels": {"kernel": "gaussian"}, "token_accuracy": 0.25, "cosine": 0.8}]
     summary = ablate.summarize(rows)
     assert summary[0] == {"kernel": "erf", "n": 1, "token_accuracy_mean": 0.5, "token_accuracy_ci95": None,
                           "cosine_mean": 0.9, "cosine_ci95": None}
     assert "| erf | 1 | 0.5 ± n/a | 0.9 ± n/a |" in ablate.markdown_table(summary)
+    # summary.md says what its numbers are: "0.5476 ± 1.2" said neither what ± is nor that accuracies are fractions
+    ablate.write_summary(rows, tmp_path)
+    written = (tmp_path / "summary.md").read_text()
+    assert written.startswith(ablate.markdown_table(summary))
+    assert "mean ± half-width of its 95 % Student-t interval over the n replicates" in written
+    assert "token_accuracy and field_error (squared error over the target's squared norm) are fractions" in written
     with pytest.raises(ValueError, match=r"metrics \['tokn_accuracy'\] are in no row.*'token_accuracy'"):
         ablate.summarize(rows, metrics=("tokn_accuracy",))
     with pytest.raises(TypeError, match=r"give a tuple"):

@@ -320,7 +320,7 @@ def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
     code = main(["edit", str(path), "sorted", "--steps", "2", "--device", "cpu", "--no-fresh-start", "--objective", "ce",
                  "--optimizer", '{"beta2": 0.9}', "--out", str(tmp_path / "ce.safetensors"), "--quiet"])
     chosen = splatopt.FitResult.load(tmp_path / "ce.safetensors")
-    assert code == 0 and "kept the warm start of 1" in capsys.readouterr().out
+    assert code == 0 and "kept the warm start, the only one tried" in capsys.readouterr().out
     assert chosen.config["objective"] == "1*ce" and chosen.config["optimizer"]["beta2"] == 0.9
     assert chosen.config["optimizer"] == {**fitted.config["optimizer"], "schedule": "constant", "beta2": 0.9}
     code = main(["edit", str(path), TEXT.replace("ascending", "descending"), "--steps", "2", "--device", "cpu", "--fresh-init",
@@ -329,7 +329,24 @@ def test_cli_edit_re_fits_a_saved_run(tmp_path, fitted, capsys):
     assert code == 0 and record["starts_tried"] == 2 and record["start_initializer"] in (None, "grid")
     code = main(["edit", str(path), TEXT.replace("ascending", "descending"), "--steps", "2", "--device", "cpu",
                  "--no-fresh-near", "--free", "--freeze-steps", "1", "--quiet"])
-    assert code == 0 and "frozen for 1 steps); kept the warm start of 1" in capsys.readouterr().out
+    assert code == 0 and "frozen for 1 step(s); kept the warm start, the only one tried" in capsys.readouterr().out
+
+
+def test_cli_edit_says_the_changes_in_words_with_the_texts_they_touch(tmp_path, fitted, capsys):
+    """The edit script was printed as difflib's opcodes ([['insert', 3, 3, 3, 4]]), which said nothing of
+    what changed without difflib's manual; and "of 4" after the kept start read as a count of splats."""
+    from splatopt.cli import main
+
+    path = fitted.save(tmp_path / "run.safetensors")
+    new = TEXT.replace("new", "sorted")
+    assert main(["edit", str(path), new, "--steps", "2", "--device", "cpu", "--no-fresh-start", "--no-fresh-near", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "edit script: replace 'new' with 'sorted' (token 2 -> token 2)" in printed and "['replace'" not in printed
+    assert "splats: transported " in printed and "kept the warm start, the only one tried" in printed
+    from splatopt.cli import _describe_script
+
+    assert _describe_script([["equal", 0, 2, 0, 2], ["insert", 2, 2, 2, 4], ["delete", 5, 6, 7, 7]]) == \
+        "insert tokens 2-3 of the new text; delete token 5 of the old text"
 
 
 

@@ -142,6 +142,19 @@ def test_fit_result_save_load_round_trip(tmp_path, model, short_prompts):
         FitResult.load(path, expect_model_hash="0" * 64)
 
 
+def test_a_result_prints_as_one_line_of_its_metrics_not_every_tensor(model, short_prompts):
+    """`result` in a notebook printed the dataclass default: every tensor of the history and trajectory,
+    thousands of lines for a 300-step fit. It is one line now, for a fixed basis (no splats) too."""
+    result = fit(short_prompts[:2], model, n_splats=0.5, steps=5, device="cpu", progress=False)
+    text = repr(result)
+    assert "\n" not in text and len(text) < 400 and "tensor(" not in text
+    s = result.summary()
+    assert text.startswith(f"FitResult(2 prompt(s), {s['tokens']} tokens, {s['splats']} splats, 5 steps")
+    assert f"token_accuracy={s['token_accuracy']:.2%}" in text and "on cpu" in text
+    dct = fit(short_prompts[:1], model, n_splats=0.5, steps=2, basis="dct", device="cpu", progress=False)
+    assert "dct terms" in repr(dct) and "\n" not in repr(dct)
+
+
 def test_a_result_loaded_onto_a_device_keeps_its_counters_on_the_cpu_as_fit_does(tmp_path, model, short_prompts):
     # fit keeps n_terms, skipped_steps, floats_per_token and density counts on the CPU; a result loaded
     # with device="cuda" must too, or FitResult.cat of it and a new fit fails ("meta": any non-CPU device)
@@ -308,6 +321,78 @@ def test_cli_refuses_an_unwritable_output_before_fitting(tmp_path, capsys, monke
     for command in (["fit", "Return the sum of two numbers."], ["edit", str(tmp_path / "run.safetensors"), "New text."]):
         assert main([*command, option, str(tmp_path / value), "--device", "cpu", "--quiet"]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, hint", [("traj.png", "the figure goes to --plot"), ("run.json", "run.safetensors")])
+def test_cli_refuses_an_out_named_as_a_figure_or_json_before_fitting(tmp_path, capsys, monkeypatch, out, hint):
+    """`--out traj.png` (meant as --plot) wrote safetensors bytes into traj.png, replacing the figure there;
+    --out run.json wrote safetensors that no JSON reader opens. Both are refused with the name to give."""
+    from splatopt.cli import main
+
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    (tmp_path / out).write_bytes(b"a figure already here")
+    for command in (["fit", "Return the sum of two numbers."], ["edit", str(tmp_path / "run.safetensors"), "New text."],
+                    ["demo"]):
+        assert main([*command, "--out", str(tmp_path / out), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "the fit is written as safetensors" in err and hint in err
+    assert (tmp_path / out).read_bytes() == b"a figure already here"
+
+
+def test_cli_says_how_many_prompts_its_listing_left_out_and_show_lists_them(tmp_path, capsys):
+    """fit and show list 8 prompts; the 9th and later were left out without a word, so a fit of 12 prompts
+    read as one of 8. The metric names say what they are (a relative field error, not an MSE in field units)."""
+    from splatopt.cli import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"Return item number {i} of the list.\n" for i in range(10)))
+    out = tmp_path / "run.safetensors"
+    assert main(["fit", "--file", str(texts), "--steps", "0", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[7] " in printed and "[8] " not in printed
+    assert f"... and 2 more prompt(s), not listed (splatopt show {out} --prompts 10 lists them)" in printed
+    assert "relative field error" in printed and "10 prompts, " in printed and "means over prompts" in printed
+    assert main(["show", str(out), "--prompts", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "[9] " in printed and "more prompt(s)" not in printed
+
+
+def test_cli_plot_prompt_draws_the_prompt_asked_for_and_refuses_one_out_of_range(tmp_path, capsys, monkeypatch):
+    """--plot drew prompt 0 of a fit of several prompts, with no way to draw another."""
+    from splatopt import plot as plot_module
+    from splatopt.cli import main
+
+    out = tmp_path / "run.safetensors"
+    args = ["Return the sum of two numbers.", "Close the file now.", "--steps", "2", "--device", "cpu", "--quiet"]
+    assert main(["fit", *args, "--out", str(out)]) == 0
+    drawn = []
+    real = plot_module.trajectory_figure
+    monkeypatch.setattr(plot_module, "trajectory_figure", lambda result, prompt=0, *a, **k: drawn.append(prompt) or real(result, prompt, *a, **k))
+    assert main(["show", str(out), "--plot", str(tmp_path / "p.png"), "--plot-prompt", "1"]) == 0
+    assert drawn == [1] and (tmp_path / "p.png").is_file()
+    capsys.readouterr()
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before checking --plot-prompt"))
+    assert main(["fit", *args, "--plot", str(tmp_path / "q.png"), "--plot-prompt", "2"]) == 2
+    assert "--plot-prompt 2: the fit holds prompts 0..1" in capsys.readouterr().err
+    assert main(["show", str(out), "--plot-prompt", "1"]) == 2
+    assert "give --plot FILE too" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_file_name_given_as_the_text_and_points_at_file(tmp_path, capsys, monkeypatch):
+    """`splatopt fit texts.txt` fitted the literal text "texts.txt" (4 tokens) instead of the file's texts;
+    `splatopt edit run.safetensors new.txt` did the same with the edit."""
+    from splatopt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("Return the sum of two numbers.\n")
+    monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted a file name as a text"))
+    assert main(["fit", "texts.txt", "--device", "cpu", "--quiet"]) == 2
+    assert "'texts.txt' is the name of a file here, not a text: to use the texts in it, give --file texts.txt" in capsys.readouterr().err
+    monkeypatch.undo()
+    fit(Targets(torch.randn(1, 4, 8)), n_splats=2, steps=1, objective="mse", device="cpu", progress=False).save(tmp_path / "run.safetensors")
+    monkeypatch.setattr(splatopt, "edit", lambda *a, **k: pytest.fail("re-fitted a file name as a text"))
+    assert main(["edit", str(tmp_path / "run.safetensors"), str(tmp_path / "texts.txt"), "--device", "cpu", "--quiet"]) == 2
+    assert f"give --file {tmp_path / 'texts.txt'}" in capsys.readouterr().err
 
 
 def test_cli_skips_the_trajectory_plot_of_a_fixed_basis_instead_of_crashing(tmp_path, capsys):
@@ -696,7 +781,8 @@ def test_cli_help_shows_the_defaults_and_what_each_option_means(capsys, tmp_path
     assert "--steps STEPS re-fit steps (default: 60)" in _help(["edit"], capsys)
     assert "(default: 100 150 200)" in _help(["bench"], capsys)
     # --prompts is a count, not a list of prompts
-    assert "--prompts N list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (default: 1)" in _help(["show"], capsys)
+    assert "--prompts N list the splats (slot, mu, sigma, weight, |v|) of the first N prompts; 0: none (the metrics of the first " \
+        "max(N, 8) are listed) (default: 1)" in _help(["show"], capsys)
 
 
 def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
@@ -714,6 +800,23 @@ def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
     proc.stdout.close()  # the reader is gone before the command writes (it is still importing torch)
     _, err = proc.communicate(timeout=120)
     assert err.decode() == "" and proc.returncode == 141
+
+
+def test_cli_warnings_read_as_the_commands_own_lines_not_python_source(tmp_path):
+    """A warning printed Python's file, line number and source line ("cli.py:432: UserWarning: ... net =
+    meta.train(cfg, ...)"); the command now says "splatopt: warning: ..." and nothing else."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "splatopt", "fit", "Close the file now.", "--optimizer", '{"lr_v": 1e20}',
+                           "--steps", "2", "--device", "cpu", "--quiet"], capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and err.startswith("splatopt: warning: prompt(s) [0] diverged"), err
+    assert "Warning:" not in err and ".py:" not in err and "warnings.warn" not in err
 
 
 def _bare_field(B=2, L=6, d=8, seed=0) -> Targets:
@@ -812,6 +915,17 @@ def test_a_diverged_fit_warns_and_save_refuses_what_load_would_refuse(tmp_path):
     assert not (tmp_path / "run.safetensors").exists()
     kept = FitResult.load(result.select([1]).save(tmp_path / "kept.safetensors"))
     assert torch.equal(kept.splats.mu, result.splats.mu[1:].cpu())
+
+
+def test_a_fit_whose_finite_splats_render_an_overflowing_field_warns_too():
+    """lr_v = 1e20 leaves every splat finite (about 1e20) but their squared error overflows: the fit printed
+    "relative field error inf" and decoded [PAD] everywhere without the warning a diverged fit gives."""
+    from splatopt import InnerOptimizer
+
+    opts = dict(n_splats=2, steps=3, objective="mse", device="cpu", progress=False)
+    with pytest.warns(RuntimeWarning, match=r"prompt\(s\) \[0, 1\] diverged: their splats render a field that overflows"):
+        result = fit(_bare_field(), optimizer=InnerOptimizer(lr_v=1e20), **opts)
+    assert torch.isfinite(result.splats.v).all() and not torch.isfinite(result.field_error).any()
 
 
 def test_a_truncated_grid_fit_starts_at_its_least_squares_optimum():

@@ -154,3 +154,22 @@ def test_version_names_the_distribution_fixedpos_ships_in(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"fixedpos (splatopt {importlib.metadata.version('splatopt')})"
+
+
+def test_every_option_of_both_commands_says_what_it_does_in_its_help():
+    """fixedpos info --text, roundtrip --all-layers and --seed showed a bare name in --help; roundtrip --n
+    did not say that passages under 8 tokens are skipped (a file of 3 texts reported 2 prompts)."""
+    import argparse
+
+    from fixedpos.cli import build_parser as fixedpos_parser
+    from splatopt.cli import build_parser as splatopt_parser
+
+    bare = []
+    for name, parser in (("fixedpos", fixedpos_parser()), ("splatopt", splatopt_parser())):
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        for command, sub in commands.items():
+            bare += [f"{name} {command} {a.option_strings[-1]}" for a in sub._actions
+                     if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
+    assert bare == []
+    roundtrip = next(a for a in fixedpos_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["roundtrip"]
+    assert "8 to 64 tokens" in next(a.help for a in roundtrip._actions if "--n" in a.option_strings)

@@ -165,6 +165,17 @@ def tiny_config(**over):
     return meta.MetaConfig(**{**base, **over})
 
 
+def test_validation_runs_every_eval_every_steps_whatever_log_every_is(tmp_path, model, bank):
+    """Evaluation ran only on log steps: eval_every = 3 with log_every = 2 evaluated at step 6, not at 3."""
+    import json
+
+    cfg = tiny_config(outer_steps=4, log_every=2, eval_every=3, eval_prompts=2)
+    meta.train(cfg, tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    assert [r["step"] for r in rows if "val_token_accuracy_0" in r] == [3]
+
+
 def train_until_killed_at_step_3(monkeypatch, cfg, out, model, bank) -> None:
     """Meta-train into ``out`` and kill the run as it logs step 3 (after the step-2 checkpoint)."""
     original = meta.append_json_line
@@ -187,7 +198,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, bank, monkeypa
     train_until_killed_at_step_3(monkeypatch, tiny_config(), tmp_path / "cut", model, bank)
     with pytest.raises(ValueError, match="--resume"):
         meta.train(tiny_config(), tmp_path / "cut", model=model, bank=bank, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="other settings"):
+    # each changed setting with both values (the keys alone left the user to find what the run had been given)
+    with pytest.raises(ValueError, match=r"other settings \(lr = 0.0003 in the run, 0.01 now\); .*config.json"):
         meta.train(tiny_config(lr=1e-2), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
     resumed = meta.train(tiny_config(), tmp_path / "cut", resume=True, model=model, bank=bank, device="cpu", progress=False)
     again = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
@@ -568,7 +580,9 @@ def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, ban
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto is the CPU here
     assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "s on cpu; inner learning-rate scales" in printed and "on auto" not in printed
+    assert "s on cpu; inner learning-rate scales mu x" in printed and "on auto" not in printed
+    # each scale is named by its group: a bare list of four numbers said nothing of which was whose
+    assert all(f"{group} x" in printed for group in ("log_sigma", "weight_logit", ", v")), printed
 
 
 def test_meta_training_and_loading_an_initializer_leave_the_callers_random_state(tmp_path, model, bank):

@@ -150,6 +150,17 @@ def test_objective_parse_refuses_what_it_cannot_read(spec):
 
 
 @pytest.mark.parametrize("spec, message", [
+    ("0.5*mse+ce+cosin", r"cannot read term 'cosin' \(did you mean 'cosine'\?\); the terms are mse, cosine and ce"),
+    ("mse+CE", r"cannot read term 'CE' \(did you mean 'ce'\?\)"), ("mse+cee", r"\(did you mean 'ce'\?\)"),
+    ("mse+0.1*cos", r"\(did you mean 'cosine'\?\)"), ("mse+foo", r"cannot read term 'foo'; the terms are mse, cosine and ce"),
+])
+def test_a_misspelt_objective_term_is_named_with_the_terms_there_are(spec, message):
+    """A typo ('cosin', 'CE') said only "cannot read term": not which terms exist, nor the one meant."""
+    with pytest.raises(ValueError, match=message):
+        Objective.parse(spec)
+
+
+@pytest.mark.parametrize("spec, message", [
     ("0*mse", "every weight is 0"), ("-1*mse", r"weights \{'mse': -1.0\}: each must be a finite number >= 0"),
     ("1e999*mse", "inf"), ("1e*mse", "'1e' in term '1e\\*mse' is not a number"), ({"ce": float("nan")}, "nan"),
 ])

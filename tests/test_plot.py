@@ -141,6 +141,17 @@ def test_mean_ci95_and_curves_figure():
     assert len(fig.axes[0].lines) == 2
 
 
+def test_curves_figure_cuts_a_bounded_metrics_band_at_its_bounds_and_names_the_relative_field_error():
+    """The 95 % band of a token accuracy near 100 % reached 105 %, a mean no fit can have; the field error's
+    axis said "field error" without saying it is relative to the target's norm."""
+    values = np.array([[0.5, 0.9, 1.0], [0.8, 1.0, 1.0]])  # [S, B]: intervals that pass 1.0 at both steps
+    hist = {"step": torch.tensor([0, 5]), "token_accuracy": torch.tensor(values), "field_error": torch.rand(2, 3)}
+    fig = curves_figure({"a": hist})
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() <= 1.0 and band.min() >= 0.0
+    assert fig.axes[1].get_ylabel() == "relative field error"
+
+
 def test_curves_figure_refuses_a_metric_no_run_recorded():
     """An unknown metric name drew an empty panel, as if the runs had recorded nothing."""
     hist = {"step": torch.tensor([0, 5]), "token_accuracy": torch.ones(2, 3)}
@@ -154,8 +165,10 @@ def test_field_figure_refuses_fields_of_other_shapes_or_token_counts():
     target = torch.zeros(5, 8)
     with pytest.raises(ValueError, match=r"target \(5, 8\) and rendered \(4, 8\) must be one prompt's fields"):
         field_figure(target, torch.zeros(4, 8))
-    with pytest.raises(ValueError, match=r"target \(1, 5, 8\)"):
+    with pytest.raises(ValueError, match=r"target \(1, 5, 8\)") as err:
         field_figure(target[None], target[None])
+    # the recipe it gives runs: the message named result.target, which a FitResult does not have
+    assert "model.encode(model.tokenize([result.input_texts[b]]))[0]" in str(err.value) and "result.target" not in str(err.value)
     with pytest.raises(ValueError, match="3 tokens for a field of 5 positions"):
         field_figure(target, target, tokens=["a", "b", "c"])
 
@@ -200,3 +213,13 @@ def test_cli_refuses_an_output_under_a_file_before_fitting(option, monkeypatch, 
     monkeypatch.setattr(splatopt, "fit", lambda *a, **k: pytest.fail("fitted before refusing the output"))
     assert main(["fit", "Some text.", option, str(tmp_path / "afile" / "run.png"), "--device", "cpu"]) == 2
     assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_trajectory_figure_title_says_1_splat_not_1_splats():
+    import splatopt
+
+    field = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(0))
+    result = splatopt.fit(field, n_splats=1, steps=2, record_every=1, objective="mse", device="cpu", progress=False)
+    from splatopt.plot import trajectory_figure
+
+    assert trajectory_figure(result).axes[0].get_title() == "1 splat, 3 tokens"
