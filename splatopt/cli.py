@@ -532,9 +532,17 @@ def _with_overrides(config: dict, assignments: list[str]) -> dict:
 def cmd_meta_train(args) -> int:
     from splatopt import meta
 
-    cfg = meta.MetaConfig.from_toml(args.config)
+    config = args.config
+    if config is None:  # a resume reads the run's own settings: repeating --config and every --set was easy to get wrong
+        if not args.resume:
+            raise ValueError("give --config (a TOML file of MetaConfig keys), or --resume to continue the run in --out")
+        config = Path(args.out) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"--resume: {config} does not exist, so there is no run to continue in {args.out}; check --out, "
+                             "or give --config")
+    cfg = meta.MetaConfig.from_file(config)
     if args.set:
-        cfg = meta.MetaConfig.from_dict(_with_overrides(cfg.to_dict(), args.set), f"{args.config} with --set")
+        cfg = meta.MetaConfig.from_dict(_with_overrides(cfg.to_dict(), args.set), f"{config} with --set")
     net = meta.train(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         device = net.log_lr_scale.device  # the one train() used (--device auto resolved; under torchrun, rank 0's)
@@ -735,7 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("meta-train", help="meta-train the splat initializer (bilevel; runs under torchrun too)")
-    p.add_argument("--config", required=True, help="TOML of splatopt.meta.MetaConfig keys, e.g. splatopt/initializers/minilm-l6-layer2.toml")
+    p.add_argument("--config", default=None,
+                   help="TOML of splatopt.meta.MetaConfig keys, e.g. splatopt/initializers/minilm-l6-layer2.toml (or a run's "
+                        "config.json); with --resume, default: the run's own config.json (--set may still raise outer_steps "
+                        "or time_limit_s)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.safetensors, metrics.jsonl, initializer.safetensors")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint left it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value); repeatable")

@@ -67,7 +67,7 @@ NONFINITE_LIMIT = 20  # consecutive outer steps with a non-finite gradient befor
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """Everything that decides a meta-training run (a TOML file's keys, flat; see ``from_toml``).
+    """Everything that decides a meta-training run (a TOML file's keys, flat; see ``from_file``).
 
     Data: ``corpus`` (``stdlib:train``, ``licenses`` or a .txt/.jsonl path), ``prompts`` sampled
     from it with ``min_tokens..max_tokens`` tokens (a cap: a smaller corpus gives fewer, with a
@@ -187,19 +187,25 @@ class MetaConfig:
                 raise ValueError(f"{name}={err}") from None
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "MetaConfig":
-        """Read a TOML file of ``MetaConfig`` keys; unknown keys are an error naming them."""
+    def from_file(cls, path: str | Path) -> "MetaConfig":
+        """Read a TOML file of ``MetaConfig`` keys, or a run's ``config.json`` (a ``.json`` file);
+        unknown keys are an error naming them."""
         path = Path(path)
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
         if path.is_dir():
-            raise ValueError(f"meta-training config {path} is a folder: give a TOML file of MetaConfig keys")
+            hint = f" (a run folder's config is {path / 'config.json'})" if (path / "config.json").is_file() else ""
+            raise ValueError(f"meta-training config {path} is a folder: give a TOML file of MetaConfig keys{hint}")
         if not path.is_file():
             raise FileNotFoundError(f"meta-training config {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML ({err})") from err
+            text = path.read_text(encoding="utf-8")
+            raw = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid {kind} ({err})") from err
         except UnicodeDecodeError:  # e.g. a .safetensors file given as the config
             raise ValueError(f"meta-training config {path} is not a text file: give a TOML file of MetaConfig keys") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config is an object of MetaConfig keys, not {type(raw).__name__}")
         return cls.from_dict(raw, str(path))
 
     @classmethod

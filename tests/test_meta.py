@@ -275,12 +275,12 @@ def test_config_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('inner_step = 10\n')
     with pytest.raises(ValueError, match="inner_step"):
-        meta.MetaConfig.from_toml(bad)
+        meta.MetaConfig.from_file(bad)
     with pytest.raises(ValueError, match="mode"):
         meta.MetaConfig(mode="second-order")
     with pytest.raises(ValueError, match="lr_muu"):
         meta.MetaConfig(inner_optimizer={"lr_muu": 0.1})
-    shipped = meta.MetaConfig.from_toml(ROOT / "splatopt" / "initializers" / "minilm-l6-layer2.toml")
+    shipped = meta.MetaConfig.from_file(ROOT / "splatopt" / "initializers" / "minilm-l6-layer2.toml")
     assert shipped.model == "minilm-l6" and shipped.layer == 2
 
 
@@ -597,3 +597,31 @@ def test_meta_training_and_loading_an_initializer_leave_the_callers_random_state
     again = meta.train(tiny_config(outer_steps=1), tmp_path / "again", model=model, bank=bank, device="cpu", progress=False)
     for (name, p), q in zip(net.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), name  # still seeded by cfg.seed alone
+
+
+def test_cli_resume_reads_the_runs_own_config_without_repeating_config_and_set(tmp_path, model, bank, capsys, monkeypatch):
+    """A resume needed --config and every --set of the first run again, and the refusal pointed at the
+    run's config.json, which --config could not read (it took TOML only)."""
+    import json
+
+    from splatopt.cli import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("prompts = 6\nouter_steps = 2\nbatch = 3\nwidth = 16\nheads = 2\nlayers = 1\ninner_steps = 2\n"
+                   "log_every = 1\ncheckpoint_every = 2\nwarmup = 1\nfractions = [0.25, 0.5]\n")
+    given = []
+    train = meta.train
+    monkeypatch.setattr(meta, "train", lambda c, out, **kw: given.append(c) or train(c, out, model=model, bank=bank, **kw))
+    run = tmp_path / "run"
+    assert main(["meta-train", "--config", str(cfg), "--set", "lr=0.002", "--out", str(run), "--device", "cpu", "--quiet"]) == 0
+    assert main(["meta-train", "--out", str(run), "--resume", "--set", "outer_steps=3", "--device", "cpu", "--quiet"]) == 0
+    assert given[1] == meta.MetaConfig.from_dict({**given[0].to_dict(), "outer_steps": 3})  # lr=0.002 carried over
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and json.loads((run / "config.json").read_text())["outer_steps"] == 3
+    assert main(["meta-train", "--config", str(run / "config.json"), "--out", str(run), "--resume", "--device", "cpu",
+                 "--quiet"]) == 0  # the config.json the refusal names is a config --config reads
+    capsys.readouterr()
+    assert main(["meta-train", "--out", str(tmp_path / "other"), "--device", "cpu"]) == 2
+    assert "give --config (a TOML file of MetaConfig keys), or --resume" in capsys.readouterr().err
+    assert main(["meta-train", "--out", str(tmp_path / "none"), "--resume", "--device", "cpu"]) == 2
+    assert "config.json does not exist, so there is no run to continue" in capsys.readouterr().err
