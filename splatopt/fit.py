@@ -496,6 +496,24 @@ def _check_ids(ids, mask: Tensor, model) -> Tensor:
     return ids.long()
 
 
+def _check_field_scale(field: Tensor, mask: Tensor) -> None:
+    """ValueError for a prompt whose relative field error the fit cannot compute: a zero target (the
+    error over its squared norm is undefined), or one whose squares overflow or underflow the dtype.
+    field [B, L, d] (finite), mask [B, L] bool."""
+    info = torch.finfo(field.dtype)
+    peak = torch.where(mask[..., None], field, 0.0).abs().amax((1, 2)).cpu()  # [B]
+    count = (mask.sum(-1) * field.shape[-1]).cpu()
+    zero, huge = peak == 0, peak > (info.max / count).sqrt()
+    tiny = ~zero & (peak < math.sqrt(info.tiny / info.eps))  # squares below the normal range lose their digits
+    for bad, what in ((zero, "is zero at every valid position: its relative field error (the error over its squared norm) "
+                             "is undefined; drop the prompt"),
+                      (huge, f"reaches {{:.3g}}: its squared norm overflows {info.dtype}; scale the field down"),
+                      (tiny, f"is at most {{:.3g}} in magnitude: its squares underflow {info.dtype}; scale the field up")):
+        if bad.any():
+            b = int(bad.nonzero()[0])
+            raise ValueError(f"prompt {b} of the given field " + what.format(float(peak[b])))
+
+
 def _prepare_targets(texts_or_fields, model, device, dtype):
     """(field [B, L, d], mask, ids or None, input texts or None, offsets or None, encode seconds)."""
     started = time.perf_counter()
@@ -534,6 +552,7 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
         if bad.any():
             b, pos = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"the given field holds NaN or inf at prompt {b}, position {pos}: clean the field first")
+        _check_field_scale(field, mask)
         if model is not None and field.shape[-1] != model.dim:
             raise ValueError(f"the given field has width {field.shape[-1]} but {model.name} has d={model.dim}")
         ids = None if t.ids is None else _check_ids(t.ids, mask, model).to(device)

@@ -974,3 +974,19 @@ def test_a_warm_start_fit_records_the_starts_counts_not_the_default_budget():
     given = fit(field, n_splats=4, init=WarmStart(start), steps=1, objective="mse", device="cpu", progress=False)
     assert given.config["n_splats"] == 4  # a given n_splats is the density cap, recorded as given
     assert fit(field, steps=0, objective="mse", device="cpu", progress=False).config["n_splats"] == 0.5
+
+
+@pytest.mark.parametrize("scale, message", [
+    (0.0, "prompt 1 of the given field is zero at every valid position: its relative field error"),
+    (1e18, "prompt 1 of the given field reaches 3.*e\\+18: its squared norm overflows float32; scale the field down"),
+    (1e-17, "prompt 1 of the given field is at most 3.*e-17 in magnitude: its squares underflow float32; scale the field up"),
+])
+def test_a_field_whose_relative_error_cannot_be_computed_is_refused(scale, message):
+    """A zero target gave an infinite error; a field of 1e18 overflowed its squared norm, so every step
+    was skipped and the fit ended where it began, with only a 'diverged' warning."""
+    field = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    field[1] = field[1] / field[1].abs().max() * 3.0 * scale  # peak exactly 3 * scale
+    with pytest.raises(ValueError, match=message):
+        fit(Targets(field), n_splats=2, steps=1, objective="mse", device="cpu", progress=False)
+    if scale:
+        assert fit(Targets(field), n_splats=2, steps=1, objective="mse", device="cpu", progress=False, dtype=torch.float64).field_error.isfinite().all()

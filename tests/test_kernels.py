@@ -601,3 +601,15 @@ def test_fused_fit_with_frozen_splats_that_may_move(model, short_prompts):
     torch.testing.assert_close(moved.splats.v[held], start.splats.v[held])
     unfrozen = _fit(short_prompts[:2], model, True, steps=4, frozen_moves=True)  # nothing frozen: the fused loop
     assert unfrozen.config["fused"] is True and torch.isfinite(unfrozen.field_error).all()
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e12])
+def test_fused_loss_matches_the_reference_at_any_field_scale(scale):
+    """The fused MSE's floor on the target's squared norm is relative_mse's: at a field of scale 1e-9
+    both read the error against the norm, not against a fixed 1e-12."""
+    splats, target, token_mask = make_case(seed=5)
+    splats = splats.with_params({"v": splats.v * scale})
+    ref = loss_and_grads(splats, target * scale, token_mask, "mse", False)
+    assert_matches(loss_and_grads(splats, target * scale, token_mask, "mse", True), ref, 1e-4)
+    unscaled = loss_and_grads(splats.with_params({"v": splats.v / scale}), target, token_mask, "mse", False)[0]
+    torch.testing.assert_close(ref[0], unscaled, rtol=1e-4, atol=0)

@@ -232,3 +232,15 @@ def test_numpy_weights_are_numbers():
     assert objective == Objective(mse=0.5, ce=1.0) and type(objective.mse) is float and str(objective) == "0.5*mse+1*ce"
     with pytest.raises(ValueError, match="each must be a finite number >= 0"):
         Objective(mse=np.float32(-1.0))
+
+
+@FAST
+@given(exponent=st.integers(-15, 15), seed=st.integers(0, 10_000))
+def test_relative_mse_does_not_depend_on_the_fields_scale(exponent, seed):
+    """It is the error over the target's squared norm: scaling field and target together leaves it.
+    A fixed floor of 1e-12 on the squared norm read a field of norm 1e-7 as error 0."""
+    g = torch.Generator().manual_seed(seed)
+    field, target = torch.randn(2, 2, 5, 3, generator=g)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    scale = 10.0 ** exponent
+    torch.testing.assert_close(relative_mse(field * scale, target * scale, mask), relative_mse(field, target, mask), rtol=1e-5, atol=0)

@@ -22,7 +22,7 @@ from ..objectives import Objective
 from ..splats import SIGMA_MAX, SIGMA_MIN
 
 COS_EPS = 1e-8  # mean_cosine's eps (torch.cosine_similarity)
-REF_MIN = 1e-12  # relative_mse's clamp of the target's squared norm
+REF_MIN = torch.finfo(torch.float32).tiny  # relative_mse's clamp of the target's squared norm (float32 kernels)
 MAX_SLOTS = 128  # a[BLOCK_L, BLOCK_N] lives in registers; beyond this the unfused path is the better one
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 

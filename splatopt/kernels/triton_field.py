@@ -183,7 +183,7 @@ def field_loss_kernel(
                 tl.store(sc + 1, r2)
         if NEED_GRAD:
             tl.debug_barrier()  # sweep 1's scratch stores, by other threads, visible to sweep 2
-            c1 = 2.0 * w_mse / tl.maximum(tl.sum(ref_acc, axis=0), 1e-12)
+            c1 = 2.0 * w_mse / tl.maximum(tl.sum(ref_acc, axis=0), 1.1754943508222875e-38)  # fused.REF_MIN
             k = w_cos / tl.maximum(tl.sum(cnt_acc, axis=0), 1.0)
             # ---- sweep 2: dL/dF = (c1 + k r2) F + (-k r1 - c1) T on valid tokens; d-tiles outer
             for d0 in range(0, D, BLOCK_D):
