@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -155,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--all-layers", action="store_true", help="every layer of the model, 0 to its last block (instead of --layer)")
     p.add_argument("--n", type=int, default=512,
-                   help="prompts per corpus, drawn from its passages of 8 to 64 tokens (shorter and longer ones, a file's "
-                        "lines too, are skipped: the prompts column counts those used; default: 512)")
+                   help="prompts per corpus (default: 512): its passages (a file's lines) of under 8 tokens are skipped, "
+                        "longer ones cut to at most 64 tokens at a word boundary; the prompts column counts those used")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt sample (default: 0)")
     p.add_argument("--corpus", nargs="+", default=["stdlib:validation", "licenses"],
                    help="corpora: stdlib:SPLIT, licenses, or a .txt/.jsonl path (default: stdlib:validation licenses)")
@@ -181,19 +183,27 @@ def _distribution_version() -> str:
         return "not installed: run from a source checkout"
 
 
-def _cli_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as the command's own line ("fixedpos: warning: ..."), not Python's file and source line."""
-    return f"fixedpos: warning: {message}\n"
+@contextlib.contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """Inside, a warning prints as the command's own line ("splatopt: warning: ..."), not as Python's file,
+    line number and the source line that raised it (cli.py:432 "net = meta.train(...)" said nothing to a
+    user); a category other than the UserWarning and RuntimeWarning the packages raise is named."""
+    import warnings
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        kind = "" if category in (UserWarning, RuntimeWarning) else f" ({category.__name__})"
+        return f"{prog}: warning{kind}: {message}\n"
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
-    formatwarning, warnings.formatwarning = warnings.formatwarning, _cli_warning  # type: ignore[assignment]
-    try:
+    with warnings_as_lines("fixedpos"):
         return _main(argv)
-    finally:
-        warnings.formatwarning = formatwarning
 
 
 def _main(argv: list[str] | None) -> int:

@@ -42,15 +42,15 @@ def _n_splats(text: str) -> float | int:
     return value if value < 1 or "." in text else int(value)
 
 
-FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
-# suffixes that say a file is something other than a fit: --out refuses them (any other name is written as safetensors)
-NOT_A_FIT_FILE = FIGURE_SUFFIXES + (".json", ".jsonl", ".txt", ".csv", ".md", ".toml", ".pt", ".pth", ".pkl", ".npz", ".npy")
+# suffixes that say a file is something other than a fit (besides a figure's): --out refuses them (any other
+# name is written as safetensors)
+NOT_A_FIT_FILE = (".json", ".jsonl", ".txt", ".csv", ".md", ".toml", ".pt", ".pth", ".pkl", ".npz", ".npy")
 
 
 def _check_outputs(args) -> None:
     """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
     from fixedpos.cache import check_output_path
-    from splatopt.plot import check_figure_path
+    from splatopt.plot import check_figure_path, figure_formats
 
     out = getattr(args, "out", None)
     if out and Path(out).is_dir():
@@ -66,11 +66,12 @@ def _check_outputs(args) -> None:
         if getattr(args, "record_every", None) == 0:  # the plot draws the recorded steps; 0 records the last alone
             raise ValueError("--plot draws the splats' recorded trajectory, and --record-every 0 records only the last step; "
                              "give --record-every 5 (or leave it out)")
-    if out and Path(out).suffix.lower() in NOT_A_FIT_FILE:
+    suffix = Path(out).suffix.lower() if out else ""
+    figure = bool(suffix) and suffix.lstrip(".") in figure_formats()
+    if out and (suffix in NOT_A_FIT_FILE or figure):
         # --out traj.png (meaning --plot) wrote safetensors into a .png and replaced the figure it named
-        raise ValueError(f"--out {out}: the fit is written as safetensors, not {Path(out).suffix}; name it "
-                         f"{Path(out).with_suffix('.safetensors')}" + (" (the figure goes to --plot)" if
-                                                                       Path(out).suffix.lower() in FIGURE_SUFFIXES else ""))
+        raise ValueError(f"--out {out}: the fit is written as safetensors, not {suffix}; name it "
+                         f"{Path(out).with_suffix('.safetensors')}" + (" (the figure goes to --plot)" if figure else ""))
 
 
 def _plot_prompt(args, B: int) -> int:
@@ -123,15 +124,12 @@ def _file_texts(path: str) -> list[str]:
 PRINTED_PROMPTS = 8  # prompts listed one by one; the summary line covers all
 
 
-def _count(n: int, unit: str) -> str:
-    """``n`` and its unit, singular for one ("1 splat", "3 dct terms")."""
-    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
-
-
 def _print_result(result, model, listing: str | None = None, limit: int = PRINTED_PROMPTS) -> None:
     """Per prompt (the first ``limit``): counts, token accuracy, relative field error (squared error over the
     target's squared norm), mean cosine and the decoded text; then the means over every prompt. listing: where
     the prompts left out can be read (a command)."""
+    from splatopt.fit import counted
+
     s = result.summary()
     unit = "splats" if s["basis"] == "splats" else f"{s['basis']} terms"
     counts = result.n_terms if result.n_terms is not None else result.splats.counts
@@ -139,7 +137,7 @@ def _print_result(result, model, listing: str | None = None, limit: int = PRINTE
     for b in range(min(B, limit)):
         L, N = int(result.mask[b].sum()), int(counts[b])
         acc = f"{float(result.token_accuracy[b]):.2%}" if result.token_accuracy is not None else "n/a"
-        print(f"[{b}] {_count(N, unit)} / {_count(L, 'tokens')}  token accuracy {acc}  relative field error "
+        print(f"[{b}] {counted(N, unit)} / {counted(L, 'tokens')}  token accuracy {acc}  relative field error "
               f"{float(result.field_error[b]):.3f}  cosine {float(result.cosine[b]):.3f}")
         if result.texts:
             print(f"    decoded: {result.texts[b]}")
@@ -148,7 +146,7 @@ def _print_result(result, model, listing: str | None = None, limit: int = PRINTE
         print(f"... and {B - limit} more prompt(s), not listed{where}")
     acc = f"{s['token_accuracy']:.2%}" if "token_accuracy" in s else "n/a"
     means = ", means over prompts" if B > 1 else ""
-    print(f"{_count(s['prompts'], 'prompts')}, {_count(s['tokens'], 'tokens')}, {_count(s['terms'], unit)}{means}: "
+    print(f"{counted(s['prompts'], 'prompts')}, {counted(s['tokens'], 'tokens')}, {counted(s['terms'], unit)}{means}: "
           f"token accuracy {acc}, relative field error {s['field_error']:.3f}, cosine {s['cosine']:.3f}; "
           f"fit {result.seconds:.2f} s (encode {result.encode_seconds:.2f} s) on {result.config.get('device')}")
 
@@ -745,8 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("meta-train", help="meta-train the splat initializer (bilevel; runs under torchrun too)")
     p.add_argument("--config", default=None,
                    help="TOML of splatopt.meta.MetaConfig keys, e.g. splatopt/initializers/minilm-l6-layer2.toml (or a run's "
-                        "config.json); with --resume, default: the run's own config.json (--set may still raise outer_steps "
-                        "or time_limit_s)")
+                        "config.json); with --resume, default: the run's own config.json (--set may still change outer_steps, "
+                        "time_limit_s, log_every or checkpoint_every)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.safetensors, metrics.jsonl, initializer.safetensors")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where its checkpoint left it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value); repeatable")
@@ -764,20 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as the command's own line ("splatopt: warning: ..."), not Python's file, line number and
-    the source line that raised it (cli.py:432 "net = meta.train(...)" said nothing to the user)."""
-    return f"splatopt: warning: {message}\n"
-
-
 def main(argv: list[str] | None = None) -> int:
-    import warnings
+    from fixedpos.cli import warnings_as_lines
 
-    formatwarning, warnings.formatwarning = warnings.formatwarning, _cli_warning  # type: ignore[assignment]
-    try:
+    with warnings_as_lines("splatopt"):
         return _main(argv)
-    finally:
-        warnings.formatwarning = formatwarning
 
 
 def _main(argv: list[str] | None) -> int:

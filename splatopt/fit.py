@@ -57,6 +57,11 @@ SPLAT_META = ("model", "model_hash", "layer", "kernel", "mode", "truncate")  # w
 HOST_SIDE = ("history.", "trajectory.", "density.", "n_terms", "skipped_steps", "floats_per_token", "edit_start.")
 
 
+def counted(n: int, unit: str) -> str:
+    """``n`` and its plural unit, singular for one: "1 splat", "3 dct terms", "8 tokens"."""
+    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
+
+
 @dataclass
 class Targets:
     """Fields to fit when there is no text: field [B, L, d] float, mask [B, L] bool, ids [B, L] long.
@@ -125,7 +130,7 @@ class FitResult:
         unit = "splats" if self.basis == "splats" else f"{self.basis} terms"
         acc = f", token_accuracy={s['token_accuracy']:.2%}" if "token_accuracy" in s else ""
         steps = self.config.get("steps")
-        return (f"FitResult({s['prompts']} prompt(s), {s['tokens']} tokens, {s['terms']} {unit}"
+        return (f"FitResult({counted(s['prompts'], 'prompts')}, {counted(s['tokens'], 'tokens')}, {counted(s['terms'], unit)}"
                 f"{'' if steps is None else f', {steps} steps'}{acc}, field_error={s['field_error']:.3f} (relative MSE), "
                 f"cosine={s['cosine']:.3f}, {self.seconds:.2f} s on {self.config.get('device', '?')}; "
                 "fields: texts, token_accuracy, field_error, cosine, splats, history, trajectory, config, ...)")
@@ -501,14 +506,19 @@ def _check_field_scale(field: Tensor, mask: Tensor) -> None:
     error over its squared norm is undefined), or one whose squares overflow or underflow the dtype.
     field [B, L, d] (finite), mask [B, L] bool."""
     info = torch.finfo(field.dtype)
-    peak = torch.where(mask[..., None], field, 0.0).abs().amax((1, 2)).cpu()  # [B]
-    count = (mask.sum(-1) * field.shape[-1]).cpu()
-    zero, huge = peak == 0, peak > (info.max / count).sqrt()
-    tiny = ~zero & (peak < math.sqrt(info.tiny / info.eps))  # squares below the normal range lose their digits
+    valid = torch.where(mask[..., None], field, 0.0)
+    peak = valid.abs().amax((1, 2))  # [B]
+    # the squared norm in logs, from the field over its peak (whose squares lie in (0, 1]): it may not
+    # be representable itself
+    log_norm2 = 2 * peak.double().log() + ((valid / peak.clamp_min(info.tiny)[:, None, None]) ** 2).sum((1, 2)).double().log()
+    peak, log_norm2 = peak.double().cpu(), log_norm2.cpu()
+    zero, huge = peak == 0, log_norm2 > math.log(info.max)
+    tiny = ~zero & (peak < math.sqrt(info.tiny / info.eps))  # its largest square within eps of the subnormal range
     for bad, what in ((zero, "is zero at every valid position: its relative field error (the error over its squared norm) "
                              "is undefined; drop the prompt"),
                       (huge, f"reaches {{:.3g}}: its squared norm overflows {info.dtype}; scale the field down"),
-                      (tiny, f"is at most {{:.3g}} in magnitude: its squares underflow {info.dtype}; scale the field up")):
+                      (tiny, f"is at most {{:.3g}} in magnitude: its squares lose their digits below {info.dtype}'s normal "
+                             "range; scale the field up")):
         if bad.any():
             b = int(bad.nonzero()[0])
             raise ValueError(f"prompt {b} of the given field " + what.format(float(peak[b])))
@@ -638,7 +648,8 @@ def fit(
     n_splats: a fraction in (0, 1] of each prompt's length (0.5 = L/2, rounded, at least 1), an int
     for every prompt, or one int per prompt; 1 <= N <= L. None (default): 0.5, or a
     :class:`WarmStart`'s own active counts (the start sets the splats; n_splats only caps what
-    density control may grow to, and is what the result records). steps: inner steps (0 = the
+    density control may grow to, so with density control at least 0.5 L; the result records the
+    counts used). steps: inner steps (0 = the
     initializer's splats). objective: a string such as "mse+ce" (default), "mse",
     "0.5*mse+ce+0.1*cosine", an :class:`Objective` or a dict of its weights. init: "grid",
     "tokens", "learned" (the meta-trained initializer shipped for ``model``; with
@@ -799,8 +810,11 @@ def fit(
             b = int(wrong[0])
             raise ValueError(f"init=WarmStart gives prompt {b} {int(warm_counts[b])} active splats for its {int(lengths[b])} "
                              "tokens: a prompt holds 1..L splats; drop or add splats in the start")
-        if n_splats is None:  # the result records what the start holds, not a budget it never had
-            n_splats = warm_counts.tolist()
+        if n_splats is None:  # the result records what the start holds, not a budget it never had;
+            # density control keeps the default cap (L/2) to grow to, or it could never clone or split
+            grows = strategy is not None and not isinstance(strategy, NoDensify)
+            cap = torch.maximum(warm_counts, _resolve_counts(0.5, lengths.cpu())) if grows else warm_counts
+            n_splats = cap.tolist()
     if n_splats is None:
         n_splats = 0.5
     counts = terms_for_budget(basis, _resolve_counts(n_splats, lengths.cpu()), lengths.cpu(), field.shape[-1])

@@ -28,6 +28,8 @@ from matplotlib.transforms import offset_copy
 
 from fixedpos.cache import check_output_path
 
+from .fit import counted
+
 COLUMN = 3.4
 PAGE = 7.0
 STYLE_FILE = Path(__file__).with_name("splatopt.mplstyle")
@@ -46,14 +48,20 @@ def house_style():
         yield
 
 
+def figure_formats() -> set[str]:
+    """The file suffixes (without the dot, lower case) matplotlib writes figures to: "png", "pdf", ..."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def check_figure_path(path: str | Path, option: str = "plot") -> Path:
     """``path`` if :func:`save_figure` can write it; else ValueError naming ``option``, raised before any work.
 
     A path without a suffix is written as PNG; an existing folder or an unknown format is refused.
     """
     path = Path(path)
-    known = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
+    known = figure_formats()
     if path.is_dir():
         raise ValueError(f"--{option} {path}: is a folder; give a file name such as {path / 'figure.png'}")
     check_output_path(path if path.suffix else path.with_suffix(".png"), f"--{option}")
@@ -80,11 +88,6 @@ def save_figure(fig, path: str | Path, formats: Sequence[str] | None = None) -> 
             out.append(target)
     plt.close(fig)
     return out
-
-
-def _count(n: int, unit: str) -> str:
-    """``n`` and its unit, singular for one: "1 splat", "8 tokens"."""
-    return f"{n} {unit.removesuffix('s') if n == 1 else unit}"
 
 
 def _tokens(result, prompt: int, model=None) -> list[str]:
@@ -135,7 +138,7 @@ def trajectory_figure(result, prompt: int = 0, model=None, width: float = COLUMN
         ax.set_ylabel("position (token)")
         n = int(active.sum())
         acc = f", acc {float(result.token_accuracy[prompt]):.0%}" if result.token_accuracy is not None else ""
-        ax.set_title(title or f"{_count(n, 'splats')}, {_count(L, 'tokens')}{acc}")
+        ax.set_title(title or f"{counted(n, 'splats')}, {counted(L, 'tokens')}{acc}")
         # a key under the x label: the CLI writes this figure without a caption, and neighbouring bands overlap
         # (sigma is often wider than the spacing of the centres), so what a band is must be said on the figure
         key_color = plt.cm.viridis(0.4)
@@ -407,7 +410,7 @@ def edit_trajectory_figure(series: dict, width: float = PAGE, height: float | No
         acc = lambda key: [f"acc {series[key]:.0%}"] if series.get(key) is not None else []
 
         def counts(n: int, tokens: Sequence[str], key: str) -> list[str]:
-            return [f"{_count(n, 'splats')},", _count(len(tokens), "tokens") + ("," if acc(key) else ""), *acc(key)]
+            return [f"{counted(n, 'splats')},", counted(len(tokens), "tokens") + ("," if acc(key) else ""), *acc(key)]
 
         _wrapped_title(ax_fit, ["fit:", *counts(len(transported) + len(pruned), old_tokens, "accuracy_before")])
         _wrapped_title(ax_edit, ["edit"])

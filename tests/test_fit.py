@@ -964,7 +964,7 @@ def test_a_warm_start_with_more_splats_than_tokens_is_refused():
 
 def test_a_warm_start_fit_records_the_starts_counts_not_the_default_budget():
     """With a WarmStart and no n_splats, the result recorded n_splats = 0.5 (the default budget) while
-    the fit held the start's 3 and 2 splats; an edit chained on it then spawned at that density."""
+    the fit held the start's 3 and 2 splats. Density control keeps the default cap to grow to."""
     field = torch.randn(2, 12, 8)
     start = fit(field, n_splats=[3, 2], steps=0, objective="mse", device="cpu", progress=False).splats
     warm = fit(field, init=WarmStart(start), steps=1, objective="mse", device="cpu", progress=False)
@@ -974,15 +974,19 @@ def test_a_warm_start_fit_records_the_starts_counts_not_the_default_budget():
     given = fit(field, n_splats=4, init=WarmStart(start), steps=1, objective="mse", device="cpu", progress=False)
     assert given.config["n_splats"] == 4  # a given n_splats is the density cap, recorded as given
     assert fit(field, steps=0, objective="mse", device="cpu", progress=False).config["n_splats"] == 0.5
+    long = torch.randn(1, 24, 8, generator=torch.Generator().manual_seed(3))
+    three = fit(long, n_splats=3, steps=0, objective="mse", device="cpu", progress=False).splats
+    grown = fit(long, init=WarmStart(three), steps=60, objective="mse", density="adaptive", device="cpu", progress=False)
+    assert grown.config["n_splats"] == [12] and int(grown.splats.counts[0]) > 3  # a cap of the start's 3 never grew
 
 
 @pytest.mark.parametrize("scale, message", [
     (0.0, "prompt 1 of the given field is zero at every valid position: its relative field error"),
-    (1e18, "prompt 1 of the given field reaches 3.*e\\+18: its squared norm overflows float32; scale the field down"),
-    (1e-17, "prompt 1 of the given field is at most 3.*e-17 in magnitude: its squares underflow float32; scale the field up"),
+    (1e19, "prompt 1 of the given field reaches 3.*e\\+19: its squared norm overflows float32; scale the field down"),
+    (1e-17, "prompt 1 of the given field is at most 3.*e-17 in magnitude: its squares lose their digits below float32.s normal range; scale the field up"),
 ])
 def test_a_field_whose_relative_error_cannot_be_computed_is_refused(scale, message):
-    """A zero target gave an infinite error; a field of 1e18 overflowed its squared norm, so every step
+    """A zero target gave an infinite error; a field of 1e19 overflowed its squared norm, so every step
     was skipped and the fit ended where it began, with only a 'diverged' warning."""
     field = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
     field[1] = field[1] / field[1].abs().max() * 3.0 * scale  # peak exactly 3 * scale
@@ -990,3 +994,13 @@ def test_a_field_whose_relative_error_cannot_be_computed_is_refused(scale, messa
         fit(Targets(field), n_splats=2, steps=1, objective="mse", device="cpu", progress=False)
     if scale:
         assert fit(Targets(field), n_splats=2, steps=1, objective="mse", device="cpu", progress=False, dtype=torch.float64).field_error.isfinite().all()
+
+
+def test_the_field_scale_check_measures_the_squared_norm_itself():
+    """One entry of 1e19 was refused although the squared norm (1e38) fits float32, and in float64 the
+    bound came out as float32 inf, so a field of 1e200 passed and ended in NaN."""
+    field = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(1)) * 1e-3
+    field[0, 2, 3] = 1e19
+    assert fit(Targets(field), n_splats=2, steps=0, objective="mse", device="cpu", progress=False).field_error.isfinite().all()
+    with pytest.raises(ValueError, match="squared norm overflows float64"):
+        fit(Targets(field.double() * 1e181), n_splats=2, steps=0, objective="mse", device="cpu", progress=False, dtype=torch.float64)

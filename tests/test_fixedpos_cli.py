@@ -172,4 +172,5 @@ def test_every_option_of_both_commands_says_what_it_does_in_its_help():
                      if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
     assert bare == []
     roundtrip = next(a for a in fixedpos_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["roundtrip"]
-    assert "8 to 64 tokens" in next(a.help for a in roundtrip._actions if "--n" in a.option_strings)
+    n_help = next(a.help for a in roundtrip._actions if "--n" in a.option_strings)
+    assert "under 8 tokens are skipped" in n_help and "cut to at most 64 tokens" in n_help  # as sample_prompts does
