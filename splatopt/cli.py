@@ -345,6 +345,9 @@ def cmd_edit(args) -> int:
                                                     "picked, meta-trained, or InnerOptimizer fields as a JSON object")
     fresh_init = _fresh_init(args.fresh_init)
     old = splatopt.FitResult.load(args.file)
+    if getattr(args, "plot_prompt", None) is not None and args.prompt is not None:
+        raise ValueError(f"--plot-prompt {args.plot_prompt} picks among the prompts of a --file edit; with --prompt "
+                         f"{args.prompt} the edit and its plot hold that prompt alone: drop --plot-prompt")
     old, new_text = _edit_texts(args, old)
     plot_prompt = _plot_prompt(args, len(old.mask))
     model = _edit_model(args, old)

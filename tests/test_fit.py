@@ -376,6 +376,10 @@ def test_cli_plot_prompt_draws_the_prompt_asked_for_and_refuses_one_out_of_range
     assert "--plot-prompt 2: the fit holds prompts 0..1" in capsys.readouterr().err
     assert main(["show", str(out), "--plot-prompt", "1"]) == 2
     assert "give --plot FILE too" in capsys.readouterr().err
+    # with --prompt the edit holds that prompt alone: --plot-prompt 1 read "the fit holds prompts 0..0"
+    assert main(["edit", str(out), "Close the file.", "--prompt", "1", "--plot", str(tmp_path / "e.png"),
+                 "--plot-prompt", "1", "--device", "cpu", "--quiet"]) == 2
+    assert "with --prompt 1 the edit and its plot hold that prompt alone: drop --plot-prompt" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_file_name_given_as_the_text_and_points_at_file(tmp_path, capsys, monkeypatch):
