@@ -149,10 +149,10 @@ def test_a_result_prints_as_one_line_of_its_metrics_not_every_tensor(model, shor
     text = repr(result)
     assert "\n" not in text and len(text) < 400 and "tensor(" not in text
     s = result.summary()
-    assert text.startswith(f"FitResult(2 prompt(s), {s['tokens']} tokens, {s['splats']} splats, 5 steps")
+    assert text.startswith(f"FitResult(2 prompts, {s['tokens']} tokens, {s['splats']} splats, 5 steps")
     assert f"token_accuracy={s['token_accuracy']:.2%}" in text and "on cpu" in text
     dct = fit(short_prompts[:1], model, n_splats=0.5, steps=2, basis="dct", device="cpu", progress=False)
-    assert "dct terms" in repr(dct) and "\n" not in repr(dct)
+    assert repr(dct).startswith("FitResult(1 prompt, ") and "dct terms" in repr(dct) and "\n" not in repr(dct)
 
 
 def test_a_result_loaded_onto_a_device_keeps_its_counters_on_the_cpu_as_fit_does(tmp_path, model, short_prompts):
