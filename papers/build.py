@@ -948,6 +948,11 @@ def density_values() -> dict[str, str]:
           "at L/8 on test the learned start's lead lies within the intervals")
     claim(all(r(acc(c, 0.25, m)) >= 99 for c in budgets for m in ("splats-learned", "splats-solve", *fixed)),
           "at N = L/4 every splat start and fixed basis (solved or not) decodes at least 99 %")
+    claim(all(r(acc(c, 0.25, m)) >= 99.9 for c in budgets for m in fixed),
+          "at N = L/4 the fixed grid and the DCT (solved or not) decode 99.9 % or more")
+    clear = [(c, f) for (c, f), m in best_fixed.items()
+             if acc(c, f, "splats-learned") - half(c, f, "splats-learned") > acc(c, f, m) + half(c, f, m)]
+    claim(clear == [("licenses", 0.0625)], "of the learned start's leads at N <= L/8, only the licences' at L/16 clears the 95 % intervals")
     for (c, f), m in best_fixed.items():
         key = f"rd_{c}_{budget_key(f)}"
         out[key + "_best_fixed"] = out[f"{key}_{m.replace('-', '_')}"]
