@@ -545,12 +545,22 @@ def cmd_meta_train(args) -> int:
     if args.set:
         cfg = meta.MetaConfig.from_dict(_with_overrides(cfg.to_dict(), args.set), f"{config} with --set")
     net = meta.train(cfg, args.out, resume=args.resume, device=_device(args.device), progress=not args.quiet)
+    stopped = net.meta.get("stopped")
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         device = net.log_lr_scale.device  # the one train() used (--device auto resolved; under torchrun, rank 0's)
         where = f"{net.meta['world_size']} ranks ({device.type})" if net.meta.get("world_size", 1) > 1 else str(device)
-        print(f"meta-trained {net.meta['outer_steps_done']} outer steps in {net.meta['wall_s']} s on {where}; "
-              f"inner learning-rate scales {_lr_scales(net.log_lr_scale.detach().exp().tolist())}")
+        # a run cut short said "meta-trained 11 outer steps" and exited 0, as a finished one does: a script
+        # (meta-train && evaluate) took a half-trained initializer for the result
+        of = f" of {net.meta['outer_steps']}" if stopped else ""
+        print(f"meta-trained {net.meta['outer_steps_done']}{of} outer steps in {net.meta['wall_s']} s on {where}"
+              + (f" (stopped early: {stopped}; --resume{' --set time_limit_s=<more>' if stopped == 'time limit' else ''} "
+                 "continues it)" if stopped else "")
+              + f"; inner learning-rate scales {_lr_scales(net.log_lr_scale.detach().exp().tolist())}")
         print(f"wrote {Path(args.out) / 'initializer.safetensors'}, metrics.jsonl, checkpoint.safetensors")
+    if stopped in ("SIGINT", "SIGTERM"):
+        import signal
+
+        return 128 + int(getattr(signal, stopped))  # what a shell reports for a command ended by that signal
     return 0
 
 

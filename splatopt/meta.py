@@ -493,8 +493,9 @@ def horizon(cfg: MetaConfig, step: int) -> int:
 def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, model=None, bank: FieldBank | None = None,
           progress: bool = True) -> LearnedInitializer:
     """Meta-train a LearnedInitializer; writes ``out/checkpoint.safetensors``, ``out/metrics.jsonl``,
-    ``out/config.json`` and, at the end (or at the time limit, or after Ctrl-C), ``out/initializer.safetensors``.
-    Returns the trained initializer, in eval mode.
+    ``out/config.json`` and, at the end (or at the time limit, or after Ctrl-C or SIGTERM), ``out/initializer.safetensors``.
+    Returns the trained initializer, in eval mode; its ``meta["stopped"]`` says why a run ended before
+    ``outer_steps`` ("SIGINT", "SIGTERM" or "time limit"; absent when it ran them all).
 
     cfg: a :class:`MetaConfig`. out: the run's folder (created). resume: continue from
     ``out/checkpoint.safetensors`` (the same config, but for outer_steps, which may grow,
@@ -559,7 +560,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     if resume:
         start, elapsed, nonfinite = load_checkpoint(ckpt_path, net, opt, generator, cfg)
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+        # atomic: a resume without --config reads it, and a kill while it is rewritten must not leave it torn
+        atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=1, sort_keys=True).encode())
         _truncate_log(log_path, start)
     module: torch.nn.Module = net  # or its DistributedDataParallel wrapper
     if world > 1:
@@ -628,16 +630,22 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
                             {"in_row": nonfinite_in_row, "since_log": skipped_since_log})
         if out_of_time:
             if interrupt.requested and rank == 0:
-                print(f"meta-train: interrupted; checkpoint at outer step {done} written, --resume continues from it",
-                      file=sys.stderr)
+                name = signal.Signals(interrupt.signal).name if interrupt.signal else "a signal"
+                print(f"meta-train: interrupted ({name}) at outer step {done} of {cfg.outer_steps}; checkpoint written, "
+                      "--resume continues from it", file=sys.stderr)
             elif rank == 0 and done < cfg.outer_steps:
                 # the limit bounds the whole run's wall time, earlier resumes included: the same limit
                 # would stop a resume after one step
                 print(f"meta-train: time limit of {cfg.time_limit_s:g} s (the run's wall time, resumes included) reached at "
                       f"outer step {done} of {cfg.outer_steps}; checkpoint written: --resume --set time_limit_s=<more> "
                       "continues it", file=sys.stderr)
+            if interrupt.requested:
+                net.meta["stopped"] = signal.Signals(interrupt.signal).name if interrupt.signal else "interrupted"
+            elif done < cfg.outer_steps:
+                net.meta["stopped"] = "time limit"
             break
     net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
+    net.meta["outer_steps"] = cfg.outer_steps
     net.meta["wall_s"] = round(time.perf_counter() - began, 1)
     net.meta["world_size"] = world
     if world > 1:  # DDP must have kept every rank's network identical: check, do not assume
@@ -654,29 +662,38 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
 
 
 class _DeferredInterrupt:
-    """Ctrl-C during meta-training ends the current outer step, writes a checkpoint and the initializer
-    (as the time limit does) instead of losing the steps since the last checkpoint; a second Ctrl-C
-    interrupts at once. Only the main thread can take signals: elsewhere Ctrl-C acts as usual."""
+    """Ctrl-C (SIGINT) or a batch scheduler's SIGTERM during meta-training ends the current outer step,
+    writes a checkpoint and the initializer (as the time limit does) instead of losing the steps since
+    the last checkpoint; a second signal of the same kind acts at once. ``signal``: the one received
+    (None: none). Only the main thread can take signals: elsewhere they act as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def guard(self, steps):
         if threading.current_thread() is not threading.main_thread():
             yield from steps
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {s: signal.getsignal(s) for s in self.SIGNALS}
 
         def request(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, previous)  # the second one is not deferred
+            self.signal = self.signal or signum
+            signal.signal(signum, previous[signum])  # the second one is not deferred
 
-        signal.signal(signal.SIGINT, request)
+        for s in self.SIGNALS:
+            signal.signal(s, request)
         try:
             yield from steps
         finally:
-            if signal.getsignal(signal.SIGINT) is request:
-                signal.signal(signal.SIGINT, previous)
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is request:
+                    signal.signal(s, previous[s])
 
 
 def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device,

@@ -625,3 +625,103 @@ def test_cli_resume_reads_the_runs_own_config_without_repeating_config_and_set(t
     assert "give --config (a TOML file of MetaConfig keys), or --resume" in capsys.readouterr().err
     assert main(["meta-train", "--out", str(tmp_path / "none"), "--resume", "--device", "cpu"]) == 2
     assert "config.json does not exist, so there is no run to continue" in capsys.readouterr().err
+
+
+def test_sigterm_from_a_batch_scheduler_ends_the_step_and_writes_a_checkpoint(tmp_path, model, bank, monkeypatch):
+    """SIGTERM (what Slurm and other schedulers send before a kill) ended the process at once: every
+    outer step since the last checkpoint was lost, and a run killed before its first one could not be
+    resumed at all. It must act as Ctrl-C does: finish the step, checkpoint, and resume exactly."""
+    import os
+    import signal
+
+    whole = meta.train(tiny_config(checkpoint_every=100), tmp_path / "whole", model=model, bank=bank, device="cpu",
+                       progress=False)
+    original, calls = meta._outer_step, []
+
+    def sigterm_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    def terminated(signum, frame):  # the default action would end pytest too
+        raise SystemExit("terminated at once: the steps since the last checkpoint are lost")
+
+    handler = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(meta, "_outer_step", sigterm_in_step_3)
+            cut = meta.train(tiny_config(checkpoint_every=100), tmp_path / "cut", model=model, bank=bank, device="cpu",
+                             progress=False)
+        assert signal.getsignal(signal.SIGTERM) is terminated, "the SIGTERM handler is put back"
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert len(calls) == 3 and cut.meta["outer_steps_done"] == 3 and cut.meta["stopped"] == "SIGTERM"
+    assert (tmp_path / "cut" / "checkpoint.safetensors").is_file(), "no checkpoint before step 100 without the deferral"
+    resumed = meta.train(tiny_config(checkpoint_every=100), tmp_path / "cut", resume=True, model=model, bank=bank,
+                         device="cpu", progress=False)
+    assert "stopped" not in resumed.meta
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_cli_an_interrupted_meta_train_says_so_and_exits_nonzero(tmp_path, model, bank, capsys, monkeypatch):
+    """After Ctrl-C the command printed "meta-trained 2 outer steps" and exited 0, exactly as a finished
+    run: `meta-train ... && evaluate` went on with a half-trained initializer. It must name the stop, the
+    steps it was asked for, and exit 130 (128 + SIGINT); a time limit (a budget the config set) exits 0."""
+    import os
+    import signal
+
+    from splatopt.cli import main
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("prompts = 6\nouter_steps = 4\nbatch = 3\n")
+    train, original, calls = meta.train, meta._outer_step, []
+
+    def ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "_outer_step", ctrl_c_in_step_2)
+    monkeypatch.setattr(meta, "train", lambda c, out, **kw: train(tiny_config(outer_steps=c.outer_steps, time_limit_s=c.time_limit_s),
+                                                                  out, model=model, bank=bank, **kw))
+    assert main(["meta-train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]) == 130
+    printed = capsys.readouterr()
+    assert "meta-trained 2 of 4 outer steps" in printed.out and "stopped early: SIGINT; --resume continues it" in printed.out
+    assert "interrupted (SIGINT) at outer step 2 of 4" in printed.err
+    monkeypatch.setattr(meta, "_outer_step", original)
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--resume", "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "meta-trained 4 outer steps" in printed and "stopped" not in printed
+    assert main(["meta-train", "--config", str(cfg), "--set", "time_limit_s=1e-9", "--out", str(tmp_path / "timed"),
+                 "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "meta-trained 1 of 4 outer steps" in printed and "stopped early: time limit; --resume --set time_limit_s" in printed
+
+
+def test_a_kill_while_config_json_is_rewritten_leaves_the_old_one_whole(tmp_path, model, bank, monkeypatch):
+    """config.json, which a resume without --config reads, was rewritten in place at every start: a
+    run killed in that write left a torn file and the run could no longer be resumed from its folder."""
+    import json
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    meta.train(tiny_config(outer_steps=2), run, model=model, bank=bank, device="cpu", progress=False)
+    before = (run / "config.json").read_text()
+    write_text = Path.write_text
+
+    def killed_mid_write(self, data, *args, **kwargs):
+        if self.name == "config.json":
+            write_text(self, data[: len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt("killed")
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    try:
+        meta.train(tiny_config(outer_steps=3), run, resume=True, model=model, bank=bank, device="cpu", progress=False)
+    except KeyboardInterrupt:
+        pass
+    after = json.loads((run / "config.json").read_text())  # JSONDecodeError: the torn file
+    assert after == json.loads(before) or after == {**json.loads(before), "outer_steps": 3}
