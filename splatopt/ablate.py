@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import platform
+import sys
 import time
 import tomllib
 import warnings
@@ -448,6 +449,10 @@ def _claim(out: Path, study: Study, force: bool) -> None:
             )
     elif (out / "results.jsonl").exists() and not force:
         raise ValueError(f"{out} holds results.jsonl but no study.toml: use another --out, or pass --force to add to it")
+    # the summary of the study run there before describes other rows: left in place, it read as this
+    # study's until this one finished (never, if it was interrupted). run() writes this study's at its end
+    for name in ("summary.md", "summary.csv"):
+        (out / name).unlink(missing_ok=True)
     atomic_write_bytes(path, study.text.encode("utf-8"))
 
 
@@ -579,12 +584,21 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
         todo = [c for c in cells if c.key not in done]
         prompt_cache = preflight(study, todo)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="ablate", unit="cell", disable=not progress)
-        for cell in todo:
-            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in cell.levels.items()) + f", seed {cell.seed}")
-            model = fixedpos.load(cell.settings.get("model", fixedpos.DEFAULT_MODEL), layer=cell.settings.get("layer"))
-            key = (model.name, cell.prompt_seed)
-            done[cell.key] = _append_row(results, _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device))
-            bar.update()
+        try:
+            for cell in todo:
+                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in cell.levels.items()) + f", seed {cell.seed}")
+                model = fixedpos.load(cell.settings.get("model", fixedpos.DEFAULT_MODEL), layer=cell.settings.get("layer"))
+                key = (model.name, cell.prompt_seed)
+                done[cell.key] = _append_row(results, _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device))
+                bar.update()
+        except KeyboardInterrupt:
+            # Ctrl-C (or SIGTERM, which the command line turns into it) printed a traceback into fit's
+            # autograd and nothing of what was kept or how to go on
+            bar.close()
+            saved = sum(c.key in done for c in cells)
+            print(f"ablate: interrupted; {saved} of {len(cells)} cells are saved in {results} (the cell being fitted is "
+                  "not); run the same command again to resume", file=sys.stderr)
+            raise
         bar.close()
         # the cells' own levels: results.jsonl writes an infinite level (optimizer.clip = inf) as null
         ordered = [{**done[c.key], "levels": c.levels} for c in cells]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -782,6 +784,31 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, ``kill``) raised where the command is, as Ctrl-C raises
+    KeyboardInterrupt: the same clean-up (``ablate`` names the cells kept, ``meta-train`` checkpoints)
+    instead of a silent death."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # signals reach only the main thread; a handler someone installed is theirs
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         try:
@@ -790,7 +817,13 @@ def _main(argv: list[str] | None) -> int:
             sys.stdout.flush()
             raise
         try:
-            return args.func(args)
+            with _sigterm_as_interrupt():
+                return args.func(args)
+        except KeyboardInterrupt as err:
+            # what was kept and how to go on is said where it is known (ablate, meta-train); no traceback
+            terminated = isinstance(err, Terminated)
+            print(f"splatopt: interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
+            return 143 if terminated else 130  # 128 + the signal, as a shell reports a command it ended
         except BrokenPipeError:
             raise
         except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a file where a folder goes, and the like

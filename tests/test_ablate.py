@@ -534,3 +534,80 @@ def test_a_setting_that_would_fail_midway_is_refused_before_the_first_cell(facto
     with pytest.raises(ValueError, match=message + ".*nothing was run"):
         ablate.run(study, tmp_path / "out", progress=False, device="cpu")
     assert not (tmp_path / "out" / "results.jsonl").exists() or not (tmp_path / "out" / "results.jsonl").read_text()
+
+
+def test_ctrl_c_says_which_cells_are_kept_exits_130_and_the_rerun_redoes_only_the_cut_cell(tmp_path, corpus_file, capsys,
+                                                                                           monkeypatch):
+    """Ctrl-C printed a traceback into fit's autograd and nothing of what was kept or how to go on."""
+    study_path = write_study(tmp_path, STUDY.format(corpus=corpus_file))
+    out = tmp_path / "out"
+    fit_cell, fitted = ablate._fit_cell, []
+
+    def ctrl_c_in_cell_3(*args, **kwargs):
+        fitted.append(args[1].key)
+        if len(fitted) == 3:
+            raise KeyboardInterrupt
+        return fit_cell(*args, **kwargs)
+
+    monkeypatch.setattr(ablate, "_fit_cell", ctrl_c_in_cell_3)
+    try:
+        code = main(["ablate", str(study_path), "--out", str(out), "--device", "cpu", "--quiet"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command: a traceback, and nothing said of the cells kept")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert f"ablate: interrupted; 2 of 8 cells are saved in {out / 'results.jsonl'}" in err and "run the same command" in err
+    assert "Traceback" not in err and err.rstrip().endswith("splatopt: interrupted (Ctrl-C)")
+    monkeypatch.setattr(ablate, "_fit_cell", fit_cell)
+    fitted_again = []
+    monkeypatch.setattr(ablate, "_fit_cell", lambda *a, **k: fitted_again.append(a[1].key) or fit_cell(*a, **k))
+    assert main(["ablate", str(study_path), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert fitted_again[0] == fitted[2] and len(fitted_again) == 6, "the two saved cells are skipped, the cut one redone"
+    assert sorted(json.loads(line)["cell"] for line in (out / "results.jsonl").read_text().splitlines()) == sorted(
+        c.key for c in ablate.Study.load(study_path).cells())
+
+
+def test_sigterm_mid_cell_ends_the_study_as_ctrl_c_does(tmp_path, corpus_file):
+    """A batch scheduler's SIGTERM killed the study silently (no word of what was saved); it must end it
+    as Ctrl-C does: the finished cells kept, a line saying so, exit status 143 (128 + SIGTERM)."""
+    study_path = write_study(tmp_path, STUDY.format(corpus=corpus_file).replace("steps = 5", "steps = 1500"))
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "splatopt.cli", "ablate", str(study_path), "--out", str(out),
+                             "--device", "cpu", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not (results.exists() and b"\n" in results.read_bytes()):
+        assert proc.poll() is None, f"ablate exited early: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "no row within 180 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    rows = results.read_text().splitlines()
+    assert proc.returncode == 143, err.decode()
+    assert f"ablate: interrupted; {len(rows)} of 8 cells are saved" in err.decode() and b"Traceback" not in err
+    assert 1 <= len(rows) < 8 and all(json.loads(row)["cell"] for row in rows)
+
+
+def test_a_forced_study_cut_short_leaves_no_summary_of_the_study_before_it(tmp_path, corpus_file, monkeypatch):
+    """After --force, summary.md and summary.csv still held the previous study's table until the new study
+    finished, and for good if it was interrupted: beside the new study.toml they read as its results."""
+    out = tmp_path / "out"
+    first = write_study(tmp_path, f'corpus = "{corpus_file}"\nprompts = 2\nmax_tokens = 16\n[base]\nsteps = 2\n'
+                                  'record_every = 0\nobjective = "mse"\n')
+    ablate.run(first, out, progress=False, device="cpu")
+    assert (out / "summary.md").is_file()
+    second = tmp_path / "second.toml"
+    second.write_text(first.read_text() + '[factors]\nkernel = ["gaussian", "erf"]\n')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "_fit_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run(second, out, progress=False, device="cpu", force=True)
+    assert not (out / "summary.md").exists() and not (out / "summary.csv").exists()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ablate.run(second, out, progress=False, device="cpu", force=True)
+    assert "| gaussian |" in (out / "summary.md").read_text()
