@@ -150,8 +150,12 @@ def load_head(path: Path, word_embeddings: Tensor, model_hash: str, layer: int) 
     return head, meta
 
 
-def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: torch.Generator, device) -> tuple[Tensor, Tensor]:
-    """Encoded (field rows [T, d], target ids [T]) from corpus chunks plus random wordpiece sequences."""
+def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: torch.Generator, device,
+                   progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Encoded (field rows [T, d], target ids [T]) from corpus chunks plus random wordpiece sequences.
+    progress: a bar over the encoding (minutes on a CPU for the standard recipe)."""
+    from tqdm.auto import tqdm
+
     from .corpus import chunk_token_ids
 
     chunks = chunk_token_ids(model, texts, recipe.chunk_tokens, recipe.max_corpus_tokens)
@@ -162,6 +166,8 @@ def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: t
     per = max(1, 16384 // (recipe.chunk_tokens + 2))
     from .model import TokenBatch
 
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"encode {model.name} L{model.layer}", unit="token",
+               disable=not progress, leave=False)
     for c in range(0, len(chunks), per):
         group = chunks[c : c + per]
         L = max(len(g) for g in group)
@@ -174,6 +180,8 @@ def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: t
         field = model.encode(batch)
         feats.append(field[batch.mask])
         targets.append(batch.ids[batch.mask])
+        bar.update(sum(len(g) for g in group))
+    bar.close()
     return torch.cat(feats), torch.cat(targets)
 
 
@@ -196,7 +204,7 @@ def train_head(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.perf_counter()
-    feats, targets = _training_rows(model, texts, recipe, generator, device)
+    feats, targets = _training_rows(model, texts, recipe, generator, device, progress=progress)
     encode_s = time.perf_counter() - started
     # its layers are initialized on the CPU from the seeded generator, then given back: a head trained
     # on first use (inside a fit's decode) leaves the caller's random state as it was

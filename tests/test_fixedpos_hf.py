@@ -245,6 +245,18 @@ def test_train_head_is_reproducible_with_the_same_seed(tiny_bert):
     assert not torch.equal(h3.trainable_state()["up.weight"], s1["up.weight"])
 
 
+def test_train_head_shows_progress_while_it_encodes_its_training_tokens(tiny_bert, capsys):
+    """Only the optimizer steps had a bar: encoding the standard recipe's ~900k tokens (minutes on a
+    CPU) came before it without a word, so a long train-head looked hung."""
+    fixedpos.train_head(tiny_bert, TEXTS, dataclasses.replace(TINY_RECIPE, steps=1), device="cpu", progress=True,
+                        log=lambda s: None)
+    err = capsys.readouterr().err
+    assert f"encode {tiny_bert.name} L2" in err and "token" in err
+    fixedpos.train_head(tiny_bert, TEXTS, dataclasses.replace(TINY_RECIPE, steps=1), device="cpu", progress=False,
+                        log=lambda s: None)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_head_trained_on_first_use_inside_a_fits_no_grad_is_the_same_head(tiny_bert, tiny_dirs):
     """fit decodes under no_grad, and a local encoder's head is trained at its first decode."""
     model = _load(tiny_dirs["bert"], 2)
