@@ -83,8 +83,10 @@ def cmd_roundtrip(args) -> int:
     print(f"{'model':<12} {'layer':>5}  {'corpus':<22} {'prompts':>7} {'tokens':>7} {'accuracy':>9}")
     for r in rows:
         print(f"{r['model']:<12} {r['layer']:>5}  {r['corpus']:<22} {r['texts']:>7} {r['tokens']:>7} {r['accuracy']:>9.4%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.json:  # atomic: a run cut short must not leave half a JSON where the last one was
+        from fixedpos.cache import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), (json.dumps(rows, indent=1) + "\n").encode())
     return 0
 
 
