@@ -564,7 +564,8 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
             raise ValueError(f"the given field holds NaN or inf at prompt {b}, position {pos}: clean the field first")
         _check_field_scale(field, mask)
         if model is not None and field.shape[-1] != model.dim:
-            raise ValueError(f"the given field has width {field.shape[-1]} but {model.name} has d={model.dim}")
+            raise ValueError(f"the given field has width {field.shape[-1]} but {getattr(model, 'name', type(model).__name__)} "
+                             f"has d={model.dim}")
         ids = None if t.ids is None else _check_ids(t.ids, mask, model).to(device)
         # where, not multiply: NaN in padding must not leak into the fit
         return torch.where(mask[..., None], field, torch.zeros_like(field)), mask, ids, None, None, time.perf_counter() - started
@@ -644,7 +645,10 @@ def fit(
     [B, L, d] float tensor (every position valid) or :class:`Targets` (field, mask, ids).
     model: a ``fixedpos.FieldModel``; None = ``fixedpos.load()`` (the embedded default) where one
     is needed (texts, a "ce" term, init="learned"); a field with a field-only objective is then
-    fitted without a decoder (no texts, no token accuracy).
+    fitted without a decoder (no texts, no token accuracy). For a field, any object with
+    ``decode(field [B, L, d]) -> logits [B, L, V]`` and ``dim`` (d) serves too: a custom decoder
+    (texts only where it also has fixedpos's ``detokenize(ids, mask)``; ``vocab_size`` and ``name``
+    are read where present).
     n_splats: a fraction in (0, 1] of each prompt's length (0.5 = L/2, rounded, at least 1), an int
     for every prompt, or one int per prompt; 1 <= N <= L. None (default): 0.5, or a
     :class:`WarmStart`'s own active counts (the start sets the splats; n_splats only caps what
@@ -725,9 +729,14 @@ def fit(
                   frozen_v_tolerance=frozen_v_tolerance, fused_ce=fused_ce, fused=fused, cuda_graphs=cuda_graphs,
                   batch_size=batch_size, dtype=dtype, seed=seed)
     seed = int(seed)  # a NumPy integer failed in torch's manual_seed, and in the JSON config
-    if model is not None and not all(hasattr(model, a) for a in ("tokenize", "encode", "decode", "dim")):
+    is_field = isinstance(texts_or_fields, (Tensor, Targets))
+    # a field needs only a decoder: any object with decode and dim (a custom decoder head) serves
+    needs = ("decode", "dim") if is_field else ("tokenize", "encode", "decode", "dim")
+    if model is not None and not all(hasattr(model, a) for a in needs):
         hint = f"fixedpos.load({model!r})" if isinstance(model, str) else "fixedpos.load()"
-        raise TypeError(f"model must be a fixedpos.FieldModel, not {type(model).__name__}: pass {hint}")
+        raise TypeError(f"model must be a fixedpos.FieldModel, not {type(model).__name__}: pass {hint}"
+                        + ("; for a field, any object with decode(field [B, L, d]) -> logits [B, L, V] and dim (d) "
+                           "serves as its decoder" if is_field else ""))
     if optimizer is not None and not isinstance(optimizer, (InnerOptimizer, dict, str)):
         raise TypeError(f"optimizer must be an InnerOptimizer, a dict of its fields, 'picked' or None, not "
                         f"{type(optimizer).__name__}: e.g. InnerOptimizer(lr_v=0.05)")
@@ -742,7 +751,6 @@ def fit(
     if basis in ("dct", "segments") and init != "grid":
         raise ValueError(f"basis={basis!r} takes no init: its coefficients start at the least-squares optimum")
     device = resolve_device(device)
-    is_field = isinstance(texts_or_fields, (Tensor, Targets))
     if model is None and (not is_field or objective.needs_decoder or init == "learned"):
         import fixedpos
 
@@ -754,9 +762,11 @@ def fit(
         raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if isinstance(initializer, LearnedInitializer):
         trained_for = (initializer.meta.get("model_hash"), initializer.meta.get("layer"))
-        if model is not None and (trained_for[0] not in (None, model.model_hash) or trained_for[1] not in (None, model.layer)):
+        given = (getattr(model, "model_hash", None), getattr(model, "layer", None))
+        if model is not None and (trained_for[0] not in (None, given[0]) or trained_for[1] not in (None, given[1])):
             raise ValueError(f"this learned initializer was meta-trained on model {initializer.meta.get('model')} layer "
-                             f"{trained_for[1]}, not {model.name} layer {model.layer}: its starts fit that field only; "
+                             f"{trained_for[1]}, not {getattr(model, 'name', type(model).__name__)} layer {given[1]}: its "
+                             "starts fit that field only; "
                              "use that model and layer, or meta-train one for this layer")
         initializer.to(device)  # a network initializer runs where the fit runs
         if optimizer == "picked":
@@ -894,7 +904,8 @@ def fit(
     pred = per("pred") if decode is not None else None
     history = _merge_series([ch["history"] for ch in chunks], inverse)
     trajectory = _merge_series([ch["trajectory"] for ch in chunks], inverse, pad_splats=True)
-    texts = model.detokenize(pred, mask) if pred is not None and model is not None else None  # pred: model decoded it
+    # pred: model decoded it; a bare decoder (a field's custom head) has no tokenizer to read texts with
+    texts = model.detokenize(pred, mask) if pred is not None and model is not None and hasattr(model, "detokenize") else None
     if splats is not None:  # the NaN guard skips non-finite gradients; an overflowing step still ends here
         diverged = torch.zeros(B, dtype=torch.bool, device=splats.mask.device)
         for t in splats.params().values():

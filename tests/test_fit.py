@@ -1008,3 +1008,26 @@ def test_the_field_scale_check_measures_the_squared_norm_itself():
     assert fit(Targets(field), n_splats=2, steps=0, objective="mse", device="cpu", progress=False).field_error.isfinite().all()
     with pytest.raises(ValueError, match="squared norm overflows float64"):
         fit(Targets(field.double() * 1e181), n_splats=2, steps=0, objective="mse", device="cpu", progress=False, dtype=torch.float64)
+
+
+def test_a_field_fits_with_a_custom_decoder_that_has_only_decode_and_dim():
+    """A researcher's own decoder head for a field: fit asked for tokenize and encode it never calls on a
+    field, and, given them, failed after the whole fit with AttributeError: no 'detokenize'."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 11, generator=g)
+
+    class Head:
+        dim = 8
+
+        def decode(self, field):
+            return field @ W.to(field.dtype)
+
+    targets = _bare_field()
+    targets.ids = (targets.field @ W).argmax(-1)
+    result = fit(targets, Head(), n_splats=3, steps=3, device="cpu", progress=False)  # objective mse+ce: the head's CE
+    assert result.texts is None and "ce" in result.history
+    field = render(result.splats, targets.field.shape[1])
+    torch.testing.assert_close(result.token_accuracy, splatopt.token_accuracy(field @ W, targets.ids, targets.mask))
+    with pytest.raises(TypeError, match=r"for a field, any object with decode\(field \[B, L, d\]\) -> logits"):
+        fit(targets, object(), n_splats=3, steps=1, device="cpu", progress=False)
+
