@@ -1057,13 +1057,23 @@ def _fit_chunk(
     solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
     if basis == "splats":
         strategy = strategy or NoDensify()
+        asked = torch.minimum(strategy.initial_counts(counts), counts)  # [B]: the splats each prompt starts with
         with torch.no_grad():
-            splats = initializer(target, mask, torch.minimum(strategy.initial_counts(counts), counts), generator)
+            splats = initializer(target, mask, asked, generator)
         if not isinstance(splats, SplatSet):
             raise TypeError(f"the initializer returned {type(splats).__name__}, not a SplatSet: an initializer's "
                             "__call__(target, mask, n_splats, generator) returns the first splats")
         if splats.mask.shape[0] != target.shape[0]:
             raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
+        if splats.dim != target.shape[-1]:  # it failed later as a shape mismatch of "field" and "target" in the objective
+            raise ValueError(f"the initializer returned embeddings of width d={splats.dim} for a target of d={target.shape[-1]}")
+        if not isinstance(initializer, WarmStart):  # a warm start sets its own counts (n_splats then caps density control)
+            over = (splats.counts > asked.to(splats.mask.device)).nonzero().flatten()
+            if len(over):  # a larger set was fitted silently: the result held more splats than its budget
+                b = int(over[0])
+                raise ValueError(f"the initializer {type(initializer).__name__} returned {int(splats.counts[b])} active splats "
+                                 f"where {int(asked[b])} were asked for: an initializer activates at most n_splats[b] slots "
+                                 "(mask[b, :n_b]), so that every fit keeps its budget")
         # the fit's precision and device, whatever the initializer returned: a custom one's float16
         # splats were otherwise fitted in float16 (NaN) and a float32 one's in a float64 fit in float32
         splats = splats.to(target.device, target.dtype)

@@ -1031,3 +1031,14 @@ def test_a_field_fits_with_a_custom_decoder_that_has_only_decode_and_dim():
     with pytest.raises(TypeError, match=r"for a field, any object with decode\(field \[B, L, d\]\) -> logits"):
         fit(targets, object(), n_splats=3, steps=1, device="cpu", progress=False)
 
+
+def test_an_initializer_must_keep_to_the_splats_and_width_asked_for():
+    """A custom initializer that activated more slots than n_splats was fitted with them silently (the result
+    held 4 splats where config said 3); one of another width failed in the objective as 'field ... and target ...'."""
+    opts = dict(n_splats=2, steps=1, objective="mse", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="the initializer function returned 3 active splats where 2 were asked for"):
+        fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t, m, n + 1), **opts)
+    with pytest.raises(ValueError, match="the initializer returned embeddings of width d=4 for a target of d=8"):
+        fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t[..., :4], m, n), **opts)
+    fewer = fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t, m, n.clamp(max=1)), **opts)
+    assert fewer.splats.counts.tolist() == [1, 1]  # fewer is the initializer's choice, never more
