@@ -10,6 +10,7 @@ and the splats' geometry are copied to the host only every ``record_every`` step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -580,6 +581,32 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
     return field, batch.mask, batch.ids, texts, batch.offsets, time.perf_counter() - started
 
 
+def _json_safe(value):
+    """``value`` as JSON can hold it, for a fit's config: numbers, strings, None, and dicts and lists of
+    them kept; a 0-d tensor or NumPy number as its Python number; anything else as its repr (a custom
+    strategy's tensor field once made ``FitResult.save`` fail after the fit, with "Tensor is not JSON
+    serializable")."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return _json_safe(value.item())
+    return repr(value)
+
+
+def _settings(obj) -> dict:
+    """A strategy object's settings for a fit's config: its dataclass fields, else its attributes (none
+    for an object with ``__slots__`` only), made JSON-safe."""
+    if dataclasses.is_dataclass(obj):
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    else:
+        values = dict(getattr(obj, "__dict__", {}))
+    return _json_safe(values)
+
+
 def check_options(**options) -> None:
     """Check the values of ``fit``'s plain options that are given (by keyword, fit's names): types and
     ranges, with a ValueError (TypeError for seed) naming the option and what it takes. ``fit`` calls
@@ -860,10 +887,10 @@ def fit(
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": _plain_n_splats(n_splats),
         "steps": steps, "objective": str(objective), "init": init if isinstance(init, (str, dict)) else type(init).__name__,
-        "initializer_meta": getattr(initializer, "meta", None),
+        "initializer_meta": _json_safe(getattr(initializer, "meta", None)),
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
         "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
-        "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **vars(strategy)},
+        "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **_settings(strategy)},
         "fused": fused, "cuda_graphs": cuda_graphs,
     }
     started = time.perf_counter()
