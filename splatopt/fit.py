@@ -1249,6 +1249,13 @@ def _fit_chunk(
     record(steps, params)
     if loop is not None:
         skipped_total += loop.skipped
+    if basis == "splats" and not isinstance(strategy, NoDensify):  # once, after the loop: no host sync per step
+        allowed = torch.maximum(counts.to(slot_mask.device), splats.mask.sum(-1))  # a warm start may begin above its cap
+        grown = (slot_mask.sum(-1) > allowed).nonzero().flatten()
+        if len(grown):  # the result would hold more splats than its budget, silently
+            b = int(grown[0])
+            raise ValueError(f"the density strategy {type(strategy).__name__} left {int(slot_mask[b].sum())} active splats "
+                             f"where the cap (n_splats) is {int(allowed[b])}: a strategy grows only up to ctx.caps")
 
     with torch.no_grad():
         final, fld = current(params)
