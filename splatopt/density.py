@@ -29,10 +29,15 @@ from torch import Tensor
 
 from .render import kernel_values
 
-# what a strategy sees of the fit: per-prompt caps [B] long, lengths [B] long, rendering options,
-# and a lazy per-position error [B, L] (computed only when a strategy asks for it)
 @dataclass
 class DensityContext:
+    """What a strategy sees of the fit (``refine``'s ``ctx``): per-prompt caps [B] long (``n_splats``: a
+    prompt's active count must never exceed it) and lengths [B] long (tokens), the render's ``kernel``
+    and ``mode``, and two lazy functions of (params, slot_mask [B, N] bool), computed only when a
+    strategy calls them: ``position_error`` [B, L] float (per-token cross-entropy of the decoded field,
+    or its squared error without a decoder; -inf at padding) and ``residual`` [B, L, d] (target minus
+    the field of the given active splats)."""
+
     caps: Tensor
     lengths: Tensor
     kernel: str
@@ -43,6 +48,25 @@ class DensityContext:
 
 @runtime_checkable
 class DensityStrategy(Protocol):
+    """What ``fit(density=...)`` calls; any object with these four methods is a strategy (write one as a
+    frozen dataclass of settings, like the shipped ones; the fit records its fields in ``config``).
+    State lives in the dict the hooks pass along, never on the object. Every tensor is batched over
+    the B prompts of a chunk, with N slots each; return new tensors rather than updating in place.
+
+    ``initial_counts(caps [B] long) -> [B] long``: the splats each prompt starts with (at most its
+    cap); the initializer is asked for these. ``init_state(params, slot_mask) -> state``: the
+    strategy's state; its long [B] entries named in ``EVENTS`` ("cloned", "split", "pruned",
+    "relocated") become the result's ``density`` counts. ``observe(step, grads, slot_mask, state) ->
+    state``: after the gradient, before Adam (grads: name -> [B, N(, d)], as params).
+    ``refine(step, steps, params, adam, slot_mask, state, ctx) -> (params, adam, slot_mask, state)``:
+    after Adam; may change the parameters (name -> [B, N(, d)]: "mu", "log_sigma", "weight_logit" and
+    "v", which is absent with solved embeddings), the functional Adam state ``adam`` (the layout of
+    :func:`splatopt.adam_init`; give changed slots zero moments with :func:`fresh_moments`) and the
+    active slots ``slot_mask`` [B, N] bool, within each prompt's cap ``ctx.caps`` (fit refuses a
+    strategy that leaves a prompt with more) and keeping at least one active splat per prompt.
+    :func:`split_pairs` splits or clones splats into free slots.
+    """
+
     def initial_counts(self, caps: Tensor) -> Tensor: ...
 
     def init_state(self, params: dict[str, Tensor], slot_mask: Tensor) -> dict[str, Tensor]: ...
@@ -105,8 +129,9 @@ def _pair(sources: Tensor, score: Tensor, slot_mask: Tensor, room: Tensor) -> tu
     return src, dst, valid
 
 
-def _fresh_moments(adam: dict, slots: Tensor) -> dict:
-    """Adam state with zero moments at slots [B, C] bool."""
+def fresh_moments(adam: dict, slots: Tensor) -> dict:
+    """Adam state (:func:`splatopt.adam_init`'s layout) with zero moments at ``slots`` [B, N] bool: what
+    a new or changed splat starts from (as gsplat does)."""
     out = {"t": adam["t"], "m": {}, "v": {}}
     for which in ("m", "v"):
         for k, t in adam[which].items():
@@ -227,7 +252,7 @@ class AdaptiveDensity:
         state = {**state, "grad_sum": torch.zeros_like(state["grad_sum"]), "grad_count": torch.zeros_like(state["grad_count"]),
                  "split": state["split"] + (valid & wide).sum(1), "cloned": state["cloned"] + (valid & ~wide).sum(1),
                  "pruned": state["pruned"] + weak.sum(1)}
-        return self._maybe_reset(step, params, _fresh_moments(adam, born | weak), slot_mask, state)
+        return self._maybe_reset(step, params, fresh_moments(adam, born | weak), slot_mask, state)
 
     def _maybe_reset(self, step, params, adam, slot_mask, state):
         if not self.weight_reset_every or (step + 1) % self.weight_reset_every:
@@ -312,7 +337,7 @@ class BudgetDensity:
                 r = r / (0.5 * g0.reshape(()))
             out["v"] = torch.where(moved[..., None], r, params["v"])
         state = {**state, "relocated": state["relocated"] + moved.sum(1)}
-        return out, _fresh_moments(adam, moved), slot_mask, state
+        return out, fresh_moments(adam, moved), slot_mask, state
 
 
 DENSITIES = {"none": NoDensify, "adaptive": AdaptiveDensity, "budget": BudgetDensity}

@@ -225,7 +225,8 @@ def edit(
     and which new slots were spawned: a dict for one prompt given as a str, a list of such dicts
     (one per prompt) for a batch.
 
-    Raises ValueError, before any fitting, for a fixed-basis result or one fitted from a bare field,
+    Raises TypeError for a result that is not a FitResult or a path (a bare SplatSet holds no text);
+    ValueError, before any fitting, for a fixed-basis result or one fitted from a bare field,
     both or neither of new_text and edits, a count of texts or edit lists other than the result's
     prompts, overlapping or out-of-range edits, an edit that leaves a text empty, a model other than
     the result's (or none for a result fitted with a local encoder folder that is not here), fit options that edit sets itself (n_splats, init, frozen...), or an option out
@@ -233,6 +234,10 @@ def edit(
     """
     if isinstance(result, (str, Path)):
         result = FitResult.load(result)
+    if not isinstance(result, FitResult):  # it failed as "'SplatSet' object has no attribute 'splats'"
+        hint = (": a SplatSet holds no text or token ids to align the edit with; pass the fit's FitResult (or the path of "
+                "its saved file)") if isinstance(result, SplatSet) else ""
+        raise TypeError(f"edit takes a FitResult or the path of a saved one, not {type(result).__name__}{hint}")
     if result.splats is None or result.basis != "splats":
         raise ValueError(f"edit needs mobile splats to transport; this result is a fixed {result.basis!r} basis fit")
     if result.ids is None or not result.input_texts:

@@ -10,6 +10,7 @@ and the splats' geometry are copied to the host only every ``record_every`` step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -564,7 +565,8 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
             raise ValueError(f"the given field holds NaN or inf at prompt {b}, position {pos}: clean the field first")
         _check_field_scale(field, mask)
         if model is not None and field.shape[-1] != model.dim:
-            raise ValueError(f"the given field has width {field.shape[-1]} but {model.name} has d={model.dim}")
+            raise ValueError(f"the given field has width {field.shape[-1]} but {getattr(model, 'name', type(model).__name__)} "
+                             f"has d={model.dim}")
         ids = None if t.ids is None else _check_ids(t.ids, mask, model).to(device)
         # where, not multiply: NaN in padding must not leak into the fit
         return torch.where(mask[..., None], field, torch.zeros_like(field)), mask, ids, None, None, time.perf_counter() - started
@@ -577,6 +579,32 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
     batch = model.tokenize(texts, device=device)
     field = model.encode(batch, dtype=dtype)
     return field, batch.mask, batch.ids, texts, batch.offsets, time.perf_counter() - started
+
+
+def _json_safe(value):
+    """``value`` as JSON can hold it, for a fit's config: numbers, strings, None, and dicts and lists of
+    them kept; a 0-d tensor or NumPy number as its Python number; anything else as its repr (a custom
+    strategy's tensor field once made ``FitResult.save`` fail after the fit, with "Tensor is not JSON
+    serializable")."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return _json_safe(value.item())
+    return repr(value)
+
+
+def _settings(obj) -> dict:
+    """A strategy object's settings for a fit's config: its dataclass fields, else its attributes (none
+    for an object with ``__slots__`` only), made JSON-safe."""
+    if dataclasses.is_dataclass(obj):
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    else:
+        values = dict(getattr(obj, "__dict__", {}))
+    return _json_safe(values)
 
 
 def check_options(**options) -> None:
@@ -644,7 +672,10 @@ def fit(
     [B, L, d] float tensor (every position valid) or :class:`Targets` (field, mask, ids).
     model: a ``fixedpos.FieldModel``; None = ``fixedpos.load()`` (the embedded default) where one
     is needed (texts, a "ce" term, init="learned"); a field with a field-only objective is then
-    fitted without a decoder (no texts, no token accuracy).
+    fitted without a decoder (no texts, no token accuracy). For a field, any object with
+    ``decode(field [B, L, d]) -> logits [B, L, V]`` and ``dim`` (d) serves too: a custom decoder
+    (texts only where it also has fixedpos's ``detokenize(ids, mask)``; ``vocab_size`` and ``name``
+    are read where present).
     n_splats: a fraction in (0, 1] of each prompt's length (0.5 = L/2, rounded, at least 1), an int
     for every prompt, or one int per prompt; 1 <= N <= L. None (default): 0.5, or a
     :class:`WarmStart`'s own active counts (the start sets the splats; n_splats only caps what
@@ -725,9 +756,14 @@ def fit(
                   frozen_v_tolerance=frozen_v_tolerance, fused_ce=fused_ce, fused=fused, cuda_graphs=cuda_graphs,
                   batch_size=batch_size, dtype=dtype, seed=seed)
     seed = int(seed)  # a NumPy integer failed in torch's manual_seed, and in the JSON config
-    if model is not None and not all(hasattr(model, a) for a in ("tokenize", "encode", "decode", "dim")):
+    is_field = isinstance(texts_or_fields, (Tensor, Targets))
+    # a field needs only a decoder: any object with decode and dim (a custom decoder head) serves
+    needs = ("decode", "dim") if is_field else ("tokenize", "encode", "decode", "dim")
+    if model is not None and not all(hasattr(model, a) for a in needs):
         hint = f"fixedpos.load({model!r})" if isinstance(model, str) else "fixedpos.load()"
-        raise TypeError(f"model must be a fixedpos.FieldModel, not {type(model).__name__}: pass {hint}")
+        raise TypeError(f"model must be a fixedpos.FieldModel, not {type(model).__name__}: pass {hint}"
+                        + ("; for a field, any object with decode(field [B, L, d]) -> logits [B, L, V] and dim (d) "
+                           "serves as its decoder" if is_field else ""))
     if optimizer is not None and not isinstance(optimizer, (InnerOptimizer, dict, str)):
         raise TypeError(f"optimizer must be an InnerOptimizer, a dict of its fields, 'picked' or None, not "
                         f"{type(optimizer).__name__}: e.g. InnerOptimizer(lr_v=0.05)")
@@ -742,7 +778,6 @@ def fit(
     if basis in ("dct", "segments") and init != "grid":
         raise ValueError(f"basis={basis!r} takes no init: its coefficients start at the least-squares optimum")
     device = resolve_device(device)
-    is_field = isinstance(texts_or_fields, (Tensor, Targets))
     if model is None and (not is_field or objective.needs_decoder or init == "learned"):
         import fixedpos
 
@@ -754,9 +789,11 @@ def fit(
         raise ValueError(f"basis='fixed-grid' takes its geometry from a grid initializer, not init={init!r}")
     if isinstance(initializer, LearnedInitializer):
         trained_for = (initializer.meta.get("model_hash"), initializer.meta.get("layer"))
-        if model is not None and (trained_for[0] not in (None, model.model_hash) or trained_for[1] not in (None, model.layer)):
+        given = (getattr(model, "model_hash", None), getattr(model, "layer", None))
+        if model is not None and (trained_for[0] not in (None, given[0]) or trained_for[1] not in (None, given[1])):
             raise ValueError(f"this learned initializer was meta-trained on model {initializer.meta.get('model')} layer "
-                             f"{trained_for[1]}, not {model.name} layer {model.layer}: its starts fit that field only; "
+                             f"{trained_for[1]}, not {getattr(model, 'name', type(model).__name__)} layer {given[1]}: its "
+                             "starts fit that field only; "
                              "use that model and layer, or meta-train one for this layer")
         initializer.to(device)  # a network initializer runs where the fit runs
         if optimizer == "picked":
@@ -850,10 +887,10 @@ def fit(
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": _plain_n_splats(n_splats),
         "steps": steps, "objective": str(objective), "init": init if isinstance(init, (str, dict)) else type(init).__name__,
-        "initializer_meta": getattr(initializer, "meta", None),
+        "initializer_meta": _json_safe(getattr(initializer, "meta", None)),
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
         "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
-        "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **vars(strategy)},
+        "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **_settings(strategy)},
         "fused": fused, "cuda_graphs": cuda_graphs,
     }
     started = time.perf_counter()
@@ -894,7 +931,8 @@ def fit(
     pred = per("pred") if decode is not None else None
     history = _merge_series([ch["history"] for ch in chunks], inverse)
     trajectory = _merge_series([ch["trajectory"] for ch in chunks], inverse, pad_splats=True)
-    texts = model.detokenize(pred, mask) if pred is not None and model is not None else None  # pred: model decoded it
+    # pred: model decoded it; a bare decoder (a field's custom head) has no tokenizer to read texts with
+    texts = model.detokenize(pred, mask) if pred is not None and model is not None and hasattr(model, "detokenize") else None
     if splats is not None:  # the NaN guard skips non-finite gradients; an overflowing step still ends here
         diverged = torch.zeros(B, dtype=torch.bool, device=splats.mask.device)
         for t in splats.params().values():
@@ -1046,13 +1084,23 @@ def _fit_chunk(
     solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
     if basis == "splats":
         strategy = strategy or NoDensify()
+        asked = torch.minimum(strategy.initial_counts(counts), counts)  # [B]: the splats each prompt starts with
         with torch.no_grad():
-            splats = initializer(target, mask, torch.minimum(strategy.initial_counts(counts), counts), generator)
+            splats = initializer(target, mask, asked, generator)
         if not isinstance(splats, SplatSet):
             raise TypeError(f"the initializer returned {type(splats).__name__}, not a SplatSet: an initializer's "
                             "__call__(target, mask, n_splats, generator) returns the first splats")
         if splats.mask.shape[0] != target.shape[0]:
             raise ValueError(f"the initializer returned {splats.mask.shape[0]} prompts for {target.shape[0]}")
+        if splats.dim != target.shape[-1]:  # it failed later as a shape mismatch of "field" and "target" in the objective
+            raise ValueError(f"the initializer returned embeddings of width d={splats.dim} for a target of d={target.shape[-1]}")
+        if not isinstance(initializer, WarmStart):  # a warm start sets its own counts (n_splats then caps density control)
+            over = (splats.counts > asked.to(splats.mask.device)).nonzero().flatten()
+            if len(over):  # a larger set was fitted silently: the result held more splats than its budget
+                b = int(over[0])
+                raise ValueError(f"the initializer {type(initializer).__name__} returned {int(splats.counts[b])} active splats "
+                                 f"where {int(asked[b])} were asked for: an initializer activates at most n_splats[b] slots "
+                                 "(mask[b, :n_b]), so that every fit keeps its budget")
         # the fit's precision and device, whatever the initializer returned: a custom one's float16
         # splats were otherwise fitted in float16 (NaN) and a float32 one's in a float64 fit in float32
         splats = splats.to(target.device, target.dtype)
@@ -1201,6 +1249,13 @@ def _fit_chunk(
     record(steps, params)
     if loop is not None:
         skipped_total += loop.skipped
+    if basis == "splats" and not isinstance(strategy, NoDensify):  # once, after the loop: no host sync per step
+        allowed = torch.maximum(counts.to(slot_mask.device), splats.mask.sum(-1))  # a warm start may begin above its cap
+        grown = (slot_mask.sum(-1) > allowed).nonzero().flatten()
+        if len(grown):  # the result would hold more splats than its budget, silently
+            b = int(grown[0])
+            raise ValueError(f"the density strategy {type(strategy).__name__} left {int(slot_mask[b].sum())} active splats "
+                             f"where the cap (n_splats) is {int(allowed[b])}: a strategy grows only up to ctx.caps")
 
     with torch.no_grad():
         final, fld = current(params)

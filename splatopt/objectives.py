@@ -170,7 +170,8 @@ def objective_terms(
 
     field, target: [B, L, d]; mask: [B, L] bool; ids: [B, L] long and decode (field -> logits
     [B, L, V]) for a "ce" term. ValueError if the shapes disagree, or for a "ce" term without ids or
-    decoder. Terms with weight 0 are not computed, so a field-only objective never touches the decoder.
+    decoder; TypeError for a mask that is not bool. Terms with weight 0 are not computed, so a
+    field-only objective never touches the decoder.
     fused_ce: how the cross-entropy term is computed. False: ``decode(field)`` materializes the
     logits [B, L, V] (the reference; differentiable twice). True: the projection + cross-entropy
     without logits of :func:`splatopt.kernels.linear_cross_entropy` (on CUDA its one-sweep Triton
@@ -182,6 +183,8 @@ def objective_terms(
     decoder exposes its parts, else False. ce_impl: with fused_ce, linear_cross_entropy's ``impl``
     ("fused" one-sweep kernel or "chunked"; None: its default).
     """
+    if mask.dtype != torch.bool:  # an attention mask of 0/1 ints failed in torch.where, naming no argument
+        raise TypeError(f"mask must be a [B, L] bool tensor, not {mask.dtype}: pass mask.bool() (True = a valid position)")
     if field.shape != target.shape or tuple(mask.shape) != tuple(target.shape[:2]):  # broadcasting would hide it
         raise ValueError(f"field {tuple(field.shape)}, target {tuple(target.shape)} and mask {tuple(mask.shape)} "
                          "must agree: field and target [B, L, d], mask [B, L]")

@@ -197,8 +197,14 @@ def adam_step(
     were (``skipped`` reports it), and no other prompt is affected. Nothing is updated in place.
     metric: [d, d] symmetric R (``cfg.metric``'s whitening) or None. For the field-space groups
     (``v``, ``offset``) the moments are kept for ``g @ R`` and the step is ``update @ R``: Adam
-    on ``x R^-1``, without forming the inverse.
+    on ``x R^-1``, without forming the inverse. ValueError if grads, lrs or the state lack a name of
+    params (extra names are ignored).
     """
+    for what, given in (("grads", grads), ("lrs", lrs), ("state['m']", state["m"]), ("state['v']", state["v"])):
+        missing = sorted(set(params) - set(given))
+        if missing:  # a bare KeyError named one parameter, not the argument that lacked it
+            raise ValueError(f"adam_step: {what} lacks {missing}; it needs an entry for every parameter in params "
+                             f"{sorted(params)} (to hold a group fixed, leave it out of params, or give it a learning rate of 0)")
     t = state["t"] + 1
     b1, b2 = cfg.beta1, cfg.beta2
     ok = None

@@ -46,7 +46,8 @@ class SplatSet:
     [SIGMA_MIN, SIGMA_MAX]). weight_logit: [B, N], weight = sigmoid(weight_logit) in (0, 1).
     v: [B, N, d] embeddings. All float, one dtype and device. mask: [B, N] bool, active slots
     (inactive slots may hold anything and render nothing). meta: free-form JSON-able metadata
-    carried into files. ValueError for shapes that disagree or tensors on different devices,
+    carried into files (every derived set, by ``select``, ``to``, ``with_params``..., holds its own copy).
+    ValueError for shapes that disagree or tensors on different devices,
     TypeError for a mask that is not bool.
     """
 
@@ -116,11 +117,21 @@ class SplatSet:
         """The four optimizable tensors, by name (the functional optimizer's state is keyed alike)."""
         return {"mu": self.mu, "log_sigma": self.log_sigma, "weight_logit": self.weight_logit, "v": self.v}
 
+    def _replaced(self, **fields: Any) -> "SplatSet":
+        """A copy with ``fields`` replaced and a copy of meta: a derived set that shared the dict changed the
+        original's meta when its own was edited (``sub = s.select(0); sub.meta["note"] = ...``)."""
+        return replace(self, **{"meta": dict(self.meta), **fields})
+
     def with_params(self, params: dict[str, Tensor]) -> "SplatSet":
-        """A copy with some of the four tensors (by the names of :meth:`params`) replaced; mask and meta kept."""
+        """A copy with some of the four tensors (by the names of :meth:`params`) replaced; mask and meta kept
+        (meta copied: every derived set owns its own dict, as :meth:`cat` gives it)."""
         # dict[str, Any] here and below: mypy cannot tell that the tensors' names leave out the dict field meta
+        unknown = sorted(set(params) - {"mu", "log_sigma", "weight_logit", "v"})
+        if unknown:  # "SplatSet.__init__() got an unexpected keyword argument" named neither the method nor the names
+            raise ValueError(f"with_params: {unknown} are not parameters; the parameters are mu, log_sigma, weight_logit "
+                             "and v (widths and weights as log_sigma and weight_logit)")
         fields: dict[str, Any] = params
-        return replace(self, **fields)
+        return self._replaced(**fields)
 
     def detach(self) -> "SplatSet":
         """The same splats, detached from any autograd graph."""
@@ -148,7 +159,7 @@ class SplatSet:
             except RuntimeError:
                 raise ValueError(f"SplatSet.to: device={device!r} is not a device; give e.g. 'cpu' or 'cuda:0'") from None
         moved: dict[str, Any] = {k: t.to(device=device, dtype=dtype) for k, t in self.params().items()}
-        return replace(self, mask=self.mask.to(device=device), **moved)
+        return self._replaced(mask=self.mask.to(device=device), **moved)
 
     def select(self, index) -> "SplatSet":
         """Prompts ``index`` (int, slice, list or long / bool index tensor), keeping the batch
@@ -161,15 +172,21 @@ class SplatSet:
                 raise IndexError(f"select({index}): this set holds prompts 0..{self.batch_size - 1}")
             i = range(self.batch_size)[index]  # negative indices count from the end
             index = slice(i, i + 1)
+        elif not isinstance(index, slice):  # prompt numbers or a bool mask: torch's own errors named neither
+            flags = torch.as_tensor(index if isinstance(index, Tensor) else list(index))
+            if flags.dtype == torch.bool and flags.shape != (self.batch_size,):
+                raise IndexError(f"select: a bool mask needs one entry per prompt ({self.batch_size}), not {tuple(flags.shape)}")
+            if flags.dtype != torch.bool and len(flags) and not (-self.batch_size <= int(flags.min()) and int(flags.max()) < self.batch_size):
+                raise IndexError(f"select({flags.tolist()}): this set holds prompts 0..{self.batch_size - 1}")
         taken: dict[str, Any] = {k: t[index] for k, t in self.params().items()}
-        return replace(self, mask=self.mask[index], **taken)
+        return self._replaced(mask=self.mask[index], **taken)
 
     def trimmed(self) -> "SplatSet":
         """Drop trailing slots that no prompt uses."""
         used = self.mask.any(0).nonzero()
         n = int(used.max()) + 1 if len(used) else 0
         kept: dict[str, Any] = {k: t[:, :n] for k, t in self.params().items()}
-        return replace(self, mask=self.mask[:, :n], **kept)
+        return self._replaced(mask=self.mask[:, :n], **kept)
 
     @staticmethod
     def cat(sets: list["SplatSet"]) -> "SplatSet":

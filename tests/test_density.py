@@ -207,3 +207,45 @@ def test_density_names_dicts_and_errors():
 def test_strategy_fields_that_would_divide_by_zero_or_do_nothing_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         resolve_density(spec)
+
+
+def test_a_custom_strategy_written_to_the_documented_protocol_fits_and_may_not_pass_the_cap():
+    """The protocol had no documentation and the moment reset a growing strategy needs was private
+    (_fresh_moments); a strategy that activated slots past a prompt's cap was fitted silently with more
+    splats than n_splats."""
+    from dataclasses import dataclass
+
+    from splatopt.density import DensityStrategy, fresh_moments
+
+    assert DensityStrategy.__doc__ and "ctx.caps" in DensityStrategy.__doc__ and DensityContext.__doc__
+
+    @dataclass(frozen=True)
+    class GrowAll:  # activates every free slot at step `at`, within the caps or not
+        at: int = 1
+        respect_caps: bool = True
+
+        def initial_counts(self, caps):
+            return torch.ones_like(caps)
+
+        def init_state(self, params, slot_mask):
+            return {"cloned": torch.zeros(slot_mask.shape[0], dtype=torch.long)}
+
+        def observe(self, step, grads, slot_mask, state):
+            return state
+
+        def refine(self, step, steps, params, adam, slot_mask, state, ctx):
+            if step != self.at:
+                return params, adam, slot_mask, state
+            rank = torch.arange(slot_mask.shape[1])[None, :]
+            grow = ~slot_mask & ((rank < ctx.caps[:, None]) if self.respect_caps else torch.ones_like(slot_mask))
+            new = {**params, "mu": torch.where(grow, rank.to(params["mu"].dtype), params["mu"])}
+            return new, fresh_moments(adam, grow), slot_mask | grow, {"cloned": state["cloned"] + grow.sum(1)}
+
+    g = torch.Generator().manual_seed(0)
+    targets = splatopt.Targets(torch.randn(2, 6, 4, generator=g))
+    opts = dict(n_splats=[2, 4], steps=3, objective="mse", device="cpu", progress=False)
+    result = splatopt.fit(targets, density=GrowAll(), **opts)
+    assert result.splats.counts.tolist() == [2, 4] and result.density["cloned"].tolist() == [1, 3]
+    assert result.config["density"] == {"strategy": "GrowAll", "at": 1, "respect_caps": True}
+    with pytest.raises(ValueError, match="the density strategy GrowAll left 4 active splats where the cap"):
+        splatopt.fit(targets, density=GrowAll(respect_caps=False), **opts)

@@ -856,3 +856,11 @@ def test_chained_edits_hold_the_original_fits_budget(model):
         L = int(result.mask.sum())
         assert result.edit["budget"] == int(torch.tensor(L * 0.25).round().clamp(min=1))
         assert result.config["budget_fraction"] == 0.25
+
+
+def test_edit_of_something_other_than_a_fit_result_is_a_type_error_naming_it(fitted):
+    """Passing result.splats (or anything not a FitResult) failed as "'SplatSet' object has no attribute 'splats'"."""
+    with pytest.raises(TypeError, match="edit takes a FitResult or the path of a saved one, not SplatSet: a SplatSet holds no text"):
+        splatopt.edit(fitted.splats, "x", progress=False)
+    with pytest.raises(TypeError, match="not NoneType"):
+        splatopt.edit(None, "x", progress=False)

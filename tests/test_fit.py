@@ -1008,3 +1008,86 @@ def test_the_field_scale_check_measures_the_squared_norm_itself():
     assert fit(Targets(field), n_splats=2, steps=0, objective="mse", device="cpu", progress=False).field_error.isfinite().all()
     with pytest.raises(ValueError, match="squared norm overflows float64"):
         fit(Targets(field.double() * 1e181), n_splats=2, steps=0, objective="mse", device="cpu", progress=False, dtype=torch.float64)
+
+
+def test_a_field_fits_with_a_custom_decoder_that_has_only_decode_and_dim():
+    """A researcher's own decoder head for a field: fit asked for tokenize and encode it never calls on a
+    field, and, given them, failed after the whole fit with AttributeError: no 'detokenize'."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 11, generator=g)
+
+    class Head:
+        dim = 8
+
+        def decode(self, field):
+            return field @ W.to(field.dtype)
+
+    targets = _bare_field()
+    targets.ids = (targets.field @ W).argmax(-1)
+    result = fit(targets, Head(), n_splats=3, steps=3, device="cpu", progress=False)  # objective mse+ce: the head's CE
+    assert result.texts is None and "ce" in result.history
+    field = render(result.splats, targets.field.shape[1])
+    torch.testing.assert_close(result.token_accuracy, splatopt.token_accuracy(field @ W, targets.ids, targets.mask))
+    with pytest.raises(TypeError, match=r"for a field, any object with decode\(field \[B, L, d\]\) -> logits"):
+        fit(targets, object(), n_splats=3, steps=1, device="cpu", progress=False)
+
+
+def test_an_initializer_must_keep_to_the_splats_and_width_asked_for():
+    """A custom initializer that activated more slots than n_splats was fitted with them silently (the result
+    held 4 splats where config said 3); one of another width failed in the objective as 'field ... and target ...'."""
+    opts = dict(n_splats=2, steps=1, objective="mse", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="the initializer function returned 3 active splats where 2 were asked for"):
+        fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t, m, n + 1), **opts)
+    with pytest.raises(ValueError, match="the initializer returned embeddings of width d=4 for a target of d=8"):
+        fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t[..., :4], m, n), **opts)
+    fewer = fit(_bare_field(), init=lambda t, m, n, g=None: GridInit()(t, m, n.clamp(max=1)), **opts)
+    assert fewer.splats.counts.tolist() == [1, 1]  # fewer is the initializer's choice, never more
+
+
+def test_a_custom_density_strategy_or_initializer_meta_of_any_kind_is_recorded_and_saved(tmp_path):
+    """fit recorded a strategy by vars(): one with __slots__ failed before fitting (vars() argument must have
+    __dict__), and a tensor field (or an initializer's tensor meta) made save() fail after the fit with
+    'Object of type Tensor is not JSON serializable'. Shipped strategies are recorded as before."""
+    from splatopt.density import AdaptiveDensity
+
+    class Hooks:  # no density control, the hooks alone
+        __slots__ = ()
+
+        def initial_counts(self, caps):
+            return caps
+
+        def init_state(self, params, slot_mask):
+            return {}
+
+        def observe(self, step, grads, slot_mask, state):
+            return state
+
+        def refine(self, step, steps, params, adam, slot_mask, state, ctx):
+            return params, adam, slot_mask, state
+
+    class Threshold(Hooks):  # a plain object with tensor settings
+        def __init__(self):
+            self.threshold = torch.tensor(0.25)
+            self.table = torch.arange(40)
+
+    class Slotted(Hooks):  # no __dict__ at all
+        __slots__ = ("rate",)
+
+        def __init__(self):
+            self.rate = 0.5
+
+    class Tagged:
+        meta = {"trained_on": torch.tensor(3), "scale": torch.ones(2)}
+
+        def __call__(self, target, mask, n, generator=None):
+            return GridInit()(target, mask, n)
+
+    opts = dict(n_splats=2, steps=2, objective="mse", device="cpu", progress=False)
+    result = fit(_bare_field(), density=Threshold(), init=Tagged(), **opts)
+    assert result.config["density"]["strategy"] == "Threshold" and result.config["density"]["threshold"] == 0.25
+    assert result.config["initializer_meta"]["trained_on"] == 3 and isinstance(result.config["initializer_meta"]["scale"], str)
+    loaded = FitResult.load(result.save(tmp_path / "custom.safetensors"))
+    assert loaded.config == json.loads(json.dumps(result.config))
+    assert fit(_bare_field(), density=Slotted(), **opts).config["density"] == {"strategy": "Slotted"}
+    shipped = fit(_bare_field(), density=AdaptiveDensity(start=1), **opts).config["density"]
+    assert shipped == {"strategy": "AdaptiveDensity", **vars(AdaptiveDensity(start=1))}

@@ -244,3 +244,11 @@ def test_relative_mse_does_not_depend_on_the_fields_scale(exponent, seed):
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     scale = 10.0 ** exponent
     torch.testing.assert_close(relative_mse(field * scale, target * scale, mask), relative_mse(field, target, mask), rtol=1e-5, atol=0)
+
+
+def test_objective_terms_names_a_mask_that_is_not_bool():
+    """An attention mask of 0/1 ints (as tokenizers give it) failed in torch.where with 'where expected condition
+    to be a boolean tensor', naming no argument."""
+    field, target = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match=r"mask must be a \[B, L\] bool tensor, not torch.int64: pass mask.bool\(\)"):
+        objective_terms(Objective.parse("mse"), field, target, torch.ones(2, 3, dtype=torch.long))

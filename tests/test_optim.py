@@ -413,3 +413,17 @@ def test_closed_form_v_of_half_precision_coefficients_is_solved_in_float32_and_r
     assert v.dtype == dtype
     torch.testing.assert_close(v.float(), closed_form_v(a.to(dtype).float(), target.to(dtype).float(), tok, act).to(dtype).float())
     assert GridInit()(target.to(dtype), tok, torch.tensor([2, 3])).v.dtype == dtype
+
+
+def test_adam_step_names_the_argument_that_lacks_a_parameter():
+    """A researcher stepping a subset of groups by hand got a bare KeyError('log_sigma') from a missing
+    gradient or learning rate, naming neither the argument nor the fix."""
+    params = {"mu": torch.zeros(2, 3), "log_sigma": torch.zeros(2, 3)}
+    cfg = InnerOptimizer()
+    lrs = cfg.learning_rates(0, 10, 1.0)
+    with pytest.raises(ValueError, match=r"adam_step: grads lacks \['log_sigma'\]; it needs an entry for every parameter"):
+        adam_step(params, {"mu": torch.ones(2, 3)}, adam_init(params), lrs, cfg)
+    with pytest.raises(ValueError, match=r"adam_step: lrs lacks \['x'\]"):
+        adam_step({"x": torch.zeros(2)}, {"x": torch.ones(2)}, adam_init({"x": torch.zeros(2)}), lrs, cfg)
+    new, _, _ = adam_step({"mu": params["mu"]}, {"mu": torch.ones(2, 3)}, adam_init({"mu": params["mu"]}), lrs, cfg)
+    assert set(new) == {"mu"}  # a subset of the groups steps; extra learning rates are ignored

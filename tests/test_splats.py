@@ -356,3 +356,27 @@ def test_splat_parameters_must_be_floating_point_tensors():
         SplatSet(s.mu.tolist(), s.log_sigma, s.weight_logit, s.v, s.mask)
     with pytest.raises(TypeError, match="SplatSet.v must be floating point, not torch.int64"):
         SplatSet(s.mu, s.log_sigma, s.weight_logit, s.v.long(), s.mask)
+
+
+def test_every_derived_set_owns_its_meta():
+    """select, to, with_params, detach and trimmed shared the original's meta dict (cat copied it): noting
+    something in a selected prompt's meta wrote it into the whole fit's splats."""
+    s = random_splats(meta={"model": "m"})
+    derived = [s.select(0), s.select([1, 2]), s.to(torch.float64), s.with_params({"mu": s.mu + 1}), s.detach(), s.trimmed()]
+    for k, sub in enumerate(derived):
+        assert sub.meta == {"model": "m"}
+        sub.meta[f"note{k}"] = k
+    assert s.meta == {"model": "m"}
+
+
+def test_select_by_list_or_mask_and_with_params_name_what_is_wrong():
+    """A list out of range or a bool mask of another length failed with torch's index errors, and a misspelt
+    parameter with 'SplatSet.__init__() got an unexpected keyword argument'."""
+    s = random_splats(B=3)
+    with pytest.raises(IndexError, match=r"select\(\[0, 5\]\): this set holds prompts 0..2"):
+        s.select([0, 5])
+    with pytest.raises(IndexError, match=r"select: a bool mask needs one entry per prompt \(3\), not \(2,\)"):
+        s.select(torch.tensor([True, False]))
+    assert torch.equal(s.select([-1]).mu, s.mu[2:]) and torch.equal(s.select([True, False, True]).mu, s.mu[[0, 2]])
+    with pytest.raises(ValueError, match=r"with_params: \['sigma'\] are not parameters"):
+        s.with_params({"sigma": s.mu})
