@@ -113,6 +113,14 @@ class SplatSet:
         """[B] long: active splats per prompt."""
         return self.mask.sum(-1)
 
+    def __repr__(self) -> str:
+        """One line of its sizes (the dataclass default printed every tensor, pages for one fit); the
+        tensors are the fields themselves."""
+        counts = self.counts.tolist()
+        shown = ", ".join(map(str, counts[:8])) + (", ..." if len(counts) > 8 else "")
+        return (f"SplatSet(B={self.batch_size}, N={self.capacity} slots, d={self.dim}, active per prompt [{shown}], "
+                f"{str(self.mu.dtype).removeprefix('torch.')} on {self.mu.device}; fields: mu, log_sigma, weight_logit, v, mask)")
+
     def params(self) -> dict[str, Tensor]:
         """The four optimizable tensors, by name (the functional optimizer's state is keyed alike)."""
         return {"mu": self.mu, "log_sigma": self.log_sigma, "weight_logit": self.weight_logit, "v": self.v}

@@ -380,3 +380,13 @@ def test_select_by_list_or_mask_and_with_params_name_what_is_wrong():
     assert torch.equal(s.select([-1]).mu, s.mu[2:]) and torch.equal(s.select([True, False, True]).mu, s.mu[[0, 2]])
     with pytest.raises(ValueError, match=r"with_params: \['sigma'\] are not parameters"):
         s.with_params({"sigma": s.mu})
+
+
+def test_a_splat_set_prints_as_one_line_of_its_sizes_not_every_tensor():
+    """The dataclass repr printed every tensor: pages for one fit's splats in a notebook."""
+    B, N, d = 12, 5, 384
+    s = SplatSet(torch.zeros(B, N), torch.zeros(B, N), torch.zeros(B, N), torch.zeros(B, N, d, dtype=torch.float32),
+                 torch.arange(N)[None].expand(B, N) < torch.arange(1, B + 1)[:, None].clamp(max=N))
+    text = repr(s)
+    assert "\n" not in text and "tensor(" not in text and len(text) < 200
+    assert text.startswith("SplatSet(B=12, N=5 slots, d=384, active per prompt [1, 2, 3, 4, 5, 5, 5, 5, ...], float32 on cpu")
