@@ -424,6 +424,8 @@ def test_a_text_the_edit_touches_everywhere_keeps_the_better_of_the_warm_and_a_f
         assert both.edit["start_initializer"] == "grid"
     far_edit = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=2, **grid_only)
     assert far_edit.edit["far_from_edit"] and far_edit.edit["start"] == "warm" and far_edit.edit["starts_tried"] == 1
+    # the record said frozen_steps = 6 for a re-fit that held no far splat to freeze
+    assert both.edit["frozen_steps"] == 0 and far_edit.edit["frozen_steps"] == 2
 
 
 def test_the_kept_start_is_the_most_accurate_one_tried(model):
