@@ -55,18 +55,24 @@ def write_study(folder: Path, text: str) -> Path:
     return path
 
 
+def run_until_the_first_row(study_path: Path, out: Path, stderr: Path) -> tuple[subprocess.Popen, Path]:
+    """``splatopt ablate`` started in a subprocess (stderr to the file ``stderr``), returned once its
+    first result row is written, still running: (the process, its results.jsonl)."""
+    results = out / "results.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "splatopt.cli", "ablate", str(study_path), "--out", str(out),
+                             "--device", "cpu", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr.open("w"))
+    deadline = time.monotonic() + 180
+    while not (results.exists() and b"\n" in results.read_bytes()):
+        assert proc.poll() is None, f"ablate exited early: {stderr.read_text()}"
+        assert time.monotonic() < deadline, "no row within 180 s"
+        time.sleep(0.02)
+    return proc, results
+
+
 def test_killed_study_resumes_without_lost_or_duplicated_rows(tmp_path, corpus_file):
     study_path = write_study(tmp_path, STUDY.format(corpus=corpus_file))
     out = tmp_path / "out"
-    results = out / "results.jsonl"
-    log = (tmp_path / "stderr.txt").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "splatopt.cli", "ablate", str(study_path), "--out", str(out),
-                             "--device", "cpu", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 180
-    while not (results.exists() and b"\n" in results.read_bytes()):
-        assert proc.poll() is None, f"ablate exited early: {(tmp_path / 'stderr.txt').read_text()}"
-        assert time.monotonic() < deadline, "no row within 180 s"
-        time.sleep(0.02)
+    proc, results = run_until_the_first_row(study_path, out, tmp_path / "stderr.txt")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = results.read_bytes()
@@ -572,16 +578,10 @@ def test_sigterm_mid_cell_ends_the_study_as_ctrl_c_does(tmp_path, corpus_file):
     as Ctrl-C does: the finished cells kept, a line saying so, exit status 143 (128 + SIGTERM)."""
     study_path = write_study(tmp_path, STUDY.format(corpus=corpus_file).replace("steps = 5", "steps = 1500"))
     out = tmp_path / "out"
-    results = out / "results.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "splatopt.cli", "ablate", str(study_path), "--out", str(out),
-                             "--device", "cpu", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not (results.exists() and b"\n" in results.read_bytes()):
-        assert proc.poll() is None, f"ablate exited early: {proc.stderr.read().decode()}"
-        assert time.monotonic() < deadline, "no row within 180 s"
-        time.sleep(0.02)
+    proc, results = run_until_the_first_row(study_path, out, tmp_path / "stderr.txt")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_bytes()
     rows = results.read_text().splitlines()
     assert proc.returncode == 143, err.decode()
     assert f"ablate: interrupted; {len(rows)} of 8 cells are saved" in err.decode() and b"Traceback" not in err
