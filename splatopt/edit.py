@@ -406,14 +406,14 @@ def edit(
     every = [(*c, opt) for g, opt in groups for c in g]
     rows, starts, labels = [c[0] for c in every], [c[1] for c in every], [c[3] for c in every]
     sources, optimizers = [c[4] for c in every], [c[5] for c in every]
-    held = [bool(c[2].any()) for c in every]  # a fresh start holds no far splat: nothing of it was frozen
+    froze = [bool(c[2].any()) for c in every]  # a fresh start holds no far splat: nothing of it was frozen
     loss = new.history["loss"][-1].cpu()
     accuracy = new.token_accuracy.cpu() if choose == "accuracy" and new.token_accuracy is not None else None
     keep = choose_starts(rows, loss, accuracy)
     new = new.select(keep) if len(rows) > B else new
     for b, record in enumerate(records):
         k = keep[b]
-        record.update(frozen_steps=frozen_steps if held[k] else 0, start=labels[k], start_initializer=sources[k], starts_tried=rows.count(b),
+        record.update(frozen_steps=frozen_steps if froze[k] else 0, start=labels[k], start_initializer=sources[k], starts_tried=rows.count(b),
                       refit_optimizer=optimizers[k].to_dict())
         if labels[k] == "fresh":  # no old splat carried over: all were dropped, every splat of the fit is new
             record.update(transported=[], pruned=torch.nonzero(old_host.mask[b]).flatten().tolist(),
