@@ -849,7 +849,7 @@ def fit(
                              "tokens: a prompt holds 1..L splats; drop or add splats in the start")
         if n_splats is None:  # the result records what the start holds, not a budget it never had;
             # density control keeps the default cap (L/2) to grow to, or it could never clone or split
-            grows = strategy is not None and not isinstance(strategy, NoDensify)
+            grows = not isinstance(strategy, NoDensify)
             cap = torch.maximum(warm_counts, _resolve_counts(0.5, lengths.cpu())) if grows else warm_counts
             n_splats = cap.tolist()
     if n_splats is None:
