@@ -506,8 +506,8 @@ def preflight(study: Study, todo: list[Cell] | None = None) -> dict[tuple, list[
     return prompt_sets
 
 
-def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> dict:
-    """Fit one cell: its row (see ``run``)."""
+def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progress: bool = False) -> dict:
+    """Fit one cell: its row (see ``run``). progress: the fit's own bar over its steps, under the study's."""
     from . import __version__
 
     kwargs = {k: v for k, v in cell.settings.items() if k not in ("layer", "model") and not k.startswith("optimizer.")}
@@ -516,7 +516,7 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device) -> di
     try:
         # no optimizer.* setting: fit's own choice (the default, or a learned initializer's meta-trained one)
         optimizer = _optimizer(cell.settings) if any(k.startswith("optimizer.") for k in cell.settings) else None
-        result = fit(prompts, model, optimizer=optimizer, seed=cell.seed, device=device, progress=False, **kwargs)
+        result = fit(prompts, model, optimizer=optimizer, seed=cell.seed, device=device, progress=progress, **kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"configuration {cell.levels} (settings {cell.settings}): {err}") from err
     metrics = result.summary()
@@ -542,7 +542,7 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     """Run every cell of ``study`` not yet in ``out_dir/results.jsonl``; the rows of all its cells, in grid order.
 
     Writes out_dir/study.toml, results.jsonl (a row per cell, appended and fsynced as each finishes),
-    summary.md and summary.csv. progress: a bar over the cells. device: passed to
+    summary.md and summary.csv. progress: a bar over the cells, and each cell's fit's bar over its steps. device: passed to
     fit (None: cuda if available). force: run into a
     folder that holds another study; rows of cells that are unchanged are kept, others ignored.
 
@@ -589,7 +589,9 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
                 bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in cell.levels.items()) + f", seed {cell.seed}")
                 model = fixedpos.load(cell.settings.get("model", fixedpos.DEFAULT_MODEL), layer=cell.settings.get("layer"))
                 key = (model.name, cell.prompt_seed)
-                done[cell.key] = _append_row(results, _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device))
+                # the fit's bar too: a long cell (many prompts, or on a CPU) showed nothing but the study's bar
+                row = _fit_cell(study, cell, prompt_cache[key][cell.prompt_set], model, device, progress)
+                done[cell.key] = _append_row(results, row)
                 bar.update()
         except KeyboardInterrupt:
             # Ctrl-C (or SIGTERM, which the command line turns into it) printed a traceback into fit's

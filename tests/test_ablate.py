@@ -611,3 +611,15 @@ def test_a_forced_study_cut_short_leaves_no_summary_of_the_study_before_it(tmp_p
         warnings.simplefilter("ignore")
         ablate.run(second, out, progress=False, device="cpu", force=True)
     assert "| gaussian |" in (out / "summary.md").read_text()
+
+
+def test_a_study_shows_each_cells_fit_progress_under_its_own_bar(tmp_path, corpus_file, capsys):
+    """The runner turned the fit's bar off, so a long cell (many prompts, or on a CPU) showed only the
+    study's bar, moving once per cell, and looked stalled; --quiet (progress=False) still hides both."""
+    one_cell = STUDY.format(corpus=corpus_file).replace('seeds = [0, 1]', 'seeds = [0]').replace(
+        'kernel = ["gaussian", "erf"]\nmode = ["additive", "normalized"]', 'kernel = ["gaussian"]')
+    ablate.run(write_study(tmp_path, one_cell), tmp_path / "shown", progress=True, device="cpu")
+    err = capsys.readouterr().err
+    assert "ablate" in err and "fit:" in err and "0/5" in err
+    ablate.run(write_study(tmp_path, one_cell), tmp_path / "quiet", progress=False, device="cpu")
+    assert "fit:" not in capsys.readouterr().err
