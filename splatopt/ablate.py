@@ -597,7 +597,9 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
             # Ctrl-C (or SIGTERM, which the command line turns into it) printed a traceback into fit's
             # autograd and nothing of what was kept or how to go on
             bar.close()
-            saved = sum(c.key in done for c in cells)
+            # count what the file holds: the signal can land after a row is written but before `done` records it
+            saved_keys = {row["cell"] for row in _read_results(results)[0]}
+            saved = sum(c.key in saved_keys for c in cells)
             print(f"ablate: interrupted; {saved} of {len(cells)} cells are saved in {results} (the cell being fitted is "
                   "not); run the same command again to resume", file=sys.stderr)
             raise

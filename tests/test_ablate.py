@@ -588,6 +588,24 @@ def test_sigterm_mid_cell_ends_the_study_as_ctrl_c_does(tmp_path, corpus_file):
     assert 1 <= len(rows) < 8 and all(json.loads(row)["cell"] for row in rows)
 
 
+def test_an_interrupt_right_after_a_row_is_written_counts_that_row_as_saved(tmp_path, corpus_file, monkeypatch, capsys):
+    """CI caught SIGTERM landing between the row's write and its bookkeeping: the message said 0 cells were
+    saved while results.jsonl held one, so a user would re-run a cell that was already kept."""
+    study_path = write_study(tmp_path, STUDY.format(corpus=corpus_file))
+    out = tmp_path / "out"
+    written = ablate._append_row
+
+    def write_then_interrupt(path, row):
+        written(path, row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "_append_row", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run(study_path, out, progress=False, device="cpu")
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert "ablate: interrupted; 1 of 8 cells are saved" in capsys.readouterr().err
+
+
 def test_a_forced_study_cut_short_leaves_no_summary_of_the_study_before_it(tmp_path, corpus_file, monkeypatch):
     """After --force, summary.md and summary.csv still held the previous study's table until the new study
     finished, and for good if it was interrupted: beside the new study.toml they read as its results."""
