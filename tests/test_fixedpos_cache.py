@@ -56,6 +56,35 @@ def test_extract_verified_model_re_extracts_a_tampered_cache(tmp_path):
     assert (target / "model.safetensors").read_bytes() == FAKE_WEIGHTS
 
 
+@pytest.mark.parametrize("other_finishes", ["while ours is hashed", "just before ours is renamed in"])
+def test_a_copy_another_process_extracted_meanwhile_is_kept_and_used(tmp_path, monkeypatch, other_finishes):
+    """Processes extracting the model at once on a fresh machine (the ranks of a first DDP run) crashed:
+    the slower one deleted the copy the faster had renamed into place, under the process reading it
+    (FileNotFoundError), or its own rename failed with "Directory not empty". Here the other process
+    finishes at the worst moments of ours, deterministically (it runs inside our call)."""
+    archive = _zip(tmp_path / "model.zip", {"model.safetensors": FAKE_WEIGHTS, "config.json": b"{}"})
+    target = tmp_path / "cache" / "fake"
+    theirs: dict = {}
+
+    def other_process():  # once: its own call passes through the same hook
+        if not theirs:
+            theirs["started"] = True
+            theirs["folder"] = extract_verified_model(archive, FAKE_SHA, target)
+            theirs["inode"] = os.stat(target).st_ino
+
+    if other_finishes == "while ours is hashed":
+        hashed = cache.sha256_file
+        monkeypatch.setattr(cache, "sha256_file", lambda path: (other_process(), hashed(path))[1])
+    else:
+        rename = os.replace
+        monkeypatch.setattr(cache.os, "replace",
+                            lambda src, dst: (other_process() if dst == target else None, rename(src, dst))[1])
+    assert extract_verified_model(archive, FAKE_SHA, target) == target
+    assert theirs["folder"] == target and os.stat(target).st_ino == theirs["inode"], "the other's copy was replaced"
+    assert (target / "model.safetensors").read_bytes() == FAKE_WEIGHTS
+    assert [p.name for p in target.parent.iterdir()] == ["fake"]  # no temporary folders left
+
+
 def test_wrong_sha256_raises_model_file_error_and_leaves_no_files(tmp_path):
     archive = _zip(tmp_path / "model.zip", {"model.safetensors": FAKE_WEIGHTS})
     target = tmp_path / "cache" / "fake"
