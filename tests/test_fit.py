@@ -799,9 +799,12 @@ def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path, model):
     path = fit(["Return the sum of two numbers."], model, steps=1, device="cpu", progress=False).save(tmp_path / "run.safetensors")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "splatopt", "show", str(path)], stdout=subprocess.PIPE,
+    # the reader is gone before the command starts (closing it after the start raced the command's first write)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "splatopt", "show", str(path)], stdout=write_end,
                             stderr=subprocess.PIPE, env=env, cwd=tmp_path)
-    proc.stdout.close()  # the reader is gone before the command writes (it is still importing torch)
+    os.close(write_end)
     _, err = proc.communicate(timeout=120)
     assert err.decode() == "" and proc.returncode == 141
 
