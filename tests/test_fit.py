@@ -759,10 +759,14 @@ def test_cli_fit_of_a_file_without_text_says_the_file_holds_none(tmp_path, capsy
 
 
 def _help(argv: list[str], capsys) -> str:
-    """The help text of ``splatopt ARGV --help``, its whitespace runs as single spaces (wrapping aside)."""
+    """The help text of ``splatopt ARGV --help``, its whitespace runs as single spaces (wrapping aside).
+    Rendered unwrapped: argparse wraps at $COLUMNS and breaks words at hyphens ("blank-line- separated"),
+    so the phrases checked here failed in a terminal or CI whose COLUMNS was narrow."""
+    from unittest import mock
+
     from splatopt.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, mock.patch.dict("os.environ", {"COLUMNS": "10000"}):
         main([*argv, "--help"])
     assert exit_info.value.code == 0
     return " ".join(capsys.readouterr().out.split())
