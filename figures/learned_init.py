@@ -17,7 +17,8 @@ token accuracy after 300 steps on the test split: the issue's bar for the learne
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from figure_io import DATA, PAGE, house_style, parse_cli, save
+import figure_io
+from figure_io import PAGE, house_style, parse_cli, save
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
@@ -39,10 +40,10 @@ INITS = {"grid": ("grid init", "#08306b", "o"), "learned": ("learned init", "#c5
 
 def curves(study: str) -> dict[str, tuple[list[int], list[float], list[float]]]:
     """init -> (steps, mean token accuracy, mean field error), sorted by steps."""
-    rows = ablate.read_rows(DATA / "ablations" / study)
+    rows = ablate.read_rows(figure_io.DATA / "ablations" / study)
     # the momenta and metric studies have one method (the pick) and no init level: their rows are the third and fourth curves
-    rows += [{**r, "levels": {**r["levels"], "init": "momenta"}} for r in ablate.read_rows(DATA / "ablations" / MOMENTA[study])]
-    rows += [{**r, "levels": {**r["levels"], "init": "metric"}} for r in ablate.read_rows(DATA / "ablations" / METRIC[study])]
+    rows += [{**r, "levels": {**r["levels"], "init": "momenta"}} for r in ablate.read_rows(figure_io.DATA / "ablations" / MOMENTA[study])]
+    rows += [{**r, "levels": {**r["levels"], "init": "metric"}} for r in ablate.read_rows(figure_io.DATA / "ablations" / METRIC[study])]
     out = {}
     for init in INITS:
         mine = sorted((r for r in rows if r["levels"]["init"] == init), key=lambda r: r["levels"]["steps"])

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
-from figure_io import DATA, PAGE, house_style, parse_cli, save
+import figure_io
+from figure_io import PAGE, house_style, parse_cli, save
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
@@ -51,7 +52,7 @@ FLOAT_TICKS = [25, 50, 100, 200, 400]
 
 def summaries() -> dict[str, list[dict]]:
     """Study name -> ``ablate.summarize`` of its rows (a dict per (n_splats, method): means and 95 % t-intervals)."""
-    return {study: ablate.summarize(ablate.read_rows(DATA / "ablations" / study), metrics=METRICS) for study in STUDIES}
+    return {study: ablate.summarize(ablate.read_rows(figure_io.DATA / "ablations" / study), metrics=METRICS) for study in STUDIES}
 
 
 def methods_of(summary: list[dict]) -> list[str]:

@@ -157,3 +157,17 @@ def test_a_damaged_results_file_is_named(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=f"{name} is damaged"):
         figure_io.read_json(tmp_path / name)
+
+
+def test_figure_scripts_read_the_data_folder_in_use_not_the_one_at_their_import(tmp_path, monkeypatch):
+    """rate_distortion.py and learned_init.py bound figure_io.DATA when first imported: once
+    test_make_all_fails_loudly... had imported them with DATA pointed at its tmp folder, the report's build
+    read that deleted folder (FileNotFoundError in six report tests, in any order that ran it first)."""
+    import learned_init
+    import rate_distortion
+
+    monkeypatch.setattr(figure_io, "DATA", tmp_path)  # after their import
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "ablations"))):
+        rate_distortion.summaries()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "ablations"))):
+        learned_init.curves("learned_init")
