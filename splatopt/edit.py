@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -410,7 +411,8 @@ def edit(
     loss = new.history["loss"][-1].cpu()
     accuracy = new.token_accuracy.cpu() if choose == "accuracy" and new.token_accuracy is not None else None
     keep = choose_starts(rows, loss, accuracy)
-    new = new.select(keep) if len(rows) > B else new
+    if len(rows) > B:  # the time of every start, not the kept ones' share (select apportions it)
+        new = replace(new.select(keep), seconds=new.seconds, encode_seconds=new.encode_seconds)
     for b, record in enumerate(records):
         k = keep[b]
         record.update(frozen_steps=frozen_steps if froze[k] else 0, start=labels[k], start_initializer=sources[k], starts_tried=rows.count(b),

@@ -92,7 +92,9 @@ class FitResult:
     ``n_terms``; ``ce`` and ``token_accuracy`` where computed), on the CPU. trajectory: ``step``
     [S], ``mu``/``sigma`` (tokens) and ``weight`` [S, B, N] at recorded steps, NaN in inactive
     slots, on the CPU; empty for a fixed basis. seconds: wall time of the fit (inner loops and
-    final metrics); encode_seconds: of the target. config: fit's resolved settings (JSON). edit: for a result of
+    final metrics); encode_seconds: of the target; a result of :meth:`select` holds its prompts' share
+    of both, by their tokens, so that :meth:`cat` of the parts adds back up to the whole. config: fit's
+    resolved settings (JSON). edit: for a result of
     :func:`splatopt.edit`, its records (a dict, or a list with one per prompt; see ``edit``; None for a
     prompt of a plain fit that :meth:`cat` joined to an edit's).
     skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
@@ -139,7 +141,8 @@ class FitResult:
     def summary(self) -> dict:
         """Plain numbers: ``prompts``, ``tokens``, ``basis``, ``terms`` and ``splats`` (totals), means
         over prompts of ``field_error``, ``cosine``, ``floats_per_token`` and ``token_accuracy`` (with
-        ``token_accuracy_pooled`` over all tokens), each density event's total, and ``seconds``."""
+        ``token_accuracy_pooled`` over all tokens), each density event's total, and ``seconds`` (of a
+        selection, its prompts' share of the fit's, by tokens: see :meth:`select`)."""
         out = {
             "prompts": int(self.mask.shape[0]),
             "tokens": int(self.mask.sum()),
@@ -169,7 +172,12 @@ class FitResult:
 
     def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
         """The prompts ``index`` (a prompt number, a slice, a list or tensor of them, repeats allowed, or
-        a [B] bool mask), every per-prompt field with them; the batch dimension is kept."""
+        a [B] bool mask), every per-prompt field with them; the batch dimension is kept.
+
+        ``seconds`` and ``encode_seconds`` time the whole batch, not a prompt: the selection holds its
+        prompts' share of them, by their tokens (a batched fit's cost grows with its tokens). So the
+        selected parts of a partition add back up to the whole (``FitResult.cat`` of them counts the
+        fit's time once, not once per part), and ``summary()["seconds"]`` of one prompt is its share."""
         B = self.mask.shape[0]
         picked: Sequence[int] | Sequence[bool] | Tensor
         if isinstance(index, slice):
@@ -195,12 +203,14 @@ class FitResult:
             raise IndexError(f"select({list(picked)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
         take = lambda t: t[idx.to(t.device)]  # noqa: E731
         on = lambda t: None if t is None else take(t)  # noqa: E731
+        share = float(take(self.mask).sum()) / float(self.mask.sum())  # of the batch's tokens: its part of the time
         rows = lambda items: None if items is None else [items[i] for i in idx.tolist()]  # noqa: E731
         series = lambda d: {k: v if k == "step" else v[:, idx.to(v.device)] for k, v in d.items()}  # noqa: E731
         return replace(
             self, splats=None if self.splats is None else self.splats.select(idx.to(self.splats.mu.device)),
             ids=on(self.ids), mask=take(self.mask), texts=rows(self.texts), token_accuracy=on(self.token_accuracy),
             field_error=take(self.field_error), cosine=take(self.cosine), history=series(self.history),
+            seconds=self.seconds * share, encode_seconds=self.encode_seconds * share,
             trajectory=series(self.trajectory), input_texts=rows(self.input_texts), offsets=on(self.offsets),
             edit=rows(self.edit) if isinstance(self.edit, list) else self.edit, skipped_steps=on(self.skipped_steps),
             coefficients=on(self.coefficients), floats_per_token=on(self.floats_per_token),
@@ -215,7 +225,8 @@ class FitResult:
         They must share the model, the device, the basis and the recorded steps. Token tensors are
         padded to the longest prompt, splats to the largest capacity (inactive slots). ``edit`` (and
         ``config["edit"]``) become one record per prompt; ``config`` is otherwise the first result's,
-        with ``n_splats`` per prompt where they differ; ``seconds`` add up.
+        with ``n_splats`` per prompt where they differ; ``seconds`` and ``encode_seconds`` add up (a
+        part taken by :meth:`select` holds its share of its fit's, so the parts of one fit add up to its time).
         """
         results = list(results)
         if not results:

@@ -866,3 +866,18 @@ def test_edit_of_something_other_than_a_fit_result_is_a_type_error_naming_it(fit
         splatopt.edit(fitted.splats, "x", progress=False)
     with pytest.raises(TypeError, match="not NoneType"):
         splatopt.edit(None, "x", progress=False)
+
+
+def test_an_edit_result_times_every_start_it_re_fitted(fitted, monkeypatch):
+    """The re-fit keeps one start per prompt (FitResult.select), and select gives a part its share of the
+    time: the edit's seconds must still be those of every start re-fitted (the docstring's promise), not
+    the kept start's share."""
+    import sys
+    from dataclasses import replace
+
+    edit_module = sys.modules["splatopt.edit"]
+    real_fit, timed = edit_module.fit, []
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: timed.append(replace(real_fit(*a, **k), seconds=10.0)) or timed[-1])
+    result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=1, fresh_init="learned", progress=False)
+    assert len(timed) == 2 and result.edit["starts_tried"] > 1
+    assert result.seconds == pytest.approx(20.0)

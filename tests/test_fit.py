@@ -1091,3 +1091,23 @@ def test_a_custom_density_strategy_or_initializer_meta_of_any_kind_is_recorded_a
     assert fit(_bare_field(), density=Slotted(), **opts).config["density"] == {"strategy": "Slotted"}
     shipped = fit(_bare_field(), density=AdaptiveDensity(start=1), **opts).config["density"]
     assert shipped == {"strategy": "AdaptiveDensity", **vars(AdaptiveDensity(start=1))}
+
+
+def test_selecting_a_partition_and_concatenating_it_gives_back_the_fits_time_once(model, short_prompts):
+    """select() kept the whole fit's seconds and encode_seconds in every part, so FitResult.cat of the
+    parts counted the fit's time once per part (two parts: twice), and a one-prompt selection's summary
+    claimed the whole batch's time. Each part now holds its share, by tokens."""
+    from dataclasses import replace
+
+    result = replace(fit(short_prompts[:3], model, n_splats=0.5, steps=2, device="cpu", progress=False),
+                     seconds=10.0, encode_seconds=4.0)  # round figures: a fast fit may take almost no time
+    tokens = result.mask.sum(-1).float()
+    parts = [result.select([0, 2]), result.select(1)]
+    assert parts[1].seconds == pytest.approx(10.0 * float(tokens[1] / tokens.sum()))
+    assert parts[1].summary()["seconds"] == pytest.approx(parts[1].seconds, abs=1e-3)
+    assert parts[1].summary()["seconds"] < result.summary()["seconds"]
+    again = FitResult.cat(parts)
+    assert again.seconds == pytest.approx(10.0) and again.encode_seconds == pytest.approx(4.0)
+    assert again.summary()["seconds"] == result.summary()["seconds"]
+    assert result.select([0, 1, 2]).seconds == pytest.approx(10.0)  # the whole batch selected: all of it
+
