@@ -42,7 +42,7 @@ from .objectives import Objective, mean_cosine, objective_terms, relative_mse, t
 from .optim import GROUPS, InnerOptimizer, adam_init, adam_step, closed_form_v, offset_for, solve_embeddings, target_rms
 from .render import KERNELS, MODES, render, splat_weights
 from .render_local import DEFAULT_TRUNCATE, render_local
-from .splats import SplatSet, check_model_hash
+from .splats import SplatSet, check_model_hash, first_of_each
 
 
 BASIS_FORMAT = "splatopt.basis-fit"
@@ -222,7 +222,8 @@ class FitResult:
     def cat(results: Sequence["FitResult"]) -> "FitResult":
         """The prompts of ``results``, in order, as one result (e.g. two fits of different prompts).
 
-        They must share the model, the device, the basis and the recorded steps. Token tensors are
+        They must share the model, the device, the dtype, the basis and the recorded steps (ValueError
+        naming the results that differ). Token tensors are
         padded to the longest prompt, splats to the largest capacity (inactive slots). ``edit`` (and
         ``config["edit"]``) become one record per prompt; ``config`` is otherwise the first result's,
         with ``n_splats`` per prompt where they differ; ``seconds`` and ``encode_seconds`` add up (a
@@ -238,12 +239,22 @@ class FitResult:
         for r in results[1:]:
             if r.basis != first.basis:
                 raise ValueError(f"FitResult.cat: bases differ ({first.basis!r} vs {r.basis!r})")
-            if r.config.get("model_hash") != first.config.get("model_hash") or r.field_error.device != first.field_error.device:
-                raise ValueError("FitResult.cat: the results come from different models or lie on different devices")
+            if r.config.get("model_hash") != first.config.get("model_hash"):
+                models = [f"{r.config.get('model')} ({str(r.config.get('model_hash'))[:12]})" for r in results]
+                raise ValueError(f"FitResult.cat: the results come from different models ({first_of_each(models, 'result')})")
             for name in ("history", "trajectory"):
                 a, b = getattr(first, name).get("step"), getattr(r, name).get("step")
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)) or set(getattr(first, name)) != set(getattr(r, name)):
                     raise ValueError(f"FitResult.cat: the results record different {name} (steps or metrics); fit them with the same steps and record_every")
+        devices = [r.field_error.device for r in results]
+        if len(set(devices)) > 1:
+            raise ValueError(f"FitResult.cat: the results lie on different devices ({first_of_each(devices, 'result')}); "
+                             "load them onto one (FitResult.load(path, device=...)) or fit them there")
+        # the splats' (or coefficients') dtype: torch.cat promoted float32 and float64 without a word
+        dtypes = [cast(Tensor, r.splats.mu if r.splats is not None else r.coefficients).dtype for r in results]
+        if len(set(dtypes)) > 1:
+            raise ValueError(f"FitResult.cat: the results were fitted in different dtypes ({first_of_each(dtypes, 'result')}); "
+                             f"fit them in one (fit(..., dtype={dtypes[0]}))")
         L = max(r.mask.shape[1] for r in results)
         pad_tokens = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]))  # noqa: E731
 

@@ -1111,3 +1111,18 @@ def test_selecting_a_partition_and_concatenating_it_gives_back_the_fits_time_onc
     assert again.summary()["seconds"] == result.summary()["seconds"]
     assert result.select([0, 1, 2]).seconds == pytest.approx(10.0)  # the whole batch selected: all of it
 
+
+@pytest.mark.parametrize("basis", ["splats", "dct"])
+def test_cat_of_a_float32_and_a_float64_fit_is_refused_naming_each(tmp_path, basis):
+    """FitResult.cat of a float32 and a float64 fit returned float64 splats (torch.cat promotes) under the
+    first fit's config, which still said float32; and results on two devices got one message for two causes
+    ("different models or lie on different devices"), naming neither result."""
+    field = torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(0))
+    opts = dict(n_splats=3, steps=1, objective="mse", basis=basis, device="cpu", progress=False)
+    single, double = fit(Targets(field), **opts), fit(Targets(field.double()), dtype=torch.float64, **opts)
+    with pytest.raises(ValueError, match=r"different dtypes \(result 0 is torch.float32, result 1 is torch.float64\).*"
+                                         r"dtype=torch.float32"):
+        FitResult.cat([single, double])
+    on_meta = FitResult.load(single.save(tmp_path / "run.safetensors"), device="meta")
+    with pytest.raises(ValueError, match=r"different devices \(result 0 is cpu, result 1 is meta\).*device="):
+        FitResult.cat([single, on_meta])
