@@ -633,7 +633,7 @@ def check_options(**options) -> None:
     """Check the values of ``fit``'s plain options that are given (by keyword, fit's names): types and
     ranges, with a ValueError (TypeError for seed) naming the option and what it takes. ``fit`` calls
     it first; an ablation study calls it on every configuration before its first cell."""
-    flags = ("varpro", "progress", "frozen_moves")
+    flags = ("varpro", "frozen_moves")
     choices = {"kernel": KERNELS, "mode": MODES, "basis": BASES}
     for name, value in options.items():
         if name in choices and value not in choices[name]:
@@ -645,6 +645,8 @@ def check_options(**options) -> None:
             raise ValueError(f"truncate={value!r} must be a finite number of sigmas > 0, or None")
         elif name == "batch_size" and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"batch_size={value!r}: give the prompts per chunk as an int >= 1 (or None for about 16k tokens)")
+        elif name == "progress" and not (isinstance(value, bool) or (isinstance(value, str) and value.strip())):
+            raise ValueError(f"progress={value!r}: give True (a bar labelled \"fit\"), False (none) or the bar's label")
         elif name in flags and not isinstance(value, bool):
             # a string "false" is truthy: it would silently turn the option on
             raise ValueError(f"{name}={value!r}: give True or False")
@@ -676,7 +678,7 @@ def fit(
     dtype: torch.dtype = torch.float32,
     record_every: int = 10,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     frozen: Tensor | None = None,
     frozen_steps: int = 0,
     frozen_moves: bool = False,
@@ -730,7 +732,8 @@ def fit(
     record_every: history/trajectory period in steps (0 = only the last step). batch_size: prompts
     per chunk (default: about 16k padded tokens a chunk); another chunking moves a fit by float
     noise, except that with solved embeddings a splat's weight is nearly a free scale (the solve
-    absorbs it), so weights and embeddings may differ visibly while the field and metrics agree. progress: a tqdm bar per chunk.
+    absorbs it), so weights and embeddings may differ visibly while the field and metrics agree. progress: a tqdm bar per chunk,
+    labelled "fit" (True), or the label given (a str: what a caller runs, e.g. edit's "edit: re-fit ..."); False: none.
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles); N is
     the fit's slot count: the largest per-prompt count (of terms, for a fixed basis), or the
@@ -915,6 +918,7 @@ def fit(
         "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **_settings(strategy)},
         "fused": fused, "cuda_graphs": cuda_graphs,
     }
+    label = progress if isinstance(progress, str) else "fit"  # the bar's: what runs
     started = time.perf_counter()
     chunks = []
     n_chunks = math.ceil(B / batch_size)
@@ -927,7 +931,7 @@ def fit(
             _fit_chunk(
                 field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
-                record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
+                record_every, progress, f"{label}, chunk {c + 1}/{n_chunks}" if n_chunks > 1 else label,
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
                 fused_step, host_free, cuda_graphs, frozen_moves, frozen_v_tolerance, metric,
             )
