@@ -7,7 +7,7 @@ import contextlib
 import importlib.metadata
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -205,20 +205,87 @@ def warnings_as_lines(prog: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     with warnings_as_lines("fixedpos"):
-        return _main(argv)
+        return run_command("fixedpos", build_parser(), argv, prepare=_default_layer)
 
 
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+def _default_layer(args) -> None:
     if getattr(args, "layer", 0) is None:
         from fixedpos import DEFAULT_LAYER
 
         args.layer = DEFAULT_LAYER
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, ``kill``) raised where the command is, as Ctrl-C raises
+    KeyboardInterrupt: the same clean-up (``splatopt ablate`` names the cells kept, ``meta-train``
+    checkpoints) instead of a silent death."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises :class:`Terminated` (in the main thread, where no one else handles it)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # signals reach only the main thread; a handler someone installed is theirs
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a missing file, a folder where a file goes
-        print(f"fixedpos: error: {err}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None,
+                prepare: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Parse ``argv`` and run the command it names (``args.func(args)``, after ``prepare(args)``), as both
+    command lines (``fixedpos``, ``splatopt``) do: its return code; an error (ValueError, TypeError, OSError,
+    RuntimeError) is one line "PROG: error: ..." and 2; Ctrl-C or SIGTERM one line "PROG: interrupted
+    (Ctrl-C)" and 130 (143 for SIGTERM), no traceback (what was kept is said by the command, where it is
+    known); a closed stdout pipe ends quietly with 141."""
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, --version or a usage error: what it printed is flushed while caught here
+            sys.stdout.flush()
+            raise
+        try:
+            with sigterm_as_interrupt():
+                if prepare is not None:
+                    prepare(args)
+                return args.func(args)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, Terminated)
+            print(f"{prog}: interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
+            return 143 if terminated else 130  # 128 + the signal, as a shell reports a command it ended
+        except BrokenPipeError:
+            raise
+        except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a missing file, a folder where a file goes
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        finally:
+            sys.stdout.flush()  # a closed pipe fails here, not at exit, where it could no longer be caught
+    except BrokenPipeError:
+        # stdout's reader is gone (splatopt show run.safetensors | head -1): nothing more can be said, so end
+        # quietly, as a command killed by SIGPIPE does; what is still buffered goes to devnull at exit
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, what a shell reports for such a command
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (replaced, as under pytest)
+        pass
 
 
 if __name__ == "__main__":
