@@ -93,29 +93,49 @@ def cmd_roundtrip(args) -> int:
 def cmd_train_head(args) -> int:
     import fixedpos
     from fixedpos.cache import check_output_folder
-    from fixedpos.head import head_filename, resolve_recipe, save_head
+    from fixedpos.head import head_filename, load_head, resolve_recipe, save_head
 
     _check_n(args.n)
     device = _device(args.device)
     recipe = resolve_recipe(args.recipe)
     if args.out:  # checked now: the head is written after minutes of training
         check_output_folder(args.out, "--out")
-    for layer in _layers(args, train_head_if_missing=False):
-        model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
-        head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)
-        model.set_head(head)
-        meta["roundtrip"] = []
-        for corpus in ("stdlib:validation", "stdlib:test", "licenses"):
-            try:
-                meta["roundtrip"] += roundtrip_report(model, args.n, device, [corpus])
-            except FileNotFoundError as err:  # licences are absent on non-Debian systems
-                print(f"  skipped {corpus}: {err}")
-        for r in meta["roundtrip"]:
-            print(f"  layer {layer} {r['corpus']:<18} {r['accuracy']:.4%} ({r['tokens']} tokens)")
-        out_dir = Path(args.out) if args.out else fixedpos.cache_dir() / "heads"
-        path = out_dir / head_filename(model.model_hash, layer, recipe)
-        save_head(head, path, meta)
-        print(f"wrote {path}")
+    out_dir = Path(args.out) if args.out else fixedpos.cache_dir() / "heads"
+    done: list[int] = []  # layers whose head is in out_dir, kept or written
+    try:
+        for layer in _layers(args, train_head_if_missing=False):
+            model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
+            path = out_dir / head_filename(model.model_hash, layer, recipe)
+            # a head is written whole or not at all (a temporary file, then a rename), and one that does not
+            # read back (damaged since) is trained again rather than taken for a finished one
+            if path.is_file() and not args.force:
+                try:
+                    load_head(path, model.word_embeddings, model.model_hash, layer)
+                except ValueError as err:
+                    print(f"  layer {layer}: {path} does not read back ({err}); training it again")
+                else:
+                    print(f"kept {path} (layer {layer}: written before; --force trains it again)")
+                    done.append(layer)
+                    continue
+            head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)
+            model.set_head(head)
+            meta["roundtrip"] = []
+            for corpus in ("stdlib:validation", "stdlib:test", "licenses"):
+                try:
+                    meta["roundtrip"] += roundtrip_report(model, args.n, device, [corpus])
+                except FileNotFoundError as err:  # licences are absent on non-Debian systems
+                    print(f"  skipped {corpus}: {err}")
+            for r in meta["roundtrip"]:
+                print(f"  layer {layer} {r['corpus']:<18} {r['accuracy']:.4%} ({r['tokens']} tokens)")
+            save_head(head, path, meta)
+            print(f"wrote {path}")
+            done.append(layer)
+    except KeyboardInterrupt:
+        # a re-run skips the heads already written: say which are kept, and that the one in training is not
+        kept = f"the heads of layer(s) {', '.join(map(str, done))} are kept in {out_dir}" if done else "no head was written"
+        print(f"train-head: interrupted; {kept} (the one being trained is not); run the same command again to go on",
+              file=sys.stderr)
+        raise
     return 0
 
 
@@ -173,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=512,
                    help="prompts per corpus for the accuracy report on stdlib:validation, stdlib:test and licenses (default: 512)")
     p.add_argument("--out", default=None, help="folder for the head file (default: the user cache)")
+    p.add_argument("--force", action="store_true",
+                   help="train a layer's head again even if --out already holds it (by default it is kept and skipped, so "
+                        "an interrupted --all-layers run goes on where it stopped)")
     p.set_defaults(func=cmd_train_head)
     return parser
 
@@ -218,7 +241,7 @@ def _default_layer(args) -> None:
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's stop, ``kill``) raised where the command is, as Ctrl-C raises
     KeyboardInterrupt: the same clean-up (``splatopt ablate`` names the cells kept, ``meta-train``
-    checkpoints) instead of a silent death."""
+    checkpoints, ``fixedpos train-head`` names the heads kept) instead of a silent death."""
 
 
 @contextlib.contextmanager
