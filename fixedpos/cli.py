@@ -7,7 +7,7 @@ import contextlib
 import importlib.metadata
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -93,29 +93,49 @@ def cmd_roundtrip(args) -> int:
 def cmd_train_head(args) -> int:
     import fixedpos
     from fixedpos.cache import check_output_folder
-    from fixedpos.head import head_filename, resolve_recipe, save_head
+    from fixedpos.head import head_filename, load_head, resolve_recipe, save_head
 
     _check_n(args.n)
     device = _device(args.device)
     recipe = resolve_recipe(args.recipe)
     if args.out:  # checked now: the head is written after minutes of training
         check_output_folder(args.out, "--out")
-    for layer in _layers(args, train_head_if_missing=False):
-        model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
-        head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)
-        model.set_head(head)
-        meta["roundtrip"] = []
-        for corpus in ("stdlib:validation", "stdlib:test", "licenses"):
-            try:
-                meta["roundtrip"] += roundtrip_report(model, args.n, device, [corpus])
-            except FileNotFoundError as err:  # licences are absent on non-Debian systems
-                print(f"  skipped {corpus}: {err}")
-        for r in meta["roundtrip"]:
-            print(f"  layer {layer} {r['corpus']:<18} {r['accuracy']:.4%} ({r['tokens']} tokens)")
-        out_dir = Path(args.out) if args.out else fixedpos.cache_dir() / "heads"
-        path = out_dir / head_filename(model.model_hash, layer, recipe)
-        save_head(head, path, meta)
-        print(f"wrote {path}")
+    out_dir = Path(args.out) if args.out else fixedpos.cache_dir() / "heads"
+    done: list[int] = []  # layers whose head is in out_dir, kept or written
+    try:
+        for layer in _layers(args, train_head_if_missing=False):
+            model = fixedpos.load(args.model, layer=layer, head=args.recipe, train_head_if_missing=False)
+            path = out_dir / head_filename(model.model_hash, layer, recipe)
+            # a head is written whole or not at all (a temporary file, then a rename), and one that does not
+            # read back (damaged since) is trained again rather than taken for a finished one
+            if path.is_file() and not args.force:
+                try:
+                    load_head(path, model.word_embeddings, model.model_hash, layer)
+                except ValueError as err:
+                    print(f"  layer {layer}: {path} does not read back ({err}); training it again")
+                else:
+                    print(f"kept {path} (layer {layer}: written before; --force trains it again)")
+                    done.append(layer)
+                    continue
+            head, meta = fixedpos.train_head(model, fixedpos.load_corpus("stdlib", "train"), recipe, device=device)
+            model.set_head(head)
+            meta["roundtrip"] = []
+            for corpus in ("stdlib:validation", "stdlib:test", "licenses"):
+                try:
+                    meta["roundtrip"] += roundtrip_report(model, args.n, device, [corpus])
+                except FileNotFoundError as err:  # licences are absent on non-Debian systems
+                    print(f"  skipped {corpus}: {err}")
+            for r in meta["roundtrip"]:
+                print(f"  layer {layer} {r['corpus']:<18} {r['accuracy']:.4%} ({r['tokens']} tokens)")
+            save_head(head, path, meta)
+            print(f"wrote {path}")
+            done.append(layer)
+    except KeyboardInterrupt:
+        # a re-run skips the heads already written: say which are kept, and that the one in training is not
+        kept = f"the heads of layer(s) {', '.join(map(str, done))} are kept in {out_dir}" if done else "no head was written"
+        print(f"train-head: interrupted; {kept} (the one being trained is not); run the same command again to go on",
+              file=sys.stderr)
+        raise
     return 0
 
 
@@ -173,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=512,
                    help="prompts per corpus for the accuracy report on stdlib:validation, stdlib:test and licenses (default: 512)")
     p.add_argument("--out", default=None, help="folder for the head file (default: the user cache)")
+    p.add_argument("--force", action="store_true",
+                   help="train a layer's head again even if --out already holds it (by default it is kept and skipped, so "
+                        "an interrupted --all-layers run goes on where it stopped)")
     p.set_defaults(func=cmd_train_head)
     return parser
 
@@ -205,20 +228,87 @@ def warnings_as_lines(prog: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     with warnings_as_lines("fixedpos"):
-        return _main(argv)
+        return run_command("fixedpos", build_parser(), argv, prepare=_default_layer)
 
 
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+def _default_layer(args) -> None:
     if getattr(args, "layer", 0) is None:
         from fixedpos import DEFAULT_LAYER
 
         args.layer = DEFAULT_LAYER
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, ``kill``) raised where the command is, as Ctrl-C raises
+    KeyboardInterrupt: the same clean-up (``splatopt ablate`` names the cells kept, ``meta-train``
+    checkpoints, ``fixedpos train-head`` names the heads kept) instead of a silent death."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises :class:`Terminated` (in the main thread, where no one else handles it)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # signals reach only the main thread; a handler someone installed is theirs
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        return args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a missing file, a folder where a file goes
-        print(f"fixedpos: error: {err}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None,
+                prepare: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Parse ``argv`` and run the command it names (``args.func(args)``, after ``prepare(args)``), as both
+    command lines (``fixedpos``, ``splatopt``) do: its return code; an error (ValueError, TypeError, OSError,
+    RuntimeError) is one line "PROG: error: ..." and 2; Ctrl-C or SIGTERM one line "PROG: interrupted
+    (Ctrl-C)" and 130 (143 for SIGTERM), no traceback (what was kept is said by the command, where it is
+    known); a closed stdout pipe ends quietly with 141."""
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, --version or a usage error: what it printed is flushed while caught here
+            sys.stdout.flush()
+            raise
+        try:
+            with sigterm_as_interrupt():
+                if prepare is not None:
+                    prepare(args)
+                return args.func(args)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, Terminated)
+            print(f"{prog}: interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
+            return 143 if terminated else 130  # 128 + the signal, as a shell reports a command it ended
+        except BrokenPipeError:
+            raise
+        except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a missing file, a folder where a file goes
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        finally:
+            sys.stdout.flush()  # a closed pipe fails here, not at exit, where it could no longer be caught
+    except BrokenPipeError:
+        # stdout's reader is gone (splatopt show run.safetensors | head -1): nothing more can be said, so end
+        # quietly, as a command killed by SIGPIPE does; what is still buffered goes to devnull at exit
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, what a shell reports for such a command
+
+
+def _stdout_to_devnull() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (replaced, as under pytest)
+        pass
 
 
 if __name__ == "__main__":

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -778,75 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fixedpos.cli import warnings_as_lines
+    # one runner for both command lines: errors, Ctrl-C / SIGTERM (130 / 143) and a closed pipe alike
+    from fixedpos.cli import run_command, warnings_as_lines
 
     with warnings_as_lines("splatopt"):
-        return _main(argv)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's stop, ``kill``) raised where the command is, as Ctrl-C raises
-    KeyboardInterrupt: the same clean-up (``ablate`` names the cells kept, ``meta-train`` checkpoints)
-    instead of a silent death."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield  # signals reach only the main thread; a handler someone installed is theirs
-        return
-
-    def terminate(signum, frame):
-        raise Terminated("SIGTERM")
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _main(argv: list[str] | None) -> int:
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit:  # --help, --version or a usage error: what it printed is flushed while caught here
-            sys.stdout.flush()
-            raise
-        try:
-            with _sigterm_as_interrupt():
-                return args.func(args)
-        except KeyboardInterrupt as err:
-            # what was kept and how to go on is said where it is known (ablate, meta-train); no traceback
-            terminated = isinstance(err, Terminated)
-            print(f"splatopt: interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
-            return 143 if terminated else 130  # 128 + the signal, as a shell reports a command it ended
-        except BrokenPipeError:
-            raise
-        except (ValueError, TypeError, OSError, RuntimeError) as err:  # OSError: a file where a folder goes, and the like
-            print(f"splatopt: error: {err}", file=sys.stderr)
-            return 2
-        finally:
-            sys.stdout.flush()  # a closed pipe fails here, not at exit, where it could no longer be caught
-    except BrokenPipeError:
-        # stdout's reader is gone (splatopt show run.safetensors | head -1): nothing more can be said, so end
-        # quietly, as a command killed by SIGPIPE does; what is still buffered goes to devnull at exit
-        _stdout_to_devnull()
-        return 141  # 128 + SIGPIPE, what a shell reports for such a command
-
-
-def _stdout_to_devnull() -> None:
-    import os
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # stdout is not a file (replaced, as under pytest)
-        pass
+        return run_command("splatopt", build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -154,7 +155,10 @@ def edit(
     of new texts, or a list of edit lists, one per prompt of ``result``.
     model: the old fit's FieldModel (default: ``fixedpos.load`` of the result's model and layer).
     device: default the result's splats' device; fit's ``dtype``: default the result's splats'
-    precision (float64 for a float64 fit, else float32). record_every, progress: as :func:`fit`.
+    precision (float64 for a float64 fit, else float32). record_every: as :func:`fit`. progress: a
+    bar per re-fit, labelled with what it re-fits: "edit: re-fit (warm + grid starts)", or, when a
+    learned initializer's starts re-fit apart, "edit: re-fit 1/2 (warm starts)" then "edit: re-fit 2/2
+    (learned starts)".
     steps: re-fit steps. local (default): splats more than ``freeze_sigma`` widths (sigmas, >= 0)
     from every edited span neither move nor change during the whole re-fit (far from the edit, a
     fit keeps its splats); local=False re-fits them too, after ``freeze_steps`` frozen steps (0:
@@ -389,7 +393,7 @@ def edit(
         else:  # in the warm starts' batch
             groups[0] = (groups[0][0] + second_starts, groups[0][1])
 
-    def refit(group, optimizer) -> FitResult:
+    def refit(group, optimizer, label: str) -> FitResult:
         rows = [c[0] for c in group]
         start = SplatSet.cat([c[1] for c in group])
         frozen = torch.nn.functional.pad(torch.nn.utils.rnn.pad_sequence([c[2] for c in group], batch_first=True),
@@ -397,12 +401,16 @@ def edit(
         lengths = batch.mask.sum(-1).cpu()[rows]
         return fit([new_texts[b] for b in rows], model, n_splats=[min(int(n), int(L)) for n, L in zip(start.counts.cpu(), lengths)],
                    steps=steps, init=WarmStart(start), kernel=kernel, mode=mode, device=device, record_every=record_every,
-                   progress=progress, frozen=frozen if frozen_steps and bool(frozen.any()) else None,
+                   progress=label if progress else False, frozen=frozen if frozen_steps and bool(frozen.any()) else None,
                    frozen_steps=frozen_steps, frozen_moves=far_moves,
                    frozen_v_tolerance=0.0 if optimizer.embeddings == "solve" else far_tolerance, **{**fit_options, "optimizer": optimizer})
 
     groups = [(g, opt) for g, opt in groups if g]
-    new = FitResult.cat([refit(g, opt) for g, opt in groups]) if len(groups) > 1 else refit(*groups[0])
+    # each re-fit's bar says what it is (it said "fit"): "edit: re-fit 1/2 (warm + grid starts)", then "2/2 (learned starts)"
+    bars = [f"edit: re-fit{f' {k + 1}/{len(groups)}' if len(groups) > 1 else ''} "
+            f"({' + '.join(dict.fromkeys('warm' if c[4] is None else c[4] for c in g))} starts)" for k, (g, _) in enumerate(groups)]
+    new = FitResult.cat([refit(g, opt, bar) for (g, opt), bar in zip(groups, bars)]) if len(groups) > 1 else \
+        refit(*groups[0], bars[0])
     every = [(*c, opt) for g, opt in groups for c in g]
     rows, starts, labels = [c[0] for c in every], [c[1] for c in every], [c[3] for c in every]
     sources, optimizers = [c[4] for c in every], [c[5] for c in every]
@@ -410,7 +418,8 @@ def edit(
     loss = new.history["loss"][-1].cpu()
     accuracy = new.token_accuracy.cpu() if choose == "accuracy" and new.token_accuracy is not None else None
     keep = choose_starts(rows, loss, accuracy)
-    new = new.select(keep) if len(rows) > B else new
+    if len(rows) > B:  # the time of every start, not the kept ones' share (select apportions it)
+        new = replace(new.select(keep), seconds=new.seconds, encode_seconds=new.encode_seconds)
     for b, record in enumerate(records):
         k = keep[b]
         record.update(frozen_steps=frozen_steps if froze[k] else 0, start=labels[k], start_initializer=sources[k], starts_tried=rows.count(b),

@@ -42,7 +42,7 @@ from .objectives import Objective, mean_cosine, objective_terms, relative_mse, t
 from .optim import GROUPS, InnerOptimizer, adam_init, adam_step, closed_form_v, offset_for, solve_embeddings, target_rms
 from .render import KERNELS, MODES, render, splat_weights
 from .render_local import DEFAULT_TRUNCATE, render_local
-from .splats import SplatSet, check_model_hash
+from .splats import SplatSet, check_model_hash, first_of_each
 
 
 BASIS_FORMAT = "splatopt.basis-fit"
@@ -92,7 +92,9 @@ class FitResult:
     ``n_terms``; ``ce`` and ``token_accuracy`` where computed), on the CPU. trajectory: ``step``
     [S], ``mu``/``sigma`` (tokens) and ``weight`` [S, B, N] at recorded steps, NaN in inactive
     slots, on the CPU; empty for a fixed basis. seconds: wall time of the fit (inner loops and
-    final metrics); encode_seconds: of the target. config: fit's resolved settings (JSON). edit: for a result of
+    final metrics); encode_seconds: of the target; a result of :meth:`select` holds its prompts' share
+    of both, by their tokens, so that :meth:`cat` of the parts adds back up to the whole. config: fit's
+    resolved settings (JSON). edit: for a result of
     :func:`splatopt.edit`, its records (a dict, or a list with one per prompt; see ``edit``; None for a
     prompt of a plain fit that :meth:`cat` joined to an edit's).
     skipped_steps: [B] steps whose gradient held NaN/inf and were skipped (the NaN guard), per prompt.
@@ -139,7 +141,8 @@ class FitResult:
     def summary(self) -> dict:
         """Plain numbers: ``prompts``, ``tokens``, ``basis``, ``terms`` and ``splats`` (totals), means
         over prompts of ``field_error``, ``cosine``, ``floats_per_token`` and ``token_accuracy`` (with
-        ``token_accuracy_pooled`` over all tokens), each density event's total, and ``seconds``."""
+        ``token_accuracy_pooled`` over all tokens), each density event's total, and ``seconds`` (of a
+        selection, its prompts' share of the fit's, by tokens: see :meth:`select`)."""
         out = {
             "prompts": int(self.mask.shape[0]),
             "tokens": int(self.mask.sum()),
@@ -169,7 +172,12 @@ class FitResult:
 
     def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
         """The prompts ``index`` (a prompt number, a slice, a list or tensor of them, repeats allowed, or
-        a [B] bool mask), every per-prompt field with them; the batch dimension is kept."""
+        a [B] bool mask), every per-prompt field with them; the batch dimension is kept.
+
+        ``seconds`` and ``encode_seconds`` time the whole batch, not a prompt: the selection holds its
+        prompts' share of them, by their tokens (a batched fit's cost grows with its tokens). So the
+        selected parts of a partition add back up to the whole (``FitResult.cat`` of them counts the
+        fit's time once, not once per part), and ``summary()["seconds"]`` of one prompt is its share."""
         B = self.mask.shape[0]
         picked: Sequence[int] | Sequence[bool] | Tensor
         if isinstance(index, slice):
@@ -195,12 +203,14 @@ class FitResult:
             raise IndexError(f"select({list(picked)}): this result holds prompts 0..{self.mask.shape[0] - 1}")
         take = lambda t: t[idx.to(t.device)]  # noqa: E731
         on = lambda t: None if t is None else take(t)  # noqa: E731
+        share = float(take(self.mask).sum()) / float(self.mask.sum())  # of the batch's tokens: its part of the time
         rows = lambda items: None if items is None else [items[i] for i in idx.tolist()]  # noqa: E731
         series = lambda d: {k: v if k == "step" else v[:, idx.to(v.device)] for k, v in d.items()}  # noqa: E731
         return replace(
             self, splats=None if self.splats is None else self.splats.select(idx.to(self.splats.mu.device)),
             ids=on(self.ids), mask=take(self.mask), texts=rows(self.texts), token_accuracy=on(self.token_accuracy),
             field_error=take(self.field_error), cosine=take(self.cosine), history=series(self.history),
+            seconds=self.seconds * share, encode_seconds=self.encode_seconds * share,
             trajectory=series(self.trajectory), input_texts=rows(self.input_texts), offsets=on(self.offsets),
             edit=rows(self.edit) if isinstance(self.edit, list) else self.edit, skipped_steps=on(self.skipped_steps),
             coefficients=on(self.coefficients), floats_per_token=on(self.floats_per_token),
@@ -212,10 +222,12 @@ class FitResult:
     def cat(results: Sequence["FitResult"]) -> "FitResult":
         """The prompts of ``results``, in order, as one result (e.g. two fits of different prompts).
 
-        They must share the model, the device, the basis and the recorded steps. Token tensors are
+        They must share the model, the device, the dtype, the basis and the recorded steps (ValueError
+        naming the results that differ). Token tensors are
         padded to the longest prompt, splats to the largest capacity (inactive slots). ``edit`` (and
         ``config["edit"]``) become one record per prompt; ``config`` is otherwise the first result's,
-        with ``n_splats`` per prompt where they differ; ``seconds`` add up.
+        with ``n_splats`` per prompt where they differ; ``seconds`` and ``encode_seconds`` add up (a
+        part taken by :meth:`select` holds its share of its fit's, so the parts of one fit add up to its time).
         """
         results = list(results)
         if not results:
@@ -227,12 +239,22 @@ class FitResult:
         for r in results[1:]:
             if r.basis != first.basis:
                 raise ValueError(f"FitResult.cat: bases differ ({first.basis!r} vs {r.basis!r})")
-            if r.config.get("model_hash") != first.config.get("model_hash") or r.field_error.device != first.field_error.device:
-                raise ValueError("FitResult.cat: the results come from different models or lie on different devices")
+            if r.config.get("model_hash") != first.config.get("model_hash"):
+                models = [f"{r.config.get('model')} ({str(r.config.get('model_hash'))[:12]})" for r in results]
+                raise ValueError(f"FitResult.cat: the results come from different models ({first_of_each(models, 'result')})")
             for name in ("history", "trajectory"):
                 a, b = getattr(first, name).get("step"), getattr(r, name).get("step")
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)) or set(getattr(first, name)) != set(getattr(r, name)):
                     raise ValueError(f"FitResult.cat: the results record different {name} (steps or metrics); fit them with the same steps and record_every")
+        devices = [r.field_error.device for r in results]
+        if len(set(devices)) > 1:
+            raise ValueError(f"FitResult.cat: the results lie on different devices ({first_of_each(devices, 'result')}); "
+                             "load them onto one (FitResult.load(path, device=...)) or fit them there")
+        # the splats' (or coefficients') dtype: torch.cat promoted float32 and float64 without a word
+        dtypes = [cast(Tensor, r.splats.mu if r.splats is not None else r.coefficients).dtype for r in results]
+        if len(set(dtypes)) > 1:
+            raise ValueError(f"FitResult.cat: the results were fitted in different dtypes ({first_of_each(dtypes, 'result')}); "
+                             f"fit them in one (fit(..., dtype={dtypes[0]}))")
         L = max(r.mask.shape[1] for r in results)
         pad_tokens = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]))  # noqa: E731
 
@@ -611,7 +633,7 @@ def check_options(**options) -> None:
     """Check the values of ``fit``'s plain options that are given (by keyword, fit's names): types and
     ranges, with a ValueError (TypeError for seed) naming the option and what it takes. ``fit`` calls
     it first; an ablation study calls it on every configuration before its first cell."""
-    flags = ("varpro", "progress", "frozen_moves")
+    flags = ("varpro", "frozen_moves")
     choices = {"kernel": KERNELS, "mode": MODES, "basis": BASES}
     for name, value in options.items():
         if name in choices and value not in choices[name]:
@@ -623,6 +645,8 @@ def check_options(**options) -> None:
             raise ValueError(f"truncate={value!r} must be a finite number of sigmas > 0, or None")
         elif name == "batch_size" and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"batch_size={value!r}: give the prompts per chunk as an int >= 1 (or None for about 16k tokens)")
+        elif name == "progress" and not (isinstance(value, bool) or (isinstance(value, str) and value.strip())):
+            raise ValueError(f"progress={value!r}: give True (a bar labelled \"fit\"), False (none) or the bar's label")
         elif name in flags and not isinstance(value, bool):
             # a string "false" is truthy: it would silently turn the option on
             raise ValueError(f"{name}={value!r}: give True or False")
@@ -654,7 +678,7 @@ def fit(
     dtype: torch.dtype = torch.float32,
     record_every: int = 10,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     frozen: Tensor | None = None,
     frozen_steps: int = 0,
     frozen_moves: bool = False,
@@ -708,7 +732,8 @@ def fit(
     record_every: history/trajectory period in steps (0 = only the last step). batch_size: prompts
     per chunk (default: about 16k padded tokens a chunk); another chunking moves a fit by float
     noise, except that with solved embeddings a splat's weight is nearly a free scale (the solve
-    absorbs it), so weights and embeddings may differ visibly while the field and metrics agree. progress: a tqdm bar per chunk.
+    absorbs it), so weights and embeddings may differ visibly while the field and metrics agree. progress: a tqdm bar per chunk,
+    labelled "fit" (True), or the label given (a str: what a caller runs, e.g. edit's "edit: re-fit ..."); False: none.
     frozen: [B, N] bool, splat slots that do not move or change during the first ``frozen_steps``
     steps (warm-started editing keeps splats far from an edit fixed while the edit settles); N is
     the fit's slot count: the largest per-prompt count (of terms, for a fixed basis), or the
@@ -893,6 +918,7 @@ def fit(
         "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **_settings(strategy)},
         "fused": fused, "cuda_graphs": cuda_graphs,
     }
+    label = progress if isinstance(progress, str) else "fit"  # the bar's: what runs
     started = time.perf_counter()
     chunks = []
     n_chunks = math.ceil(B / batch_size)
@@ -905,7 +931,7 @@ def fit(
             _fit_chunk(
                 field[idx, :L], mask[idx, :L], None if ids is None else ids[idx, :L], counts[idx.cpu()].to(device),
                 objective, chunk_init, optimizer, kernel, mode, varpro, truncate, steps, decode, generator,
-                record_every, progress, f"fit {c + 1}/{n_chunks}" if n_chunks > 1 else "fit",
+                record_every, progress, f"{label}, chunk {c + 1}/{n_chunks}" if n_chunks > 1 else label,
                 None if frozen is None else frozen.to(device)[idx], frozen_steps, basis, strategy, fused_ce, fused,
                 fused_step, host_free, cuda_graphs, frozen_moves, frozen_v_tolerance, metric,
             )

@@ -86,7 +86,8 @@ class MetaConfig:
     gradient norm), ``amp`` (bf16 autocast of the network on CUDA; the unrolled fit stays fp32),
     ``seed`` (prompt sampling, network initialization, batches). ``time_limit_s``: stop early
     (with a checkpoint) after this wall time in seconds, of the whole run, resumes included (so
-    resuming a run stopped by it needs a larger one). Logging: ``log_every`` (JSONL;
+    resuming a run stopped by it needs a larger one: a resume whose limit is already spent takes no
+    outer step and says so, and ``--set time_limit_s=<more>`` gives it more). Logging: ``log_every`` (JSONL;
     TensorBoard with ``tensorboard = true``), ``checkpoint_every``, ``eval_every`` (0 = never) on
     ``eval_prompts`` prompts of ``eval_corpus``. Every value is checked on construction, the
     corpora's names and the objective included: ValueError naming the key.
@@ -577,9 +578,15 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     objective = Objective.parse(cfg.objective)
     decode = model.decode if objective.needs_decoder else None
     began = time.perf_counter() - elapsed
-    bar = tqdm(range(start, cfg.outer_steps), desc="meta-train", disable=not progress or rank != 0, unit="step",
-               initial=start, total=cfg.outer_steps)
-    step = start
+    # a resume of a run whose time limit is spent took one more outer step before the limit stopped it
+    spent = cfg.time_limit_s is not None and elapsed >= cfg.time_limit_s and start < cfg.outer_steps
+    if spent and rank == 0:
+        print(f"meta-train: the time limit of {cfg.time_limit_s:g} s (the run's wall time, resumes included) is already "
+              f"spent: the run has taken {elapsed:.1f} s; no outer step taken, {start} of {cfg.outer_steps} done. "
+              f"--resume --set time_limit_s=<more than {elapsed:.0f}> continues it", file=sys.stderr)
+    bar = tqdm(range(start, start if spent else cfg.outer_steps), desc="meta-train", disable=not progress or rank != 0,
+               unit="step", initial=start, total=cfg.outer_steps)
+    done = start
     # skipped outer steps (non-finite gradient): in a row, and since the last log row; checkpointed
     nonfinite_in_row, skipped_since_log = nonfinite.get("in_row", 0), nonfinite.get("since_log", 0)
     interrupt = _DeferredInterrupt()
@@ -644,7 +651,9 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
             elif done < cfg.outer_steps:
                 net.meta["stopped"] = "time limit"
             break
-    net.meta["outer_steps_done"] = step + 1 if cfg.outer_steps > start else start
+    if spent:
+        net.meta["stopped"] = "time limit"
+    net.meta["outer_steps_done"] = done
     net.meta["outer_steps"] = cfg.outer_steps
     net.meta["wall_s"] = round(time.perf_counter() - began, 1)
     net.meta["world_size"] = world

@@ -38,6 +38,15 @@ def check_model_hash(path: str | Path, meta: dict, expect_model_hash: str | None
         )
 
 
+def first_of_each(values: list, noun: str) -> str:
+    """The first of ``values`` to hold each distinct value, named: "set 0 is torch.float32, set 2 is
+    torch.float64" (``noun`` "set"), for an error that says which input differs."""
+    first: dict = {}
+    for i, value in enumerate(values):
+        first.setdefault(value, i)
+    return ", ".join(f"{noun} {i} is {value}" for value, i in first.items())
+
+
 @dataclass
 class SplatSet:
     """Batched splats.
@@ -199,11 +208,19 @@ class SplatSet:
     @staticmethod
     def cat(sets: list["SplatSet"]) -> "SplatSet":
         """Concatenate along the batch, padding capacities with inactive slots (zeros); meta is the
-        first set's. ValueError for no sets or for different widths d."""
+        first set's. ValueError for no sets, different widths d, dtypes or devices (convert them first:
+        nothing is promoted or moved behind the caller's back)."""
         if not sets:
             raise ValueError("SplatSet.cat needs at least one set")
         if len({s.dim for s in sets}) > 1:
             raise ValueError(f"SplatSet.cat: the sets' embeddings have different widths d {sorted({s.dim for s in sets})}")
+        dtypes, devices = [s.mu.dtype for s in sets], [s.mu.device for s in sets]
+        if len(set(dtypes)) > 1:  # torch.cat promoted float32 and float64 to float64 without a word
+            raise ValueError(f"SplatSet.cat: the sets hold different dtypes ({first_of_each(dtypes, 'set')}); convert them "
+                             f"to one first, e.g. [s.to({dtypes[0]}) for s in sets]")
+        if len(set(devices)) > 1:
+            raise ValueError(f"SplatSet.cat: the sets lie on different devices ({first_of_each(devices, 'set')}); move them "
+                             f"to one first, e.g. [s.to('{devices[0]}') for s in sets]")
         N = max(s.capacity for s in sets)
 
         def pad(t: Tensor, fill=0.0) -> Tensor:

@@ -866,3 +866,38 @@ def test_edit_of_something_other_than_a_fit_result_is_a_type_error_naming_it(fit
         splatopt.edit(fitted.splats, "x", progress=False)
     with pytest.raises(TypeError, match="not NoneType"):
         splatopt.edit(None, "x", progress=False)
+
+
+def test_an_edit_result_times_every_start_it_re_fitted(fitted, monkeypatch):
+    """The re-fit keeps one start per prompt (FitResult.select), and select gives a part its share of the
+    time: the edit's seconds must still be those of every start re-fitted (the docstring's promise), not
+    the kept start's share."""
+    import sys
+    from dataclasses import replace
+
+    edit_module = sys.modules["splatopt.edit"]
+    real_fit, timed = edit_module.fit, []
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: timed.append(replace(real_fit(*a, **k), seconds=10.0)) or timed[-1])
+    result = splatopt.edit(fitted, TEXT.replace("ascending", "descending"), steps=1, fresh_init="learned", progress=False)
+    assert len(timed) == 2 and result.edit["starts_tried"] > 1
+    assert result.seconds == pytest.approx(20.0)
+
+
+def test_an_edits_progress_bars_say_which_re_fit_runs(fitted, monkeypatch):
+    """The re-fits' bars were labelled "fit", as any fit's: a user watching an edit could not tell that an
+    edit ran, nor the warm starts' re-fit from the learned starts' one after it."""
+    import tqdm.auto
+
+    from splatopt.fit import check_options
+
+    real_tqdm, bars = tqdm.auto.tqdm, []
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(k.get("desc")) or real_tqdm(*a, **k))
+    new_text = TEXT.replace("ascending", "descending")
+    splatopt.edit(fitted, new_text, steps=1, fresh_init="learned")
+    fits = [b for b in bars if b and "fit" in b]
+    assert fits == ["edit: re-fit 1/2 (warm starts)", "edit: re-fit 2/2 (learned starts)"]
+    bars.clear()
+    splatopt.edit(fitted, new_text, steps=1, fresh_init="grid")
+    assert [b for b in bars if b and "fit" in b] == ["edit: re-fit (warm + grid starts)"]
+    with pytest.raises(ValueError, match="progress='': give True"):
+        check_options(progress="")

@@ -1098,3 +1098,38 @@ def test_a_custom_density_strategy_or_initializer_meta_of_any_kind_is_recorded_a
     assert fit(_bare_field(), density=Slotted(), **opts).config["density"] == {"strategy": "Slotted"}
     shipped = fit(_bare_field(), density=AdaptiveDensity(start=1), **opts).config["density"]
     assert shipped == {"strategy": "AdaptiveDensity", **vars(AdaptiveDensity(start=1))}
+
+
+def test_selecting_a_partition_and_concatenating_it_gives_back_the_fits_time_once(model, short_prompts):
+    """select() kept the whole fit's seconds and encode_seconds in every part, so FitResult.cat of the
+    parts counted the fit's time once per part (two parts: twice), and a one-prompt selection's summary
+    claimed the whole batch's time. Each part now holds its share, by tokens."""
+    from dataclasses import replace
+
+    result = replace(fit(short_prompts[:3], model, n_splats=0.5, steps=2, device="cpu", progress=False),
+                     seconds=10.0, encode_seconds=4.0)  # round figures: a fast fit may take almost no time
+    tokens = result.mask.sum(-1).float()
+    parts = [result.select([0, 2]), result.select(1)]
+    assert parts[1].seconds == pytest.approx(10.0 * float(tokens[1] / tokens.sum()))
+    assert parts[1].summary()["seconds"] == pytest.approx(parts[1].seconds, abs=1e-3)
+    assert parts[1].summary()["seconds"] < result.summary()["seconds"]
+    again = FitResult.cat(parts)
+    assert again.seconds == pytest.approx(10.0) and again.encode_seconds == pytest.approx(4.0)
+    assert again.summary()["seconds"] == result.summary()["seconds"]
+    assert result.select([0, 1, 2]).seconds == pytest.approx(10.0)  # the whole batch selected: all of it
+
+
+@pytest.mark.parametrize("basis", ["splats", "dct"])
+def test_cat_of_a_float32_and_a_float64_fit_is_refused_naming_each(tmp_path, basis):
+    """FitResult.cat of a float32 and a float64 fit returned float64 splats (torch.cat promotes) under the
+    first fit's config, which still said float32; and results on two devices got one message for two causes
+    ("different models or lie on different devices"), naming neither result."""
+    field = torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(0))
+    opts = dict(n_splats=3, steps=1, objective="mse", basis=basis, device="cpu", progress=False)
+    single, double = fit(Targets(field), **opts), fit(Targets(field.double()), dtype=torch.float64, **opts)
+    with pytest.raises(ValueError, match=r"different dtypes \(result 0 is torch.float32, result 1 is torch.float64\).*"
+                                         r"dtype=torch.float32"):
+        FitResult.cat([single, double])
+    on_meta = FitResult.load(single.save(tmp_path / "run.safetensors"), device="meta")
+    with pytest.raises(ValueError, match=r"different devices \(result 0 is cpu, result 1 is meta\).*device="):
+        FitResult.cat([single, on_meta])

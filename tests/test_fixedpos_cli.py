@@ -174,3 +174,24 @@ def test_every_option_of_both_commands_says_what_it_does_in_its_help():
     roundtrip = next(a for a in fixedpos_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["roundtrip"]
     n_help = next(a.help for a in roundtrip._actions if "--n" in a.option_strings)
     assert "under 8 tokens are skipped" in n_help and "cut to at most 64 tokens" in n_help  # as sample_prompts does
+
+
+def test_ctrl_c_or_sigterm_ends_a_command_with_one_line_and_the_shells_code(monkeypatch, capsys):
+    """A Ctrl-C in a fixedpos command printed a Python traceback (splatopt's commands print one line and exit
+    130), and SIGTERM ended it silently. Both command lines now run their commands the same way."""
+    import os
+    import signal
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "roundtrip_report", ctrl_c)
+    try:
+        assert cli.main(["roundtrip", "--n", "2", "--device", "cpu"]) == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command line: the user saw a traceback")
+    assert capsys.readouterr().err == "fixedpos: interrupted (Ctrl-C)\n"
+    monkeypatch.setattr(cli, "roundtrip_report", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    assert cli.main(["roundtrip", "--n", "2", "--device", "cpu"]) == 143
+    assert capsys.readouterr().err == "fixedpos: interrupted (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

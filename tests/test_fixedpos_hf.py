@@ -404,6 +404,47 @@ def test_cli_train_head_writes_a_head_that_load_then_finds(tiny_dirs, tmp_path, 
     assert model.decode(field).shape == (1, field.shape[1], model.vocab_size)
 
 
+def test_cli_train_head_all_layers_keeps_the_heads_written_before_an_interruption(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """`train-head --all-layers` stopped by Ctrl-C printed a traceback, and the re-run trained every layer
+    again from scratch, those whose heads were already written too. Ctrl-C now says which heads are kept
+    and exits 130; the re-run keeps (skips) them, saying so; a head file that does not read back is trained
+    again, never taken for a finished one; --force trains a kept head again."""
+    from fixedpos import cli
+
+    monkeypatch.setitem(fixedpos.RECIPES, "tiny", TINY_RECIPE)
+    real_train, trained, interrupt_at = fixedpos.train_head, [], [1]
+
+    def train(model, *args, **kwargs):
+        trained.append(model.layer)
+        if model.layer in interrupt_at:
+            raise KeyboardInterrupt
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(fixedpos, "train_head", train)
+    out = tmp_path / "heads"
+    argv = ["train-head", "--model", str(tiny_dirs["distilbert"]), "--recipe", "tiny", "--n", "2", "--device", "cpu",
+            "--out", str(out)]
+    try:
+        assert cli.main([*argv, "--all-layers"]) == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command line: the user saw a traceback")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("fixedpos: interrupted (Ctrl-C)\n")
+    assert f"the heads of layer(s) 0 are kept in {out}" in err and "run the same command again" in err
+    (head0,) = out.glob("*.safetensors")
+    assert "layer0" in head0.name and trained == [0, 1]
+    trained.clear(), interrupt_at.clear()
+    assert cli.main([*argv, "--all-layers"]) == 0
+    assert trained == [1, 2] and f"kept {head0} (layer 0: written before; --force trains it again)" in capsys.readouterr().out
+    trained.clear()
+    head0.write_bytes(b"torn")  # damaged since it was written: not a finished head
+    assert cli.main([*argv, "--layer", "0"]) == 0
+    assert trained == [0] and "does not read back" in capsys.readouterr().out
+    trained.clear()
+    assert cli.main([*argv, "--layer", "0", "--force"]) == 0 and trained == [0]
+    assert len(list(out.glob("*.safetensors"))) == 3
+
+
 def test_cli_edit_refits_a_local_encoders_fit_given_its_folder(tiny_bert, tiny_dirs, tmp_path, monkeypatch):
     """A fit file names a local encoder by its folder's base name only: --model points edit at it."""
     import splatopt

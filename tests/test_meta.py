@@ -725,3 +725,25 @@ def test_a_kill_while_config_json_is_rewritten_leaves_the_old_one_whole(tmp_path
         pass
     after = json.loads((run / "config.json").read_text())  # JSONDecodeError: the torn file
     assert after == json.loads(before) or after == {**json.loads(before), "outer_steps": 3}
+
+
+def test_a_resume_whose_time_limit_is_spent_takes_no_outer_step_and_says_how_to_give_more(tmp_path, model, bank, capsys):
+    """A run stopped by its time limit and resumed with the same limit took one more outer step (and
+    wrote it into the checkpoint) before the limit stopped it again; it must take none, say that the
+    limit is spent and how to give more time, and stop as the time limit does."""
+    from fixedpos.cache import read_safetensors
+
+    cfg = tiny_config(time_limit_s=1e-9, checkpoint_every=100)
+    first = meta.train(cfg, tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    assert first.meta["outer_steps_done"] == 1 and first.meta["stopped"] == "time limit"
+    capsys.readouterr()
+    again = meta.train(cfg, tmp_path / "run", resume=True, model=model, bank=bank, device="cpu", progress=False)
+    assert again.meta["outer_steps_done"] == 1 and again.meta["stopped"] == "time limit"
+    assert read_safetensors(tmp_path / "run" / "checkpoint.safetensors")[1]["step"] == "1"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
+    err = capsys.readouterr().err
+    assert "time limit of 1e-09 s" in err and "already spent" in err and "no outer step taken, 1 of 4 done" in err
+    assert "--resume --set time_limit_s=<more than" in err
+    for (name, p), q in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name

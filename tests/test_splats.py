@@ -390,3 +390,17 @@ def test_a_splat_set_prints_as_one_line_of_its_sizes_not_every_tensor():
     text = repr(s)
     assert "\n" not in text and "tensor(" not in text and len(text) < 200
     assert text.startswith("SplatSet(B=12, N=5 slots, d=384, active per prompt [1, 2, 3, 4, 5, 5, 5, 5, ...], float32 on cpu")
+
+
+def test_cat_of_float32_and_float64_sets_is_refused_naming_each_and_the_fix():
+    """SplatSet.cat of a float32 and a float64 set returned float64 without a word (torch.cat promotes), so
+    a float32 pipeline went on in float64, at twice the memory; the files then loaded back as float64."""
+    single = random_splats(B=2)
+    double = random_splats(B=1).to(torch.float64)
+    with pytest.raises(ValueError, match=r"different dtypes \(set 0 is torch.float32, set 1 is torch.float64\).*"
+                                         r"\[s.to\(torch.float32\) for s in sets\]"):
+        SplatSet.cat([single, double])
+    joined = SplatSet.cat([single, double.to(torch.float32)])  # the fix the message gives
+    assert joined.mu.dtype == torch.float32 and joined.batch_size == 3
+    with pytest.raises(ValueError, match=r"different devices \(set 0 is cpu, set 1 is meta\).*s.to\('cpu'\)"):
+        SplatSet.cat([single, single.to("meta")])
