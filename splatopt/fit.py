@@ -242,17 +242,6 @@ class FitResult:
                 return None
             return torch.cat([pad(p) if pad else p for p in parts])
 
-        def series(name: str, pad_splats: bool) -> dict[str, Tensor]:
-            parts = [getattr(r, name) for r in results]
-            out = {"step": parts[0]["step"]} if "step" in parts[0] else {}
-            for key in (k for k in parts[0] if k != "step"):
-                ts = [p[key] for p in parts]
-                if pad_splats:
-                    N = max(t.shape[2] for t in ts)
-                    ts = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in ts]
-                out[key] = torch.cat(ts, 1)
-            return out
-
         def per_prompt(key: str) -> list | None:
             values = [r.config.get(key) for r in results]
             if key != "edit" and all(v == values[0] and not isinstance(v, list) for v in values):
@@ -270,7 +259,8 @@ class FitResult:
             first, splats=None if splats is None else SplatSet.cat(splats),
             ids=joined(lambda r: r.ids, pad_tokens), mask=joined(lambda r: r.mask, pad_tokens), texts=rows("texts"),
             token_accuracy=joined(lambda r: r.token_accuracy), field_error=joined(lambda r: r.field_error),
-            cosine=joined(lambda r: r.cosine), history=series("history", False), trajectory=series("trajectory", True),
+            cosine=joined(lambda r: r.cosine), history=_merge_series([r.history for r in results]),
+            trajectory=_merge_series([r.trajectory for r in results], pad_splats=True),
             seconds=sum(r.seconds for r in results), encode_seconds=sum(r.encode_seconds for r in results),
             input_texts=rows("input_texts"), offsets=joined(lambda r: r.offsets, pad_tokens),
             # one edit record per prompt (a one-prompt edit holds a dict, not a list)
@@ -1029,8 +1019,9 @@ def _pad_to(t: Tensor, L: int) -> Tensor:
     return torch.nn.functional.pad(t, (0, L - t.shape[1])) if t.shape[1] < L else t
 
 
-def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: bool = False) -> dict[str, Tensor]:
-    """Concatenate per-chunk series [S, b(, N)] along prompts and restore the caller's order."""
+def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor | None = None, pad_splats: bool = False) -> dict[str, Tensor]:
+    """Concatenate series [S, b(, N)] of the same recorded steps along prompts (splats padded with NaN
+    to the largest N where ``pad_splats``), then put the prompts in order ``inverse`` [B] (None: as given)."""
     if "step" not in parts[0]:  # a fixed basis records no splat geometry
         return {}
     out = {"step": parts[0]["step"]}
@@ -1041,7 +1032,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
         if pad_splats:
             N = max(t.shape[2] for t in tensors)
             tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in tensors]
-        out[key] = torch.cat(tensors, 1)[:, inverse.cpu()]
+        out[key] = torch.cat(tensors, 1) if inverse is None else torch.cat(tensors, 1)[:, inverse.cpu()]
     return out
 
 
