@@ -116,20 +116,19 @@ def device_label(device: torch.device | str) -> str:
     return f"{name or 'cpu'}, {torch.get_num_threads()} threads"
 
 
+def _by_device_name(table: tuple[tuple[str, float], ...], device_name: str) -> float | None:
+    """The value of the first (name part, value) row of ``table`` whose part is in ``device_name`` (any case); None if none."""
+    return next((value for key, value in table if key.lower() in device_name.lower()), None)
+
+
 def device_peak_flops(device_name: str) -> float | None:
     """Peak dense bf16 tensor-core FLOP/s of a device named like ``torch.cuda.get_device_name``; None if unknown."""
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
+    return _by_device_name(PEAK_BF16_FLOPS, device_name)
 
 
 def device_peak_gbs(device_name: str) -> float | None:
     """Peak memory bandwidth (GB/s) of a device named like ``torch.cuda.get_device_name``; None if unknown."""
-    for key, gbs in PEAK_GBS:
-        if key.lower() in device_name.lower():
-            return gbs
-    return None
+    return _by_device_name(PEAK_GBS, device_name)
 
 
 @dataclass
