@@ -46,9 +46,12 @@ import tomllib
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas
 
 from fixedpos.cache import check_output_folder
 from fixedpos.corpus import check_corpus_spec
@@ -538,7 +541,7 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progr
     }
 
 
-def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, device=None, force: bool = False) -> list[dict]:
+def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, device: str | torch.device | None = None, force: bool = False) -> list[dict]:
     """Run every cell of ``study`` not yet in ``out_dir/results.jsonl``; the rows of all its cells, in grid order.
 
     Writes out_dir/study.toml, results.jsonl (a row per cell, appended and fsynced as each finishes),
@@ -729,7 +732,7 @@ def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...
     return table
 
 
-def to_dataframe(rows: list[dict]):
+def to_dataframe(rows: list[dict]) -> pandas.DataFrame:
     """The rows as a pandas DataFrame, levels as columns (pandas is optional: ImportError without it)."""
     try:
         import pandas as pd

@@ -31,7 +31,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -134,17 +134,17 @@ def edit(
     local: bool = True,
     spawn_density: float | None = None,
     fresh_start: bool = True,
-    fresh_init="auto",
+    fresh_init: str | dict | Initializer | Sequence[str | dict | Initializer] = "auto",
     fresh_near: bool = True,
     learned_optimizer: InnerOptimizer | dict | str = "picked",
     hold_budget: bool = True,
     far_moves: bool = False,
     far_tolerance: float = 0.0,
     choose: str = "accuracy",
-    device=None,
+    device: str | torch.device | None = None,
     record_every: int = 5,
     progress: bool = True,
-    **fit_options,
+    **fit_options: Any,
 ) -> FitResult:
     """Re-fit ``result`` (a FitResult of mobile splats fitted from text, or a path to a saved one) to
     edited texts, warm-started; returns the re-fit's :class:`FitResult`.

@@ -31,9 +31,9 @@ from fixedpos.cache import read_safetensors, write_safetensors
 from fixedpos.model import resolve_device
 
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
-from .density import DensityContext, NoDensify, resolve_density
+from .density import DensityContext, DensityStrategy, NoDensify, resolve_density
 from .fisher import resolve_metric
-from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
+from .init import GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
 from .graphs import AdamLoop
 from .kernels import FusedAdamLoop, available, fused_field_loss, mse_coefficients, unavailable_reason
 from .kernels.fused import MAX_SLOTS
@@ -633,7 +633,7 @@ def fit(
     n_splats: float | int | Sequence[int] | None = None,
     steps: int = 300,
     objective: str | Objective = "mse+ce",
-    init="grid",
+    init: str | dict | Initializer = "grid",
     optimizer: InnerOptimizer | dict | str | None = None,
     kernel: str = "gaussian",
     mode: str = "additive",
@@ -650,7 +650,7 @@ def fit(
     frozen_moves: bool = False,
     frozen_v_tolerance: float = 0.0,
     basis: str = "splats",
-    density="none",
+    density: str | dict | DensityStrategy = "none",
     fused_ce: bool | None = None,
     fused: bool | None = None,
     cuda_graphs: bool | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 from .optim import closed_form_v
 from .render import KERNELS, MODES, splat_weights
 from .splats import SplatSet
+
+if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
+    from fixedpos import FieldModel
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per prompt
@@ -212,7 +215,7 @@ class WarmStart:
 INITIALIZERS: dict[str, Callable[..., Initializer]] = {"grid": GridInit, "tokens": TokenInit}  # name -> class
 
 
-def resolve_initializer(init, model=None) -> Initializer:
+def resolve_initializer(init: str | dict | Initializer, model: FieldModel | None = None) -> Initializer:
     """An initializer from a name ("grid", "tokens", "learned"), a dict such as ``{"name": "grid",
     "sigma_scale": 1.0}`` or ``{"name": "learned", "path": "init.safetensors"}`` (a study file's
     spelling), or an object implementing the protocol. "learned" is the meta-trained initializer

@@ -108,7 +108,7 @@ def active_geometry(splats: SplatSet) -> tuple[Tensor, Tensor, Tensor]:
 
 def splat_weights(
     splats: SplatSet,
-    length_or_positions,
+    length_or_positions: int | Tensor,
     kernel: str = "gaussian",
     mode: str = "additive",
     truncate: float | None = None,
@@ -136,7 +136,7 @@ def splat_weights(
 
 def render(
     splats: SplatSet,
-    length_or_positions,
+    length_or_positions: int | Tensor,
     kernel: str = "gaussian",
     mode: str = "additive",
     truncate: float | None = None,
