@@ -173,7 +173,8 @@ def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
     """Passages of a corpus: ``stdlib`` or ``stdlib-live`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path.
 
     ``split`` selects from the stdlib corpora only (the others are held-out text, returned whole);
-    ValueError for an unknown split or corpus."""
+    ValueError for an unknown split or corpus; a path raises as :func:`load_text_file` does
+    (FileNotFoundError for a missing file)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {list(SPLITS)}")
     if name in ("stdlib", "stdlib-live"):
