@@ -245,11 +245,12 @@ def _edit_model(args, old):
     """The FieldModel of ``--model``, or None for edit() to load the fit's own; ValueError naming ``--model``
     where the fit's model is a local encoder folder that is not here (a fit keeps only its folder's name)."""
     import fixedpos
+    from splatopt.edit import fitted_model_name
 
     if args.model:
         return fixedpos.load(args.model, layer=old.config.get("layer"))
-    name = old.config.get("model") or fixedpos.DEFAULT_MODEL
-    if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
+    if fitted_model_name(old.config) is None:
+        name = old.config["model"]
         raise ValueError(f"{args.file} was fitted with the local encoder named {name!r} (a fit keeps only its folder's "
                          f"name, and no folder {name!r} with config.json is here): pass --model PATH, the encoder folder "
                          "it was fitted with")

@@ -298,12 +298,11 @@ def edit(
         import fixedpos
 
         cfg = result.config
-        name = cfg.get("model") or fixedpos.DEFAULT_MODEL
-        if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
-            # a fit keeps only a local encoder folder's name, which resolves only from the folder above it
-            raise ValueError(f"the result was fitted with the local encoder named {name!r}, and no folder {name!r} with "
-                             f"config.json is here: pass model=fixedpos.load(PATH, layer={cfg.get('layer')}) with the "
-                             "encoder folder it was fitted with")
+        name = fitted_model_name(cfg)
+        if name is None:
+            raise ValueError(f"the result was fitted with the local encoder named {cfg['model']!r}, and no folder "
+                             f"{cfg['model']!r} with config.json is here: pass model=fixedpos.load(PATH, "
+                             f"layer={cfg.get('layer')}) with the encoder folder it was fitted with")
         model = fixedpos.load(name, layer=cfg.get("layer"))
     device = resolve_device(device) if device is not None else result.splats.mu.device
     fitted = (result.config.get("model_hash"), result.config.get("layer"))
@@ -432,6 +431,18 @@ def edit(
     new.edit = records if batched else records[0]
     new.config["edit"] = plain if batched else plain[0]
     return new
+
+
+def fitted_model_name(config: dict) -> str | None:
+    """The name a fit's model loads by (``config["model"]``, default ``fixedpos.DEFAULT_MODEL``), or None for
+    a local encoder folder that is not here: a fit keeps only the folder's name, which resolves only from
+    the folder above it."""
+    import fixedpos
+
+    name = config.get("model") or fixedpos.DEFAULT_MODEL
+    if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
+        return None
+    return name
 
 
 def _learned_refit_optimizer(initializer, learned_optimizer: InnerOptimizer | dict | str) -> InnerOptimizer:
