@@ -555,6 +555,10 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     floats_per_token where the result has it; ``settings`` (the study's), ``config`` (fit's
     resolved configuration), corpus, prompt_seed, max_tokens, min_tokens, splatopt, torch and
     python versions (the stdlib-live corpus is the interpreter's), device_name, and the ``finished`` time.
+
+    Raises, before the first cell runs: the errors of :meth:`Study.load` for a study path; ValueError for
+    an ``out_dir`` that cannot be written, holds another study's results (without ``force``) or is being
+    written by another run, and for a setting :func:`preflight` refuses.
     """
     from tqdm.auto import tqdm
 
@@ -629,8 +633,9 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
     deterministic fit repeated, whose interval of 0 is no measure of certainty (see
     :func:`identical_configurations`). Rows without a metric are left out of its mean; a null
     (results.jsonl's NaN or infinity: a diverged fit) makes it NaN rather than vanish. Of the default
-    metrics, those no row has are not reported; a metric asked for by name that no row has is an
-    error (a misspelt name would otherwise vanish from the summary)."""
+    metrics, those no row has are not reported; a metric asked for by name that no row has is a
+    ValueError (a misspelt name would otherwise vanish from the summary), as is a row without
+    ``levels``; TypeError for ``metrics`` given as one string, not a tuple."""
     from scipy import stats
 
     if isinstance(metrics, str):

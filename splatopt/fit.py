@@ -169,7 +169,9 @@ class FitResult:
 
     def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
         """The prompts ``index`` (a prompt number, a slice, a list or tensor of them, repeats allowed, or
-        a [B] bool mask), every per-prompt field with them; the batch dimension is kept."""
+        a [B] bool mask), every per-prompt field with them; the batch dimension is kept. IndexError for a
+        prompt out of range, an empty selection or a mask of another length; TypeError for another kind of
+        index or non-integer prompt numbers."""
         B = self.mask.shape[0]
         picked: Sequence[int] | Sequence[bool] | Tensor
         if isinstance(index, slice):

@@ -149,7 +149,8 @@ class SplatSet:
            dtype: torch.dtype | None = None) -> "SplatSet":
         """The splats on ``device`` and/or in floating ``dtype``, given as ``torch.Tensor.to`` takes them:
         ``to("cuda")``, ``to(torch.float64)``, ``to("cuda", torch.float64)`` or by keyword. The mask
-        stays bool."""
+        stays bool. TypeError for another kind of argument, one given twice, or a dtype that is not
+        floating point; ValueError for a string that names no device."""
         for arg in args:
             if isinstance(arg, torch.dtype) and dtype is None:
                 dtype = arg
@@ -172,7 +173,7 @@ class SplatSet:
 
     def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "SplatSet":
         """Prompts ``index`` (int, slice, list or long / bool index tensor), keeping the batch
-        dimension; IndexError for an int out of range."""
+        dimension; IndexError for a prompt number out of range or a bool mask of another length than B."""
         if isinstance(index, Tensor) and index.ndim == 0:
             index = int(index)
         if isinstance(index, (int, numbers.Integral)):  # NumPy integers too: indexing with one would drop the batch dimension
