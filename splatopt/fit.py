@@ -1064,9 +1064,8 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
 
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
-    generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
-    fused=False, fused_step=False, host_free=False, cuda_graphs=False, frozen_moves=False, frozen_v_tolerance=0.0,
-    metric=None,
+    generator, record_every, progress, desc, frozen, frozen_steps, basis, strategy, fused_ce, fused, fused_step,
+    host_free, cuda_graphs, frozen_moves, frozen_v_tolerance, metric,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -1076,7 +1075,6 @@ def _fit_chunk(
     v_scale = target_rms(target, mask)
     solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
     if basis == "splats":
-        strategy = strategy or NoDensify()
         asked = torch.minimum(strategy.initial_counts(counts), counts)  # [B]: the splats each prompt starts with
         with torch.no_grad():
             splats = initializer(target, mask, asked, generator)
