@@ -154,7 +154,7 @@ def load_head(path: Path, word_embeddings: Tensor, model_hash: str, layer: int) 
 
 
 def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: torch.Generator, device,
-                   progress: bool = False) -> tuple[Tensor, Tensor]:
+                   progress: bool) -> tuple[Tensor, Tensor]:
     """Encoded (field rows [T, d], target ids [T]) from corpus chunks plus random wordpiece sequences.
     progress: a bar over the encoding (minutes on a CPU for the standard recipe)."""
     from tqdm.auto import tqdm

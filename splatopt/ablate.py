@@ -509,7 +509,7 @@ def preflight(study: Study, todo: list[Cell] | None = None) -> dict[tuple, list[
     return prompt_sets
 
 
-def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progress: bool = False) -> dict:
+def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progress: bool) -> dict:
     """Fit one cell: its row (see ``run``). progress: the fit's own bar over its steps, under the study's."""
     from . import __version__
 

@@ -308,11 +308,11 @@ def _describe_script(script, old_text=None, old_offsets=None, new_text=None, new
     return "; ".join(parts) or "no change"
 
 
-def _print_edit_record(e: dict, old=None, new=None, b: int = 0) -> None:
+def _print_edit_record(e: dict, old: FitResult, new: FitResult, b: int = 0) -> None:
     """An edit record in words: the changes (with the texts of ``old`` and ``new`` results' prompt ``b``), the
     splats carried, pruned and spawned, the frozen far ones, and the start kept."""
     texts = {}
-    if old is not None and new is not None and old.input_texts and new.input_texts:
+    if old.input_texts and new.input_texts:
         texts = dict(old_text=old.input_texts[b], old_offsets=None if old.offsets is None else old.offsets[b].tolist(),
                      new_text=new.input_texts[b], new_offsets=None if new.offsets is None else new.offsets[b].tolist())
     print(f"edit script: {_describe_script(e['script'], **texts)}")

@@ -143,7 +143,7 @@ def decoder_parts(decode) -> Callable | None:
 
 
 def _cross_entropy_term(field: Tensor, ids: Tensor, mask: Tensor, decode, fused_ce: bool | None,
-                        ce_impl: str | None = None) -> Tensor:
+                        ce_impl: str | None) -> Tensor:
     """[B] decode-aware cross-entropy, materialized (``decode`` then ``decode_cross_entropy``) or fused."""
     parts = decoder_parts(decode) if fused_ce is not False else None
     if fused_ce is None:
