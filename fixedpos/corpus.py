@@ -23,9 +23,13 @@ import re
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .model import FieldModel
+
 
 SPLITS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 # the recorded studies' corpus: stdlib_passages(source="live") under Python 3.12.3, one passage a line
@@ -169,7 +173,8 @@ def load_corpus(name: str = "stdlib", split: str = "train") -> list[str]:
     """Passages of a corpus: ``stdlib`` or ``stdlib-live`` (split train/validation/test), ``licenses``, or a ``.txt``/``.jsonl`` path.
 
     ``split`` selects from the stdlib corpora only (the others are held-out text, returned whole);
-    ValueError for an unknown split or corpus."""
+    ValueError for an unknown split or corpus; a path raises as :func:`load_text_file` does
+    (FileNotFoundError for a missing file)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: choose one of {list(SPLITS)}")
     if name in ("stdlib", "stdlib-live"):
@@ -203,7 +208,7 @@ def load_corpus_spec(spec: str, default_split: str = "validation") -> list[str]:
     return load_corpus(name, split or default_split)
 
 
-def sample_prompts(model, texts: Sequence[str], n: int, max_tokens: int = 64, min_tokens: int = 8, seed: int = 0) -> list[str]:
+def sample_prompts(model: FieldModel, texts: Sequence[str], n: int, max_tokens: int = 64, min_tokens: int = 8, seed: int = 0) -> list[str]:
     """Up to ``n`` prompts of ``min_tokens..max_tokens`` tokens cut from ``texts`` at word boundaries.
 
     Passages longer than ``max_tokens`` are cut at the last whole word that fits, so prompts are real

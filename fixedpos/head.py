@@ -19,13 +19,16 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import cache_dir, read_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    from .model import FieldModel
 
 HEAD_FORMAT = 1
 SHIPPED_DIR = Path(__file__).parent / "heads"
@@ -151,7 +154,7 @@ def load_head(path: Path, word_embeddings: Tensor, model_hash: str, layer: int) 
 
 
 def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: torch.Generator, device,
-                   progress: bool = False) -> tuple[Tensor, Tensor]:
+                   progress: bool) -> tuple[Tensor, Tensor]:
     """Encoded (field rows [T, d], target ids [T]) from corpus chunks plus random wordpiece sequences.
     progress: a bar over the encoding (minutes on a CPU for the standard recipe)."""
     from tqdm.auto import tqdm
@@ -187,7 +190,7 @@ def _training_rows(model, texts: Sequence[str], recipe: HeadRecipe, generator: t
 
 @torch.enable_grad()  # it may be first called from inside a fit's no_grad (a head trained on first use)
 def train_head(
-    model,
+    model: FieldModel,
     texts: Sequence[str],
     recipe: HeadRecipe,
     device: torch.device | str | None = None,
@@ -257,7 +260,7 @@ def train_head(
     return head.cpu(), meta
 
 
-def find_or_train_head(model, recipe: str | HeadRecipe = "standard", train_if_missing: bool = True, progress: bool = True) -> DecoderHead:
+def find_or_train_head(model: FieldModel, recipe: str | HeadRecipe = "standard", train_if_missing: bool = True, progress: bool = True) -> DecoderHead:
     """The head for ``model`` at its layer: shipped with the package, else cached, else trained and cached.
 
     recipe: a name in ``RECIPES`` or a HeadRecipe (ValueError for an unknown name). Without a head
@@ -293,7 +296,7 @@ def find_or_train_head(model, recipe: str | HeadRecipe = "standard", train_if_mi
     return head
 
 
-def token_accuracy(model, texts: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
+def token_accuracy(model: FieldModel, texts: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
     """Round-trip token accuracy of ``argmax decode(encode(x))`` over every token of ``texts``:
     ``{"accuracy": correct / tokens (a fraction in [0, 1]), "tokens": tokens scored, "texts": len(texts)}``."""
     correct = total = 0

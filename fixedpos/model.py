@@ -107,7 +107,7 @@ class FieldModel:
     def __init__(
         self,
         encoder: nn.Module,
-        tokenizer,
+        tokenizer: Any,
         layer: int,
         name: str,
         model_hash: str,

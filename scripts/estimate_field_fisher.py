@@ -15,15 +15,19 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import fixedpos
-from splatopt import InnerOptimizer
 from splatopt.fisher import estimate_field_fisher, save_field_fisher, shipped_fisher_path
 from splatopt.learned import load_learned
 
-PICKED = InnerOptimizer(embeddings="solve", lr_mu=0.0673, lr_log_sigma=0.0302, lr_weight=0.0279, lr_v=0.1252, beta1=0.3, beta2=0.9)
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_by_splat_count import picked_optimizer  # noqa: E402
+
+# the learned start's short-budget inner Adam in the field's own coordinates, picked on validation
+_, PICKED = picked_optimizer("learned_momentum_test")
 
 
 def main() -> None:

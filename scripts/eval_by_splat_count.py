@@ -29,8 +29,10 @@ from splatopt.learned import load_learned
 BUCKETS = [(1, 2), (3, 4), (5, 8), (9, 16)]  # splats per prompt, inclusive
 
 
-def picked_optimizer() -> tuple[str, InnerOptimizer]:
-    study = tomllib.loads(Path("figures/studies/learned_metric_test.toml").read_text())
+def picked_optimizer(study_name: str = "learned_metric_test") -> tuple[str, InnerOptimizer]:
+    """(name, InnerOptimizer) of the one method of ``figures/studies/<study_name>.toml``: the update a
+    select_learned_momentum.py run picked on validation and wrote into its test study."""
+    study = tomllib.loads((Path(__file__).resolve().parents[1] / "figures" / "studies" / f"{study_name}.toml").read_text())
     (name, method), = study["factors"]["method"].items()
     return name, InnerOptimizer(**method["optimizer"])
 

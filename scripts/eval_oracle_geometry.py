@@ -28,8 +28,11 @@ from splatopt.bench import device_label
 from splatopt.learned import load_learned
 from splatopt.render import splat_weights
 
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_by_splat_count import picked_optimizer  # noqa: E402
+
 # the learned start's short-budget inner Adam, picked on validation (scripts/select_learned_momentum.py)
-PICKED = InnerOptimizer(embeddings="solve", lr_mu=0.0673, lr_log_sigma=0.0302, lr_weight=0.0279, lr_v=0.1252, beta1=0.3, beta2=0.9)
+_, PICKED = picked_optimizer("learned_momentum_test")
 
 
 def main() -> None:

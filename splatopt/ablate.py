@@ -46,9 +46,12 @@ import tomllib
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas
 
 from fixedpos.cache import check_output_folder
 from fixedpos.corpus import check_corpus_spec
@@ -506,7 +509,7 @@ def preflight(study: Study, todo: list[Cell] | None = None) -> dict[tuple, list[
     return prompt_sets
 
 
-def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progress: bool = False) -> dict:
+def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progress: bool) -> dict:
     """Fit one cell: its row (see ``run``). progress: the fit's own bar over its steps, under the study's."""
     from . import __version__
 
@@ -538,7 +541,7 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progr
     }
 
 
-def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, device=None, force: bool = False) -> list[dict]:
+def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, device: str | torch.device | None = None, force: bool = False) -> list[dict]:
     """Run every cell of ``study`` not yet in ``out_dir/results.jsonl``; the rows of all its cells, in grid order.
 
     Writes out_dir/study.toml, results.jsonl (a row per cell, appended and fsynced as each finishes),
@@ -552,6 +555,10 @@ def run(study: Study | str | Path, out_dir: str | Path, progress: bool = True, d
     floats_per_token where the result has it; ``settings`` (the study's), ``config`` (fit's
     resolved configuration), corpus, prompt_seed, max_tokens, min_tokens, splatopt, torch and
     python versions (the stdlib-live corpus is the interpreter's), device_name, and the ``finished`` time.
+
+    Raises, before the first cell runs: the errors of :meth:`Study.load` for a study path; ValueError for
+    an ``out_dir`` that cannot be written, holds another study's results (without ``force``) or is being
+    written by another run, and for a setting :func:`preflight` refuses.
     """
     from tqdm.auto import tqdm
 
@@ -626,8 +633,9 @@ def summarize(rows: list[dict], metrics: tuple[str, ...] = DEFAULT_METRICS) -> l
     deterministic fit repeated, whose interval of 0 is no measure of certainty (see
     :func:`identical_configurations`). Rows without a metric are left out of its mean; a null
     (results.jsonl's NaN or infinity: a diverged fit) makes it NaN rather than vanish. Of the default
-    metrics, those no row has are not reported; a metric asked for by name that no row has is an
-    error (a misspelt name would otherwise vanish from the summary)."""
+    metrics, those no row has are not reported; a metric asked for by name that no row has is a
+    ValueError (a misspelt name would otherwise vanish from the summary), as is a row without
+    ``levels``; TypeError for ``metrics`` given as one string, not a tuple."""
     from scipy import stats
 
     if isinstance(metrics, str):
@@ -729,7 +737,7 @@ def write_summary(rows: list[dict], out_dir: str | Path, metrics: tuple[str, ...
     return table
 
 
-def to_dataframe(rows: list[dict]):
+def to_dataframe(rows: list[dict]) -> pandas.DataFrame:
     """The rows as a pandas DataFrame, levels as columns (pandas is optional: ImportError without it)."""
     try:
         import pandas as pd

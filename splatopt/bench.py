@@ -116,20 +116,19 @@ def device_label(device: torch.device | str) -> str:
     return f"{name or 'cpu'}, {torch.get_num_threads()} threads"
 
 
+def _by_device_name(table: tuple[tuple[str, float], ...], device_name: str) -> float | None:
+    """The value of the first (name part, value) row of ``table`` whose part is in ``device_name`` (any case); None if none."""
+    return next((value for key, value in table if key.lower() in device_name.lower()), None)
+
+
 def device_peak_flops(device_name: str) -> float | None:
     """Peak dense bf16 tensor-core FLOP/s of a device named like ``torch.cuda.get_device_name``; None if unknown."""
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
+    return _by_device_name(PEAK_BF16_FLOPS, device_name)
 
 
 def device_peak_gbs(device_name: str) -> float | None:
     """Peak memory bandwidth (GB/s) of a device named like ``torch.cuda.get_device_name``; None if unknown."""
-    for key, gbs in PEAK_GBS:
-        if key.lower() in device_name.lower():
-            return gbs
-    return None
+    return _by_device_name(PEAK_GBS, device_name)
 
 
 @dataclass
@@ -617,7 +616,7 @@ def _bench_identity(result: dict) -> dict:
             "device_type": result.get("device_type"), "cuda_graphs": result.get("cuda_graphs_requested")}
 
 
-def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: str | None = None) -> Path:
+def save_bench(result: dict, out_dir: str | Path = "figures/data/bench") -> Path:
     """Write a bench result as JSON under ``out_dir``, named after its configuration; returns the path.
 
     A file of that name holding another configuration (the name leaves out dtype, kernel, the paths
@@ -626,11 +625,12 @@ def save_bench(result: dict, out_dir: str | Path = "figures/data/bench", name: s
     if result.get("bench") == "e2e":
         corpus = re.sub(r"[^A-Za-z0-9.]+", "_", Path(cfg["corpus"]).name)
         batch = f"-b{cfg['batch_size']}" if cfg["batch_size"] else ""
-        name = name or (f"e2e-{result['device_type']}-P{cfg['prompts']}-{corpus}-L{cfg['max_tokens']}-n{cfg['splats_fraction']:g}"
-                        f"-{re.sub(r'[^A-Za-z0-9.]+', '_', cfg['objective'])}-{cfg['init']}-K{'_'.join(map(str, cfg['steps']))}{batch}"
-                        f"{'-nographs' if result.get('cuda_graphs_requested') is False else ''}")
-    prefix = "long" if result.get("bench") == "long" else "step"
-    name = name or f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
+        name = (f"e2e-{result['device_type']}-P{cfg['prompts']}-{corpus}-L{cfg['max_tokens']}-n{cfg['splats_fraction']:g}"
+                f"-{re.sub(r'[^A-Za-z0-9.]+', '_', cfg['objective'])}-{cfg['init']}-K{'_'.join(map(str, cfg['steps']))}{batch}"
+                f"{'-nographs' if result.get('cuda_graphs_requested') is False else ''}")
+    else:
+        prefix = "long" if result.get("bench") == "long" else "step"
+        name = f"{prefix}-{result['device_type']}-{cfg['objective'].replace('+', '_')}-B{cfg['batch']}-L{cfg['length']}-N{cfg['splats']}-d{cfg['dim']}"
     path = Path(out_dir) / f"{name}.json"
     if path.is_file():
         try:

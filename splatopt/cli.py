@@ -102,11 +102,11 @@ FILE_TEXTS = ("one text per line, or, in a file with blank lines, one per blank-
               'joined by spaces); a .jsonl file: a {"text": ...} object per line')
 
 
-def _not_a_path(text: str, option: str = "--file") -> str:
+def _not_a_path(text: str) -> str:
     """``text`` unless it names a file here (``splatopt fit texts.txt`` fitted the 4 tokens "texts . txt"):
-    ValueError pointing at ``option``, which reads a file's texts."""
+    ValueError pointing at ``--file``, which reads a file's texts."""
     if text.strip() and not any(c.isspace() for c in text.strip()) and Path(text).expanduser().is_file():
-        raise ValueError(f"{text!r} is the name of a file here, not a text: to use the texts in it, give {option} {text}")
+        raise ValueError(f"{text!r} is the name of a file here, not a text: to use the texts in it, give --file {text}")
     return text
 
 
@@ -124,7 +124,7 @@ def _file_texts(path: str) -> list[str]:
 PRINTED_PROMPTS = 8  # prompts listed one by one; the summary line covers all
 
 
-def _print_result(result, model, listing: str | None = None, limit: int = PRINTED_PROMPTS) -> None:
+def _print_result(result, listing: str | None = None, limit: int = PRINTED_PROMPTS) -> None:
     """Per prompt (the first ``limit``): counts, token accuracy, relative field error (squared error over the
     target's squared norm), mean cosine and the decoded text; then the means over every prompt. listing: where
     the prompts left out can be read (a command)."""
@@ -177,7 +177,7 @@ def cmd_fit(args) -> int:
         basis=args.basis, density=_json_object(args.density, "--density", 'a strategy name or a JSON object such as {"name": "budget"}')
         if args.density.startswith("{") else args.density,
     )
-    _print_result(result, model, listing=f"splatopt show {args.out} --prompts {len(result.mask)} lists them" if args.out
+    _print_result(result, listing=f"splatopt show {args.out} --prompts {len(result.mask)} lists them" if args.out
                   else "give --out FILE to keep them, then splatopt show FILE --prompts N")
     if args.out:
         print(f"wrote {result.save(args.out)}")
@@ -202,7 +202,7 @@ def cmd_show(args) -> int:
     cfg = result.config
     print(f"{args.file}: model {cfg.get('model')} layer {cfg.get('layer')}, objective {cfg.get('objective')}, "
           f"{cfg.get('steps')} steps, kernel {cfg.get('kernel')}, mode {cfg.get('mode')}")
-    _print_result(result, None, listing=f"--prompts {len(result.mask)} lists them", limit=max(PRINTED_PROMPTS, args.prompts))
+    _print_result(result, listing=f"--prompts {len(result.mask)} lists them", limit=max(PRINTED_PROMPTS, args.prompts))
     s = result.splats
     if s is None:  # a fixed basis: coefficients only
         # FitResult.load refuses a fixed-basis file without coefficients; fit gives every basis floats_per_token
@@ -243,11 +243,12 @@ def _edit_model(args, old):
     """The FieldModel of ``--model``, or None for edit() to load the fit's own; ValueError naming ``--model``
     where the fit's model is a local encoder folder that is not here (a fit keeps only its folder's name)."""
     import fixedpos
+    from splatopt.edit import fitted_model_name
 
     if args.model:
         return fixedpos.load(args.model, layer=old.config.get("layer"))
-    name = old.config.get("model") or fixedpos.DEFAULT_MODEL
-    if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
+    if fitted_model_name(old.config) is None:
+        name = old.config["model"]
         raise ValueError(f"{args.file} was fitted with the local encoder named {name!r} (a fit keeps only its folder's "
                          f"name, and no folder {name!r} with config.json is here): pass --model PATH, the encoder folder "
                          "it was fitted with")
@@ -305,11 +306,11 @@ def _describe_script(script, old_text=None, old_offsets=None, new_text=None, new
     return "; ".join(parts) or "no change"
 
 
-def _print_edit_record(e: dict, old=None, new=None, b: int = 0) -> None:
+def _print_edit_record(e: dict, old: FitResult, new: FitResult, b: int = 0) -> None:
     """An edit record in words: the changes (with the texts of ``old`` and ``new`` results' prompt ``b``), the
     splats carried, pruned and spawned, the frozen far ones, and the start kept."""
     texts = {}
-    if old is not None and new is not None and old.input_texts and new.input_texts:
+    if old.input_texts and new.input_texts:
         texts = dict(old_text=old.input_texts[b], old_offsets=None if old.offsets is None else old.offsets[b].tolist(),
                      new_text=new.input_texts[b], new_offsets=None if new.offsets is None else new.offsets[b].tolist())
     print(f"edit script: {_describe_script(e['script'], **texts)}")
@@ -363,7 +364,7 @@ def cmd_edit(args) -> int:
     else:
         assert isinstance(result.edit, dict)  # one new text: one edit record
         _print_edit_record(result.edit, old, result)
-    _print_result(result, None)
+    _print_result(result)
     if args.out:
         print(f"wrote {result.save(args.out)}")
     if args.plot:

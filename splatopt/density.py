@@ -84,9 +84,8 @@ def _event_state(slot_mask: Tensor) -> dict[str, Tensor]:
     return {k: torch.zeros(slot_mask.shape[0], dtype=torch.long, device=slot_mask.device) for k in EVENTS}
 
 
-@dataclass(frozen=True)
-class NoDensify:
-    """Keep the initializer's splats: no growth, no pruning."""
+class _FullCap:
+    """The hooks of a strategy that starts every prompt at its cap and reads no gradient."""
 
     def initial_counts(self, caps: Tensor) -> Tensor:
         return caps
@@ -96,6 +95,11 @@ class NoDensify:
 
     def observe(self, step, grads, slot_mask, state):
         return state
+
+
+@dataclass(frozen=True)
+class NoDensify(_FullCap):
+    """Keep the initializer's splats: no growth, no pruning."""
 
     def refine(self, step, steps, params, adam, slot_mask, state, ctx):
         return params, adam, slot_mask, state
@@ -177,6 +181,14 @@ def _check_schedule(strategy) -> None:
     if not 0 <= strategy.stop_fraction <= 1:
         raise ValueError(f"{type(strategy).__name__}: stop_fraction={strategy.stop_fraction} must lie in [0, 1] (of the fit)")
 
+
+def _refines_at(strategy, step: int, steps: int) -> bool:
+    """Whether a ``steps``-step fit refines after step ``step`` (from 0): every ``interval`` steps from
+    ``start`` (counted from 1), until ``stop_fraction`` of the fit."""
+    n = step + 1
+    return n >= strategy.start and (n - strategy.start) % strategy.interval == 0 and n <= strategy.stop_fraction * steps
+
+
 @dataclass(frozen=True)
 class AdaptiveDensity:
     """3DGS adaptive density control, batched (see module docstring).
@@ -230,7 +242,7 @@ class AdaptiveDensity:
         return {**state, "grad_sum": state["grad_sum"] + g, "grad_count": state["grad_count"] + slot_mask}
 
     def refine(self, step, steps, params, adam, slot_mask, state, ctx):
-        if step + 1 < self.start or (step + 1 - self.start) % self.interval or step + 1 > self.stop_fraction * steps:
+        if not _refines_at(self, step, steps):
             return self._maybe_reset(step, params, adam, slot_mask, state)
         mean_grad = state["grad_sum"] / state["grad_count"].clamp(min=1)
         prompt_mean = (mean_grad * slot_mask).sum(1, keepdim=True) / slot_mask.sum(1, keepdim=True).clamp(min=1)
@@ -263,7 +275,7 @@ class AdaptiveDensity:
 
 
 @dataclass(frozen=True)
-class BudgetDensity:
+class BudgetDensity(_FullCap):
     """A fixed budget: dead splats move to where the token error is largest (3DGS-MCMC relocation).
 
     Every ``interval`` steps from ``start`` until ``stop_fraction`` of the fit, active splats of
@@ -290,17 +302,8 @@ class BudgetDensity:
         if not self.dead_weight >= 0:
             raise ValueError(f"dead_weight={self.dead_weight} must be >= 0")
 
-    def initial_counts(self, caps: Tensor) -> Tensor:
-        return caps
-
-    def init_state(self, params, slot_mask):
-        return _event_state(slot_mask)
-
-    def observe(self, step, grads, slot_mask, state):
-        return state
-
     def refine(self, step, steps, params, adam, slot_mask, state, ctx):
-        if step + 1 < self.start or (step + 1 - self.start) % self.interval or step + 1 > self.stop_fraction * steps:
+        if not _refines_at(self, step, steps):
             return params, adam, slot_mask, state
         weight = torch.sigmoid(params["weight_logit"])
         dead = slot_mask & (weight < self.dead_weight)

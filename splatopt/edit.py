@@ -32,7 +32,7 @@ import difflib
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -135,17 +135,17 @@ def edit(
     local: bool = True,
     spawn_density: float | None = None,
     fresh_start: bool = True,
-    fresh_init="auto",
+    fresh_init: str | dict | Initializer | Sequence[str | dict | Initializer] = "auto",
     fresh_near: bool = True,
     learned_optimizer: InnerOptimizer | dict | str = "picked",
     hold_budget: bool = True,
     far_moves: bool = False,
     far_tolerance: float = 0.0,
     choose: str = "accuracy",
-    device=None,
+    device: str | torch.device | None = None,
     record_every: int = 5,
     progress: bool = True,
-    **fit_options,
+    **fit_options: Any,
 ) -> FitResult:
     """Re-fit ``result`` (a FitResult of mobile splats fitted from text, or a path to a saved one) to
     edited texts, warm-started; returns the re-fit's :class:`FitResult`.
@@ -302,12 +302,11 @@ def edit(
         import fixedpos
 
         cfg = result.config
-        name = cfg.get("model") or fixedpos.DEFAULT_MODEL
-        if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
-            # a fit keeps only a local encoder folder's name, which resolves only from the folder above it
-            raise ValueError(f"the result was fitted with the local encoder named {name!r}, and no folder {name!r} with "
-                             f"config.json is here: pass model=fixedpos.load(PATH, layer={cfg.get('layer')}) with the "
-                             "encoder folder it was fitted with")
+        name = fitted_model_name(cfg)
+        if name is None:
+            raise ValueError(f"the result was fitted with the local encoder named {cfg['model']!r}, and no folder "
+                             f"{cfg['model']!r} with config.json is here: pass model=fixedpos.load(PATH, "
+                             f"layer={cfg.get('layer')}) with the encoder folder it was fitted with")
         model = fixedpos.load(name, layer=cfg.get("layer"))
     device = resolve_device(device) if device is not None else result.splats.mu.device
     fitted = (result.config.get("model_hash"), result.config.get("layer"))
@@ -441,6 +440,18 @@ def edit(
     new.edit = records if batched else records[0]
     new.config["edit"] = plain if batched else plain[0]
     return new
+
+
+def fitted_model_name(config: dict) -> str | None:
+    """The name a fit's model loads by (``config["model"]``, default ``fixedpos.DEFAULT_MODEL``), or None for
+    a local encoder folder that is not here: a fit keeps only the folder's name, which resolves only from
+    the folder above it."""
+    import fixedpos
+
+    name = config.get("model") or fixedpos.DEFAULT_MODEL
+    if name != fixedpos.DEFAULT_MODEL and not (Path(name).expanduser() / "config.json").is_file():
+        return None
+    return name
 
 
 def _learned_refit_optimizer(initializer, learned_optimizer: InnerOptimizer | dict | str) -> InnerOptimizer:

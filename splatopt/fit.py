@@ -31,9 +31,9 @@ from fixedpos.cache import read_safetensors, write_safetensors
 from fixedpos.model import resolve_device
 
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
-from .density import DensityContext, NoDensify, resolve_density
+from .density import DensityContext, DensityStrategy, NoDensify, resolve_density
 from .fisher import resolve_metric
-from .init import GridInit, WarmStart, grid_geometry, resolve_initializer
+from .init import GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
 from .graphs import AdamLoop
 from .kernels import FusedAdamLoop, available, fused_field_loss, mse_coefficients, unavailable_reason
 from .kernels.fused import MAX_SLOTS
@@ -172,7 +172,9 @@ class FitResult:
 
     def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
         """The prompts ``index`` (a prompt number, a slice, a list or tensor of them, repeats allowed, or
-        a [B] bool mask), every per-prompt field with them; the batch dimension is kept.
+        a [B] bool mask), every per-prompt field with them; the batch dimension is kept. IndexError for a
+        prompt out of range, an empty selection or a mask of another length; TypeError for another kind of
+        index or non-integer prompt numbers.
 
         ``seconds`` and ``encode_seconds`` time the whole batch, not a prompt: the selection holds its
         prompts' share of them, by their tokens (a batched fit's cost grows with its tokens). So the
@@ -264,17 +266,6 @@ class FitResult:
                 return None
             return torch.cat([pad(p) if pad else p for p in parts])
 
-        def series(name: str, pad_splats: bool) -> dict[str, Tensor]:
-            parts = [getattr(r, name) for r in results]
-            out = {"step": parts[0]["step"]} if "step" in parts[0] else {}
-            for key in (k for k in parts[0] if k != "step"):
-                ts = [p[key] for p in parts]
-                if pad_splats:
-                    N = max(t.shape[2] for t in ts)
-                    ts = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in ts]
-                out[key] = torch.cat(ts, 1)
-            return out
-
         def per_prompt(key: str) -> list | None:
             values = [r.config.get(key) for r in results]
             if key != "edit" and all(v == values[0] and not isinstance(v, list) for v in values):
@@ -292,7 +283,8 @@ class FitResult:
             first, splats=None if splats is None else SplatSet.cat(splats),
             ids=joined(lambda r: r.ids, pad_tokens), mask=joined(lambda r: r.mask, pad_tokens), texts=rows("texts"),
             token_accuracy=joined(lambda r: r.token_accuracy), field_error=joined(lambda r: r.field_error),
-            cosine=joined(lambda r: r.cosine), history=series("history", False), trajectory=series("trajectory", True),
+            cosine=joined(lambda r: r.cosine), history=_merge_series([r.history for r in results]),
+            trajectory=_merge_series([r.trajectory for r in results], pad_splats=True),
             seconds=sum(r.seconds for r in results), encode_seconds=sum(r.encode_seconds for r in results),
             input_texts=rows("input_texts"), offsets=joined(lambda r: r.offsets, pad_tokens),
             # one edit record per prompt (a one-prompt edit holds a dict, not a list)
@@ -667,7 +659,7 @@ def fit(
     n_splats: float | int | Sequence[int] | None = None,
     steps: int = 300,
     objective: str | Objective = "mse+ce",
-    init="grid",
+    init: str | dict | Initializer = "grid",
     optimizer: InnerOptimizer | dict | str | None = None,
     kernel: str = "gaussian",
     mode: str = "additive",
@@ -684,7 +676,7 @@ def fit(
     frozen_moves: bool = False,
     frozen_v_tolerance: float = 0.0,
     basis: str = "splats",
-    density="none",
+    density: str | dict | DensityStrategy = "none",
     fused_ce: bool | None = None,
     fused: bool | None = None,
     cuda_graphs: bool | None = None,
@@ -1055,8 +1047,9 @@ def _pad_to(t: Tensor, L: int) -> Tensor:
     return torch.nn.functional.pad(t, (0, L - t.shape[1])) if t.shape[1] < L else t
 
 
-def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: bool = False) -> dict[str, Tensor]:
-    """Concatenate per-chunk series [S, b(, N)] along prompts and restore the caller's order."""
+def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor | None = None, pad_splats: bool = False) -> dict[str, Tensor]:
+    """Concatenate series [S, b(, N)] of the same recorded steps along prompts (splats padded with NaN
+    to the largest N where ``pad_splats``), then put the prompts in order ``inverse`` [B] (None: as given)."""
     if "step" not in parts[0]:  # a fixed basis records no splat geometry
         return {}
     out = {"step": parts[0]["step"]}
@@ -1067,7 +1060,7 @@ def _merge_series(parts: list[dict[str, Tensor]], inverse: Tensor, pad_splats: b
         if pad_splats:
             N = max(t.shape[2] for t in tensors)
             tensors = [torch.nn.functional.pad(t, (0, N - t.shape[2]), value=float("nan")) for t in tensors]
-        out[key] = torch.cat(tensors, 1)[:, inverse.cpu()]
+        out[key] = torch.cat(tensors, 1) if inverse is None else torch.cat(tensors, 1)[:, inverse.cpu()]
     return out
 
 
@@ -1097,9 +1090,8 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
 
 def _fit_chunk(
     target, mask, ids, counts, objective, initializer, optimizer, kernel, mode, varpro, truncate, steps, decode,
-    generator, record_every, progress, desc, frozen=None, frozen_steps=0, basis="splats", strategy=None, fused_ce=None,
-    fused=False, fused_step=False, host_free=False, cuda_graphs=False, frozen_moves=False, frozen_v_tolerance=0.0,
-    metric=None,
+    generator, record_every, progress, desc, frozen, frozen_steps, basis, strategy, fused_ce, fused, fused_step,
+    host_free, cuda_graphs, frozen_moves, frozen_v_tolerance, metric,
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -1109,7 +1101,6 @@ def _fit_chunk(
     v_scale = target_rms(target, mask)
     solve, ridge = optimizer.embeddings == "solve", optimizer.solve_ridge
     if basis == "splats":
-        strategy = strategy or NoDensify()
         asked = torch.minimum(strategy.initial_counts(counts), counts)  # [B]: the splats each prompt starts with
         with torch.no_grad():
             splats = initializer(target, mask, asked, generator)

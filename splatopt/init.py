@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 from .optim import closed_form_v
 from .render import KERNELS, MODES, splat_weights
 from .splats import SplatSet
+
+if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
+    from fixedpos import FieldModel
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per prompt
@@ -134,6 +137,8 @@ class GridInit:
                        truncate=self.truncate if self.truncate is not None else truncate)
 
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
+        """The grid's splats for ``target`` [B, L, d], as :class:`Initializer`, in the target's dtype;
+        TypeError / ValueError naming a malformed mask or n_splats (:func:`check_layout`)."""
         check_layout(mask, n_splats, target)
         mu, log_sigma, slot_mask = grid_geometry(mask, n_splats, self.sigma_scale, self.jitter, generator)
         logit = torch.full_like(mu, math.log(self.weight / (1 - self.weight)))
@@ -171,6 +176,8 @@ class TokenInit:
         return replace(self, mode=self.mode or mode)
 
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
+        """Splats on token centres for ``target`` [B, L, d], as :class:`Initializer`, in the target's
+        dtype; TypeError / ValueError naming a malformed mask or n_splats (:func:`check_layout`)."""
         check_layout(mask, n_splats, target)
         mu, log_sigma, slot_mask = grid_geometry(mask, n_splats, self.sigma_scale, self.jitter, generator)
         lengths = mask.sum(-1, keepdim=True)
@@ -188,7 +195,8 @@ class WarmStart:
     """Start from given splats [B, N] (e.g. transported through an edit), one row per prompt in the
     prompts' order; the fit's ``n_splats`` defaults to their active counts (and otherwise only caps
     density control). They are moved to the target's device and dtype.
-    ValueError for another B or d than the target's, or NaN / inf in an active splat."""
+    TypeError for anything but a SplatSet; when called, ValueError for another B or d than the
+    target's, or NaN / inf in an active splat."""
 
     splats: SplatSet
 
@@ -198,6 +206,7 @@ class WarmStart:
             raise TypeError(f"WarmStart takes a SplatSet, not {type(self.splats).__name__}{hint}")
 
     def __call__(self, target: Tensor, mask: Tensor, n_splats: Tensor, generator: Generators = None) -> SplatSet:
+        """The given splats on ``target``'s [B, L, d] device and dtype (mask, n_splats and generator are not read)."""
         if self.splats.batch_size != target.shape[0]:
             raise ValueError(f"WarmStart holds {self.splats.batch_size} prompts, the target has {target.shape[0]}")
         if self.splats.dim != target.shape[-1]:
@@ -212,7 +221,7 @@ class WarmStart:
 INITIALIZERS: dict[str, Callable[..., Initializer]] = {"grid": GridInit, "tokens": TokenInit}  # name -> class
 
 
-def resolve_initializer(init, model=None) -> Initializer:
+def resolve_initializer(init: str | dict | Initializer, model: FieldModel | None = None) -> Initializer:
     """An initializer from a name ("grid", "tokens", "learned"), a dict such as ``{"name": "grid",
     "sigma_scale": 1.0}`` or ``{"name": "learned", "path": "init.safetensors"}`` (a study file's
     spelling), or an object implementing the protocol. "learned" is the meta-trained initializer

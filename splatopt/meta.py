@@ -425,7 +425,7 @@ ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what torch.optim.Adam keeps pe
 
 
 def _checkpoint_problems(tensors: dict[str, Tensor], net: LearnedInitializer, step: int, outer_steps: int,
-                         skipped_in_row: int = 0) -> list[str]:
+                         skipped_in_row: int) -> list[str]:
     """What in a checkpoint's tensors does not fit ``net`` and an outer Adam at ``step``: net tensors
     missing, unknown, of another shape or not finite; a parameter's Adam state partial or of another
     shape; no Adam state at all after a step that was taken (``skipped_in_row``: the last steps,
@@ -706,7 +706,7 @@ class _DeferredInterrupt:
 
 
 def _outer_step(module, net, opt, trainable, cfg, target, mask, ids, n, K, objective, decode, device,
-                metric=None) -> dict[str, Tensor | bool]:
+                metric) -> dict[str, Tensor | bool]:
     """Propose, unroll K inner steps, one outer Adam step. Returns detached scalars and ``skipped`` (the
     gradient was not finite and the step was not taken: one host sync per step).
 

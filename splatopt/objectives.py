@@ -88,9 +88,12 @@ class Objective:
 
 
 def relative_mse(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """[B] sum of squared errors over the prompt's tokens over the target's squared norm.
+    """[B] sum of squared errors over the prompt's tokens over the target's squared norm (unitless,
+    in the inputs' dtype).
 
-    field, target: [B, L, d]; mask: [B, L] bool (padding may hold anything, NaN included)."""
+    field, target: [B, L, d]; mask: [B, L] bool (padding may hold anything, NaN included). The
+    target's squared norm is floored at the dtype's smallest normal number, so a zero target gives a
+    huge ratio (inf where it overflows; 0 where the error is 0 too), never NaN."""
     # torch.where, not a product with the mask: padding may hold NaN or inf, and 0 * NaN is NaN
     m = mask[..., None]
     err = (torch.where(m, field - target, 0.0) ** 2).sum((1, 2))
@@ -100,7 +103,10 @@ def relative_mse(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 def mean_cosine(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """[B] mean over the prompt's tokens of cos(F_t, T_t). field, target: [B, L, d]; mask: [B, L] bool."""
+    """[B] mean over the prompt's tokens of cos(F_t, T_t), in [-1, 1], in the inputs' dtype.
+
+    field, target: [B, L, d]; mask: [B, L] bool. Each norm is clamped to >= 1e-8 (a zero vector's
+    cosine is 0); a prompt without a valid token gives 0."""
     m = mask[..., None]
     cos = F.cosine_similarity(torch.where(m, field, 0.0), torch.where(m, target, 0.0), dim=-1, eps=1e-8)
     return torch.where(mask, cos, 0.0).sum(-1) / mask.sum(-1).clamp_min(1).to(cos.dtype)
@@ -108,7 +114,8 @@ def mean_cosine(field: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 def decode_cross_entropy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """[B] mean over the prompt's tokens (``mask`` [B, L] bool) of the cross-entropy of ``logits``
-    [B, L, V] against ``ids`` [B, L] long, in nats, computed in at least float32."""
+    [B, L, V] against ``ids`` [B, L] long, in nats, computed and returned in at least float32. Ids at
+    masked positions are not read (padding may hold any id); a prompt without a valid token gives 0."""
     # at least float32 (bf16 / fp16 logits are upcast; float64 stays float64, no copy of float32 logits);
     # masked positions may hold padding ids outside the vocabulary, and their losses are dropped by where
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -119,7 +126,7 @@ def decode_cross_entropy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
 
 def token_accuracy(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """[B] float, the fraction in [0, 1] of the prompt's tokens (``mask`` [B, L] bool) whose argmax
-    over ``logits`` [B, L, V] equals the target id in ``ids`` [B, L]."""
+    over ``logits`` [B, L, V] equals the target id in ``ids`` [B, L] long; 0 for a prompt without a valid token."""
     hit = (logits.argmax(-1) == ids) & mask
     return hit.sum(-1).float() / mask.sum(-1).clamp_min(1).float()
 
@@ -136,7 +143,7 @@ def decoder_parts(decode) -> Callable | None:
 
 
 def _cross_entropy_term(field: Tensor, ids: Tensor, mask: Tensor, decode, fused_ce: bool | None,
-                        ce_impl: str | None = None) -> Tensor:
+                        ce_impl: str | None) -> Tensor:
     """[B] decode-aware cross-entropy, materialized (``decode`` then ``decode_cross_entropy``) or fused."""
     parts = decoder_parts(decode) if fused_ce is not False else None
     if fused_ce is None:

@@ -166,8 +166,8 @@ def target_rms(target: Tensor, mask: Tensor) -> Tensor:
 
 
 def adam_init(params: dict[str, Tensor]) -> dict:
-    """Adam state: first and second moments (zeros like each parameter) and a step count:
-    ``{"m": {name: Tensor}, "v": {name: Tensor}, "t": int}``."""
+    """Adam state of ``params`` (name -> [B, ...]): first and second moments (zeros of each parameter's
+    shape, dtype and device) and a step count: ``{"m": {name: Tensor}, "v": {name: Tensor}, "t": 0}``."""
     return {
         "m": {k: torch.zeros_like(p) for k, p in params.items()},
         "v": {k: torch.zeros_like(p) for k, p in params.items()},
@@ -270,10 +270,10 @@ def solve_embeddings(
 ) -> Tensor:
     """Embeddings v [B, N, d] of ``embeddings="solve"``: least squares for ``target + offset``.
 
-    a: [B, L, N] splat coefficients; target, offset: [B, L, d]; token_mask [B, L]; splat_mask [B, N].
-    held: [B, N] bool, active slots whose embeddings stay ``held_v`` [B, N, d] (frozen splats); the
-    others solve for what the held ones leave unexplained. ridge: as :func:`closed_form_v`'s.
-    Differentiable in ``a`` and ``offset``.
+    a: [B, L, N] splat coefficients; target, offset: [B, L, d]; token_mask [B, L] bool; splat_mask
+    [B, N] bool. held: [B, N] bool, active slots whose embeddings stay ``held_v`` [B, N, d] (frozen
+    splats; give both or neither); the others solve for what the held ones leave unexplained.
+    ridge: as :func:`closed_form_v`'s. Returns a's dtype. Differentiable in ``a`` and ``offset``.
     """
     goal = torch.where(token_mask[..., None], target + offset, 0.0)
     if held is None:

@@ -55,18 +55,18 @@ def figure_formats() -> set[str]:
     return set(FigureCanvasBase.get_supported_filetypes())
 
 
-def check_figure_path(path: str | Path, option: str = "plot") -> Path:
-    """``path`` if :func:`save_figure` can write it; else ValueError naming ``option``, raised before any work.
+def check_figure_path(path: str | Path) -> Path:
+    """``path`` if :func:`save_figure` can write it; else ValueError naming ``--plot``, raised before any work.
 
     A path without a suffix is written as PNG; an existing folder or an unknown format is refused.
     """
     path = Path(path)
     known = figure_formats()
     if path.is_dir():
-        raise ValueError(f"--{option} {path}: is a folder; give a file name such as {path / 'figure.png'}")
-    check_output_path(path if path.suffix else path.with_suffix(".png"), f"--{option}")
+        raise ValueError(f"--plot {path}: is a folder; give a file name such as {path / 'figure.png'}")
+    check_output_path(path if path.suffix else path.with_suffix(".png"), "--plot")
     if path.suffix and path.suffix.lstrip(".").lower() not in known:
-        raise ValueError(f"--{option} {path}: unknown figure format {path.suffix!r}; use one of "
+        raise ValueError(f"--plot {path}: unknown figure format {path.suffix!r}; use one of "
                          + ", ".join("." + k for k in sorted(known)))
     return path
 

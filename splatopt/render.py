@@ -48,8 +48,9 @@ def _positions(length_or_positions, B: int, like: Tensor) -> Tensor:
 
 
 def kernel_values(pos: Tensor, mu: Tensor, sigma: Tensor, kernel: str) -> Tensor:
-    """g [B, L, N] of each splat at each position, peak 1 for "gaussian" (``kernel``: one of
-    ``KERNELS``; ValueError otherwise). pos [B, L]; mu, sigma [B, N] (tokens)."""
+    """g [B, L, N] of each splat at each position, in the inputs' dtype. pos [B, L]; mu, sigma [B, N]
+    (tokens). kernel: "gaussian", exp(-(t - mu)^2 / (2 sigma^2)), peak 1; "erf", that Gaussian's mean
+    over the token's unit box [t - 1/2, t + 1/2] (peak below 1). ValueError for another kernel."""
     x = pos[:, :, None] - mu[:, None, :]
     s = sigma[:, None, :]
     if kernel == "gaussian":
@@ -108,7 +109,7 @@ def active_geometry(splats: SplatSet) -> tuple[Tensor, Tensor, Tensor]:
 
 def splat_weights(
     splats: SplatSet,
-    length_or_positions,
+    length_or_positions: int | Tensor,
     kernel: str = "gaussian",
     mode: str = "additive",
     truncate: float | None = None,
@@ -136,7 +137,7 @@ def splat_weights(
 
 def render(
     splats: SplatSet,
-    length_or_positions,
+    length_or_positions: int | Tensor,
     kernel: str = "gaussian",
     mode: str = "additive",
     truncate: float | None = None,

@@ -16,7 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -154,10 +154,12 @@ class SplatSet:
         """The same splats, detached from any autograd graph."""
         return self.with_params({k: t.detach() for k, t in self.params().items()})
 
-    def to(self, *args, device=None, dtype=None) -> "SplatSet":
+    def to(self, *args: torch.device | str | int | torch.dtype, device: torch.device | str | int | None = None,
+           dtype: torch.dtype | None = None) -> "SplatSet":
         """The splats on ``device`` and/or in floating ``dtype``, given as ``torch.Tensor.to`` takes them:
         ``to("cuda")``, ``to(torch.float64)``, ``to("cuda", torch.float64)`` or by keyword. The mask
-        stays bool."""
+        stays bool. TypeError for another kind of argument, one given twice, or a dtype that is not
+        floating point; ValueError for a string that names no device."""
         for arg in args:
             if isinstance(arg, torch.dtype) and dtype is None:
                 dtype = arg
@@ -178,12 +180,12 @@ class SplatSet:
         moved: dict[str, Any] = {k: t.to(device=device, dtype=dtype) for k, t in self.params().items()}
         return self._replaced(mask=self.mask.to(device=device), **moved)
 
-    def select(self, index) -> "SplatSet":
+    def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "SplatSet":
         """Prompts ``index`` (int, slice, list or long / bool index tensor), keeping the batch
-        dimension; IndexError for an int out of range."""
+        dimension; IndexError for a prompt number out of range or a bool mask of another length than B."""
         if isinstance(index, Tensor) and index.ndim == 0:
             index = int(index)
-        if isinstance(index, numbers.Integral):  # NumPy integers too: indexing with one would drop the batch dimension
+        if isinstance(index, (int, numbers.Integral)):  # NumPy integers too: indexing with one would drop the batch dimension
             index = int(index)
             if not -self.batch_size <= index < self.batch_size:
                 raise IndexError(f"select({index}): this set holds prompts 0..{self.batch_size - 1}")
@@ -258,7 +260,7 @@ class SplatSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device=None, expect_model_hash: str | None = None) -> tuple["SplatSet", dict[str, Tensor]]:
+    def load(cls, path: str | Path, device: str | torch.device | None = None, expect_model_hash: str | None = None) -> tuple["SplatSet", dict[str, Tensor]]:
         """Read a splat file; returns the set and its extra tensors (e.g. token ids), both on
         ``device`` (default: the CPU).
 

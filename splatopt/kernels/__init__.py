@@ -37,8 +37,8 @@ __all__ = ["FusedAdamLoop", "available", "field_loss", "fused_adam_step", "fused
            "mse_coefficients", "unavailable_reason"]
 
 
-def unavailable_reason(device, kernel: str = "gaussian", mode: str = "additive", truncate: float | None = None,
-                       objective="mse") -> str | None:
+def unavailable_reason(device: torch.device | str, kernel: str = "gaussian", mode: str = "additive",
+                       truncate: float | None = None, objective: str | Objective | dict = "mse") -> str | None:
     """Why the fused field loss cannot run for these settings, or None if it can."""
     device = torch.device(device)
     if kernel != "gaussian" or mode != "additive" or truncate is not None:
@@ -57,7 +57,7 @@ def unavailable_reason(device, kernel: str = "gaussian", mode: str = "additive",
     return f"the fused kernel needs a CUDA device (got {device}; TRITON_INTERPRET=1 runs it on the CPU, slowly, for tests)"
 
 
-def available(device, kernel: str = "gaussian", mode: str = "additive", truncate: float | None = None) -> bool:
+def available(device: torch.device | str, kernel: str = "gaussian", mode: str = "additive", truncate: float | None = None) -> bool:
     """Whether the fused field loss runs on ``device`` for this rendering: a CUDA device, triton
     importable, kernel "gaussian", mode "additive", no truncation.
 
@@ -72,7 +72,7 @@ def field_loss(
     splats: SplatSet,
     target: Tensor,
     token_mask: Tensor,
-    objective="mse",
+    objective: str | Objective | dict = "mse",
     fused: bool | None = None,
     kernel: str = "gaussian",
     mode: str = "additive",

@@ -162,7 +162,7 @@ class FusedFieldLoss(torch.autograd.Function):
 
 def fused_field_terms(
     mu: Tensor, log_sigma: Tensor, weight_logit: Tensor, v: Tensor, slot_mask: Tensor,
-    target: Tensor, token_mask: Tensor, objective="mse", *, precision: str = "ieee", d_split: int | None = None,
+    target: Tensor, token_mask: Tensor, objective: str | Objective | dict = "mse", *, precision: str = "ieee", d_split: int | None = None,
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss [B], relative MSE [B], mean cosine [B]) of the additive Gaussian render, fused.
@@ -200,7 +200,7 @@ def fused_field_terms(
 
 def fused_field_loss(
     mu: Tensor, log_sigma: Tensor, weight_logit: Tensor, v: Tensor, slot_mask: Tensor,
-    target: Tensor, token_mask: Tensor, objective="mse", *, precision: str = "ieee", d_split: int | None = None,
+    target: Tensor, token_mask: Tensor, objective: str | Objective | dict = "mse", *, precision: str = "ieee", d_split: int | None = None,
 ) -> Tensor:
     """Per-prompt loss [B] of the additive Gaussian render against ``target``; Triton forward and backward.
 

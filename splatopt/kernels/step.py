@@ -54,7 +54,7 @@ def step_config(L: int, N: int, D: int) -> dict:
     return cfg
 
 
-def mse_coefficients(target: Tensor, token_mask: Tensor, objective="mse") -> Tensor:
+def mse_coefficients(target: Tensor, token_mask: Tensor, objective: str | Objective | dict = "mse") -> Tensor:
     """[B] float32 ``2 w_mse / sum|T|^2``: the relative MSE's gradient is ``coef_b (F - T)`` on valid tokens.
 
     ValueError unless the objective is a weighted relative MSE alone (the fused step's objective).
@@ -216,7 +216,7 @@ class FusedAdamLoop:
 
     def __init__(self, params: dict[str, Tensor], state: dict, slot_mask: Tensor, target: Tensor, token_mask: Tensor,
                  coef: Tensor, optimizer: InnerOptimizer, steps: int, v_scale: Tensor, cuda_graphs: bool = False,
-                 unroll: int = 2, config: dict | None = None):
+                 unroll: int = 2, config: dict | None = None) -> None:
         _check(params, slot_mask, target, token_mask, coef, optimizer)
         if cuda_graphs and target.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs CUDA tensors, got {target.device}")
