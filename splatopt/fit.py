@@ -934,9 +934,7 @@ def fit(
     # pred: model decoded it; a bare decoder (a field's custom head) has no tokenizer to read texts with
     texts = model.detokenize(pred, mask) if pred is not None and model is not None and hasattr(model, "detokenize") else None
     if splats is not None:  # the NaN guard skips non-finite gradients; an overflowing step still ends here
-        diverged = torch.zeros(B, dtype=torch.bool, device=splats.mask.device)
-        for t in splats.params().values():
-            diverged |= (~torch.isfinite(t) & (splats.mask[..., None] if t.dim() == 3 else splats.mask)).flatten(1).any(1)
+        diverged = splats.nonfinite()
         if bool(diverged.any()):
             warnings.warn(f"prompt(s) {diverged.nonzero().flatten().tolist()[:8]} diverged: their splats hold NaN or inf "
                           "(lower the learning rates); save() refuses them, select the other prompts to keep those",

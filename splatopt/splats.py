@@ -121,6 +121,14 @@ class SplatSet:
         return (f"SplatSet(B={self.batch_size}, N={self.capacity} slots, d={self.dim}, active per prompt [{shown}], "
                 f"{str(self.mu.dtype).removeprefix('torch.')} on {self.mu.device}; fields: mu, log_sigma, weight_logit, v, mask)")
 
+    def nonfinite(self) -> Tensor:
+        """[B] bool: prompts with NaN or inf in an active splat's parameters (a diverged fit), which
+        :meth:`save` refuses; inactive slots may hold anything."""
+        bad = torch.zeros(self.batch_size, dtype=torch.bool, device=self.mask.device)
+        for t in self.params().values():
+            bad |= (~torch.isfinite(t) & (self.mask[..., None] if t.dim() == 3 else self.mask)).flatten(1).any(1)
+        return bad
+
     def params(self) -> dict[str, Tensor]:
         """The four optimizable tensors, by name (the functional optimizer's state is keyed alike)."""
         return {"mu": self.mu, "log_sigma": self.log_sigma, "weight_logit": self.weight_logit, "v": self.v}
