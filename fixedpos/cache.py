@@ -212,10 +212,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def check_has_data(path: str | Path, tensors: dict) -> None:
+    """ValueError, before writing ``path``, for tensors on the meta device (shapes without values): torch's
+    error ("Tensor.item() cannot be called on meta tensors") named neither the tensors nor the file."""
+    on_meta = [k for k, v in tensors.items() if v is not None and v.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"not saving {path}: {on_meta[:4]} lie on the meta device, which holds shapes but no values; "
+                         "save tensors that hold data (on cpu or cuda)")
+
+
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """Save tensors (moved to CPU, made contiguous) and string metadata as one safetensors file, atomically."""
     from safetensors.torch import save
 
+    check_has_data(path, tensors)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(Path(path), save(flat, metadata=metadata))
 

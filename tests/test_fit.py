@@ -1,6 +1,7 @@
 """End-to-end fits on the embedded defaults, batching, reproducibility, files, CLI and bad input."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -965,6 +966,28 @@ def test_saving_a_partly_diverged_fit_from_the_cli_keeps_the_other_prompts():
             _save_fit(result, str(out))
         kept = FitResult.load(Path(folder) / "run.finite.safetensors")
         assert not out.exists() and torch.equal(kept.splats.mu, result.splats.mu[1:])
+
+
+def test_targets_on_the_meta_device_and_bool_splat_counts_are_named_errors():
+    """A Targets field, mask or ids on the meta device failed deep in torch ("Cannot copy out of meta tensor"),
+    and n_splats=[True, 3] fitted prompt 0 with one splat; a scalar True was already refused."""
+    field = _bare_field()
+    opts = dict(steps=1, objective="mse", device="cpu", progress=False)
+    for name in ("field", "mask"):
+        meta = Targets(**{"field": field.field, "mask": field.mask, name: getattr(field, name).to("meta")})
+        with pytest.raises(ValueError, match=f"Targets.{name} lies on the meta device"):
+            fit(meta, n_splats=2, **opts)
+    with pytest.raises(TypeError, match=r"n_splats=\[True, 2\]: a per-prompt list holds splat counts \(ints\), not bools"):
+        fit(field, n_splats=[True, 2], **opts)
+
+
+def test_saving_a_result_on_the_meta_device_names_the_file(tmp_path):
+    """FitResult.load(device="meta") reads a fit's shapes; saving it failed with torch's "Tensor.item() cannot be
+    called on meta tensors"."""
+    result = fit(_bare_field(), n_splats=2, steps=1, objective="mse", basis="dct", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"not saving .*run.safetensors: \['token_mask', 'field_error', 'coefficients'\] lie on the meta"):
+        replace(result, mask=result.mask.to("meta"), field_error=result.field_error.to("meta"),
+                coefficients=result.coefficients.to("meta")).save(tmp_path / "run.safetensors")
 
 
 def test_a_fit_whose_finite_splats_render_an_overflowing_field_warns_too():

@@ -390,3 +390,21 @@ def test_a_splat_set_prints_as_one_line_of_its_sizes_not_every_tensor():
     text = repr(s)
     assert "\n" not in text and "tensor(" not in text and len(text) < 200
     assert text.startswith("SplatSet(B=12, N=5 slots, d=384, active per prompt [1, 2, 3, 4, 5, 5, 5, 5, ...], float32 on cpu")
+
+
+def test_parameters_of_mixed_dtypes_are_a_type_error_naming_them():
+    """A float64 v beside float32 geometry was accepted and rendered in float32, silently rounding v."""
+    s = random_splats()
+    with pytest.raises(TypeError, match="must share one dtype, not mu float32, log_sigma float32, weight_logit float32, v float64"):
+        SplatSet(s.mu, s.log_sigma, s.weight_logit, s.v.double(), s.mask)
+
+
+def test_saving_splats_on_the_meta_device_or_with_non_json_meta_names_what_and_where(tmp_path):
+    """Splats on the meta device failed with torch's "Tensor.item() cannot be called on meta tensors", and a
+    tensor in meta with json's "Object of type Tensor is not JSON serializable": neither named the file or key."""
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match=r"not saving .*s\.safetensors: \['mu', 'log_sigma', 'weight_logit', 'v'\] lie on the meta device"):
+        random_splats().to("meta").save(path)
+    with pytest.raises(TypeError, match=r"not saving .*s\.safetensors: meta\['note'\] is not JSON"):
+        random_splats(meta={"model": "m", "note": torch.zeros(2)}).save(path)
+    assert not path.exists()
