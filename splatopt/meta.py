@@ -503,16 +503,24 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     available (under torchrun, each rank's ``LOCAL_RANK`` GPU). model: a FieldModel (default:
     ``fixedpos.load(cfg.model, layer=cfg.layer)``). bank: encoded training prompts (default:
     ``cfg.prompts`` sampled from ``cfg.corpus``). progress: a tqdm bar on rank 0.
-    Raises ValueError if ``out`` already holds a run and resume is False, if resume finds no
-    checkpoint or another run's, or if the corpus gives fewer prompts than one batch;
+    Raises TypeError for a ``cfg`` that is not a MetaConfig; ValueError, before the run's folder is
+    made, for a device that is none or that this machine lacks (resolved as ``fit`` does), if ``out``
+    already holds a run and resume is False, if resume finds no checkpoint or another run's, or if the corpus gives fewer prompts than one batch;
     RuntimeError after ``NONFINITE_LIMIT`` consecutive outer steps with a non-finite gradient (no
     initializer is written then).
     """
     import fixedpos
     from tqdm.auto import tqdm
 
+    from fixedpos.model import resolve_device
+
+    if not isinstance(cfg, MetaConfig):  # a dict failed as "'dict' object has no attribute 'model'"
+        raise TypeError(f"cfg must be a MetaConfig, not {type(cfg).__name__}: build it with MetaConfig(**keys), "
+                        "MetaConfig.from_dict(keys) or MetaConfig.from_file(path)")
     rank, world = _distributed()
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # checked before the run's folder is made: "gpu", or CUDA on a machine without it, failed with torch's
+    # own error, and the meta device only at the first encode, each leaving an empty run folder behind
+    device = resolve_device(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)

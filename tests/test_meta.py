@@ -570,6 +570,20 @@ def test_cli_resume_without_a_checkpoint_refuses_and_creates_nothing(tmp_path, c
     assert not (tmp_path / "missing").exists()
 
 
+def test_train_names_a_bad_device_or_config_before_making_the_run_folder(tmp_path, model, bank):
+    """meta.train took device="gpu" (torch's list of device types), CUDA on a machine without it (a bare
+    AssertionError) or "meta" (failed at the first encode), each leaving an empty run folder behind; a dict
+    config failed with "'dict' object has no attribute 'model'"."""
+    out = tmp_path / "run"
+    bad = ["gpu", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device='{device}'"):
+            meta.train(tiny_config(), out, model=model, bank=bank, device=device, progress=False)
+    with pytest.raises(TypeError, match="cfg must be a MetaConfig, not dict: build it with"):
+        meta.train(tiny_config().to_dict(), out, model=model, bank=bank, device="cpu", progress=False)
+    assert not out.exists()
+
+
 def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, bank, capsys, monkeypatch):
     from splatopt.cli import main
 
