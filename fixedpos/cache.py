@@ -175,12 +175,21 @@ def check_output_folder(path: str | Path, option: str) -> Path:
     return path
 
 
+def is_folder(path: str | Path) -> bool:
+    """Whether ``path`` is an existing folder; False where the system cannot say (a name too long for it
+    made ``Path.is_dir`` raise "[Errno 36] File name too long" before the check that names the option)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except OSError:
+        return False
+
+
 def check_output_path(path: str | Path, option: str) -> Path:
     """``path`` if a file can be written there; else ValueError naming ``option`` (e.g. "--out"), raised
     before any work so nothing computed is lost to a bad path: an existing folder, a parent that is a
     file or not writable, or a name too long for the temporary file that atomic writes go through."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    if is_folder(path):
         raise ValueError(f"{option} {path}: is a folder; give a file name inside it")
     parent = _writable_ancestor(path.parent, path, option)
     try:

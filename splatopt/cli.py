@@ -41,6 +41,9 @@ def _n_splats(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"--splats {text}: give a fraction of L such as 0.25, or a count")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--splats {text}: must be > 0 (a fraction of L such as 0.25, or a count)")
+    if value > 1 and value != int(value):  # refused after the model loaded, as n_splats=2.5, not as the flag
+        raise argparse.ArgumentTypeError(f"--splats {text}: a count is a whole number (such as {int(value)}), a fraction "
+                                         "of L lies in (0, 1] (such as 0.25)")
     return value if value < 1 or "." in text else int(value)
 
 
@@ -51,11 +54,11 @@ NOT_A_FIT_FILE = (".json", ".jsonl", ".txt", ".csv", ".md", ".toml", ".pt", ".pt
 
 def _check_outputs(args) -> None:
     """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
-    from fixedpos.cache import check_output_path
+    from fixedpos.cache import check_output_path, is_folder
     from splatopt.plot import check_figure_path, figure_formats
 
     out = getattr(args, "out", None)
-    if out and Path(out).is_dir():
+    if out and is_folder(out):
         raise ValueError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'run.safetensors'}")
     if out:
         check_output_path(out, "--out")
