@@ -532,7 +532,6 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         if resume and not ckpt_path.exists():  # refused before mkdir: a mistyped --out is not left behind as an empty folder
             raise ValueError(f"--resume: {ckpt_path} does not exist, so there is no run to continue in {out}; "
                              "check --out, or leave out --resume to start a run there")
-        out.mkdir(parents=True, exist_ok=True)
     model = model or fixedpos.load(cfg.model, layer=cfg.layer)
     if bank is None:
         texts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus, "train"), cfg.prompts,
@@ -565,6 +564,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     generator = torch.Generator().manual_seed(cfg.seed)
     start, elapsed = 0, 0.0
     nonfinite: dict[str, int] = {}
+    if rank == 0:  # made once the model and the corpus are read: a missing one left an empty run folder behind
+        out.mkdir(parents=True, exist_ok=True)
     if resume:
         start, elapsed, nonfinite = load_checkpoint(ckpt_path, net, opt, generator, cfg)
     if rank == 0:

@@ -584,6 +584,16 @@ def test_train_names_a_bad_device_or_config_before_making_the_run_folder(tmp_pat
     assert not out.exists()
 
 
+def test_a_missing_corpus_or_model_leaves_no_run_folder_behind(tmp_path):
+    """The run folder was made before the model and the corpus were read, so a config naming a missing corpus
+    (or model) failed leaving an empty folder, which looked like a run that had started."""
+    out = tmp_path / "run"
+    for bad in (dict(corpus=str(tmp_path / "missing.txt")), dict(model=str(tmp_path / "no-model"))):
+        with pytest.raises((FileNotFoundError, ValueError)):
+            meta.train(tiny_config(**bad), out, device="cpu", progress=False)
+        assert not out.exists()
+
+
 def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, bank, capsys, monkeypatch):
     from splatopt.cli import main
 
