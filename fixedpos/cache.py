@@ -196,12 +196,21 @@ def check_output_folder(path: str | Path, option: str) -> Path:
     return path
 
 
+def is_folder(path: str | Path) -> bool:
+    """Whether ``path`` is an existing folder; False where the system cannot say (a name too long for it
+    made ``Path.is_dir`` raise "[Errno 36] File name too long" before the check that names the option)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except OSError:
+        return False
+
+
 def check_output_path(path: str | Path, option: str) -> Path:
     """``path`` if a file can be written there; else ValueError naming ``option`` (e.g. "--out"), raised
     before any work so nothing computed is lost to a bad path: an existing folder, a parent that is a
     file or not writable, or a name too long for the temporary file that atomic writes go through."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    if is_folder(path):
         raise ValueError(f"{option} {path}: is a folder; give a file name inside it")
     parent = _writable_ancestor(path.parent, path, option)
     try:
@@ -233,10 +242,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def check_has_data(path: str | Path, tensors: dict) -> None:
+    """ValueError, before writing ``path``, for tensors on the meta device (shapes without values): torch's
+    error ("Tensor.item() cannot be called on meta tensors") named neither the tensors nor the file."""
+    on_meta = [k for k, v in tensors.items() if v is not None and v.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"not saving {path}: {on_meta[:4]} lie on the meta device, which holds shapes but no values; "
+                         "save tensors that hold data (on cpu or cuda)")
+
+
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """Save tensors (moved to CPU, made contiguous) and string metadata as one safetensors file, atomically."""
     from safetensors.torch import save
 
+    check_has_data(path, tensors)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(Path(path), save(flat, metadata=metadata))
 

@@ -144,8 +144,19 @@ def load_head(path: Path, word_embeddings: Tensor, model_hash: str, layer: int) 
             f"decoder head {path} was trained for model {meta.get('model_hash', '?')[:12]} layer {meta.get('layer')}, "
             f"not model {model_hash[:12]} layer {layer}"
         )
+    up = tensors.get("up.weight")
+    if up is None or up.dim() != 2:  # a KeyError or an IndexError named neither the file nor the fix
+        raise ValueError(f"decoder head file {path} lacks a 2-d up.weight: it is damaged")
     with torch.random.fork_rng(devices=[]):  # its random initialization is overwritten: the caller's random state is kept
-        head = DecoderHead(word_embeddings, hidden=tensors["up.weight"].shape[0])
+        head = DecoderHead(word_embeddings, hidden=up.shape[0])
+    # shapes and values checked here: load_state_dict's RuntimeError ("size mismatch for bias") escaped
+    # find_or_train_head, which names the fix for a damaged head, and NaN weights decoded every token as [PAD]
+    want = head.state_dict()
+    wrong = [f"{k} {tuple(t.shape)} (expected {tuple(want[k].shape)})" for k, t in tensors.items()
+             if k in want and t.shape != want[k].shape]
+    wrong += [f"{k} holds NaN or inf" for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if wrong:
+        raise ValueError(f"decoder head file {path} has {', '.join(wrong[:4])}: it is damaged, or for another model")
     missing, unexpected = head.load_state_dict(tensors, strict=False)
     if unexpected or [m for m in missing if m != "embeddings"]:
         raise ValueError(f"decoder head {path} has tensors {unexpected} / lacks {missing}")

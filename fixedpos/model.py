@@ -188,6 +188,14 @@ class FieldModel:
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
             if not text.strip():
                 raise ValueError(f"texts[{i}] is empty or whitespace only: nothing to encode")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # the tokenizer failed with "TextEncodeInput must be Union[...]"
+                raise ValueError(
+                    f"texts[{i}] holds the lone surrogate {text[err.start]!r} at character {err.start}, which is not "
+                    "Unicode text (a file read with errors='surrogateescape', or a JSON \\ud800 escape): replace it, "
+                    "e.g. text.encode('utf-8', 'replace').decode()"
+                ) from None
             if "\x00" in text:
                 raise ValueError(
                     f"texts[{i}] contains a NUL byte at character {text.index(chr(0))}; the tokenizer would drop it "
@@ -212,7 +220,8 @@ class FieldModel:
             mask[i, : len(row)] = True
             offsets[i, : len(row)] = torch.tensor(offs, dtype=torch.long).view(-1, 2)
         batch = TokenBatch(ids, mask, offsets, texts)
-        return batch.to(device) if device is not None else batch
+        # named here: torch's own error for a machine without CUDA was an AssertionError naming no argument
+        return batch.to(resolve_device(device, types=(*DEVICE_TYPES, "meta"))) if device is not None else batch
 
     def detokenize(self, ids: Tensor, mask: Tensor | None = None) -> list[str]:
         """B texts from ids [B, L] (or [L]: one text); positions where mask [B, L] is False are
@@ -334,6 +343,7 @@ class FieldModel:
             raise TypeError(f"field must be a torch.Tensor, not {type(field).__name__}")
         if field.shape[-1] != self.dim:
             raise ValueError(f"field has width {field.shape[-1]} but {self.name} decodes fields of width d={self.dim}")
+        _check_head_device(field.device, "decode: the field")
         head = self.head
         if head.bias.device != field.device:
             head.to(field.device)
@@ -359,13 +369,24 @@ class FieldModel:
         For callers that fuse the projection [.., V] with what follows it (a cross-entropy that never
         stores the logits). embeddings and bias are frozen (no gradient), like the head in ``decode``.
         """
+        device = torch.device(device)
+        _check_head_device(device, f"decode_parts({str(device)!r})")
         head = self.head
-        if head.bias.device != torch.device(device):
+        if head.bias.device != device:
             head.to(device)
         return self.decode_features, head.embeddings, head.bias.detach()
 
     def __repr__(self) -> str:
         return f"FieldModel({self.name!r}, layer={self.layer}, d={self.dim}, V={self.vocab_size}, window={self.window})"
+
+
+def _check_head_device(device: torch.device, what: str) -> None:
+    """ValueError unless ``device`` is one the shared head may move to: the head follows the field's
+    device, and moved to the meta device it lost its weights for the whole process (every later
+    decode of every caller of the cached model failed with "Cannot copy out of meta tensor")."""
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{what} lies on {device}: the decoder runs on cpu or cuda (moving the shared head to {device} "
+                         "would erase its weights); move the field to a cpu or cuda device first")
 
 
 def load_hf_encoder(path: str | Path) -> tuple[nn.Module, object]:

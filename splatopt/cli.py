@@ -39,6 +39,9 @@ def _n_splats(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"--splats {text}: give a fraction of L such as 0.25, or a count")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--splats {text}: must be > 0 (a fraction of L such as 0.25, or a count)")
+    if value > 1 and value != int(value):  # refused after the model loaded, as n_splats=2.5, not as the flag
+        raise argparse.ArgumentTypeError(f"--splats {text}: a count is a whole number (such as {int(value)}), a fraction "
+                                         "of L lies in (0, 1] (such as 0.25)")
     return value if value < 1 or "." in text else int(value)
 
 
@@ -49,11 +52,11 @@ NOT_A_FIT_FILE = (".json", ".jsonl", ".txt", ".csv", ".md", ".toml", ".pt", ".pt
 
 def _check_outputs(args) -> None:
     """Refuse an ``--out`` or ``--plot`` that cannot be written before fitting, so no fit is lost to it."""
-    from fixedpos.cache import check_output_path
+    from fixedpos.cache import check_output_path, is_folder
     from splatopt.plot import check_figure_path, figure_formats
 
     out = getattr(args, "out", None)
-    if out and Path(out).is_dir():
+    if out and is_folder(out):
         raise ValueError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'run.safetensors'}")
     if out:
         check_output_path(out, "--out")
@@ -121,6 +124,39 @@ def _file_texts(path: str) -> list[str]:
     return texts
 
 
+def _save_fit(result: FitResult, out: str) -> Path:
+    """Write ``result`` to ``--out``; where that fails after the work, keep what can be kept and say where.
+
+    A prompt that diverged (NaN or inf splats, which FitResult.save refuses) is left out and the others are
+    written beside ``out`` as ``NAME.finite.safetensors``; a write that fails (the disk is full, the folder was
+    removed or made read-only during the fit) is retried in the temporary folder. Either way the error names
+    the file that holds the fit: the command failed, but the minutes of fitting are not lost."""
+    import os
+    import tempfile
+
+    try:
+        return result.save(out)
+    except (OSError, ValueError) as err:
+        failed = err
+    B = result.mask.shape[0]
+    diverged = result.splats.nonfinite().cpu() if result.splats is not None else torch.zeros(B, dtype=torch.bool)
+    kept = [b for b in range(B) if not diverged[b]]
+    if not kept:
+        raise ValueError(f"{failed}; every prompt diverged, so there is nothing to keep") from failed
+    path = Path(out).expanduser()
+    if bool(diverged.any()):
+        rescue = path.with_name(f"{path.stem}.finite{path.suffix or '.safetensors'}")
+        said, what = f"{failed}", f"the {len(kept)} other prompt(s) ({kept[:8]}{', ...' if len(kept) > 8 else ''} of the fit)"
+    else:
+        rescue = Path(tempfile.gettempdir()) / f"splatopt-rescued-{os.getpid()}-{path.name}"
+        said, what = f"--out {out} could not be written after the fit ({failed})", "the fit"
+    try:
+        written = (result.select(kept) if len(kept) < B else result).save(rescue)
+    except (OSError, ValueError) as err:
+        raise type(failed)(f"{said}; keeping {what} in {rescue} failed too ({err})") from failed
+    raise type(failed)(f"{said}; {what} kept in {written}: move it where you want it") from failed
+
+
 PRINTED_PROMPTS = 8  # prompts listed one by one; the summary line covers all
 
 
@@ -180,7 +216,7 @@ def cmd_fit(args) -> int:
     _print_result(result, listing=f"splatopt show {args.out} --prompts {len(result.mask)} lists them" if args.out
                   else "give --out FILE to keep them, then splatopt show FILE --prompts N")
     if args.out:
-        print(f"wrote {result.save(args.out)}")
+        print(f"wrote {_save_fit(result, args.out)}")
     if args.plot and not result.trajectory:  # a fixed basis: nothing moves
         print(f"no trajectory plot: a {result.basis} fit has no moving splats")
     elif args.plot:
@@ -366,7 +402,7 @@ def cmd_edit(args) -> int:
         _print_edit_record(result.edit, old, result)
     _print_result(result)
     if args.out:
-        print(f"wrote {result.save(args.out)}")
+        print(f"wrote {_save_fit(result, args.out)}")
     if args.plot:
         import fixedpos
 
@@ -637,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--record-every", type=int, default=5, help="record the splats every this many steps (0: only the last step)")
-    p.add_argument("--out", help="write the fit (safetensors + JSON metadata)")
+    p.add_argument("--out", help="write the fit (safetensors + JSON metadata); checked before the fit, and should the write "
+                   "still fail after it, the fit is kept elsewhere and the error names the file")
     p.add_argument("--plot", help="write the trajectory figure of one prompt (.png, .pdf, .svg)")
     p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

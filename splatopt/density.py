@@ -20,6 +20,7 @@ New or changed slots get fresh Adam moments (zeros), as gsplat does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
@@ -356,8 +357,9 @@ def resolve_density(density) -> DensityStrategy:
             raise ValueError(f"density={density!r}: a dict needs name = one of {sorted(DENSITIES)}, plus that strategy's fields")
         try:
             return DENSITIES[name](**options)
-        except TypeError as err:
-            raise ValueError(f"density={density!r}: {err}") from err
+        except TypeError as err:  # "__init__() got an unexpected keyword argument" said not which are valid
+            raise ValueError(f"density={density!r}: {err}; {name}'s fields are "
+                             f"{[f.name for f in dataclasses.fields(DENSITIES[name])]}") from err
     if isinstance(density, str):
         if density not in DENSITIES:
             raise ValueError(f"density={density!r}: choose one of {sorted(DENSITIES)} or pass a strategy object")

@@ -232,7 +232,8 @@ def edit(
     Raises TypeError for a result that is not a FitResult or a path (a bare SplatSet holds no text);
     ValueError, before any fitting, for a fixed-basis result or one fitted from a bare field,
     both or neither of new_text and edits, a count of texts or edit lists other than the result's
-    prompts, overlapping or out-of-range edits, an edit that leaves a text empty, a model other than
+    prompts, overlapping or out-of-range edits, an edit that leaves a text empty, splats whose width is
+    not the model's, an unknown ``fresh_init`` (named as such), a model other than
     the result's (or none for a result fitted with a local encoder folder that is not here), fit options that edit sets itself (n_splats, init, frozen...), or an option out
     of range; TypeError for malformed edits.
     """
@@ -309,6 +310,9 @@ def edit(
                              f"layer={cfg.get('layer')}) with the encoder folder it was fitted with")
         model = fixedpos.load(name, layer=cfg.get("layer"))
     device = resolve_device(device) if device is not None else result.splats.mu.device
+    if result.splats.dim != model.dim:  # a damaged or foreign file: it failed at the warm start with a shape mismatch
+        raise ValueError(f"the result's splats have embeddings of width d={result.splats.dim}, but {model.name} has "
+                         f"d={model.dim}: the file is damaged or was fitted with another model")
     fitted = (result.config.get("model_hash"), result.config.get("layer"))
     if fitted[0] not in (None, model.model_hash) or fitted[1] not in (None, model.layer):
         raise ValueError(f"the result was fitted with model {result.config.get('model')} ({str(fitted[0])[:12]}) at layer "
@@ -496,7 +500,10 @@ def _second_start_initializers(fresh_init, model, device) -> list[tuple[str, Ini
         out = learned + [("grid", resolve_initializer("grid"))]
     else:
         given = list(fresh_init) if isinstance(fresh_init, (list, tuple)) else [fresh_init]
-        out = [(g if isinstance(g, str) else type(g).__name__, resolve_initializer(g, model)) for g in given]
+        try:
+            out = [(g if isinstance(g, str) else type(g).__name__, resolve_initializer(g, model)) for g in given]
+        except (TypeError, ValueError) as err:  # its message said init=..., an argument edit has not
+            raise type(err)(f"fresh_init={fresh_init!r}: {err}") from None
     for _, initializer in out:
         if isinstance(initializer, torch.nn.Module):
             initializer.to(device)

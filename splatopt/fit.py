@@ -27,7 +27,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
     from fixedpos import FieldModel
 
-from fixedpos.cache import read_safetensors, write_safetensors
+from fixedpos.cache import check_has_data, read_safetensors, write_safetensors
 from fixedpos.model import resolve_device
 
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
@@ -301,6 +301,8 @@ class FitResult:
     def save(self, path: str | Path) -> Path:
         """Write splats (or a fixed basis's coefficients), token ids, metrics, history, trajectory, edit
         records and configuration to ``path`` (safetensors + JSON, atomic); returns the path."""
+        check_has_data(path, {"token_mask": self.mask, "field_error": self.field_error, "coefficients": self.coefficients,
+                              **({} if self.splats is None else self.splats.params())})
         extra = {"token_mask": self.mask, "field_error": self.field_error, "cosine": self.cosine}
         for name in ("ids", "offsets", "token_accuracy"):
             if getattr(self, name) is not None:
@@ -481,6 +483,8 @@ def _resolve_counts(n_splats, lengths: Tensor) -> Tensor:
                             f"{B} counts, one per prompt") from None
         if values.dim() != 1:
             raise ValueError(f"n_splats is a {tuple(values.shape)} array: give a flat list of {B} counts, one per prompt")
+        if values.dtype == torch.bool or any(isinstance(n, bool) for n in n_splats):  # [True, 3] fitted 1 splat, silently
+            raise TypeError(f"n_splats={list(n_splats)!r}: a per-prompt list holds splat counts (ints), not bools")
         if values.is_floating_point() and not torch.equal(values, values.round()):
             raise ValueError(f"n_splats={list(n_splats)}: a per-prompt list holds splat counts (ints), not fractions; "
                              "round them, or give one fraction for every prompt")
@@ -555,6 +559,11 @@ def _prepare_targets(texts_or_fields, model, device, dtype):
             raise ValueError(f"a target field must be [B, L, d]; got shape {tuple(t.field.shape)}")
         if not t.field.is_floating_point():
             raise TypeError(f"a target field must be floating point, not {t.field.dtype}")
+        for name in ("field", "mask", "ids"):  # copying them failed deep in torch: "Cannot copy out of meta tensor"
+            value = getattr(t, name)
+            if isinstance(value, Tensor) and value.device.type == "meta":
+                raise ValueError(f"Targets.{name} lies on the meta device, which holds shapes but no values: give the "
+                                 "tensor itself, on cpu or cuda")
         if 0 in t.field.shape:
             raise ValueError(f"the given field has shape {tuple(t.field.shape)}: it needs at least one prompt, position and "
                              "feature (B, L, d >= 1)")
@@ -952,9 +961,7 @@ def fit(
     # pred: model decoded it; a bare decoder (a field's custom head) has no tokenizer to read texts with
     texts = model.detokenize(pred, mask) if pred is not None and model is not None and hasattr(model, "detokenize") else None
     if splats is not None:  # the NaN guard skips non-finite gradients; an overflowing step still ends here
-        diverged = torch.zeros(B, dtype=torch.bool, device=splats.mask.device)
-        for t in splats.params().values():
-            diverged |= (~torch.isfinite(t) & (splats.mask[..., None] if t.dim() == 3 else splats.mask)).flatten(1).any(1)
+        diverged = splats.nonfinite()
         if bool(diverged.any()):
             warnings.warn(f"prompt(s) {diverged.nonzero().flatten().tolist()[:8]} diverged: their splats hold NaN or inf "
                           "(lower the learning rates); save() refuses them, select the other prompts to keep those",

@@ -10,9 +10,10 @@ random start depends on the prompt's seed alone, not on the prompts it is chunke
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -240,8 +241,10 @@ def resolve_initializer(init: str | dict | Initializer, model: FieldModel | None
             raise ValueError(f"init={init!r}: a dict needs name = one of {sorted(INITIALIZERS) + ['learned']}, plus its fields")
         try:
             return INITIALIZERS[name](**options)
-        except TypeError as err:
-            raise ValueError(f"init={init!r}: {err}") from err
+        except TypeError as err:  # "__init__() got an unexpected keyword argument" said not which are valid
+            cls: Any = INITIALIZERS[name]  # a dataclass of settings, typed as the callable it is
+            fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+            raise ValueError(f"init={init!r}: {err}" + (f"; {name}'s fields are {fields}" if fields else "")) from err
     if isinstance(init, str):
         if init == "learned":
             from .learned import load_learned

@@ -504,16 +504,24 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     available (under torchrun, each rank's ``LOCAL_RANK`` GPU). model: a FieldModel (default:
     ``fixedpos.load(cfg.model, layer=cfg.layer)``). bank: encoded training prompts (default:
     ``cfg.prompts`` sampled from ``cfg.corpus``). progress: a tqdm bar on rank 0.
-    Raises ValueError if ``out`` already holds a run and resume is False, if resume finds no
-    checkpoint or another run's, or if the corpus gives fewer prompts than one batch;
+    Raises TypeError for a ``cfg`` that is not a MetaConfig; ValueError, before the run's folder is
+    made, for a device that is none or that this machine lacks (resolved as ``fit`` does), if ``out``
+    already holds a run and resume is False, if resume finds no checkpoint or another run's, or if the corpus gives fewer prompts than one batch;
     RuntimeError after ``NONFINITE_LIMIT`` consecutive outer steps with a non-finite gradient (no
     initializer is written then).
     """
     import fixedpos
     from tqdm.auto import tqdm
 
+    from fixedpos.model import resolve_device
+
+    if not isinstance(cfg, MetaConfig):  # a dict failed as "'dict' object has no attribute 'model'"
+        raise TypeError(f"cfg must be a MetaConfig, not {type(cfg).__name__}: build it with MetaConfig(**keys), "
+                        "MetaConfig.from_dict(keys) or MetaConfig.from_file(path)")
     rank, world = _distributed()
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # checked before the run's folder is made: "gpu", or CUDA on a machine without it, failed with torch's
+    # own error, and the meta device only at the first encode, each leaving an empty run folder behind
+    device = resolve_device(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
@@ -525,7 +533,6 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         if resume and not ckpt_path.exists():  # refused before mkdir: a mistyped --out is not left behind as an empty folder
             raise ValueError(f"--resume: {ckpt_path} does not exist, so there is no run to continue in {out}; "
                              "check --out, or leave out --resume to start a run there")
-        out.mkdir(parents=True, exist_ok=True)
     model = model or fixedpos.load(cfg.model, layer=cfg.layer)
     if bank is None:
         texts = fixedpos.sample_prompts(model, fixedpos.load_corpus_spec(cfg.corpus, "train"), cfg.prompts,
@@ -558,6 +565,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     generator = torch.Generator().manual_seed(cfg.seed)
     start, elapsed = 0, 0.0
     nonfinite: dict[str, int] = {}
+    if rank == 0:  # made once the model and the corpus are read: a missing one left an empty run folder behind
+        out.mkdir(parents=True, exist_ok=True)
     if resume:
         start, elapsed, nonfinite = load_checkpoint(ckpt_path, net, opt, generator, cfg)
     if rank == 0:

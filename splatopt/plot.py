@@ -26,7 +26,7 @@ from matplotlib.patches import Patch, Polygon
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import offset_copy
 
-from fixedpos.cache import check_output_path
+from fixedpos.cache import check_output_path, is_folder
 
 from .fit import counted
 
@@ -62,7 +62,7 @@ def check_figure_path(path: str | Path) -> Path:
     """
     path = Path(path)
     known = figure_formats()
-    if path.is_dir():
+    if is_folder(path):
         raise ValueError(f"--plot {path}: is a folder; give a file name such as {path / 'figure.png'}")
     check_output_path(path if path.suffix else path.with_suffix(".png"), "--plot")
     if path.suffix and path.suffix.lstrip(".").lower() not in known:

@@ -28,6 +28,8 @@ NORMALIZED_EPS = 1e-6
 
 def _positions(length_or_positions, B: int, like: Tensor) -> Tensor:
     """[B, L] float positions from an int L, a [L] tensor or a [B, L] tensor."""
+    if isinstance(length_or_positions, bool):  # True rendered one position, silently
+        raise TypeError(f"render length must be an int L >= 1, not {length_or_positions!r}")
     scalar_tensor = isinstance(length_or_positions, Tensor) and length_or_positions.ndim == 0
     if isinstance(length_or_positions, numbers.Integral) or (scalar_tensor and not length_or_positions.is_floating_point()):
         length_or_positions = int(length_or_positions)  # numpy and torch integers are lengths too

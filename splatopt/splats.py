@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from fixedpos.cache import read_safetensors, write_safetensors
+from fixedpos.cache import check_has_data, read_safetensors, write_safetensors
 
 FORMAT_VERSION = 1
 SIGMA_MIN = 0.05  # tokens: below this a splat no longer overlaps even its own token centre smoothly
@@ -47,6 +47,25 @@ def first_of_each(values: list, noun: str) -> str:
     return ", ".join(f"{noun} {i} is {value}" for value, i in first.items())
 
 
+def _meta_json(meta: dict, path: Path) -> str:
+    """``meta`` as JSON text for a file; TypeError naming the key that JSON cannot hold (json's own error,
+    "Object of type Tensor is not JSON serializable", named neither the key nor the file)."""
+    try:
+        return json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        bad = [k for k, v in meta.items() if not _json_ok(v)]
+        raise TypeError(f"not saving {path}: meta{bad[:1]} is not JSON ({err}); store plain numbers, strings, lists "
+                        "and dicts in meta (e.g. t.tolist() for a tensor)") from None
+
+
+def _json_ok(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass
 class SplatSet:
     """Batched splats.
@@ -57,7 +76,7 @@ class SplatSet:
     (inactive slots may hold anything and render nothing). meta: free-form JSON-able metadata
     carried into files (every derived set, by ``select``, ``to``, ``with_params``..., holds its own copy).
     ValueError for shapes that disagree or tensors on different devices,
-    TypeError for a mask that is not bool.
+    TypeError for a mask that is not bool or parameters of different dtypes.
     """
 
     mu: Tensor
@@ -85,6 +104,10 @@ class SplatSet:
             raise ValueError(f"SplatSet.v has shape {tuple(self.v.shape)}, expected ({B}, {N}, d)")
         if self.mask.dtype != torch.bool:
             raise TypeError(f"SplatSet.mask must be bool, not {self.mask.dtype}")
+        dtypes = {k: getattr(self, k).dtype for k in names[:4]}
+        if len(set(dtypes.values())) > 1:  # render computed in mu's dtype: a float64 v was silently rounded to float32
+            kinds = ", ".join(f"{k} {str(t).removeprefix('torch.')}" for k, t in dtypes.items())
+            raise TypeError(f"SplatSet parameters must share one dtype, not {kinds}: convert them, e.g. v.to(mu.dtype)")
         # named here: rendering mixed devices fails deep in torch ("Tensor on device meta is not on the expected device cpu!")
         if len({getattr(self, k).device for k in names}) > 1:
             where = ", ".join(f"{k} on {getattr(self, k).device}" for k in names)
@@ -129,6 +152,14 @@ class SplatSet:
         shown = ", ".join(map(str, counts[:8])) + (", ..." if len(counts) > 8 else "")
         return (f"SplatSet(B={self.batch_size}, N={self.capacity} slots, d={self.dim}, active per prompt [{shown}], "
                 f"{str(self.mu.dtype).removeprefix('torch.')} on {self.mu.device}; fields: mu, log_sigma, weight_logit, v, mask)")
+
+    def nonfinite(self) -> Tensor:
+        """[B] bool: prompts with NaN or inf in an active splat's parameters (a diverged fit), which
+        :meth:`save` refuses; inactive slots may hold anything."""
+        bad = torch.zeros(self.batch_size, dtype=torch.bool, device=self.mask.device)
+        for t in self.params().values():
+            bad |= (~torch.isfinite(t) & (self.mask[..., None] if t.dim() == 3 else self.mask)).flatten(1).any(1)
+        return bad
 
     def params(self) -> dict[str, Tensor]:
         """The four optimizable tensors, by name (the functional optimizer's state is keyed alike)."""
@@ -244,6 +275,7 @@ class SplatSet:
         come back from :meth:`load`. Returns the path. ValueError, before writing, for NaN or inf in an
         active splat (a diverged fit), which :meth:`load` would refuse: the file would be unreadable."""
         path = Path(path)
+        check_has_data(path, {**self.params(), "mask": self.mask})
         for k, t in self.params().items():
             bad = (~torch.isfinite(t) & (self.mask[..., None] if t.dim() == 3 else self.mask)).flatten(1).any(1)
             if bool(bad.any()):
@@ -255,7 +287,7 @@ class SplatSet:
         tensors["mask"] = self.mask
         for k, t in (extra_tensors or {}).items():
             tensors[f"extra.{k}"] = t
-        meta = {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION), "meta": json.dumps(self.meta, sort_keys=True)}
+        meta = {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION), "meta": _meta_json(self.meta, path)}
         write_safetensors(path, tensors, meta)
         return path
 

@@ -181,6 +181,17 @@ def test_budget_density_relocates_dead_splats_onto_the_worst_positions():
     assert torch.allclose(render(SplatSet(**new, mask=new_mask), 24)[0, 18], field[0, 18], atol=1e-5)
 
 
+def test_an_unknown_field_of_a_density_or_init_dict_lists_the_valid_fields():
+    """{"name": "adaptive", "refine_every": 10} (gsplat's spelling) said only "__init__() got an unexpected keyword
+    argument 'refine_every'", not which fields the strategy or initializer has."""
+    from splatopt.init import resolve_initializer
+
+    with pytest.raises(ValueError, match=r"'refine_every'; adaptive's fields are \['initial_fraction', 'start', 'interval'"):
+        resolve_density({"name": "adaptive", "refine_every": 10})
+    with pytest.raises(ValueError, match=r"'spacing'; grid's fields are \['sigma_scale', 'jitter', 'weight'"):
+        resolve_initializer({"name": "grid", "spacing": 2})
+
+
 def test_density_names_dicts_and_errors():
     assert isinstance(resolve_density("none"), NoDensify)
     assert resolve_density({"name": "budget", "relocate_fraction": 0.1}).relocate_fraction == 0.1

@@ -748,6 +748,23 @@ def test_bad_edit_options_are_refused_before_any_refit(fitted, monkeypatch, kwar
         splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=2, progress=False, **kwargs)
 
 
+def test_an_edit_of_splats_of_another_width_and_a_bad_fresh_init_name_their_argument(fitted, monkeypatch):
+    """A fit file whose embeddings are not the model's width (damaged, or another model's without a hash)
+    failed at the warm start with torch's "The size of tensor a (384) must match ...", and an unknown
+    fresh_init was reported as init='nope', an argument edit does not have."""
+    from dataclasses import replace
+
+    import importlib
+
+    edit_module = importlib.import_module("splatopt.edit")
+    monkeypatch.setattr(edit_module, "fit", lambda *a, **k: pytest.fail("re-fitted before checking the input"))
+    narrow = replace(fitted, splats=fitted.splats.with_params({"v": fitted.splats.v[..., :10]}))
+    with pytest.raises(ValueError, match=r"embeddings of width d=10, but minilm-l6 has d=384"):
+        splatopt.edit(narrow, TEXT.replace("new", "fresh"), steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"fresh_init='nope': init='nope': choose one of"):
+        splatopt.edit(fitted, TEXT.replace("new", "fresh"), steps=2, fresh_init="nope", progress=False)
+
+
 @pytest.fixture(scope="module")
 def fitted_two(model):
     return splatopt.fit([TEXT, "Sort the list in place."], model, n_splats=0.5, steps=10, device="cpu", progress=False)

@@ -1,6 +1,7 @@
 """End-to-end fits on the embedded defaults, batching, reproducibility, files, CLI and bad input."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -926,6 +927,74 @@ def test_a_diverged_fit_warns_and_save_refuses_what_load_would_refuse(tmp_path):
     assert not (tmp_path / "run.safetensors").exists()
     kept = FitResult.load(result.select([1]).save(tmp_path / "kept.safetensors"))
     assert torch.equal(kept.splats.mu, result.splats.mu[1:].cpu())
+
+
+def test_cli_fit_whose_out_fails_after_the_fit_keeps_the_fit_and_says_where(tmp_path, monkeypatch, capsys):
+    """--out was checked before the fit, but a write that failed after it (the disk full, the folder made
+    read-only meanwhile) ended the command with the error alone: the fit was lost. It is now kept in the
+    temporary folder, and the error names that file."""
+    import fixedpos.cache
+    from splatopt.cli import main
+
+    out, real_replace = tmp_path / "run.safetensors", fixedpos.cache.os.replace
+
+    def full_disk(src, dst):
+        if str(dst) == str(out):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fixedpos.cache.os, "replace", full_disk)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    code = main(["fit", "Close the file now.", "--splats", "2", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    kept = list((tmp_path / "tmp").glob("splatopt-rescued-*-run.safetensors"))
+    assert code == 2 and not out.exists() and len(kept) == 1
+    assert f"--out {out} could not be written after the fit" in err and f"the fit kept in {kept[0]}" in err
+    assert FitResult.load(kept[0]).input_texts == ["Close the file now."]
+
+
+def test_saving_a_partly_diverged_fit_from_the_cli_keeps_the_other_prompts():
+    """FitResult.save refuses a diverged prompt's NaN splats, so `splatopt fit --out` lost every prompt of
+    the batch to one that diverged; the others are now written beside --out, and the error names the file."""
+    import tempfile
+    from pathlib import Path
+
+    from splatopt import InnerOptimizer
+    from splatopt.cli import _save_fit
+
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        result = fit(_bare_field(), optimizer=InnerOptimizer(lr_mu=3e38), n_splats=2, steps=10, objective="mse",
+                     device="cpu", progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "run.safetensors"
+        with pytest.raises(ValueError, match=r"prompt\(s\) \[0\] .*the 1 other prompt\(s\) \(\[1\] of the fit\) kept in "
+                                             r".*run\.finite\.safetensors"):
+            _save_fit(result, str(out))
+        kept = FitResult.load(Path(folder) / "run.finite.safetensors")
+        assert not out.exists() and torch.equal(kept.splats.mu, result.splats.mu[1:])
+
+
+def test_targets_on_the_meta_device_and_bool_splat_counts_are_named_errors():
+    """A Targets field, mask or ids on the meta device failed deep in torch ("Cannot copy out of meta tensor"),
+    and n_splats=[True, 3] fitted prompt 0 with one splat; a scalar True was already refused."""
+    field = _bare_field()
+    opts = dict(steps=1, objective="mse", device="cpu", progress=False)
+    for name in ("field", "mask"):
+        meta = Targets(**{"field": field.field, "mask": field.mask, name: getattr(field, name).to("meta")})
+        with pytest.raises(ValueError, match=f"Targets.{name} lies on the meta device"):
+            fit(meta, n_splats=2, **opts)
+    with pytest.raises(TypeError, match=r"n_splats=\[True, 2\]: a per-prompt list holds splat counts \(ints\), not bools"):
+        fit(field, n_splats=[True, 2], **opts)
+
+
+def test_saving_a_result_on_the_meta_device_names_the_file(tmp_path):
+    """FitResult.load(device="meta") reads a fit's shapes; saving it failed with torch's "Tensor.item() cannot be
+    called on meta tensors"."""
+    result = fit(_bare_field(), n_splats=2, steps=1, objective="mse", basis="dct", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"not saving .*run.safetensors: \['token_mask', 'field_error', 'coefficients'\] lie on the meta"):
+        replace(result, mask=result.mask.to("meta"), field_error=result.field_error.to("meta"),
+                coefficients=result.coefficients.to("meta")).save(tmp_path / "run.safetensors")
 
 
 def test_a_fit_whose_finite_splats_render_an_overflowing_field_warns_too():

@@ -214,6 +214,27 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
+def test_an_out_or_plot_name_longer_than_the_system_allows_names_the_option_and_the_limit(tmp_path, capsys):
+    """A name past the system's own limit (255) made Path.is_dir raise "[Errno 36] File name too long: 'aaa...'"
+    before the check that names the option and says how long a name may be."""
+    from splatopt.cli import main
+
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - cache.TMP_SUFFIX_CHARS
+    for option, name in (("--out", "a" * 300 + ".safetensors"), ("--plot", "b" * 300 + ".png")):
+        assert main(["fit", "Close the file.", "--steps", "1", "--device", "cpu", "--quiet", option, str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"splatopt: error: {option} " in err and f"give at most {longest}" in err and "Errno" not in err
+
+
+def test_a_fractional_splat_count_above_one_names_the_flag(capsys):
+    """--splats 2.5 was refused only after the model loaded, as "n_splats=2.5", not as the flag given."""
+    from splatopt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "Close the file.", "--splats", "2.5", "--device", "cpu"])
+    assert "--splats 2.5: a count is a whole number (such as 2), a fraction of L lies in (0, 1]" in capsys.readouterr().err
+
+
 def test_an_atomic_write_to_a_folder_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="is a folder; give a file name inside it"):
         cache.atomic_write_bytes(tmp_path, b"data")

@@ -325,6 +325,27 @@ def test_corrupted_head_file_raises_value_error(tiny_bert, tmp_path, corrupt):
         load_head(bad, tiny_bert.word_embeddings, tiny_bert.model_hash, 2)
 
 
+def test_a_cached_head_of_wrong_shapes_or_nan_weights_names_the_file_and_the_fix(tiny_bert, tmp_path, monkeypatch):
+    """A readable head file with tensors of the wrong shape raised torch's RuntimeError ("size mismatch for bias"),
+    one without up.weight a KeyError, both past find_or_train_head's fix (delete the cached file); NaN weights
+    loaded and decoded every token alike."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path))
+    path = tmp_path / "heads" / head_filename(tiny_bert.model_hash, 2, TINY_RECIPE)
+    save_head(tiny_bert.head, path, {"model_hash": tiny_bert.model_hash, "layer": 2})
+    good = load_file(path)
+    header = {"format": "1", "meta": json.dumps({"model_hash": tiny_bert.model_hash, "layer": 2})}
+    damaged = [({**good, "bias": good["bias"][:10]}, r"bias \(10,\) \(expected \(\d+,\)\)"),
+               ({k: t for k, t in good.items() if k != "up.weight"}, "lacks a 2-d up.weight"),
+               ({**good, "linear.weight": good["linear.weight"] * float("nan")}, "linear.weight holds NaN or inf")]
+    for tensors, message in damaged:
+        save_file(tensors, path, metadata=header)
+        with pytest.raises(ValueError, match=message) as err:
+            find_or_train_head(tiny_bert, TINY_RECIPE, train_if_missing=False)
+        assert str(path) in str(err.value) and f"delete {path}" in str(err.value)
+
+
 def test_corrupted_cached_head_is_reported_not_silently_retrained(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.setenv("SPLATOPT_CACHE", str(tmp_path))
     path = tmp_path / "heads" / head_filename(tiny_bert.model_hash, 2, TINY_RECIPE)

@@ -237,6 +237,35 @@ def test_tokenize_rejects_nul_byte_naming_the_index(minilm):
         minilm.tokenize(["ok", "fine", "a\x00b"])
 
 
+def test_tokenize_names_a_lone_surrogate_and_its_position(minilm):
+    """A lone surrogate (a JSON "\\ud800" escape, a file read with surrogateescape) reached the tokenizer, which
+    failed with "TextEncodeInput must be Union[TextInputSequence, ...]", naming neither the text nor the character."""
+    with pytest.raises(ValueError, match=r"texts\[1\] holds the lone surrogate '\\ud800' at character 3"):
+        minilm.tokenize(["fine", "hi \ud800 there"])
+
+
+def test_tokenize_onto_a_device_the_machine_lacks_names_the_device(minilm):
+    """tokenize(device="cuda") on a machine without CUDA raised torch's bare AssertionError ("Torch not compiled
+    with CUDA enabled"); "gpu" raised a RuntimeError listing torch's device types."""
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': CUDA is not available on this machine"):
+            minilm.tokenize("hi", device="cuda")
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        minilm.tokenize("hi", device="gpu")
+
+
+def test_decoding_a_field_on_the_meta_device_is_refused_and_keeps_the_shared_head(minilm):
+    """The head follows the field's device: decode (or decode_parts) of a meta field moved the cached model's
+    head to the meta device, erasing its weights, and every later decode in the process failed ("Cannot copy
+    out of meta tensor")."""
+    with pytest.raises(ValueError, match="decode: the field lies on meta"):
+        minilm.decode(torch.zeros(1, 2, minilm.dim, device="meta"))
+    with pytest.raises(ValueError, match=r"decode_parts\('meta'\) lies on meta"):
+        minilm.decode_parts("meta")
+    batch = minilm.tokenize("Return the sum.")
+    assert torch.equal(minilm.decode(minilm.encode(batch)).argmax(-1), batch.ids)
+
+
 def test_tokenize_rejects_text_of_only_unknown_characters(minilm):
     with pytest.raises(ValueError, match=r"texts\[0\] has only characters unknown"):
         minilm.tokenize(["😀😀"])

@@ -570,6 +570,30 @@ def test_cli_resume_without_a_checkpoint_refuses_and_creates_nothing(tmp_path, c
     assert not (tmp_path / "missing").exists()
 
 
+def test_train_names_a_bad_device_or_config_before_making_the_run_folder(tmp_path, model, bank):
+    """meta.train took device="gpu" (torch's list of device types), CUDA on a machine without it (a bare
+    AssertionError) or "meta" (failed at the first encode), each leaving an empty run folder behind; a dict
+    config failed with "'dict' object has no attribute 'model'"."""
+    out = tmp_path / "run"
+    bad = ["gpu", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device='{device}'"):
+            meta.train(tiny_config(), out, model=model, bank=bank, device=device, progress=False)
+    with pytest.raises(TypeError, match="cfg must be a MetaConfig, not dict: build it with"):
+        meta.train(tiny_config().to_dict(), out, model=model, bank=bank, device="cpu", progress=False)
+    assert not out.exists()
+
+
+def test_a_missing_corpus_or_model_leaves_no_run_folder_behind(tmp_path):
+    """The run folder was made before the model and the corpus were read, so a config naming a missing corpus
+    (or model) failed leaving an empty folder, which looked like a run that had started."""
+    out = tmp_path / "run"
+    for bad in (dict(corpus=str(tmp_path / "missing.txt")), dict(model=str(tmp_path / "no-model"))):
+        with pytest.raises((FileNotFoundError, ValueError)):
+            meta.train(tiny_config(**bad), out, device="cpu", progress=False)
+        assert not out.exists()
+
+
 def test_cli_meta_train_reports_the_device_it_used_not_auto(tmp_path, model, bank, capsys, monkeypatch):
     from splatopt.cli import main
 

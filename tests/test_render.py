@@ -448,3 +448,9 @@ def test_erf_kernel_in_half_precision_is_finite_and_the_float32_value_rounded(dt
     torch.testing.assert_close(g.float(), kernel_values(pos, half_mu.detach().float(), half_sigma.detach().float(), "erf"),
                                rtol=1e-2, atol=1e-3)
     assert all(torch.isfinite(t).all() for t in torch.autograd.grad(g.float().sum(), (half_mu, half_sigma)))
+
+
+def test_a_bool_render_length_is_a_type_error():
+    """render(splats, True) rendered one position: a bool is an int to Python, not a length."""
+    with pytest.raises(TypeError, match="render length must be an int L >= 1, not True"):
+        render(random_splats(), True)

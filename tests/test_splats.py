@@ -404,3 +404,21 @@ def test_cat_of_float32_and_float64_sets_is_refused_naming_each_and_the_fix():
     assert joined.mu.dtype == torch.float32 and joined.batch_size == 3
     with pytest.raises(ValueError, match=r"different devices \(set 0 is cpu, set 1 is meta\).*s.to\('cpu'\)"):
         SplatSet.cat([single, single.to("meta")])
+
+
+def test_parameters_of_mixed_dtypes_are_a_type_error_naming_them():
+    """A float64 v beside float32 geometry was accepted and rendered in float32, silently rounding v."""
+    s = random_splats()
+    with pytest.raises(TypeError, match="must share one dtype, not mu float32, log_sigma float32, weight_logit float32, v float64"):
+        SplatSet(s.mu, s.log_sigma, s.weight_logit, s.v.double(), s.mask)
+
+
+def test_saving_splats_on_the_meta_device_or_with_non_json_meta_names_what_and_where(tmp_path):
+    """Splats on the meta device failed with torch's "Tensor.item() cannot be called on meta tensors", and a
+    tensor in meta with json's "Object of type Tensor is not JSON serializable": neither named the file or key."""
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match=r"not saving .*s\.safetensors: \['mu', 'log_sigma', 'weight_logit', 'v'\] lie on the meta device"):
+        random_splats().to("meta").save(path)
+    with pytest.raises(TypeError, match=r"not saving .*s\.safetensors: meta\['note'\] is not JSON"):
+        random_splats(meta={"model": "m", "note": torch.zeros(2)}).save(path)
+    assert not path.exists()
