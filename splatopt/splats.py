@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fixedpos.cache import read_safetensors, write_safetensors
+from fixedpos.cache import read_safetensors, strict_json, write_safetensors
 
 FORMAT_VERSION = 1
 SIGMA_MIN = 0.05  # tokens: below this a splat no longer overlaps even its own token centre smoothly
@@ -236,7 +236,7 @@ class SplatSet:
         tensors["mask"] = self.mask
         for k, t in (extra_tensors or {}).items():
             tensors[f"extra.{k}"] = t
-        meta = {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION), "meta": json.dumps(self.meta, sort_keys=True)}
+        meta = {"format": "splatopt.splats", "format_version": str(FORMAT_VERSION), "meta": strict_json(self.meta, sort_keys=True)}
         write_safetensors(path, tensors, meta)
         return path
 
