@@ -159,8 +159,9 @@ class MetaConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.max_tokens < self.min_tokens:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= min_tokens={self.min_tokens}")
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"time_limit_s={self.time_limit_s} must be > 0, or left out for no limit")
+        # inf was written to config.json as Infinity, which is not JSON: no limit is the key left out
+        if self.time_limit_s is not None and not 0 < self.time_limit_s < math.inf:
+            raise ValueError(f"time_limit_s={self.time_limit_s} must be a finite number > 0, or left out for no limit")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
         if self.loss_over not in ("final", "mean"):
@@ -511,6 +512,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
     import fixedpos
     from tqdm.auto import tqdm
 
+    from .fit import versions
+
     rank, world = _distributed()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1 and device.type == "cuda":
@@ -543,7 +546,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         net = LearnedInitializer(
             Architecture(model.dim, cfg.width, cfg.heads, cfg.layers),
             InnerOptimizer(**cfg.inner_optimizer),
-            meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict()},
+            meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict(),
+                  "versions": versions()},
         )
     net = net.to(device)
     net.log_lr_scale.requires_grad_(cfg.learn_lr)

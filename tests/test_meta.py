@@ -725,3 +725,18 @@ def test_a_kill_while_config_json_is_rewritten_leaves_the_old_one_whole(tmp_path
         pass
     after = json.loads((run / "config.json").read_text())  # JSONDecodeError: the torn file
     assert after == json.loads(before) or after == {**json.loads(before), "outer_steps": 3}
+
+
+def test_a_meta_trained_initializer_records_the_versions_and_no_limit_is_not_written_as_infinity(tmp_path, model, bank):
+    """The initializer a run wrote named no splatopt, torch or python version, and time_limit_s = inf was
+    accepted and written to config.json as Infinity, which is not JSON (strict readers refused the file)."""
+    import platform
+
+    import splatopt
+
+    with pytest.raises(ValueError, match="time_limit_s=inf must be a finite number > 0, or left out"):
+        tiny_config(time_limit_s=float("inf"))
+    meta.train(tiny_config(outer_steps=1), tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    saved = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors").meta
+    assert saved["versions"] == {"splatopt": splatopt.__version__, "torch": torch.__version__,
+                                 "python": platform.python_version()}
