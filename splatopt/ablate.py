@@ -39,7 +39,6 @@ import io
 import itertools
 import json
 import math
-import platform
 import sys
 import time
 import tomllib
@@ -57,7 +56,7 @@ from fixedpos.cache import check_output_folder
 from fixedpos.corpus import check_corpus_spec
 
 from .bench import device_label
-from .fit import fit
+from .fit import fit, versions
 from .optim import InnerOptimizer
 
 # fit's arguments that the runner itself sets (seed from `seeds`, device from the caller, optimizer
@@ -511,8 +510,6 @@ def preflight(study: Study, todo: list[Cell] | None = None) -> dict[tuple, list[
 
 def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progress: bool) -> dict:
     """Fit one cell: its row (see ``run``). progress: the fit's own bar over its steps, under the study's."""
-    from . import __version__
-
     kwargs = {k: v for k, v in cell.settings.items() if k not in ("layer", "model") and not k.startswith("optimizer.")}
     if "dtype" in kwargs:
         kwargs["dtype"] = _dtype(kwargs["dtype"])
@@ -533,9 +530,8 @@ def _fit_cell(study: Study, cell: Cell, prompts: list[str], model, device, progr
         **metrics, "encode_seconds": round(result.encode_seconds, 3),
         "settings": cell.settings, "config": result.config, "corpus": study.corpus, "prompt_seed": cell.prompt_seed,
         "max_tokens": study.max_tokens, "min_tokens": study.min_tokens,
-        "splatopt": __version__, "torch": torch.__version__,
-        # the stdlib-live corpus is the running interpreter's docstrings: its samples change with the version
-        "python": platform.python_version(),
+        # python too: the stdlib-live corpus is the running interpreter's docstrings, its samples change with the version
+        **versions(),
         "device_name": device_label(run_device),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -196,23 +197,37 @@ def cmd_fit(args) -> int:
     texts = [_not_a_path(text) for text in args.text]
     if args.file:
         texts += _file_texts(args.file)
+    saved = _saved_fit(args.config) if args.config else None
+    if not texts and saved is not None and saved.input_texts:
+        texts = list(saved.input_texts)  # the saved fit's own texts
     if not texts:
         raise ValueError("give a text to fit, or --file with one text per line")
     plot_prompt = _plot_prompt(args, len(texts))
-    model = fixedpos.load(args.model, layer=args.layer)
     optimizer: str | dict | None
     if args.optimizer == "picked":  # the one shipped beside the learned initializer (--init learned)
         optimizer = "picked"
     else:
         optimizer = _json_object(args.optimizer, "--optimizer", "picked or InnerOptimizer fields as a JSON object") if args.optimizer else None
-    result = splatopt.fit(
-        texts, model, n_splats=args.splats, steps=args.steps, objective=args.objective,
+    options = dict(
+        n_splats=args.splats, steps=args.steps, objective=args.objective,
         init={"name": "learned", "path": args.init} if args.init.endswith(".safetensors") else args.init,
         optimizer=optimizer, kernel=args.kernel, mode=args.mode, varpro=args.varpro, truncate=args.truncate, seed=args.seed,
-        device=_device(args.device), record_every=args.record_every, progress=not args.quiet,
-        basis=args.basis, density=_json_object(args.density, "--density", 'a strategy name or a JSON object such as {"name": "budget"}')
+        record_every=args.record_every, basis=args.basis,
+        density=_json_object(args.density, "--density", 'a strategy name or a JSON object such as {"name": "budget"}')
         if args.density.startswith("{") else args.density,
     )
+    model_name, layer = args.model, args.layer
+    if saved is not None:  # the saved fit's settings, and over them the options given on this command line
+        given = {FIT_FLAGS.get(dest, dest) for dest in (*FIT_FLAGS, *options, "model", "layer")
+                 if getattr(args, dest, None) != args.defaults.get(dest)}
+        recorded = splatopt.fit_options(saved.config)
+        if "optimizer" in given and isinstance(optimizer, dict):  # fields over the recorded optimizer
+            options["optimizer"] = {**recorded["optimizer"], **optimizer}
+        options = {**recorded, **{k: v for k, v in options.items() if k in given}}
+        model_name = args.model if "model" in given else saved.config.get("model") or args.model
+        layer = args.layer if "layer" in given else saved.config.get("layer")
+    model = fixedpos.load(model_name, layer=layer)
+    result = splatopt.fit(texts, model, device=_device(args.device), progress=not args.quiet, **options)
     _print_result(result, listing=f"splatopt show {args.out} --prompts {len(result.mask)} lists them" if args.out
                   else "give --out FILE to keep them, then splatopt show FILE --prompts N")
     if args.out:
@@ -223,6 +238,30 @@ def cmd_fit(args) -> int:
         paths = save_figure(trajectory_figure(result, plot_prompt, model), args.plot)
         print("wrote " + ", ".join(map(str, paths)))
     return 0
+
+
+# fit's subcommand options whose name is not fit's keyword: --splats sets n_splats
+FIT_FLAGS = {"splats": "n_splats"}
+
+
+def _saved_fit(path: str):
+    """The fit that ``--config`` names: a saved fit (.safetensors), or a JSON file of a fit's ``config`` (an
+    ablation row, with its ``config``, serves too), as a FitResult whose config and texts are read."""
+    from splatopt.fit import FitResult
+
+    if not path.endswith(".json"):
+        return FitResult.load(path)
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path} is not valid JSON ({err}): give a saved fit (.safetensors) or a fit's "
+                         "config as JSON") from None
+    config = raw.get("config", raw) if isinstance(raw, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} holds a JSON {type(raw).__name__}, not a fit's config object")
+    return SimpleNamespace(config=config, input_texts=None)
 
 
 def cmd_show(args) -> int:
@@ -678,7 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the trajectory figure of one prompt (.png, .pdf, .svg)")
     p.add_argument("--plot-prompt", type=int, default=None, metavar="K", help=PLOT_PROMPT_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="repeat a fit: its settings from FILE, a saved fit (its texts too, unless texts are given) or a "
+                        "fit's config as JSON; the options given here override them")
     p.set_defaults(func=cmd_fit)
+    p.set_defaults(defaults={a.dest: a.default for a in p._actions})
 
     p = sub.add_parser("show", help="describe a saved fit")
     p.add_argument("file", help="a saved fit (splatopt fit --out)")

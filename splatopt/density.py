@@ -352,7 +352,9 @@ def resolve_density(density) -> DensityStrategy:
     "relocate_fraction": 0.1}`` (a study file's spelling), or an object with the strategy hooks."""
     if isinstance(density, dict):
         options = dict(density)
-        name = options.pop("name", None)
+        # a config recorded before fits wrote the name: {"strategy": "BudgetDensity", fields}
+        legacy = {cls.__name__: n for n, cls in DENSITIES.items()}
+        name = options.pop("name", None) if "name" in options or options.get("strategy") not in legacy else legacy[options.pop("strategy")]
         if name not in DENSITIES:
             raise ValueError(f"density={density!r}: a dict needs name = one of {sorted(DENSITIES)}, plus that strategy's fields")
         try:

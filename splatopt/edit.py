@@ -40,8 +40,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
     from fixedpos import FieldModel
 
-from .fit import FitResult, _resolve_counts, check_options, fit, resolve_device
-from .init import Initializer, WarmStart, grid_geometry, resolve_initializer
+from .fit import FitResult, _resolve_counts, check_options, fit, prompt_generator, resolve_device
+from .init import Generators, Initializer, WarmStart, grid_geometry, resolve_initializer
 from .learned import load_learned
 from .optim import InnerOptimizer, closed_form_v
 from .render import render, splat_weights
@@ -192,9 +192,12 @@ def edit(
     learned initializer, such a prompt's warm start is also re-fitted with that initializer's inner
     optimizer ("warm-learned"); fresh_near=False turns that off too.
     fresh_init: "grid", "learned", an initializer object (or a dict, as ``fit``'s init takes), or a list
-    of them; a random one (a jittered grid) draws from a generator seeded by ``seed`` (fit's, default
-    0), never from the global random state. Two jittered grids beside the default starts lifted the
-    re-fit by 0.06 +- 0.04 points on validation, 0.01 +- 0.01 on test (figures/data/edit_jitter/); "auto" (default):
+    of them; a random one (a jittered grid) draws prompt b's starts from its own CPU generator seeded by
+    ``seed`` (fit's, default 0) and b (:func:`splatopt.fit.prompt_generator`), never from the global random
+    state: a prompt edited alone or first in a batch, on any device, gets the same starts (until
+    2026-12-01 one generator drew for the batch, on the device). Two jittered grids beside the default starts lifted the
+    re-fit by 0.06 +- 0.04 points on validation, 0.01 +- 0.01 on test (figures/data/edit_jitter/, drawn
+    from the batch's generator); "auto" (default):
     ["learned", "grid"] where a learned initializer is shipped for the model's name, layer and
     weights, else ["grid"].
     Grid (or other plain) starts re-fit in the warm batch with its optimizer; a learned
@@ -370,8 +373,10 @@ def edit(
     # the residual of the far splats is what the near ones must render only where fields add
     near = near if fresh_near and mode == "additive" else []
     # a random initializer's second starts (a jittered grid) are drawn from the fit's seed, not from
-    # the global random state: an edit gives the same result every time
-    generator = torch.Generator(device=device).manual_seed(int(fit_options.get("seed", 0)))
+    # the global random state: an edit gives the same result every time. Each prompt draws from its own
+    # CPU generator (as fit's starts do), so its starts depend neither on the prompts edited beside it
+    # nor on the device; a second random initializer draws on from where the first left off
+    generators = [prompt_generator(int(fit_options.get("seed", 0)), b) for b in range(B)]
     for name, initializer in initializers:
         second_starts: list[Start] = []
         if hasattr(initializer, "for_render"):  # solved for the render the re-fit uses
@@ -381,12 +386,12 @@ def edit(
             L_max = int(batch.mask[idx].sum(-1).max())
             with torch.no_grad():
                 proposal = initializer(target[idx, :L_max], batch.mask[idx, :L_max], torch.cat([warms[b].counts for b in lone]).to(device),
-                                       generator)
+                                       [generators[b] for b in lone])
             none_far = torch.zeros(proposal.capacity, dtype=torch.bool, device=device)
             second_starts += [(b, proposal.select(k).detach(), none_far, "fresh", name) for k, b in enumerate(lone)]
         if near:
             proposals = _fresh_near([warms[b] for b in near], [fars[b] for b in near], target[near], batch.mask[near], kernel, mode,
-                                    initializer, generator)
+                                    initializer, [generators[b] for b in near])
             second_starts += [(b, start, fars[b], "fresh-near", name) for b, start in zip(near, proposals)]
         second_starts.sort(key=lambda c: c[0])
         if hasattr(initializer, "inner_optimizer"):  # a learned initializer: the inner optimizer it was meta-trained with
@@ -511,14 +516,14 @@ def _second_start_initializers(fresh_init, model, device) -> list[tuple[str, Ini
 
 
 def _fresh_near(warms: list[SplatSet], fars: list[Tensor], target: Tensor, mask: Tensor, kernel: str, mode: str,
-                initializer, generator: torch.Generator | None = None) -> list[SplatSet]:
+                initializer, generator: Generators = None) -> list[SplatSet]:
     """Second starts for prompts with far splats: each the same slots as its warm start, the near ones re-proposed.
 
     warms: [1, N'_p] and fars: [N'_p] bool per prompt, from :func:`_warm_start`; target [P, L, d],
     mask [P, L]. The near (active, not far) splats of each gap between consecutive far centres are
     proposed afresh by ``initializer`` on that gap's tokens, from the residual the far splats leave
     (their fields add). Every gap of every prompt goes through one batched initializer call, with
-    ``generator``.
+    ``generator``: None, one for the batch, or one per prompt (a prompt's gaps draw from its own, in turn).
     """
     far_only = SplatSet.cat([SplatSet(w.mu, w.log_sigma, w.weight_logit, w.v, (w.mask[0] & f)[None]) for w, f in zip(warms, fars)])
     residual = target - render(far_only, target.shape[1], kernel, mode)  # [P, L, d]
@@ -545,8 +550,9 @@ def _fresh_near(warms: list[SplatSet], fars: list[Tensor], target: Tensor, mask:
             window_target[j, : hi - lo + 1] = residual[p, lo : hi + 1]
             window_mask[j, : hi - lo + 1] = True
         counts = torch.tensor([len(slots) for _, slots, _, _ in windows], device=target.device)
+        per_window = generator if generator is None or isinstance(generator, torch.Generator) else [generator[p] for p, *_ in windows]
         with torch.no_grad():
-            proposal = initializer(window_target, window_mask, counts, generator)
+            proposal = initializer(window_target, window_mask, counts, per_window)
         for j, (p, slots, lo, _) in enumerate(windows):
             for name, t in proposal.params().items():
                 k = len(slots)

@@ -27,13 +27,13 @@ from torch import Tensor
 if TYPE_CHECKING:  # fixedpos.model imports transformers; a hint needs none of it
     from fixedpos import FieldModel
 
-from fixedpos.cache import check_has_data, read_safetensors, write_safetensors
+from fixedpos.cache import check_has_data, read_safetensors, strict_json, write_safetensors
 from fixedpos.model import resolve_device
 
 from .basis import BASES, design_matrix, floats_per_term, terms_for_budget
-from .density import DensityContext, DensityStrategy, NoDensify, resolve_density
+from .density import DENSITIES, DensityContext, DensityStrategy, NoDensify, resolve_density
 from .fisher import resolve_metric
-from .init import GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
+from .init import INITIALIZERS, GridInit, Initializer, WarmStart, grid_geometry, resolve_initializer
 from .graphs import AdamLoop
 from .kernels import FusedAdamLoop, available, fused_field_loss, mse_coefficients, unavailable_reason
 from .kernels.fused import MAX_SLOTS
@@ -56,6 +56,15 @@ VARPRO_MAX_BYTES = 2**30
 # puts them there too, or FitResult.cat of a loaded result and a new fit mixes devices
 SPLAT_META = ("model", "model_hash", "layer", "kernel", "mode", "truncate")  # what a fit's SplatSet.meta holds
 HOST_SIDE = ("history.", "trajectory.", "density.", "n_terms", "skipped_steps", "floats_per_token", "edit_start.")
+
+
+def versions() -> dict[str, str]:
+    """The versions that decide a result's bits, as saved files record them: splatopt, torch, python."""
+    import platform
+
+    from . import __version__
+
+    return {"splatopt": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def counted(n: int, unit: str) -> str:
@@ -169,6 +178,11 @@ class FitResult:
             return self.n_terms
         assert self.splats is not None, "a fixed basis's result always holds n_terms"
         return self.splats.counts
+
+    def fit_options(self) -> dict:
+        """``fit``'s keyword arguments that repeat this fit: ``fit(result.input_texts, model,
+        **result.fit_options())`` on the same device gives the same bits (see :func:`fit_options`)."""
+        return fit_options(self.config)
 
     def select(self, index: int | slice | Sequence[int] | Sequence[bool] | Tensor) -> "FitResult":
         """The prompts ``index`` (a prompt number, a slice, a list or tensor of them, repeats allowed, or
@@ -315,12 +329,13 @@ class FitResult:
         extra.update({f"density.{k}": v for k, v in (self.density or {}).items()})
         extra.update(_edit_start_tensors(self.edit))  # the rest of each edit record is in config["edit"]
         meta = {"config": self.config, "texts": self.input_texts, "decoded": self.texts, "basis": self.basis,
-                "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds}
+                "summary": self.summary(), "seconds": self.seconds, "encode_seconds": self.encode_seconds,
+                "versions": versions()}
         if self.splats is None:  # a fixed basis: coefficients, no splats
             assert self.coefficients is not None, "a fixed basis's result always holds its coefficients"
             coefficients = self.coefficients.to(torch.promote_types(self.coefficients.dtype, torch.float32))  # as SplatSet.save
             tensors = {"coefficients": coefficients, **{f"extra.{k}": v for k, v in extra.items()}}
-            write_safetensors(Path(path), tensors, {"format": BASIS_FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+            write_safetensors(Path(path), tensors, {"format": BASIS_FORMAT, "meta": strict_json(meta, sort_keys=True)})
             return Path(path)
         return SplatSet(**self.splats.params(), mask=self.splats.mask, meta={**self.splats.meta, **meta}).save(path, extra)
 
@@ -630,6 +645,62 @@ def _settings(obj) -> dict:
     return _json_safe(values)
 
 
+def _init_setting(init):
+    """``init`` for a fit's config, as fit takes it back: a name or dict as given, a shipped initializer
+    object as ``{"name": ..., its fields}`` (a jittered ``GridInit(jitter=0.5)`` was recorded as
+    "GridInit", losing its settings); any other object by its class name alone."""
+    if isinstance(init, (str, dict)):
+        return _json_safe(init)
+    name = next((n for n, cls in INITIALIZERS.items() if type(init) is cls), None)
+    return {"name": name, **_settings(init)} if name is not None else type(init).__name__
+
+
+def _density_setting(strategy) -> dict:
+    """A density strategy for a fit's config: ``{"name": ..., its fields}`` for a shipped one, as fit takes it
+    back (it was ``{"strategy": "BudgetDensity", ...}``, which fit refused); a custom one by its class name."""
+    name = next((n for n, cls in DENSITIES.items() if type(strategy) is cls), None)
+    return {"name": name, **_settings(strategy)} if name is not None else {"strategy": type(strategy).__name__, **_settings(strategy)}
+
+
+# config keys that fit_options hands back to fit under the same name: every setting that decides the
+# result on a given device (device, fused and cuda_graphs resolve alike there)
+REPEATED_SETTINGS = ("n_splats", "steps", "objective", "optimizer", "kernel", "mode", "varpro", "truncate", "seed",
+                     "basis", "density", "batch_size", "record_every", "fused_ce")
+
+
+def fit_options(config: dict) -> dict:
+    """``fit``'s keyword arguments that repeat the fit whose resolved ``config`` this is (``FitResult.config``,
+    a saved fit's, or an ablation row's ``config``): ``fit(texts, model, **fit_options(config))`` on the
+    same device gives the same bits. The model is the config's ``model`` and ``layer``
+    (``fixedpos.load(config["model"], layer=config["layer"])``), the texts the result's ``input_texts``.
+
+    ValueError naming the setting for a config that cannot be repeated: a start that was an object fit
+    cannot rebuild (an edit's ``WarmStart``, a custom initializer or density strategy), or a config
+    written before a setting was recorded (it says which; those fits used its default)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"fit_options takes a fit's config (a dict, FitResult.config), not {type(config).__name__}")
+    if "edit" in config:
+        raise ValueError("this config is an edit's re-fit (config['edit']): its start was the old fit's splats, which fit "
+                         "cannot rebuild; repeat it with splatopt.edit on the old fit")
+    missing = [k for k in (*REPEATED_SETTINGS, "init", "dtype") if k not in config]
+    if missing:
+        raise ValueError(f"this config lacks {missing}: it was written before splatopt recorded them, so fit_options "
+                         "cannot tell what they were; pass them to fit yourself (their defaults unless you set them)")
+    init = config["init"]
+    if not isinstance(init, dict) and init not in (*INITIALIZERS, "learned"):
+        raise ValueError(f"this fit started from init={init!r}, an object fit cannot rebuild from its name: pass that "
+                         "initializer as init= yourself")
+    density = config["density"]
+    if isinstance(density, dict) and "name" not in density and density.get("strategy") not in [c.__name__ for c in DENSITIES.values()]:
+        raise ValueError(f"this fit ran the custom density strategy {density.get('strategy')!r}: pass that object as "
+                         "density= yourself")
+    options = {k: config[k] for k in REPEATED_SETTINGS}
+    dtype = getattr(torch, str(config["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"config dtype={config['dtype']!r} is not a torch dtype")
+    return {**options, "init": init, "dtype": dtype}
+
+
 def check_options(**options) -> None:
     """Check the values of ``fit``'s plain options that are given (by keyword, fit's names): types and
     ranges, with a ValueError (TypeError for seed) naming the option and what it takes. ``fit`` calls
@@ -912,11 +983,14 @@ def fit(
     config = {
         "model": getattr(model, "name", None), "model_hash": getattr(model, "model_hash", None),
         "layer": getattr(model, "layer", None), "n_splats": _plain_n_splats(n_splats),
-        "steps": steps, "objective": str(objective), "init": init if isinstance(init, (str, dict)) else type(init).__name__,
+        "steps": steps, "objective": str(objective), "init": _init_setting(init),
         "initializer_meta": _json_safe(getattr(initializer, "meta", None)),
         "optimizer": optimizer.to_dict(), "kernel": kernel, "mode": mode, "varpro": varpro, "truncate": truncate,
         "seed": seed, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "basis": basis,
-        "density": density if isinstance(density, str) else {"strategy": type(strategy).__name__, **_settings(strategy)},
+        "density": density if isinstance(density, str) else _density_setting(strategy),
+        # the chunking moves a fit by float noise and fused_ce picks the cross-entropy's precision: both
+        # are needed to repeat its bits (fit_options)
+        "batch_size": batch_size, "record_every": record_every, "fused_ce": fused_ce,
         "fused": fused, "cuda_graphs": cuda_graphs,
     }
     label = progress if isinstance(progress, str) else "fit"  # the bar's: what runs

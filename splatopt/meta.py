@@ -160,8 +160,9 @@ class MetaConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.max_tokens < self.min_tokens:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= min_tokens={self.min_tokens}")
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"time_limit_s={self.time_limit_s} must be > 0, or left out for no limit")
+        # inf was written to config.json as Infinity, which is not JSON: no limit is the key left out
+        if self.time_limit_s is not None and not 0 < self.time_limit_s < math.inf:
+            raise ValueError(f"time_limit_s={self.time_limit_s} must be a finite number > 0, or left out for no limit")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
         if self.loss_over not in ("final", "mean"):
@@ -515,6 +516,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
 
     from fixedpos.model import resolve_device
 
+    from .fit import versions
+
     if not isinstance(cfg, MetaConfig):  # a dict failed as "'dict' object has no attribute 'model'"
         raise TypeError(f"cfg must be a MetaConfig, not {type(cfg).__name__}: build it with MetaConfig(**keys), "
                         "MetaConfig.from_dict(keys) or MetaConfig.from_file(path)")
@@ -551,7 +554,8 @@ def train(cfg: MetaConfig, out: str | Path, resume: bool = False, device=None, m
         net = LearnedInitializer(
             Architecture(model.dim, cfg.width, cfg.heads, cfg.layers),
             InnerOptimizer(**cfg.inner_optimizer),
-            meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict()},
+            meta={"model": model.name, "model_hash": model.model_hash, "layer": model.layer, "config": cfg.to_dict(),
+                  "versions": versions()},
         )
     net = net.to(device)
     net.log_lr_scale.requires_grad_(cfg.learn_lr)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from fixedpos.cache import check_has_data, read_safetensors, write_safetensors
+from fixedpos.cache import check_has_data, read_safetensors, strict_json, write_safetensors
 
 FORMAT_VERSION = 1
 SIGMA_MIN = 0.05  # tokens: below this a splat no longer overlaps even its own token centre smoothly
@@ -51,7 +51,7 @@ def _meta_json(meta: dict, path: Path) -> str:
     """``meta`` as JSON text for a file; TypeError naming the key that JSON cannot hold (json's own error,
     "Object of type Tensor is not JSON serializable", named neither the key nor the file)."""
     try:
-        return json.dumps(meta, sort_keys=True)
+        return strict_json(meta, sort_keys=True)
     except (TypeError, ValueError) as err:
         bad = [k for k, v in meta.items() if not _json_ok(v)]
         raise TypeError(f"not saving {path}: meta{bad[:1]} is not JSON ({err}); store plain numbers, strings, lists "
@@ -60,7 +60,7 @@ def _meta_json(meta: dict, path: Path) -> str:
 
 def _json_ok(value) -> bool:
     try:
-        json.dumps(value)
+        strict_json(value)
     except (TypeError, ValueError):
         return False
     return True

@@ -260,3 +260,10 @@ def test_a_custom_strategy_written_to_the_documented_protocol_fits_and_may_not_p
     assert result.config["density"] == {"strategy": "GrowAll", "at": 1, "respect_caps": True}
     with pytest.raises(ValueError, match="the density strategy GrowAll left 4 active splats where the cap"):
         splatopt.fit(targets, density=GrowAll(respect_caps=False), **opts)
+
+
+def test_a_density_recorded_by_an_older_fit_is_read_back():
+    """Fits recorded a shipped strategy as {"strategy": "BudgetDensity", fields}, which resolve_density
+    refused ("a dict needs name"): an ablation row's config could not be fed back to fit."""
+    recorded = {"strategy": "BudgetDensity", **{k: v for k, v in BudgetDensity(relocate_fraction=0.2).__dict__.items()}}
+    assert resolve_density(recorded) == BudgetDensity(relocate_fraction=0.2)

@@ -918,3 +918,34 @@ def test_an_edits_progress_bars_say_which_re_fit_runs(fitted, monkeypatch):
     assert [b for b in bars if b and "fit" in b] == ["edit: re-fit (warm + grid starts)"]
     with pytest.raises(ValueError, match="progress='': give True"):
         check_options(progress="")
+
+
+def test_a_prompts_random_second_starts_do_not_depend_on_the_prompts_edited_beside_it(model, monkeypatch):
+    """A jittered grid's second starts came from one generator for the whole batch (on the device): a
+    prompt edited beside another got other starts, so another result, than the same prompt edited alone."""
+    import sys
+
+    edit_module = sys.modules["splatopt.edit"]
+    # prompt 0 keeps its far splats (its near ones get fresh-near starts); prompt 1 is rewritten whole (a
+    # fresh start), and a batch's generator drew for it first
+    old = splatopt.fit(["Open a file and return a stream object for it, or raise an error.", "Return the sum of a and b."],
+                       model, n_splats=0.5, steps=3, device="cpu", progress=False)
+    new = ["Open a file and return a stream object for it, or raise a warning.", "Close every open handle first."]
+    starts: list[list] = []
+    real_fit = edit_module.fit
+
+    def spy(texts, *args, init=None, **kwargs):  # the starts each re-fit gets, row by row
+        starts.append([(text, init.splats.select([i])) for i, text in enumerate(texts)])
+        return real_fit(texts, *args, init=init, **kwargs)
+
+    monkeypatch.setattr(edit_module, "fit", spy)
+    options = dict(model=model, steps=0, progress=False, fresh_init={"name": "grid", "jitter": 0.9})
+    splatopt.edit(old, new, **options)
+    splatopt.edit(old.select([0]), new[:1], **options)
+    assert len(starts) == 2, [[t for t, _ in g] for g in starts]
+    batched, alone = starts
+    fresh_batched = [s for text, s in batched[2:] if text == new[0]]  # rows: the warm starts, then the second starts
+    fresh_alone = [s for text, s in alone[1:]]
+    assert len(fresh_batched) == len(fresh_alone) == 1
+    (one,), (other,) = fresh_batched, fresh_alone  # the batch pads its starts to its widest: compare active splats
+    assert torch.equal(one.mu[one.mask], other.mu[other.mask])

@@ -1123,7 +1123,7 @@ def test_an_initializer_must_keep_to_the_splats_and_width_asked_for():
 def test_a_custom_density_strategy_or_initializer_meta_of_any_kind_is_recorded_and_saved(tmp_path):
     """fit recorded a strategy by vars(): one with __slots__ failed before fitting (vars() argument must have
     __dict__), and a tensor field (or an initializer's tensor meta) made save() fail after the fit with
-    'Object of type Tensor is not JSON serializable'. Shipped strategies are recorded as before."""
+    'Object of type Tensor is not JSON serializable'. Shipped strategies are recorded by name, as fit takes them."""
     from splatopt.density import AdaptiveDensity
 
     class Hooks:  # no density control, the hooks alone
@@ -1166,7 +1166,7 @@ def test_a_custom_density_strategy_or_initializer_meta_of_any_kind_is_recorded_a
     assert loaded.config == json.loads(json.dumps(result.config))
     assert fit(_bare_field(), density=Slotted(), **opts).config["density"] == {"strategy": "Slotted"}
     shipped = fit(_bare_field(), density=AdaptiveDensity(start=1), **opts).config["density"]
-    assert shipped == {"strategy": "AdaptiveDensity", **vars(AdaptiveDensity(start=1))}
+    assert shipped == {"name": "adaptive", **vars(AdaptiveDensity(start=1))}  # as fit takes it back
 
 
 def test_selecting_a_partition_and_concatenating_it_gives_back_the_fits_time_once(model, short_prompts):
@@ -1202,3 +1202,58 @@ def test_cat_of_a_float32_and_a_float64_fit_is_refused_naming_each(tmp_path, bas
     on_meta = FitResult.load(single.save(tmp_path / "run.safetensors"), device="meta")
     with pytest.raises(ValueError, match=r"different devices \(result 0 is cpu, result 1 is meta\).*device="):
         FitResult.cat([single, on_meta])
+
+
+
+def _same_splats(a: FitResult, b: FitResult) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.splats.params().values(), b.splats.params().values()))
+
+
+def test_a_saved_fits_config_repeats_it_bit_for_bit_through_fit_options(model, tmp_path):
+    """A fit's config could not be fed back: a jittered GridInit object was recorded as "GridInit" (its
+    jitter lost), density as {"strategy": "AdaptiveDensity", ...} (which fit refused), the dtype as a
+    string, and batch_size (which moves the bits) not at all."""
+    texts = ["Return the sum of a and b.", "Open a file and return a stream object for it."]
+    first = fit(texts, model, n_splats=0.5, steps=6, init=GridInit(jitter=0.5), seed=3, batch_size=1, dtype=torch.float64,
+                density={"name": "adaptive", "interval": 2, "start": 1}, device="cpu", progress=False, record_every=2)
+    loaded = FitResult.load(first.save(tmp_path / "run.safetensors"))
+    assert loaded.config["init"]["jitter"] == 0.5 and loaded.config["batch_size"] == 1
+    again = fit(loaded.input_texts, model, device="cpu", progress=False, **loaded.fit_options())
+    assert _same_splats(first, again) and again.splats.mu.dtype == torch.float64
+    assert torch.equal(first.history["loss"], again.history["loss"])
+    with pytest.raises(ValueError, match="written before splatopt recorded them"):
+        splatopt.fit_options({k: v for k, v in loaded.config.items() if k != "batch_size"})
+    with pytest.raises(ValueError, match="WarmStart"):
+        splatopt.fit_options({**loaded.config, "init": "WarmStart"})
+
+
+def test_cli_fit_config_repeats_a_saved_fit_and_options_given_override_it(tmp_path, capsys):
+    """splatopt fit had no way to repeat a saved fit: every setting had to be typed again from its metadata."""
+    from splatopt.cli import main
+
+    first, again, longer = (tmp_path / f"{name}.safetensors" for name in ("first", "again", "longer"))
+    assert main(["fit", "Return the sum of a and b.", "--steps", "4", "--seed", "4", "--optimizer", '{"lr_mu": 0.2}',
+                 "--density", '{"name": "adaptive", "interval": 2, "start": 1}', "--device", "cpu", "--quiet",
+                 "--out", str(first)]) == 0
+    assert main(["fit", "--config", str(first), "--device", "cpu", "--quiet", "--out", str(again)]) == 0
+    assert _same_splats(FitResult.load(first), FitResult.load(again))
+    assert main(["fit", "--config", str(first), "--steps", "5", "--optimizer", '{"lr_v": 0.3}', "--device", "cpu",
+                 "--quiet", "--out", str(longer)]) == 0
+    config = FitResult.load(longer).config
+    assert (config["steps"], config["seed"], config["optimizer"]["lr_mu"], config["optimizer"]["lr_v"]) == (5, 4, 0.2, 0.3)
+    (tmp_path / "list.json").write_text("[1]")
+    assert main(["fit", "x", "--config", str(tmp_path / "list.json")]) == 2
+    assert "not a fit's config" in capsys.readouterr().err
+
+
+def test_a_saved_fit_records_the_versions_and_its_metadata_is_strict_json(model, tmp_path):
+    """A fit file recorded no splatopt, torch or python version, and a non-finite setting (clip = inf)
+    was written as Infinity, which is not JSON: jq, R and strict parsers refused the file's metadata."""
+    from safetensors import safe_open
+
+    result = fit(["Return the sum of a and b."], model, steps=2, optimizer=splatopt.InnerOptimizer(clip=float("inf")),
+                 device="cpu", progress=False)
+    with safe_open(str(result.save(tmp_path / "run.safetensors")), "pt") as f:
+        meta = json.loads(f.metadata()["meta"], parse_constant=lambda name: pytest.fail(f"{name} in the metadata"))
+    assert meta["versions"] == {"splatopt": splatopt.__version__, "torch": torch.__version__,
+                                "python": __import__("platform").python_version()}

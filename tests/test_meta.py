@@ -771,3 +771,18 @@ def test_a_resume_whose_time_limit_is_spent_takes_no_outer_step_and_says_how_to_
     assert "--resume --set time_limit_s=<more than" in err
     for (name, p), q in zip(first.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_a_meta_trained_initializer_records_the_versions_and_no_limit_is_not_written_as_infinity(tmp_path, model, bank):
+    """The initializer a run wrote named no splatopt, torch or python version, and time_limit_s = inf was
+    accepted and written to config.json as Infinity, which is not JSON (strict readers refused the file)."""
+    import platform
+
+    import splatopt
+
+    with pytest.raises(ValueError, match="time_limit_s=inf must be a finite number > 0, or left out"):
+        tiny_config(time_limit_s=float("inf"))
+    meta.train(tiny_config(outer_steps=1), tmp_path / "run", model=model, bank=bank, device="cpu", progress=False)
+    saved = LearnedInitializer.load(tmp_path / "run" / "initializer.safetensors").meta
+    assert saved["versions"] == {"splatopt": splatopt.__version__, "torch": torch.__version__,
+                                 "python": platform.python_version()}

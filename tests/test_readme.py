@@ -73,3 +73,49 @@ def test_every_public_class_and_function_has_its_own_docstring_and_fit_result_hi
                 assert obj.__doc__ and obj.__doc__.strip(), f"{package.__name__}.{name} has no docstring of its own"
     hints = typing.get_type_hints(splatopt.FitResult)
     assert type(None) in typing.get_args(hints["splats"]), "a fixed-basis fit holds splats=None"
+
+
+def _documented_file_tensors() -> list[str]:
+    """The tensor names of the README's fit-file table, as regular expressions (`<a, b>` alternatives, `<metric>` any)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Files: open formats", 1)[1].split("\n## ", 1)[0]
+    patterns = []
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            parts = re.split(r"(<[^>]+>)", name)
+            patterns.append("".join(
+                ("(" + "|".join(map(re.escape, (a.strip() for a in p[1:-1].split(",")))) + ")" if "," in p else r"\w+")
+                if p.startswith("<") else re.escape(p) for p in parts))
+    return patterns
+
+
+def test_a_fit_file_reads_with_safetensors_and_json_alone_as_the_readme_documents_it(tmp_path):
+    """The fit file's layout was documented nowhere (a third party had to read splatopt's source to learn
+    that "meta" is a JSON string, that tensors carry an "extra." prefix, or how sigma and w are stored)."""
+    import json
+    import re
+
+    import numpy as np
+    from safetensors import safe_open
+
+    import splatopt
+
+    result = splatopt.fit(["Return the sum of a and b.", "Open a file."], n_splats=0.5, steps=2, device="cpu",
+                          progress=False, record_every=1, dtype=__import__("torch").float64)
+    with safe_open(str(result.save(tmp_path / "run.safetensors")), "np") as f:
+        header, names = f.metadata(), set(f.keys())
+        meta = json.loads(header["meta"])
+        sigma, weight = np.exp(f.get_tensor("log_sigma")), 1 / (1 + np.exp(-f.get_tensor("weight_logit")))
+        assert f.get_tensor("mu").dtype == np.float64 and f.get_tensor("mask").dtype == np.bool_
+    patterns = _documented_file_tensors()
+    undocumented = sorted(n for n in names if not any(re.fullmatch(p, n) for p in patterns))
+    assert not undocumented, f"tensors in a fit file that README.md's table does not list: {undocumented}"
+    always = [p for p in patterns if "\\w+" not in p and "(" not in p and p not in ("coefficients",)]
+    assert all(any(re.fullmatch(p, n) for n in names) for p in always), sorted(set(always) - names)
+    assert (header["format"], header["format_version"]) == ("splatopt.splats", "1")
+    assert {"config", "texts", "decoded", "basis", "summary", "seconds", "encode_seconds", "versions", "model",
+            "model_hash", "layer", "kernel", "mode", "truncate"} <= set(meta)
+    np.testing.assert_allclose(sigma, result.splats.sigma.numpy()), np.testing.assert_allclose(weight, result.splats.weight.numpy())
+    assert splatopt.fit_options(meta["config"])["dtype"] == result.splats.mu.dtype
