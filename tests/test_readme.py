@@ -119,3 +119,112 @@ def test_a_fit_file_reads_with_safetensors_and_json_alone_as_the_readme_document
             "model_hash", "layer", "kernel", "mode", "truncate"} <= set(meta)
     np.testing.assert_allclose(sigma, result.splats.sigma.numpy()), np.testing.assert_allclose(weight, result.splats.weight.numpy())
     assert splatopt.fit_options(meta["config"])["dtype"] == result.splats.mu.dtype
+
+
+# ---- the README's "Measured" numbers are typed by hand: they must stay the recorded results' ----------------
+
+def _build():
+    """papers/build.py, which computes the report's numbers from figures/data/ (and puts figures/ on sys.path)."""
+    import importlib.util
+    import sys
+
+    if "papers_build" in sys.modules:
+        return sys.modules["papers_build"]
+    spec = importlib.util.spec_from_file_location("papers_build", ROOT / "papers" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["papers_build"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _md_table(text: str, header_start: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header line starts with ``header_start``, cells
+    stripped of bold marks and spaces."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        line = line.strip()
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("**", "") for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_readme_decoder_head_table_is_the_shipped_heads_metadata():
+    """README's round-trip table (typed by hand) holds the accuracies stored in the shipped heads, as the report's does."""
+    readme = (ROOT / "README.md").read_text()
+    values = _build().roundtrip_values()
+    assert _md_table(readme, "| layer | stdlib validation") == _md_table(values["roundtrip_table"], "| layer |")
+    assert f"512 prompts of at most {values['prompt_max_tokens']} tokens per corpus" in readme
+    assert values["roundtrip_prompts"] == "512"
+    assert f"plus {values['head_random_sequences']} random wordpiece" in readme.replace("\n", " ")
+    assert f"{values['head_steps']} Adam steps of {values['head_batch_tokens']} tokens" in readme
+
+
+def test_readme_fit_table_and_selection_numbers_are_core_acceptance_and_core_selection():
+    readme = (ROOT / "README.md").read_text()
+    flat = " ".join(readme.split())
+    values = _build().fit_values()
+    assert _md_table(readme, "| corpus | N = L/2 | N = L/4 | N = L/8 |") == _md_table(values["fit_table"], "| corpus |")
+    assert f"{values['fit_prompts']} prompts per corpus, at most 64 tokens, {values['fit_steps']} steps" in readme
+    assert f"selected on {values['select_prompts']} *validation* prompts among {values['select_variants']} variants" in flat
+    assert f"N = L/4 gave {values['select_prev_test_quarter']} (test)" in flat
+    assert f"({values['select_others_range']}, against {values['select_prev_acc']} for the previous default)" in flat
+    assert f"token-anchored init is clearly worse ({values['select_tokens_init_acc']})" in flat
+    sel = _build().figure_io.load_json("core_selection.json")
+    lic = next(r for r in sel["rows"] if r["corpus"] == "licenses" and r["variant"] == "default" and r["n_splats"] == 0.25)
+    assert f"{100 * lic['token_accuracy']:.2f} % (licences)" in flat
+
+
+def test_stdlib_passage_count_in_readme_and_report_is_the_shipped_snapshots():
+    """README and the report's template type the snapshot's passage count: it is the count of the shipped file."""
+    from fixedpos.corpus import STDLIB_SNAPSHOT, stdlib_passages
+
+    count = f"{len(stdlib_passages()):,}"
+    version = STDLIB_SNAPSHOT.name.removeprefix("stdlib-py").removesuffix(".txt.gz")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    template = " ".join((ROOT / "papers" / "report.template.md").read_text().split())
+    assert f"{version}'s standard library: {count} passages in `fixedpos/corpora/{STDLIB_SNAPSHOT.name}`" in readme
+    assert f"Python {version}'s docstrings ({count} passages)" in template
+
+
+def test_readme_rate_distortion_tables_are_the_reports():
+    """Every cell of README's two rate-distortion tables is the report's mean for that method, budget and corpus."""
+    readme = (ROOT / "README.md").read_text()
+    report_rows = _md_table(_build().density_values()["rd_table"], "| corpus | method |")
+    budgets = {"1/16": 2, "1/8": 3, "1/4": 4, "1/2": 5}  # the report's columns N = L/16 ... L/2
+    mean = {(r[0].split(" (")[0], r[1], b): r[col].split(" ±")[0] for r in report_rows for b, col in budgets.items()}
+    test, lic = "stdlib test", "licences"
+    main = ["mobile splats", "splats + adaptive density", "splats + budget relocation", "fixed-grid Gaussians", "DCT",
+            "segments (mean-pooling)"]
+    rows = _md_table(readme, "| N/L | splats | + adaptive")
+    assert [r[0] for r in rows] == list(budgets)
+    for r in rows:
+        assert r[1:7] == [mean[test, m, r[0]] for m in main], r
+        assert r[7].split(" / ") == [mean[lic, m, r[0]] for m in ("mobile splats", "fixed-grid Gaussians", "DCT")], r
+    learned = ["splats, learned init (solved v)", "splats, solved v", "fixed grid, solved v", "DCT, solved v"]
+    rows = _md_table(readme, "| N/L | splats, learned init")
+    assert [r[0] for r in rows] == ["1/16", "1/8", "1/4"]
+    for r in rows:
+        assert [r[1].split(" (")[0], *r[2:5]] == [mean[test, m, r[0]] for m in learned], r
+        assert r[5].split(" / ")[0] == mean[lic, learned[0], r[0]], r
+
+
+def test_readme_inner_step_speed_numbers_are_the_bench_files():
+    """README's eager/compiled step times, speed-ups, peak memory and fused-step figures are the recorded bench JSON's."""
+    import json
+
+    bench = ROOT / "figures" / "data" / "bench"
+    mse = json.loads((bench / "step-cuda-mse-B4096-L64-N16-d384.json").read_text())["results"]
+    ce = json.loads((bench / "step-cuda-mse_ce-B512-L64-N16-d384-compile.json").read_text())["results"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    eager, compiled, fused = mse["eager"], mse["compile"], mse["fused"]
+    assert (f"| MSE | {eager['step_ms']:.2f} ms | {compiled['step_ms']:.2f} ms | "
+            f"{eager['step_ms'] / compiled['step_ms']:.2f}× |") in readme
+    assert (f"| MSE + CE (logits materialized) | {ce['eager']['step_ms']:.1f} ms | {ce['compile']['step_ms']:.1f} ms | "
+            f"{ce['eager']['step_ms'] / ce['compile']['step_ms']:.2f}× |") in readme
+    assert (f"Peak memory: {eager['peak_memory_gb']:.1f} GB eager and {compiled['peak_memory_gb']:.1f} GB compiled for MSE, "
+            f"{ce['eager']['peak_memory_gb']:.1f} GB and {ce['compile']['peak_memory_gb']:.1f} GB for MSE + CE") in readme
+    assert (f"{fused['step_ms']:.2f} ms per step against {eager['step_ms']:.2f} ms eager, ×{eager['step_ms'] / fused['step_ms']:.1f}, "
+            f"at {100 * fused['hbm_roofline_fraction']:.1f} % of the HBM roofline") in readme
