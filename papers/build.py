@@ -1279,7 +1279,22 @@ def meta_values() -> dict[str, str]:
     gains = [a["10"] - tuned10 for k, a in remeta.items() if k.startswith("re-meta-trained")]
     multi = json.loads((figure_io.DATA / "meta" / "multistart_cpu.json").read_text())
     single, best_of = multi["results"]["10 steps"]["single"], multi["results"]["10 steps"]["best_of"]
-    return {"meta_starts": str(len(single)),
+    # section 5's summary: "Neither the inner objective's balance of MSE and cross-entropy, nor a learning-rate
+    # warm-up, nor meta-training {{meta_longer_factor}} times longer raises the 10-step validation figure by more than 0.2 points"
+    from splatopt.learned import LearnedInitializer, shipped_path
+
+    weights = json.loads((figure_io.DATA / "meta" / "objective_weights.json").read_text())["results"]
+    warm = json.loads((figure_io.DATA / "ablations" / "learned_warmup_selection" / "selection.json").read_text())
+    longer = json.loads((figure_io.DATA / "meta" / "remeta_longer.json").read_text())
+    l_ship, l_cand = (next(v for k, v in longer["token_accuracy"].items() if k.startswith(w) and "own" not in k)
+                      for w in ("shipped", "candidate"))
+    no_gain = [max(r["10"]["token_accuracy"] for r in weights.values()) - weights["mse+ce"]["10"]["token_accuracy"],
+               max(v for m, v in warm["validation_mean"].items() if m != warm["pick"]) - warm["validation_mean"][warm["pick"]],
+               l_cand["10"] - l_ship["10"]]
+    claim(max(no_gain) <= 0.002, "neither the objective's weighting, nor a warm-up, nor longer meta-training gains more than "
+          "0.2 points at 10 steps on validation")
+    longer_factor = longer["training"]["outer_steps_done"] / LearnedInitializer.load(shipped_path("minilm-l6", 2)).meta["outer_steps_done"]
+    return {"meta_starts": str(len(single)), "meta_longer_factor": f"{longer_factor:.1f}",
             "meta_starts_gain": f"{100 * (best_of[f'best of {len(single)}']['all'] - single['learned']):+.1f}",
             "meta_starts_prompts": multi["prompts"].split(", ")[1].split(" (")[0],
             "meta_bar": pct(bar, 2), "meta_learned10": pct(acc["learned", 10]), "meta_momenta10": pct(momenta[10]),
@@ -1446,7 +1461,7 @@ def meta_init_section(paths: list[Path]) -> str:
     longer = json.loads(longer_path.read_text())
     la, lt = longer["token_accuracy"], longer["training"]
     l_ship, l_cand = (next(v for k, v in la.items() if k.startswith(w) and "own" not in k) for w in ("shipped", "candidate"))
-    claim(abs(l_cand["10"] - l_ship["10"]) < 0.005, "meta-training 3.4 times longer moves the 10-step accuracy by under half a point")
+    claim(abs(l_cand["10"] - l_ship["10"]) < 0.005, "meta-training longer moves the 10-step accuracy by under half a point")
     loss_windows = lt["loss_final_at_fraction_0.25_mean"]
     momenta_text += (
         f"\n- **Meta-training longer gains nothing either.** The issue allows 30 minutes of meta-training and the shipped "
