@@ -228,3 +228,20 @@ def test_readme_inner_step_speed_numbers_are_the_bench_files():
             f"{ce['eager']['peak_memory_gb']:.1f} GB and {ce['compile']['peak_memory_gb']:.1f} GB for MSE + CE") in readme
     assert (f"{fused['step_ms']:.2f} ms per step against {eager['step_ms']:.2f} ms eager, ×{eager['step_ms'] / fused['step_ms']:.1f}, "
             f"at {100 * fused['hbm_roofline_fraction']:.1f} % of the HBM roofline") in readme
+
+
+def test_readme_fixed_basis_comparison_sentences_are_the_reports_numbers():
+    """README's prose on the learned start against fixed bases (small-budget selection, 60 steps, field cosine) quotes
+    the values papers/build.py computes from the same studies."""
+    b = _build()
+    d, sb, s60 = b.density_values(), b.small_budget_values(), b.steps60_values()
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"| 1/8 | **{d['rd_test_L8_splats_learned'].removesuffix(' %')}** ({d['rd_test_L8_learned_margin']} over the DCT) |" in readme
+    assert (f"{sb['sb_test_L8_margin']} points at L/8 on test ({sb['sb_test_L8_splats'].removesuffix(' %')} ± {sb['sb_test_L8_splats_ci']} "
+            f"vs {sb['sb_test_L8_fixed'].removesuffix(' %')} ± {sb['sb_test_L8_fixed_ci']} %") in readme
+    assert f"{sb['sb_licenses_L8_margin']} on the licences; at L/16 the margins shrink to {sb['sb_test_L16_margin']} and {sb['sb_licenses_L16_margin']}" in readme
+    assert (f"the best of {s60['s60_test_n_fixed']} fixed-basis configurations by {s60['s60_test_L8_margin'].lstrip('+')} points at L/8 on test "
+            f"({s60['s60_test_L8_learned'].removesuffix(' %')} vs {s60['s60_test_L8_fixed']}), {s60['s60_licenses_L8_margin'].lstrip('+')} "
+            f"on the licences, but at L/4 by only {s60['s60_test_L4_margin'].lstrip('+')} and {s60['s60_licenses_L4_margin'].lstrip('+')}") in readme
+    assert (f"field cosine: {d['rd_test_L8_splats_cos']} at L/8 against {d['rd_test_L8_fixed_grid_cos']} (fixed grid) and "
+            f"{d['rd_test_L8_dct_cos']} (DCT)") in readme
