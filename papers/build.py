@@ -164,6 +164,11 @@ def throughput_values() -> dict[str, str]:
             speedup = f"×{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else "–"  # eager not run at that size
             rows.append([f"{c['objective']}, B = {c['batch']}{number}", path, f"{r['step_ms']:.2f}", f"{r['prompt_steps_per_s']:,.0f}",
                          speedup, mem, run["device"]])
+    for run in in_figure:  # per batch: the first run in the figure's order that timed the path (the figure's "run k of n")
+        c = run["config"]
+        for path, r in run["results"].items():
+            if "speedup_vs_eager" in r:
+                out.setdefault(f"bench_{c['objective'].replace('+', '_')}_B{c['batch']}_{path}_speedup", f"{r['speedup_vs_eager']:.2f}")
     for run in runs:
         c = run["config"]
         for path, r in run["results"].items():

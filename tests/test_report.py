@@ -208,3 +208,17 @@ def test_a_10_step_gain_over_the_summarys_0_2_points_stops_the_build(tmp_path, m
     monkeypatch.setattr(figure_io, "DATA", tmp_path)
     with pytest.raises(ValueError, match="more than 0.2 points at 10 steps"):
         report_build.meta_values()
+
+
+def test_summary_speedups_are_the_batch_512_runs_it_names(report):
+    """The summary quotes speed-ups 'at a batch of B = 512': they come from the B = 512 runs, keyed by batch,
+    not from whichever run of the objective the build read last (B = 4096's ×11.51 under a B = 512 label)."""
+    runs = [json.loads(p.read_text()) for p in figure_io.data_paths("bench/step-*.json")]
+    values = report_build.throughput_values()
+    mse = next(r for r in runs if r["config"]["objective"] == "mse" and r["config"]["batch"] == 512)
+    assert values["bench_mse_B512_fused_speedup"] == f"{mse['results']['fused']['speedup_vs_eager']:.2f}"
+    assert values["bench_mse_B4096_fused_speedup"] != values["bench_mse_B512_fused_speedup"]
+    ce = [r for r in runs if r["config"]["objective"] == "mse+ce" and r["config"]["batch"] == 512 and "fused_ce" in r["results"]]
+    assert values["bench_mse_ce_B512_fused_ce_speedup"] in {f"{r['results']['fused_ce']['speedup_vs_eager']:.2f}" for r in ce}
+    assert (f"B = 512 prompts the fused Triton step is ×{values['bench_mse_B512_fused_speedup']} faster"
+            in " ".join(report.split()))
