@@ -211,7 +211,8 @@ def adam_step(
     for k, g in grads.items():
         finite = torch.isfinite(g).flatten(1).all(1)
         ok = finite if ok is None else ok & finite
-    assert ok is not None, "adam_step needs at least one gradient"  # every caller steps at least one group
+    if ok is None:  # was an assert (gone under python -O): an empty step has no prompts to report on
+        raise ValueError("adam_step: params is empty; give at least one parameter group to step")
     new_p, new_m, new_v = {}, {}, {}
     for k, p in params.items():
         g = grads[k]
@@ -275,10 +276,15 @@ def solve_embeddings(
     splats; give both or neither); the others solve for what the held ones leave unexplained.
     ridge: as :func:`closed_form_v`'s. Returns a's dtype. Differentiable in ``a`` and ``offset``.
     """
+    if held is None and held_v is not None:  # silently ignored before: the caller meant to hold slots
+        raise ValueError("solve_embeddings: held_v is given but held is None; give held [B, N] bool, the slots that "
+                         "keep held_v, or leave held_v out to solve every slot")
     goal = torch.where(token_mask[..., None], target + offset, 0.0)
     if held is None:
         return closed_form_v(a, goal, token_mask, splat_mask, ridge)
-    assert held_v is not None, "held slots need their embeddings held_v"  # fit passes both or neither
+    if held_v is None:  # an assert vanished under python -O, and the solve then failed inside torch.where
+        raise ValueError("solve_embeddings: held is given but held_v is None; give held_v [B, N, d], the embeddings "
+                         "the held slots keep, or leave held out to solve every slot")
     held = held & splat_mask
     fixed = torch.where(held[..., None], held_v, 0.0).to(a.dtype)
     v = closed_form_v(a, goal - a @ fixed, token_mask, splat_mask & ~held, ridge)

@@ -168,7 +168,8 @@ def render_local(
     as ``render`` does). kernel: "gaussian" or "erf"; mode: "additive" or "normalized".
     truncate: k > 0, in sigmas. tile: T tokens per tile (memory and work grow with T + 2·k·sigma).
     Differentiable in mu, log_sigma, weight_logit and v, twice. ValueError for a length that is
-    not an int >= 1, an unknown kernel or mode, a truncate that is not finite and > 0, or a bad tile.
+    not an int >= 1, an unknown kernel or mode, a truncate that is not finite and > 0, a bad tile, or
+    splats on the meta device.
     """
     if isinstance(length, numbers.Integral) and not isinstance(length, bool):
         length = int(length)  # a NumPy integer, as render takes it
@@ -184,6 +185,10 @@ def render_local(
                          "position, which is render's dense path")
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile={tile!r} must be an int >= 1 (tokens per tile)")
+    if splats.mu.device.type == "meta":  # the tiling reads the centres' values, which a meta tensor lacks
+        raise ValueError("render_local: the splats lie on the meta device, which holds shapes but no values, and the "
+                         "tiling must read the centres; use render for shape-only (meta) tracing, or move the splats "
+                         "to cpu or cuda")
     mu, sigma, weight = active_geometry(splats)
     if splats.capacity == 0 or splats.batch_size == 0:  # nothing to sort or tile: the empty sum (or no prompt)
         return mu.new_zeros(splats.batch_size, length, splats.dim)

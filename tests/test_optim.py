@@ -427,3 +427,9 @@ def test_adam_step_names_the_argument_that_lacks_a_parameter():
         adam_step({"x": torch.zeros(2)}, {"x": torch.ones(2)}, adam_init({"x": torch.zeros(2)}), lrs, cfg)
     new, _, _ = adam_step({"mu": params["mu"]}, {"mu": torch.ones(2, 3)}, adam_init({"mu": params["mu"]}), lrs, cfg)
     assert set(new) == {"mu"}  # a subset of the groups steps; extra learning rates are ignored
+
+
+def test_adam_step_without_any_parameter_is_a_value_error():
+    # was an assert (gone under python -O, then an AttributeError on None)
+    with pytest.raises(ValueError, match="params"):
+        adam_step({}, {}, {"m": {}, "v": {}, "t": 0}, {}, InnerOptimizer())

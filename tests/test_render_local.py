@@ -312,3 +312,12 @@ def test_an_empty_batch_and_a_numpy_length_render_as_render_does():
     mu, log_sigma, mask = grid_geometry(torch.ones(2, 9, dtype=torch.bool), torch.tensor([3, 2]), 0.6, 0.0, None)
     s = SplatSet(mu, log_sigma, torch.zeros_like(mu), torch.randn(2, 3, 4), mask)
     torch.testing.assert_close(render_local(s, np.int64(9)), render(s, 9, truncate=DEFAULT_TRUNCATE))
+
+
+def test_splats_on_the_meta_device_are_a_value_error_naming_the_device_and_the_fix():
+    # torch's raw "Cannot copy out of meta tensor" came from inside the tiling, not naming the input
+    meta = SplatSet(mu=torch.zeros(1, 2, device="meta"), log_sigma=torch.zeros(1, 2, device="meta"),
+                    weight_logit=torch.zeros(1, 2, device="meta"), v=torch.zeros(1, 2, 3, device="meta"),
+                    mask=torch.ones(1, 2, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="meta device.*render"):
+        render_local(meta, 5)

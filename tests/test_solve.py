@@ -179,3 +179,14 @@ def test_solve_refuses_what_it_cannot_combine_with(kw, why):
     field = torch.randn(1, 8, 4)
     with pytest.raises(ValueError, match=why):
         fit(Targets(field), n_splats=0.5, steps=1, objective="mse", optimizer=SOLVE, device="cpu", progress=False, **kw)
+
+
+def test_solve_embeddings_with_held_but_no_held_v_is_a_value_error_naming_both_arguments():
+    # was an assert: gone under python -O, where the missing held_v failed deep inside torch.where
+    a, target, offset, tok, act = problem()
+    held = torch.zeros_like(act)
+    held[0, 1] = True
+    with pytest.raises(ValueError, match="held_v"):
+        solve_embeddings(a, target, offset, tok, act, held=held)
+    with pytest.raises(ValueError, match="held"):  # held_v alone was silently ignored
+        solve_embeddings(a, target, offset, tok, act, held_v=torch.zeros(*act.shape, target.shape[-1], dtype=F64))
