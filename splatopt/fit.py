@@ -314,7 +314,9 @@ class FitResult:
 
     def save(self, path: str | Path) -> Path:
         """Write splats (or a fixed basis's coefficients), token ids, metrics, history, trajectory, edit
-        records and configuration to ``path`` (safetensors + JSON, atomic); returns the path."""
+        records and configuration to ``path`` (safetensors + JSON, atomic); returns the path. ValueError,
+        before writing, for NaN or inf in active splats or in a fixed basis's coefficients (a diverged
+        fit), which :meth:`load` would refuse."""
         check_has_data(path, {"token_mask": self.mask, "field_error": self.field_error, "coefficients": self.coefficients,
                               **({} if self.splats is None else self.splats.params())})
         extra = {"token_mask": self.mask, "field_error": self.field_error, "cosine": self.cosine}
@@ -333,6 +335,11 @@ class FitResult:
                 "versions": versions()}
         if self.splats is None:  # a fixed basis: coefficients, no splats
             assert self.coefficients is not None, "a fixed basis's result always holds its coefficients"
+            bad = (~torch.isfinite(self.coefficients)).flatten(1).any(1)
+            if bool(bad.any()):  # load refuses them, so the file would be written and then unreadable
+                prompts = bad.nonzero().flatten().tolist()
+                raise ValueError(f"not saving {path}: coefficients hold NaN or inf for prompt(s) {prompts[:8]} (the fit "
+                                 "diverged: lower its learning rates); select the other prompts to save them")
             coefficients = self.coefficients.to(torch.promote_types(self.coefficients.dtype, torch.float32))  # as SplatSet.save
             tensors = {"coefficients": coefficients, **{f"extra.{k}": v for k, v in extra.items()}}
             write_safetensors(Path(path), tensors, {"format": BASIS_FORMAT, "meta": strict_json(meta, sort_keys=True)})

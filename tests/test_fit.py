@@ -929,6 +929,18 @@ def test_a_diverged_fit_warns_and_save_refuses_what_load_would_refuse(tmp_path):
     assert torch.equal(kept.splats.mu, result.splats.mu[1:].cpu())
 
 
+def test_save_refuses_a_fixed_basis_fit_with_non_finite_coefficients_that_load_would_refuse(tmp_path):
+    """Only the splat path checked for NaN before writing: a diverged dct fit was saved, then refused by load."""
+    result = fit(_bare_field(), n_splats=2, steps=1, objective="mse", basis="dct", device="cpu", progress=False)
+    coefficients = result.coefficients.clone()
+    coefficients[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not saving .*run.safetensors: coefficients hold NaN or inf for prompt\(s\) \[1\]"):
+        replace(result, coefficients=coefficients).save(tmp_path / "run.safetensors")
+    assert not (tmp_path / "run.safetensors").exists()
+    kept = FitResult.load(replace(result, coefficients=coefficients).select([0]).save(tmp_path / "kept.safetensors"))
+    assert torch.equal(kept.coefficients, result.coefficients[:1].cpu())
+
+
 def test_cli_fit_whose_out_fails_after_the_fit_keeps_the_fit_and_says_where(tmp_path, monkeypatch, capsys):
     """--out was checked before the fit, but a write that failed after it (the disk full, the folder made
     read-only meanwhile) ended the command with the error alone: the fit was lost. It is now kept in the
